@@ -1,0 +1,115 @@
+"""Atomic writes and safe checkpoint loading.
+
+Every output nascore writes goes to a temporary file in the destination folder, is flushed and
+fsync'ed, then renamed over the destination: a kill mid-write leaves the previous good file.
+Checkpoints load with `torch.load(weights_only=True)` (no code runs from a file) and are checked
+against the schema the caller expects (kind, method, space) before use.
+"""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import torch
+
+CHECKPOINT_FORMAT = 1
+
+
+class OutputError(OSError):
+    """An output could not be written (disk full, no permission); nothing partial was left."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is truncated, not a nascore checkpoint, or from another run's setup."""
+
+
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; on success it replaces `path` atomically."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+    except OSError as e:
+        raise OutputError(e.errno or errno.EIO,
+                          f"cannot write {path}: {e.strerror or e} (is the folder writable?)") from None
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        with open(tmp_path, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp_path, path)
+    except OSError as e:
+        tmp_path.unlink(missing_ok=True)
+        what = "disk full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+        raise OutputError(e.errno or errno.EIO, f"cannot write {path}: {what}; "
+                          f"nothing was written there") from None
+    except BaseException:
+        tmp_path.unlink(missing_ok=True)
+        raise
+
+
+def write_text(path: str | Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def write_json(path: str | Path, data: Any) -> None:
+    write_text(path, json.dumps(data, indent=2, sort_keys=False, default=_json_default) + "\n")
+
+
+def write_bytes(path: str | Path, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, torch.Tensor):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    if hasattr(o, "item"):
+        return o.item()
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def save_checkpoint(path: str | Path, payload: Mapping[str, Any], *, kind: str,
+                    meta: Mapping[str, Any]) -> None:
+    """Save `payload` (tensors, numbers, strings, lists, dicts only) with a schema header."""
+    data = {"nascore_checkpoint": CHECKPOINT_FORMAT, "kind": kind, "meta": dict(meta), **payload}
+    with atomic_path(path) as tmp:
+        torch.save(data, tmp)
+
+
+def load_checkpoint(path: str | Path, *, kind: str, meta: Mapping[str, Any] | None = None,
+                    map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a checkpoint written by `save_checkpoint`, refusing anything else.
+
+    `meta` entries must match what the checkpoint recorded (e.g. method and space), so a checkpoint
+    from another setup is rejected rather than half-loaded.
+    """
+    path = Path(path)
+    try:
+        data = torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {path} does not exist") from None
+    except Exception as e:   # truncated zip, pickle with code (refused by weights_only), garbage
+        raise CheckpointError(f"checkpoint {path} cannot be loaded safely ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else 'no detail'}); delete it "
+                              f"to start afresh") from None
+    if not isinstance(data, dict) or data.get("nascore_checkpoint") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path} is not a nascore checkpoint (format {CHECKPOINT_FORMAT})")
+    if data.get("kind") != kind:
+        raise CheckpointError(f"{path} is a {data.get('kind')!r} checkpoint, expected {kind!r}")
+    for key, want in (meta or {}).items():
+        got = data.get("meta", {}).get(key)
+        if got != want:
+            raise CheckpointError(f"{path} was written for {key}={got!r}, this run has {key}={want!r}; "
+                                  f"delete it or point the run at its own checkpoint folder")
+    return data

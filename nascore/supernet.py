@@ -1,0 +1,300 @@
+"""The one-shot supernet: mixed ops, the cell DAG, architecture parameters (methods.md §1, §2).
+
+Parts that the methods combine, each independent of the search space:
+- `MixedOp`: Σ_o softmax(α_e)_o · o(x) over an edge's candidate ops (DARTS).
+- partial channels (`SupernetConfig.partial_channels` = K > 1, PC-DARTS §2.2): the ops see the
+  first C/K channels, the rest bypass them (max-pooled on stride-2 edges), then channel shuffle.
+- edge normalisation (β, PC-DARTS): node i = Σ_j softmax_i(β)_j · y_{i<-j}.
+- random features (RF-DARTS §2.3): convolution weights frozen at init, BatchNorm affine trained.
+- a progressive op set (OPP-DARTS §2.5): columns of α switched on one at a time; `op_rank`
+  records the order in which they entered (the derivation reads ops in that order).
+
+A search space (``nascore.spaces``) assembles a macro network from `SearchCell`s and subclasses
+`Supernet`; methods never see which space they run on.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .ops import POOLING_OPS, build_op
+
+if TYPE_CHECKING:
+    from .genotype import AnyGenotype
+    from .spaces import SearchSpace
+
+
+@dataclass(frozen=True)
+class SupernetConfig:
+    """How to build a supernet; the method's switches and the space's sizes."""
+
+    num_classes: int = 10
+    init_channels: int = 16          # C of the first cell (DARTS search: 16; NB201: 16)
+    layers: int = 8                  # DARTS: cells; NB201: cells per stage (5)
+    partial_channels: int = 1        # K; 1 = every channel goes through the ops
+    channel_shuffle: bool = True     # only with K > 1 (PC-DARTS default)
+    edge_normalization: bool = False
+    random_features: bool = False    # frozen convs, affine BN in cells
+    freeze_stem_conv: bool = True    # RF: ⚠ unconfirmed whether the stem conv is frozen too
+    train_classifier: bool = False   # RF: ⚠ strict "only BatchNorm" reading freezes it
+    image_size: int = 32
+
+    @property
+    def cell_affine(self) -> bool:
+        # Search cells use affine=False BN; with random features BN is the only trainable part.
+        return self.random_features
+
+
+def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """Channel `g·C/K + i` moves to position `i·K + g` (PC-DARTS)."""
+    b, c, h, w = x.shape
+    return x.view(b, groups, c // groups, h, w).transpose(1, 2).reshape(b, c, h, w)
+
+
+class MixedOp(nn.Module):
+    """One edge of the supernet: the weighted sum of its candidate ops."""
+
+    def __init__(self, op_names: Sequence[str], C: int, stride: int, affine: bool,
+                 pool_bn: bool) -> None:
+        super().__init__()
+        self.op_names = tuple(op_names)
+        ops = []
+        for name in self.op_names:
+            op = build_op(name, C, stride, affine)
+            if pool_bn and name in POOLING_OPS:
+                # DARTS-space search cells follow pooling with BN (affine only with random features)
+                op = nn.Sequential(op, nn.BatchNorm2d(C, affine=affine))
+            ops.append(op)
+        self.ops = nn.ModuleList(ops)
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, columns: Sequence[int]) -> torch.Tensor:
+        """`weights[k]` weighs op `columns[k]`; ops outside `columns` are not computed."""
+        out = None
+        for w, c in zip(weights, columns):
+            y = w * self.ops[c](x)
+            out = y if out is None else out + y
+        return out
+
+
+class PartialChannelMixedOp(nn.Module):
+    """PC-DARTS connector around a `MixedOp` built for C/K channels."""
+
+    def __init__(self, op_names: Sequence[str], C: int, stride: int, affine: bool, pool_bn: bool,
+                 k: int, shuffle: bool) -> None:
+        super().__init__()
+        if C % k:
+            raise ValueError(f"partial channels K={k} must divide the edge's {C} channels")
+        self.k, self.shuffle, self.stride = k, shuffle, stride
+        self.mixed = MixedOp(op_names, C // k, stride, affine, pool_bn)
+        self.op_names = self.mixed.op_names
+        self.ops = self.mixed.ops
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, columns: Sequence[int]) -> torch.Tensor:
+        c = x.shape[1] // self.k
+        xa, xb = x[:, :c], x[:, c:]
+        ya = self.mixed(xa, weights, columns)
+        if xb.shape[1]:
+            yb = xb if self.stride == 1 else F.max_pool2d(xb, 2, 2)
+            ya = torch.cat([ya, yb], dim=1)
+        return channel_shuffle(ya, self.k) if self.shuffle and self.k > 1 else ya
+
+
+def make_edge(op_names: Sequence[str], C: int, stride: int, cfg: SupernetConfig,
+              pool_bn: bool) -> nn.Module:
+    if cfg.partial_channels > 1:
+        return PartialChannelMixedOp(op_names, C, stride, cfg.cell_affine, pool_bn,
+                                     cfg.partial_channels, cfg.channel_shuffle)
+    return MixedOp(op_names, C, stride, cfg.cell_affine, pool_bn)
+
+
+def dag_edges(num_inputs: int, num_nodes: int) -> list[tuple[int, int]]:
+    """(node, source) pairs in α row order: node i reads every state before it.
+
+    States are numbered inputs first (0..num_inputs-1), then nodes. DARTS: 2 inputs, 4 nodes ->
+    14 edges; NB201: 1 input, 3 nodes -> 6 edges (1<-0, 2<-0, 2<-1, 3<-0, 3<-1, 3<-2).
+    """
+    return [(i, j) for i in range(num_nodes) for j in range(num_inputs + i)]
+
+
+class SearchCell(nn.Module):
+    """A DAG of mixed ops: each node sums one mixed op per earlier state.
+
+    Output: the concatenation of the intermediate nodes (DARTS) or the last node (NB201).
+    """
+
+    def __init__(self, edge_ops: Sequence[Sequence[str]], num_inputs: int, num_nodes: int, C: int,
+                 cfg: SupernetConfig, reduction: bool = False, pool_bn: bool = True,
+                 output: str = "concat") -> None:
+        super().__init__()
+        self.num_inputs, self.num_nodes, self.output = num_inputs, num_nodes, output
+        self.edge_list = dag_edges(num_inputs, num_nodes)
+        if len(edge_ops) != len(self.edge_list):
+            raise ValueError(f"{len(edge_ops)} op lists for {len(self.edge_list)} edges")
+        self.edges = nn.ModuleList(
+            make_edge(ops, C, 2 if reduction and j < num_inputs else 1, cfg, pool_bn)
+            for ops, (_, j) in zip(edge_ops, self.edge_list))
+
+    def forward(self, inputs: Sequence[torch.Tensor], weights: torch.Tensor, columns: Sequence[int],
+                edge_weights: torch.Tensor | None = None) -> torch.Tensor:
+        states = list(inputs)
+        e = 0
+        for _ in range(self.num_nodes):
+            total = None
+            for j in range(len(states)):
+                y = self.edges[e](states[j], weights[e], columns)
+                if edge_weights is not None:
+                    y = edge_weights[e] * y
+                total = y if total is None else total + y
+                e += 1
+            states.append(total)
+        if self.output == "concat":
+            return torch.cat(states[self.num_inputs:], dim=1)
+        return states[-1]
+
+
+class Supernet(nn.Module):
+    """Base of every space's supernet: architecture parameters and what is read off them.
+
+    Subclasses build their modules, call `init_arch(...)` and implement `forward_cells(x, w, ew)`.
+    """
+
+    space: "SearchSpace"
+    cfg: SupernetConfig
+
+    def init_arch(self, edge_ops: dict[str, Sequence[Sequence[str]]],
+                  edges_per_node: Sequence[int]) -> None:
+        self.cell_types = tuple(edge_ops)
+        self.edge_ops = {ct: [tuple(ops) for ops in edge_ops[ct]] for ct in self.cell_types}
+        self.edges_per_node = tuple(edges_per_node)
+        widths = {len(ops) for ct in self.cell_types for ops in self.edge_ops[ct]}
+        if len(widths) != 1:
+            raise ValueError("every edge of a space must have the same number of candidate ops")
+        num_ops = widths.pop()
+        num_edges = sum(self.edges_per_node)
+        # α initialised 1e-3·N(0,1) (DARTS); one matrix per cell type, shared by its cells.
+        self.alphas = nn.ParameterDict({
+            ct: nn.Parameter(1e-3 * torch.randn(num_edges, num_ops)) for ct in self.cell_types})
+        self.betas = nn.ParameterDict({
+            ct: nn.Parameter(1e-3 * torch.randn(num_edges)) for ct in self.cell_types
+        }) if self.cfg.edge_normalization else None
+        # op_rank[c] = order in which column c entered the search (-1: not yet); all on by default.
+        self.register_buffer("op_rank", torch.arange(num_ops))
+
+    # --- architecture state -------------------------------------------------------------------
+    @property
+    def num_ops(self) -> int:
+        return self.op_rank.numel()
+
+    def active_columns(self) -> list[int]:
+        ranks = self.op_rank.tolist()
+        return sorted((c for c, r in enumerate(ranks) if r >= 0), key=lambda c: ranks[c])
+
+    def set_active_columns(self, columns: Sequence[int]) -> None:
+        """Switch on exactly `columns`, in that order of entry (OPP-DARTS)."""
+        rank = torch.full_like(self.op_rank, -1)
+        for r, c in enumerate(columns):
+            rank[c] = r
+        self.op_rank.copy_(rank)
+
+    def activate_column(self, column: int) -> None:
+        """Add op column `column` to every edge: fresh α entries (1e-3·N(0,1)) and fresh op weights."""
+        if self.op_rank[column] >= 0:
+            raise ValueError(f"op column {column} is already active")
+        self.op_rank[column] = int(self.op_rank.max()) + 1
+        with torch.no_grad():
+            for ct in self.cell_types:
+                self.alphas[ct][:, column] = 1e-3 * torch.randn_like(self.alphas[ct][:, column])
+        for edge in self.mixed_ops():
+            for m in edge.ops[column].modules():
+                if hasattr(m, "reset_parameters"):
+                    m.reset_parameters()
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.reset_running_stats()
+
+    def column_names(self, cell_type: str, edge: int, columns: Sequence[int]) -> list[str]:
+        return [self.edge_ops[cell_type][edge][c] for c in columns]
+
+    def arch_parameters(self) -> list[nn.Parameter]:
+        params = list(self.alphas.values())
+        if self.betas is not None:
+            params += list(self.betas.values())
+        return params
+
+    def weight_parameters(self) -> list[nn.Parameter]:
+        """Trainable network weights: everything with requires_grad except α and β."""
+        arch = {id(p) for p in self.arch_parameters()}
+        return [p for p in self.parameters() if p.requires_grad and id(p) not in arch]
+
+    def mixed_ops(self) -> list[nn.Module]:
+        """Every edge of every cell (a `MixedOp` or its partial-channel wrapper)."""
+        return [edge for cell in self.modules() if isinstance(cell, SearchCell) for edge in cell.edges]
+
+    def op_weights(self, cell_type: str, columns: Sequence[int] | None = None) -> torch.Tensor:
+        """softmax(α) over the active columns: (edges, len(columns))."""
+        columns = self.active_columns() if columns is None else columns
+        return F.softmax(self.alphas[cell_type][:, list(columns)], dim=-1)
+
+    def edge_weights(self, cell_type: str) -> torch.Tensor | None:
+        """Edge normalisation: softmax of β over each node's incoming edges, or None."""
+        if self.betas is None:
+            return None
+        beta, parts, start = self.betas[cell_type], [], 0
+        for n in self.edges_per_node:
+            parts.append(F.softmax(beta[start:start + n], dim=-1))
+            start += n
+        return torch.cat(parts)
+
+    def derivation_weights(self) -> dict[str, tuple[list[list[float]], list[list[str]]]]:
+        """Per cell type: (weights, op names) over active columns, in order of entry.
+
+        With edge normalisation W[j,:] = softmax(α_j) · softmax_i(β)_j (PC-DARTS derivation).
+        """
+        columns = self.active_columns()
+        out = {}
+        with torch.no_grad():
+            for ct in self.cell_types:
+                w = self.op_weights(ct, columns)
+                ew = self.edge_weights(ct)
+                if ew is not None:
+                    w = w * ew[:, None]
+                names = [self.column_names(ct, e, columns) for e in range(w.shape[0])]
+                out[ct] = (w.cpu().tolist(), names)
+        return out
+
+    def derive(self) -> "AnyGenotype":
+        return self.space.derive(self.derivation_weights())
+
+    # --- forward ------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        columns = self.active_columns()
+        weights = {ct: self.op_weights(ct, columns) for ct in self.cell_types}
+        edge_weights = {ct: self.edge_weights(ct) for ct in self.cell_types}
+        return self.forward_cells(x, weights, edge_weights, columns)
+
+    def forward_cells(self, x: torch.Tensor, weights: dict[str, torch.Tensor],
+                      edge_weights: dict[str, torch.Tensor | None], columns: Sequence[int]
+                      ) -> torch.Tensor:
+        raise NotImplementedError
+
+    # --- random features ----------------------------------------------------------------------
+    def apply_random_features(self) -> None:
+        """Freeze conv weights at their random init; only BN (and optionally the classifier) train.
+
+        Called by the space's constructor when `cfg.random_features`; the stem conv is frozen too
+        unless `freeze_stem_conv` is off, the classifier only trains with `train_classifier`.
+        """
+        stem = getattr(self, "stem", None)
+        stem_ids = {id(m) for m in stem.modules()} if stem is not None else set()
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                if id(m) in stem_ids and not self.cfg.freeze_stem_conv:
+                    continue
+                for p in m.parameters(recurse=False):
+                    p.requires_grad_(False)
+            elif isinstance(m, nn.Linear) and not self.cfg.train_classifier:
+                for p in m.parameters(recurse=False):
+                    p.requires_grad_(False)
