@@ -14,8 +14,9 @@ A search space (``nascore.spaces``) assembles a macro network from `SearchCell`s
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -214,6 +215,22 @@ class Supernet(nn.Module):
                     m.reset_parameters()
                 if isinstance(m, nn.modules.batchnorm._BatchNorm):
                     m.reset_running_stats()
+
+    @contextmanager
+    def keep_inactive_columns(self) -> Iterator[None]:
+        """Around an α optimiser step: columns not yet switched on keep their values.
+
+        Their gradient is a zero-fill (not None), so Adam's L2 term would otherwise move them.
+        """
+        columns = [c for c, r in enumerate(self.op_rank.tolist()) if r < 0]
+        if not columns:
+            yield
+            return
+        saved = {ct: self.alphas[ct][:, columns].detach().clone() for ct in self.cell_types}
+        yield
+        with torch.no_grad():
+            for ct in self.cell_types:
+                self.alphas[ct][:, columns] = saved[ct]
 
     def column_names(self, cell_type: str, edge: int, columns: Sequence[int]) -> list[str]:
         return [self.edge_ops[cell_type][edge][c] for c in columns]

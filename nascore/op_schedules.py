@@ -1,0 +1,182 @@
+"""Op schedules: which candidate ops take part in the search, epoch by epoch.
+
+- `all`          every op from the first step (DARTS and most methods).
+- `progressive`  OPP-DARTS (methods.md §2.5): one parametric op to start, then one op per stage,
+                 the op whose addition makes the supernet's training loss LARGEST entering next,
+                 and `skip_connect` last.
+
+A schedule acts at two points of the shared search loop: `initialise` before the first epoch and
+`on_epoch_start` at every epoch. It changes the supernet's active op columns and asks the loop to
+reset the optimisers; it keeps what it needs to resume in `state_dict`.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Protocol
+
+import torch
+import torch.nn.functional as F
+
+from .registry import Registry
+from .supernet import Supernet
+
+HELD_BACK = "skip_connect"     # enters last: removes its head start (OPP-DARTS)
+
+
+class ScheduleHost(Protocol):
+    """What a schedule may ask of the search loop."""
+
+    model: Supernet
+
+    def build_model(self) -> Supernet: ...
+    def score_batches(self) -> Iterable[tuple[torch.Tensor, torch.Tensor]]: ...
+    def reset_optimisers(self, epoch: int) -> None: ...
+    def log(self, message: str) -> None: ...
+
+
+@dataclass(frozen=True)
+class ProgressiveConfig:
+    stage_epochs: int = 2          # one op enters every 2 epochs (epochs 2, 4, ..., 12)
+    skip_after_epoch: int = 12     # skip_connect enters at the first stage boundary after this (14)
+    score_fraction: float = 1.0    # share of the weight split scored per candidate (1 = full pass)
+
+
+class AllOps:
+    name = "all"
+
+    def initialise(self, host: ScheduleHost) -> None:
+        pass
+
+    def on_epoch_start(self, host: ScheduleHost, epoch: int) -> None:
+        pass
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
+def progressive_timeline(num_candidates: int, epochs: int, stage_epochs: int = 2,
+                         skip_after_epoch: int = 12, has_skip: bool = True) -> dict[int, str]:
+    """Epoch -> "candidate" | "skip": when the next op enters (methods.md §2.5 loop).
+
+    A candidate enters at every stage boundary (epoch > 0, epoch % stage_epochs == 0) while any
+    remain; skip_connect enters at the first boundary after `skip_after_epoch` once none remain.
+    """
+    timeline: dict[int, str] = {}
+    remaining, skip_in = num_candidates, not has_skip
+    for epoch in range(1, epochs):
+        if epoch % stage_epochs:
+            continue
+        if remaining > 0:
+            timeline[epoch] = "candidate"
+            remaining -= 1
+        elif not skip_in and epoch > skip_after_epoch:
+            timeline[epoch] = "skip"
+            skip_in = True
+    return timeline
+
+
+def mean_train_loss(model: Supernet, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> float:
+    """Mean CE over `batches` with no gradients, BN in train mode, on a copy of `model`.
+
+    The copy keeps the searched model's BN running statistics untouched (⚠ the reference code
+    scores in eval mode after a validation pass, an artefact; methods.md §2.5).
+    """
+    probe = copy.deepcopy(model).train()
+    total, count = None, 0
+    with torch.no_grad():
+        for x, y in batches:
+            loss = F.cross_entropy(probe(x), y, reduction="sum")
+            total = loss if total is None else total + loss
+            count += y.numel()
+    if not count:
+        raise ValueError("no batches to score the candidate ops on")
+    return float(total) / count
+
+
+class ProgressiveOps:
+    """OPP-DARTS' operation-level progressive schedule over the space's (uniform) op list."""
+
+    name = "progressive"
+
+    def __init__(self, cfg: ProgressiveConfig, epochs: int) -> None:
+        self.cfg, self.epochs = cfg, epochs
+        self.remaining: list[str] = []      # candidate ops not yet in the search (Q)
+
+    def _ops(self, model: Supernet) -> tuple[str, ...]:
+        ops = model.space.uniform_ops
+        if ops is None:
+            raise ValueError(f"op_schedule 'progressive' needs one op list shared by every edge; "
+                             f"space {model.space.name!r} has per-edge op lists")
+        return ops
+
+    def initialise(self, host: ScheduleHost) -> None:
+        """Stage 0: score one fresh supernet per parametric starter; keep the max-loss one."""
+        ops = self._ops(host.model)
+        starters = [p for p in host.model.space.progressive_start_ops if p in ops]
+        if not starters:
+            raise ValueError(f"space {host.model.space.name!r} names no parametric op to start a "
+                             f"progressive search from")
+        losses: dict[str, float] = {}
+        nets: dict[str, Supernet] = {}
+        for p in starters:
+            net = host.build_model() if len(starters) > 1 else host.model
+            net.set_active_columns([ops.index(p)])
+            losses[p] = mean_train_loss(net, host.score_batches())
+            nets[p] = net
+        chosen = max(starters, key=lambda p: losses[p])   # ties -> earlier in the starter list
+        if nets[chosen] is not host.model:
+            host.model.load_state_dict(nets[chosen].state_dict())
+        self.remaining = [o for o in ops if o not in (chosen, HELD_BACK)]
+        host.log(f"progressive: start with {chosen} (train losses {_fmt(losses)})")
+
+    def _timeline(self, model: Supernet) -> dict[int, str]:
+        ops = self._ops(model)
+        starters = [p for p in model.space.progressive_start_ops if p in ops]
+        n_candidates = len([o for o in ops if o != HELD_BACK]) - (1 if starters else 0)
+        return progressive_timeline(n_candidates, self.epochs, self.cfg.stage_epochs,
+                                    self.cfg.skip_after_epoch, has_skip=HELD_BACK in ops)
+
+    def on_epoch_start(self, host: ScheduleHost, epoch: int) -> None:
+        event = self._timeline(host.model).get(epoch)
+        if event is None:
+            return
+        ops = self._ops(host.model)
+        model = host.model
+        if event == "candidate":
+            losses, rng = {}, {}
+            for q in self.remaining:
+                rng[q] = torch.get_rng_state()
+                candidate = copy.deepcopy(model)
+                candidate.activate_column(ops.index(q))
+                losses[q] = mean_train_loss(candidate, host.score_batches())
+            chosen = max(self.remaining, key=lambda q: losses[q])
+            after = torch.get_rng_state()
+            torch.set_rng_state(rng[chosen])     # the same fresh init that was scored
+            model.activate_column(ops.index(chosen))
+            torch.set_rng_state(after)
+            self.remaining.remove(chosen)
+            host.log(f"progressive: epoch {epoch} adds {chosen} (train losses {_fmt(losses)})")
+        else:
+            model.activate_column(ops.index(HELD_BACK))
+            host.log(f"progressive: epoch {epoch} adds {HELD_BACK}")
+        host.reset_optimisers(epoch)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"remaining": list(self.remaining)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.remaining = list(state["remaining"])
+
+
+def _fmt(losses: dict[str, float]) -> str:
+    return ", ".join(f"{k}={v:.4f}" for k, v in losses.items())
+
+
+OpSchedule = AllOps | ProgressiveOps
+OP_SCHEDULES: Registry[Callable[..., OpSchedule]] = Registry("op schedule")
+OP_SCHEDULES.register("all", lambda cfg, epochs: AllOps())
+OP_SCHEDULES.register("progressive", ProgressiveOps)

@@ -1,0 +1,220 @@
+"""Architecture optimisation: how one search step updates weights `w` and architecture `α`.
+
+Three update rules (methods.md §2.1, §2.4), each a small object with one `step`:
+- `first_order`  bi-level, ∇_α L_val(w, α) on a validation batch, then a weight step on a train
+                 batch (order configurable: NB201's DARTS-V1 steps weights first).
+- `second_order` bi-level with the unrolled step: ∇_α L_val(w', α) − ξ·(finite-difference
+                 Hessian-vector product), w' one virtual SGD step ahead (ξ = current weight lr).
+- `single_level` one forward/backward of L_train on one batch gives both gradients (Single-DARTS).
+
+Every backward names its `inputs`, so a weight step never writes α's `.grad` and an α step never
+computes weight gradients (fewer kernels too). Step statistics stay on the device.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from .registry import Registry
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass
+class StepContext:
+    """What an update rule needs for one step."""
+
+    model: nn.Module                   # a Supernet
+    weights: list[nn.Parameter]        # trainable network weights (frozen convs excluded)
+    arch: list[nn.Parameter]           # α (and β)
+    w_opt: torch.optim.SGD
+    a_opt: torch.optim.Optimizer
+    lr: float                          # current weight learning rate (ξ of the unrolled step)
+    grad_clip: float                   # global-norm clip on w only; α is never clipped (DARTS)
+    arch_grad_clip: float = 0.0        # PC-DARTS ImageNet clips α too; 0 = off
+    momentum: float = 0.9
+    weight_decay: float = 3e-4
+    unrolled_eps: float = 0.01         # ε = 0.01 / ‖v‖ in the finite-difference HVP (DARTS)
+    step_order: str = "alpha_first"
+
+
+@dataclass
+class StepStats:
+    """Device tensors: sums over the batch, so an epoch needs one host sync."""
+
+    loss: torch.Tensor                 # train loss × batch size
+    correct: torch.Tensor              # correct train predictions
+    count: int                         # train images
+    arch_loss: torch.Tensor | None = None   # validation loss (× batch) seen by the α step
+    arch_correct: torch.Tensor | None = None
+    arch_count: int = 0
+
+
+def _forward_loss(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    x, y = batch
+    logits = model(x)
+    loss = F.cross_entropy(logits, y)
+    return loss, logits
+
+
+def _correct(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return (logits.detach().argmax(1) == y).sum()
+
+
+def weight_step(ctx: StepContext, batch: Batch) -> StepStats:
+    """One SGD step on w from a train batch: CE, backward into w only, clip, step."""
+    ctx.w_opt.zero_grad(set_to_none=True)
+    loss, logits = _forward_loss(ctx.model, batch)
+    loss.backward(inputs=ctx.weights)
+    if ctx.grad_clip:
+        nn.utils.clip_grad_norm_(ctx.weights, ctx.grad_clip)
+    ctx.w_opt.step()
+    n = batch[1].numel()
+    return StepStats(loss.detach() * n, _correct(logits, batch[1]), n)
+
+
+def _arch_opt_step(ctx: StepContext) -> None:
+    if ctx.arch_grad_clip:
+        nn.utils.clip_grad_norm_(ctx.arch, ctx.arch_grad_clip)
+    with ctx.model.keep_inactive_columns():
+        ctx.a_opt.step()
+
+
+class FirstOrder:
+    """Bi-level, first order (DARTS-V1): α from ∇_α L_val(w, α), w from ∇_w L_train."""
+
+    needs_val_batch = True
+
+    def step(self, ctx: StepContext, train: Batch, val: Batch | None, update_arch: bool) -> StepStats:
+        if ctx.step_order == "weights_first":
+            stats = weight_step(ctx, train)
+            if update_arch:
+                self._merge(stats, self.arch_step(ctx, val))
+            return stats
+        arch_stats = self.arch_step(ctx, val) if update_arch else None
+        stats = weight_step(ctx, train)
+        if arch_stats is not None:
+            self._merge(stats, arch_stats)
+        return stats
+
+    @staticmethod
+    def _merge(stats: StepStats, arch: tuple[torch.Tensor, torch.Tensor, int]) -> None:
+        stats.arch_loss, stats.arch_correct, stats.arch_count = arch
+
+    def arch_step(self, ctx: StepContext, val: Batch) -> tuple[torch.Tensor, torch.Tensor, int]:
+        ctx.a_opt.zero_grad(set_to_none=True)
+        loss, logits = _forward_loss(ctx.model, val)
+        loss.backward(inputs=ctx.arch)
+        _arch_opt_step(ctx)
+        n = val[1].numel()
+        return loss.detach() * n, _correct(logits, val[1]), n
+
+
+class SecondOrder(FirstOrder):
+    """Bi-level, second order (DARTS-V2): the unrolled α gradient (methods.md §2.1).
+
+    The virtual step replicates torch's SGD update with momentum μ and L2 λ exactly:
+    w' = w − ξ(μ·m + ∇_w L_train(w, α) + λ·w), m the momentum buffer (zero before the first
+    step). Nesterov (NB201's baseline) is ignored in the virtual step, as in the reference code.
+    Weights that receive no gradient (ops not yet switched on) stay put, as SGD leaves them.
+    """
+
+    def arch_step(self, ctx: StepContext, val: Batch) -> tuple[torch.Tensor, torch.Tensor, int]:
+        loss, logits, grads = unrolled_arch_gradient(ctx, self._train_batch, val)
+        ctx.a_opt.zero_grad(set_to_none=True)
+        for p, g in zip(ctx.arch, grads):
+            p.grad = g
+        _arch_opt_step(ctx)
+        n = val[1].numel()
+        return loss.detach() * n, _correct(logits, val[1]), n
+
+    def step(self, ctx: StepContext, train: Batch, val: Batch | None, update_arch: bool) -> StepStats:
+        self._train_batch = train
+        try:
+            return super().step(ctx, train, val, update_arch)
+        finally:
+            self._train_batch = None
+
+
+def _named_weights(ctx: StepContext) -> list[str]:
+    ids = {id(p): n for n, p in ctx.model.named_parameters()}
+    return [ids[id(p)] for p in ctx.weights]
+
+
+def unrolled_arch_gradient(ctx: StepContext, train: Batch, val: Batch
+                           ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """(L_val(w', α), logits, ∇_α of the unrolled objective) without touching w or BN statistics."""
+    model, w, arch, xi = ctx.model, ctx.weights, ctx.arch, ctx.lr
+    names = _named_weights(ctx)
+    # BN running statistics must not move during virtual passes: give them throw-away copies.
+    buffers = {n: b.clone() for n, b in model.named_buffers()}
+
+    def call(params: Sequence[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        return functional_call(model, {**buffers, **dict(zip(names, params))}, (x,))
+
+    # 1. virtual step w' = w − ξ(μ m + ∇_w L_train + λ w)
+    loss_t = F.cross_entropy(call(w, train[0]), train[1])
+    g_train = torch.autograd.grad(loss_t, w, allow_unused=True)
+    with torch.no_grad():
+        w_prime = []
+        for p, g in zip(w, g_train):
+            if g is None:
+                w_prime.append(p.detach().clone())
+                continue
+            buf = ctx.w_opt.state.get(p, {}).get("momentum_buffer")
+            d = g + ctx.weight_decay * p
+            if buf is not None:
+                d = d + ctx.momentum * buf
+            w_prime.append(p - xi * d)
+    w_prime = [t.requires_grad_(True) for t in w_prime]
+    # 2. v = ∇_{w'} L_val(w', α),  g1 = ∇_α L_val(w', α)
+    logits = call(w_prime, val[0])
+    loss_v = F.cross_entropy(logits, val[1])
+    grads = torch.autograd.grad(loss_v, w_prime + arch, allow_unused=True)
+    v = [g if g is not None else torch.zeros_like(t) for g, t in zip(grads[:len(w)], w_prime)]
+    g1 = [g if g is not None else torch.zeros_like(a) for g, a in zip(grads[len(w):], arch)]
+    # 3./4. finite-difference HVP: (∇_α L_train(w+εv) − ∇_α L_train(w−εv)) / 2ε, ε = 0.01/‖v‖
+    eps = ctx.unrolled_eps / torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t) for t in v]))
+
+    def arch_grad_at(sign: float) -> list[torch.Tensor]:
+        with torch.no_grad():
+            shifted = [p + sign * eps * t for p, t in zip(w, v)]
+        loss = F.cross_entropy(call(shifted, train[0]), train[1])
+        gs = torch.autograd.grad(loss, arch, allow_unused=True)
+        return [g if g is not None else torch.zeros_like(a) for g, a in zip(gs, arch)]
+
+    g_plus, g_minus = arch_grad_at(+1.0), arch_grad_at(-1.0)
+    # 5. g_α = g1 − ξ · hvp
+    out = [a - xi * (gp - gm) / (2 * eps) for a, gp, gm in zip(g1, g_plus, g_minus)]
+    return loss_v, logits, out
+
+
+class SingleLevel:
+    """Single-DARTS: one batch, one backward, both updates (methods.md §2.4)."""
+
+    needs_val_batch = False
+
+    def step(self, ctx: StepContext, train: Batch, val: Batch | None, update_arch: bool) -> StepStats:
+        ctx.w_opt.zero_grad(set_to_none=True)
+        ctx.a_opt.zero_grad(set_to_none=True)
+        loss, logits = _forward_loss(ctx.model, train)
+        loss.backward(inputs=ctx.weights + ctx.arch if update_arch else ctx.weights)
+        if ctx.grad_clip:
+            nn.utils.clip_grad_norm_(ctx.weights, ctx.grad_clip)
+        ctx.w_opt.step()
+        if update_arch:
+            _arch_opt_step(ctx)
+        n = train[1].numel()
+        return StepStats(loss.detach() * n, _correct(logits, train[1]), n)
+
+
+UpdateRule = FirstOrder | SingleLevel
+UPDATE_RULES: Registry[Callable[[], UpdateRule]] = Registry("optimisation")
+UPDATE_RULES.register("first_order", FirstOrder)
+UPDATE_RULES.register("second_order", SecondOrder)
+UPDATE_RULES.register("single_level", SingleLevel)

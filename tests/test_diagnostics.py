@@ -1,0 +1,43 @@
+import math
+
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call
+
+from nascore.diagnostics import collapse_diagnostics, hessian_eigenvalue
+from nascore.spaces import get_space
+from nascore.supernet import SupernetConfig
+from tests._tiny import learnable_images
+
+
+def test_collapse_diagnostics_of_a_skip_dominated_cell():
+    net = get_space("darts").build_supernet(SupernetConfig(init_channels=4, layers=3))
+    with torch.no_grad():
+        net.alphas["normal"].zero_()
+        net.alphas["normal"][:, 3] = 5.0            # skip_connect wins every normal edge
+    d = collapse_diagnostics(net)
+    assert d["param_free_ops_normal"] == 8
+    assert d["genotype"]["normal"] == [["skip_connect", j] for j in (0, 1, 0, 1, 0, 1, 0, 1)]
+    assert len(d["alphas"]["normal"]) == 14 and len(d["alphas"]["normal"][0]) == 8
+    assert d["op_names"]["normal"][0][3] == "skip_connect"
+    # reduce α still ~uniform: entropy close to log 8 there, low in the normal cell
+    assert d["alpha_entropy"] < math.log(8)
+
+
+def test_hessian_eigenvalue_matches_the_full_hessian():
+    torch.manual_seed(0)
+    net = get_space("nb201").build_supernet(SupernetConfig(init_channels=2, layers=1, num_classes=4)).double()
+    x, y = learnable_images(8, 4, 4)
+    x = x.double()
+    params = dict(net.named_parameters())
+    buffers = {n: b.clone() for n, b in net.named_buffers()}
+
+    def loss_of(alpha_flat):
+        p = {**params, **buffers, "alphas.cell": alpha_flat.view(6, 5)}
+        return F.cross_entropy(functional_call(net, p, (x,)), y)
+
+    H = torch.autograd.functional.hessian(loss_of, net.alphas["cell"].detach().flatten())
+    eig = torch.linalg.eigvalsh(H)
+    dominant = eig[eig.abs().argmax()].item()
+    estimate = hessian_eigenvalue(net, [(x, y)], iters=200, tol=1e-10)
+    assert abs(estimate - dominant) <= 1e-4 * abs(dominant)

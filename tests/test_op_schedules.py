@@ -1,0 +1,95 @@
+"""OPP-DARTS' progressive op schedule (methods.md §2.5)."""
+import pytest
+import torch
+
+from nascore import op_schedules
+from nascore.op_schedules import ProgressiveConfig, mean_train_loss, progressive_timeline
+from nascore.search import SearchConfig, SearchData, SearchRun
+from nascore.spaces import get_space
+from nascore.supernet import SupernetConfig
+from tests._tiny import TensorLoader, learnable_images
+
+
+def test_timeline_of_the_darts_space_matches_the_spec():
+    # stage 0 picks one of 4 parametric ops; 6 candidates remain; skip_connect held back
+    timeline = progressive_timeline(num_candidates=6, epochs=50)
+    assert timeline == {2: "candidate", 4: "candidate", 6: "candidate", 8: "candidate",
+                        10: "candidate", 12: "candidate", 14: "skip"}
+    ops_per_epoch = [1 + sum(1 for e in timeline if e <= epoch) for epoch in range(50)]
+    assert ops_per_epoch[:2] == [1, 1]
+    assert ops_per_epoch[2:14] == [2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7]
+    assert ops_per_epoch[14:] == [8] * 36
+
+
+def test_timeline_without_skip_and_with_few_candidates():
+    assert progressive_timeline(1, 20, has_skip=False) == {2: "candidate"}
+    # S2 = {skip, sep_conv_3x3}: nothing to add but skip, which still waits for epoch > 12
+    assert progressive_timeline(0, 20) == {14: "skip"}
+
+
+def fixed_losses(monkeypatch, ranking):
+    """Make `mean_train_loss` score a net by its newest op: the max-loss rule then picks by `ranking`."""
+    def fake(model, batches):
+        cols = model.active_columns()
+        newest = model.column_names("normal", 0, cols)[-1]
+        return ranking[newest]
+    monkeypatch.setattr(op_schedules, "mean_train_loss", fake)
+
+
+def test_ops_enter_by_max_training_loss_and_skip_connect_last(monkeypatch):
+    ranking = {"sep_conv_3x3": 1.0, "sep_conv_5x5": 3.0, "dil_conv_3x3": 2.0, "dil_conv_5x5": 0.5,
+               "none": 0.1, "max_pool_3x3": 9.0, "avg_pool_3x3": 5.0, "skip_connect": 100.0}
+    fixed_losses(monkeypatch, ranking)
+    cfg = SearchConfig(op_schedule="progressive", epochs=16, batch_size=4, init_channels=4,
+                       layers=3, valid_every=0)
+    x, y = learnable_images(8, 4, 8)
+    data = SearchData(TensorLoader(x[:4], y[:4], 4), TensorLoader(x[4:], y[4:], 4), 4)
+    active_per_epoch = []
+    run = SearchRun(get_space("darts"), cfg, data, log=lambda s: None,
+                    on_epoch_end=lambda r: active_per_epoch.append(r["active_ops"]))
+    run.run()
+    model = run.model
+    order = model.column_names("normal", 0, model.active_columns())
+    # stage 0: the starter with the largest loss (sep_conv_5x5); then max loss among the rest
+    assert order == ["sep_conv_5x5", "max_pool_3x3", "avg_pool_3x3", "dil_conv_3x3",
+                     "sep_conv_3x3", "dil_conv_5x5", "none", "skip_connect"]
+    assert active_per_epoch == [1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7, 8, 8]
+
+
+def test_entering_op_resets_optimisers_and_restarts_the_cosine_from_the_current_lr():
+    cfg = SearchConfig(op_schedule="progressive", epochs=6, batch_size=4, init_channels=4, layers=3,
+                       valid_every=0, opp=ProgressiveConfig(stage_epochs=2, skip_after_epoch=12))
+    x, y = learnable_images(8, 4, 8)
+    data = SearchData(TensorLoader(x[:4], y[:4], 4), TensorLoader(x[4:], y[4:], 4), 4,
+                      score_fraction_batches=1)
+    lrs = []
+    run = SearchRun(get_space("darts"), cfg, data, log=lambda s: None,
+                    on_epoch_end=lambda r: lrs.append(r["lr"]))
+    run.run()
+    from nascore.search import cosine_lr
+    lr2 = cosine_lr(2, 0.025, 0.001, 6)                      # lr when the first op enters
+    assert lrs[:2] == pytest.approx([cosine_lr(e, 0.025, 0.001, 6) for e in range(2)])
+    assert lrs[2] == pytest.approx(lr2)
+    assert lrs[3] == pytest.approx(cosine_lr(3, lr2, 0.001, 6, start=2))
+    lr4 = cosine_lr(4, lr2, 0.001, 6, start=2)
+    assert lrs[5] == pytest.approx(cosine_lr(5, lr4, 0.001, 6, start=4))
+    assert run.w_opt.state == {} or all("momentum_buffer" in s for s in run.w_opt.state.values())
+
+
+def test_mean_train_loss_leaves_bn_statistics_of_the_searched_model_alone():
+    net = get_space("nb201").build_supernet(SupernetConfig(init_channels=4, layers=1))
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    x, y = learnable_images(8, 4, 8)
+    loss = mean_train_loss(net, [(x, y)])
+    assert loss > 0
+    for k, v in net.state_dict().items():
+        assert torch.equal(v, before[k])
+
+
+def test_progressive_needs_a_shared_op_list():
+    cfg = SearchConfig(op_schedule="progressive", epochs=2, batch_size=4, init_channels=4, layers=3)
+    x, y = learnable_images(8, 4, 8)
+    data = SearchData(TensorLoader(x[:4], y[:4], 4), TensorLoader(x[4:], y[4:], 4), 4)
+    run = SearchRun(get_space("s1"), cfg, data, log=lambda s: None)
+    with pytest.raises(ValueError, match="per-edge op lists"):
+        run.run()

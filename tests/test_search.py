@@ -1,0 +1,153 @@
+"""The shared search loop: every method on every space, resume, warm-up, non-finite values."""
+import pytest
+import torch
+
+from nascore.genotype import Genotype, NB201Genotype
+from nascore.io import CheckpointError
+from nascore.methods import METHODS, get_method
+from nascore.search import NonFiniteError, SearchConfig, SearchData, SearchRun, cosine_lr, search
+from nascore.spaces import SPACES, get_space
+from tests._tiny import TensorLoader, learnable_images
+
+
+def tiny_config(method="darts", space="darts", **overrides) -> SearchConfig:
+    settings = get_method(method).resolved_settings()
+    settings.update(epochs=2, batch_size=4, init_channels=4, layers=1 if space == "nb201" else 3,
+                    arch_warmup_epochs=min(settings.get("arch_warmup_epochs", 0), 1), valid_every=1)
+    settings.update(overrides)
+    return SearchConfig(**settings)
+
+
+def tiny_data(n=8, size=8, batch=4, x=None, y=None) -> SearchData:
+    if x is None:
+        x, y = learnable_images(2 * n, 4, size)
+    return SearchData(TensorLoader(x[:n], y[:n], batch), TensorLoader(x[n:], y[n:], batch), 4,
+                      score_fraction_batches=1)
+
+
+@pytest.mark.parametrize("space", SPACES.names())
+@pytest.mark.parametrize("method", METHODS.names())
+def test_tiny_search_returns_a_valid_genotype(method, space):
+    cfg = tiny_config(method, space)
+    if cfg.op_schedule == "progressive" and get_space(space).uniform_ops is None:
+        pytest.skip("progressive search needs one op list on every edge (s1 has per-edge lists)")
+    result = search(get_space(space), cfg, tiny_data(), log=lambda s: None)
+    g = result.genotype
+    assert isinstance(g, NB201Genotype if space == "nb201" else Genotype)
+    assert set(g.ops if space == "nb201" else g.ops()) <= set(get_space(space).op_names())
+    assert len(result.history) == 2
+    record = result.history[-1]
+    for key in ("train_loss", "valid_acc", "param_free_ops", "alpha_entropy", "alphas", "genotype"):
+        assert key in record
+    assert record["genotype"] == g.to_json()
+
+
+def test_search_learns_and_alphas_move():
+    x, y = learnable_images(64, 4, 8, seed=3)
+    cfg = tiny_config("darts", "nb201", epochs=4, batch_size=16, lr=0.05, arch_lr=3e-3)
+    data = tiny_data(n=32, batch=16, x=x, y=y)
+    result = search(get_space("nb201"), cfg, data, log=lambda s: None)
+    losses = [r["train_loss"] for r in result.history]
+    assert losses[-1] < losses[0]
+    assert result.history[-1]["alpha_entropy"] < result.history[0]["alpha_entropy"] + 1e-6
+
+
+def test_lr_follows_the_cosine_schedule():
+    cfg = tiny_config(epochs=3)
+    result = search(get_space("darts"), cfg, tiny_data(), log=lambda s: None)
+    assert [r["lr"] for r in result.history] == pytest.approx(
+        [cosine_lr(e, 0.025, 0.001, 3) for e in range(3)])
+    assert cosine_lr(0, 0.025, 0.001, 50) == 0.025
+    assert cosine_lr(50, 0.025, 0.001, 50) == pytest.approx(0.001)
+
+
+def test_arch_warm_up_keeps_alpha_and_beta_fixed():
+    cfg = tiny_config("pc_darts", epochs=2, arch_warmup_epochs=2, partial_channels=2)
+    run = SearchRun(get_space("darts"), cfg, tiny_data(), log=lambda s: None)
+    alphas = [p.detach().clone() for p in run.model.arch_parameters()]
+    result = run.run()
+    assert all(torch.equal(a, p) for a, p in zip(alphas, run.model.arch_parameters()))
+    assert [r["update_arch"] for r in result.history] == [False, False]
+    assert "arch_loss" not in result.history[0]
+
+
+@pytest.mark.parametrize("method", ["darts", "opp_darts", "pc_darts"])
+def test_resume_after_interruption_equals_uninterrupted_run(method, tmp_path):
+    torch.use_deterministic_algorithms(True)
+    try:
+        cfg = tiny_config(method, epochs=4, arch_warmup_epochs=1, partial_channels=2,
+                          opp=SearchConfig().opp.__class__(stage_epochs=1, skip_after_epoch=1))
+        full = search(get_space("darts"), cfg, tiny_data(), checkpoint_path=tmp_path / "a.pt",
+                      log=lambda s: None)
+
+        class Interrupt(Exception):
+            pass
+
+        def stop_after_two(record):
+            if record["epoch"] == 2:
+                raise Interrupt
+        with pytest.raises(Interrupt):
+            search(get_space("darts"), cfg, tiny_data(), checkpoint_path=tmp_path / "b.pt",
+                   on_epoch_end=stop_after_two, log=lambda s: None)
+        resumed = search(get_space("darts"), cfg, tiny_data(), checkpoint_path=tmp_path / "b.pt",
+                         log=lambda s: None)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert resumed.resumed_from_epoch == 2
+    assert resumed.genotype == full.genotype
+    for (k, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), k
+    drop = {"epoch_seconds", "images_per_s"}
+    assert [{k: v for k, v in r.items() if k not in drop} for r in resumed.history] == \
+           [{k: v for k, v in r.items() if k not in drop} for r in full.history]
+
+
+def test_finished_search_is_not_rerun_and_foreign_checkpoints_are_refused(tmp_path):
+    path = tmp_path / "search.pt"
+    cfg = tiny_config(epochs=1)
+    first = search(get_space("darts"), cfg, tiny_data(), checkpoint_path=path, log=lambda s: None,
+                   meta={"method": "darts"})
+    again = search(get_space("darts"), cfg, tiny_data(), checkpoint_path=path, log=lambda s: None,
+                   meta={"method": "darts"})
+    assert again.resumed_from_epoch == 1 and again.genotype == first.genotype
+    with pytest.raises(CheckpointError, match="method='darts', this run has method='pc_darts'"):
+        search(get_space("darts"), cfg, tiny_data(), checkpoint_path=path, log=lambda s: None,
+               meta={"method": "pc_darts"})
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match="cannot be loaded safely"):
+        search(get_space("darts"), cfg, tiny_data(), checkpoint_path=path, log=lambda s: None,
+               meta={"method": "darts"})
+
+
+def poisoned_data(bad_step: int) -> SearchData:
+    x, y = learnable_images(16, 4, 8)
+    x[bad_step * 4] = float("nan")           # the first image of train batch `bad_step` (no shuffle)
+    train = TensorLoader(x[:8], y[:8], 4, shuffle=False)
+    return SearchData(train, TensorLoader(x[8:], y[8:], 4), 4)
+
+
+def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(tmp_path):
+    path = tmp_path / "search.pt"
+    cfg = tiny_config(epochs=1)
+    search(get_space("nb201"), tiny_config(space="nb201", epochs=1), tiny_data(), checkpoint_path=path,
+           log=lambda s: None)
+    good = path.read_bytes()
+    cfg = tiny_config(space="nb201", epochs=2)
+    with pytest.raises(NonFiniteError, match="epoch 1, step 1"):
+        search(get_space("nb201"), cfg, poisoned_data(1), checkpoint_path=path, log=lambda s: None)
+    assert path.read_bytes() == good
+
+
+def test_non_finite_batches_can_be_skipped_and_counted():
+    cfg = tiny_config(space="nb201", epochs=1, nonfinite="skip")
+    result = search(get_space("nb201"), cfg, poisoned_data(1), log=lambda s: None)
+    assert result.history[0]["skipped_batches"] == 1
+    assert all(torch.isfinite(p).all() for p in result.model.parameters())
+
+
+def test_hessian_eigenvalue_is_reported_when_asked():
+    cfg = tiny_config(space="nb201", epochs=1, hessian_eigenvalue=True, hessian_iters=5)
+    result = search(get_space("nb201"), cfg, tiny_data(), log=lambda s: None)
+    assert isinstance(result.history[0]["hessian_eigenvalue"], float)
+    assert "hessian_eigenvalue" not in search(get_space("nb201"), tiny_config(space="nb201", epochs=1),
+                                              tiny_data(), log=lambda s: None).history[0]
