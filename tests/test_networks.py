@@ -1,0 +1,391 @@
+"""Evaluation networks and their cost (nascore.networks, nascore.metrics; methods.md §1.1-§1.3).
+
+The parameter counts and MACs of the published cells are the acceptance bar: a count that is off
+means the network is wrong, never the number.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from nascore.genotype import PUBLISHED_GENOTYPES, Genotype, NB201Genotype
+from nascore.metrics import FlopReport, count_flops, count_parameters, params_m
+from nascore.networks import (
+    AuxiliaryHeadCIFAR, DartsEvalCell, NB201Network, NetworkCIFAR, NetworkImageNet,
+    build_eval_network, drop_path,
+)
+from nascore.ops import Identity
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # Tiny convs gain nothing from intra-op threads, and on a shared 2-core box a busy neighbour
+    # makes 2-thread barriers 10-100× slower; restore the setting for other test modules.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True)
+def seeded():
+    # random inputs, inits and drop-path masks: every test sees the same draws on every run
+    torch.manual_seed(0)
+
+
+NAMES = list(PUBLISHED_GENOTYPES)
+
+# methods.md §1.1 table: params with the auxiliary head excluded.
+CIFAR10_PARAMS = {
+    "DARTS_V1": 3_169_414, "DARTS_V2": 3_349_342, "PC_DARTS_cifar": 3_634_678,
+    "PC_DARTS_image": 3_721_510, "OPP_DARTS": 3_359_062,
+}
+IMAGENET_PARAMS = {
+    "DARTS_V1": 4_510_432, "DARTS_V2": 4_718_752, "PC_DARTS_cifar": 5_270_560,
+    "PC_DARTS_image": 5_342_464, "OPP_DARTS": 4_967_776,
+}
+# conv + linear multiply-adds at 224 px, in millions, rounded (methods.md §1.1)
+IMAGENET_MACS_M = {"DARTS_V1": 506, "DARTS_V2": 530, "PC_DARTS_cifar": 571,
+                   "PC_DARTS_image": 582, "OPP_DARTS": 536}
+
+BEST_NB201 = ("|nor_conv_3x3~0|+|nor_conv_3x3~0|nor_conv_3x3~1|"
+              "+|skip_connect~0|nor_conv_3x3~1|nor_conv_3x3~2|")
+ALL_NONE_NB201 = "|none~0|+|none~0|none~1|+|none~0|none~1|none~2|"
+ALL_CONV_NB201 = ("|nor_conv_3x3~0|+|nor_conv_3x3~0|nor_conv_3x3~1|"
+                  "+|nor_conv_3x3~0|nor_conv_3x3~1|nor_conv_3x3~2|")
+
+# An S4 cell (ops {noise, sep_conv_3x3}): noise on stride-2 edges of the reduce cell too.
+S4_GENOTYPE = Genotype(
+    normal=(("noise", 0), ("sep_conv_3x3", 1), ("noise", 1), ("sep_conv_3x3", 0),
+            ("noise", 2), ("sep_conv_3x3", 3), ("sep_conv_3x3", 4), ("noise", 0)),
+    reduce=(("noise", 0), ("noise", 1), ("sep_conv_3x3", 0), ("noise", 2),
+            ("sep_conv_3x3", 1), ("noise", 3), ("noise", 4), ("sep_conv_3x3", 0)),
+)
+
+
+# --- parameter counts ----------------------------------------------------------------------------
+@pytest.mark.parametrize("name", NAMES)
+def test_cifar10_params_match_table(name: str) -> None:
+    net = NetworkCIFAR(PUBLISHED_GENOTYPES[name], C=36, num_classes=10, layers=20, auxiliary=True)
+    assert count_parameters(net) == CIFAR10_PARAMS[name]
+
+
+def test_cifar100_params_add_only_classifier_outputs() -> None:
+    net = NetworkCIFAR(PUBLISHED_GENOTYPES["DARTS_V2"], num_classes=100)
+    assert count_parameters(net) == 3_401_272
+    # the difference is 90 extra outputs of a 576-input linear: 90 * (576 + 1)
+    assert 3_401_272 - CIFAR10_PARAMS["DARTS_V2"] == 90 * 577
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_imagenet_params_match_table(name: str) -> None:
+    net = NetworkImageNet(PUBLISHED_GENOTYPES[name], C=48, num_classes=1000, layers=14)
+    assert count_parameters(net) == IMAGENET_PARAMS[name]
+
+
+def test_auxiliary_heads_are_excluded_and_sized_as_specified() -> None:
+    # CIFAR head on cell 2L//3's output: 4 nodes × 144 ch = 576 in.
+    # 576·128 (1×1) + 2·128 (BN) + 128·768·4 (2×2) + 2·768 (BN) + 768·10 + 10 = 476,426
+    net = NetworkCIFAR(PUBLISHED_GENOTYPES["DARTS_V2"])
+    assert count_parameters(net, exclude_auxiliary=False) - count_parameters(net) == 476_426
+    assert params_m(net) == pytest.approx(3.349342)
+    # ImageNet head: 4 × 192 = 768 in, no BN after the 768-ch conv:
+    # 768·128 + 2·128 + 128·768·4 + 768·1000 + 1000 = 1,260,776
+    net = NetworkImageNet(PUBLISHED_GENOTYPES["DARTS_V2"])
+    assert count_parameters(net, exclude_auxiliary=False) - count_parameters(net) == 1_260_776
+    # without a head there is nothing to exclude
+    net = NetworkCIFAR(PUBLISHED_GENOTYPES["DARTS_V2"], auxiliary=False)
+    assert count_parameters(net, exclude_auxiliary=False) == CIFAR10_PARAMS["DARTS_V2"]
+
+
+# --- FLOPs ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", NAMES)
+def test_imagenet_macs_match_table(name: str) -> None:
+    report = count_flops(NetworkImageNet(PUBLISHED_GENOTYPES[name]), input_size=(1, 3, 224, 224))
+    assert isinstance(report, FlopReport)
+    assert report.macs == report.flops // 2
+    # the table rounds to 1M: within rounding, which is far inside the 1% the brief allows
+    assert abs(report.macs / 1e6 - IMAGENET_MACS_M[name]) <= 0.5
+    assert set(report.by_op) == {"convolution", "addmm"}
+    assert report.by_op["addmm"] == 2 * 768 * 1000   # classifier 4 × 192 → 1000, no bias
+
+
+def test_count_flops_is_side_effect_free() -> None:
+    net = NetworkCIFAR(PUBLISHED_GENOTYPES["DARTS_V2"], C=8, layers=5)
+    net.train()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    report = count_flops(net, input_size=(2, 3, 32, 32))
+    assert net.training                            # mode restored
+    for k, v in net.state_dict().items():          # eval mode: BN running stats untouched
+        assert torch.equal(v, before[k]), k
+    # per-sample cost scales with the batch
+    assert report.flops == 2 * count_flops(net, input_size=(1, 3, 32, 32)).flops
+
+
+def _capture_input(module: torch.nn.Module) -> dict:
+    captured: dict = {}
+
+    def hook(mod, inputs, output) -> None:   # returning None keeps the module's output
+        captured["in"] = inputs[0].shape
+    module.register_forward_hook(hook)
+    return captured
+
+
+# --- forward shapes ------------------------------------------------------------------------------
+def test_cifar_forward_full_size_train_and_eval() -> None:
+    net = NetworkCIFAR(PUBLISHED_GENOTYPES["DARTS_V2"])
+    x = torch.randn(2, 3, 32, 32)
+    net.train()
+    logits, aux = net(x)
+    assert logits.shape == (2, 10) and aux is not None and aux.shape == (2, 10)
+    net.eval()
+    with torch.no_grad():
+        logits, aux = net(x)
+    assert logits.shape == (2, 10) and aux is None
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_cifar_small_forward_backward(name: str) -> None:
+    net = NetworkCIFAR(PUBLISHED_GENOTYPES[name], C=8, num_classes=100, layers=5)
+    net.drop_path_prob = 0.2
+    logits, aux = net(torch.randn(4, 3, 32, 32))
+    assert logits.shape == (4, 100) and aux.shape == (4, 100)
+    (logits.sum() + 0.4 * aux.sum()).backward()    # drop-path must not break autograd
+    assert all(p.grad is not None for p in net.parameters())
+
+
+def test_no_aux_logits_without_head() -> None:
+    net = NetworkCIFAR(PUBLISHED_GENOTYPES["DARTS_V1"], C=8, layers=5, auxiliary=False).train()
+    logits, aux = net(torch.randn(2, 3, 32, 32))
+    assert logits.shape == (2, 10) and aux is None and net.auxiliary_head is None
+
+
+def test_imagenet_forward_small_input() -> None:
+    # 64 px: 64 → 8 after the stem, 2×2 at the end; every size divisible by 32 runs
+    net = NetworkImageNet(PUBLISHED_GENOTYPES["PC_DARTS_image"]).eval()
+    with torch.no_grad():
+        logits, aux = net(torch.randn(2, 3, 64, 64))
+    assert logits.shape == (2, 1000) and aux is None
+    small = NetworkImageNet(PUBLISHED_GENOTYPES["PC_DARTS_image"], C=16, num_classes=7,
+                            auxiliary=False).train()
+    logits, aux = small(torch.randn(2, 3, 64, 64))
+    assert logits.shape == (2, 7) and aux is None
+
+
+def test_imagenet_aux_head_too_small_input_is_a_clear_error() -> None:
+    net = NetworkImageNet(PUBLISHED_GENOTYPES["DARTS_V2"], C=16, num_classes=7).train()
+    with pytest.raises(ValueError, match="auxiliary=False"):
+        net(torch.randn(2, 3, 64, 64))
+
+
+def test_imagenet_forward_224_with_aux() -> None:
+    net = NetworkImageNet(PUBLISHED_GENOTYPES["DARTS_V2"]).train()
+    captured = _capture_input(net.auxiliary_head)
+    logits, aux = net(torch.randn(2, 3, 224, 224))
+    assert logits.shape == (2, 1000) and aux.shape == (2, 1000)
+    assert captured["in"][-2:] == (7, 7)         # the reference size the head is designed for
+
+
+def test_cifar_aux_head_sees_8x8() -> None:
+    net = NetworkCIFAR(PUBLISHED_GENOTYPES["DARTS_V2"], C=8, layers=8).train()
+    assert isinstance(net.auxiliary_head, AuxiliaryHeadCIFAR)
+    captured = _capture_input(net.auxiliary_head)
+    net(torch.randn(2, 3, 32, 32))
+    assert captured["in"] == (2, 4 * 32, 8, 8)   # after cell 2L//3 = 5: 4 nodes × 4C channels
+
+
+def test_reduction_cells_and_preprocessing() -> None:
+    net = NetworkCIFAR(PUBLISHED_GENOTYPES["DARTS_V2"], C=8, layers=20)
+    assert [i for i, c in enumerate(net.cells) if c.reduction] == [6, 13]
+    # FactorizedReduce preprocessing exactly after a reduction cell
+    fr = [i for i, c in enumerate(net.cells) if type(c.preprocess0).__name__ == "FactorizedReduce"]
+    assert fr == [7, 14]
+    inet = NetworkImageNet(PUBLISHED_GENOTYPES["DARTS_V2"], C=8)
+    fr = [i for i, c in enumerate(inet.cells) if type(c.preprocess0).__name__ == "FactorizedReduce"]
+    assert fr == [0, 5, 10]                      # cell 0: stem0 is treated as a reduction
+
+
+# --- drop-path -----------------------------------------------------------------------------------
+def test_drop_path_function_statistics() -> None:
+    g = torch.Generator().manual_seed(0)
+    x = torch.ones(20_000, 1, 1, 1)
+    y = drop_path(x, 0.3, generator=g)
+    kept = y != 0
+    assert torch.allclose(y[kept], torch.full_like(y[kept], 1 / 0.7))
+    assert abs(1 - kept.float().mean().item() - 0.3) < 0.02      # drop rate ≈ p (σ ≈ 0.003)
+    assert abs(y.mean().item() - 1.0) < 0.02                      # E[out] = x (σ ≈ 0.005)
+    # reproducible from a seeded generator; p = 0 returns the input itself
+    assert torch.equal(drop_path(x, 0.3, torch.Generator().manual_seed(0)), y)
+    assert drop_path(x, 0.0) is x
+
+
+def _probe_cell() -> DartsEvalCell:
+    # every node = sep_conv(c_{k-1}) + none(c_{k-2}): nodes do not feed each other, so BN batch
+    # statistics are the same with and without drop-path and a dropped node is exactly zero
+    pairs = tuple(p for _ in range(4) for p in (("sep_conv_3x3", 1), ("none", 0)))
+    return DartsEvalCell(Genotype(normal=pairs, reduce=pairs), 8, 8, 4,
+                         reduction=False, reduction_prev=False).train()
+
+
+def test_cell_p0_equals_plain_computation_and_draws_nothing() -> None:
+    torch.manual_seed(1)
+    cell = DartsEvalCell(PUBLISHED_GENOTYPES["DARTS_V2"], 8, 8, 4, False, False).train()
+    s0, s1 = torch.randn(4, 8, 6, 6), torch.randn(4, 8, 6, 6)
+    rng = torch.get_rng_state()
+    out = cell(s0, s1, 0.0)
+    assert torch.equal(torch.get_rng_state(), rng)
+    # the plain DAG: node = op_a(h_a) + op_b(h_b), concat of nodes 2..5
+    states = [cell.preprocess0(s0), cell.preprocess1(s1)]
+    for n in range(4):
+        a, b = 2 * n, 2 * n + 1
+        states.append(cell.ops[a](states[cell.inputs[a]]) + cell.ops[b](states[cell.inputs[b]]))
+    assert torch.equal(out, torch.cat(states[2:], dim=1))
+    assert torch.equal(cell(s0, s1, 0.0), out)
+
+
+def test_cell_drop_path_zeroes_samples_and_preserves_expectation() -> None:
+    torch.manual_seed(0)
+    cell = _probe_cell()
+    s0, s1 = torch.randn(64, 8, 6, 6), torch.randn(64, 8, 6, 6)
+    ref = cell(s0, s1, 0.0).view(64, 4, -1)            # (sample, node, features)
+    p = 0.5
+    out = cell(s0, s1, p).view(64, 4, -1)
+    dropped = out.abs().amax(dim=-1) == 0
+    kept = ~dropped
+    assert torch.allclose(out[kept], ref[kept] / (1 - p), atol=1e-5)
+    rate = dropped.float().mean().item()                # 256 Bernoulli(0.5) draws, σ ≈ 0.03
+    assert 0.4 < rate < 0.6
+    # the mean over many passes converges to the p = 0 output (unbiased drop-path)
+    mean = torch.stack([cell(s0, s1, p) for _ in range(200)]).mean(0).view(64, 4, -1)
+    rel = (mean - ref).norm() / ref.norm()
+    assert rel < 0.1                                     # ≈ 1/sqrt(200) = 0.07 expected
+
+
+def test_identity_is_never_dropped_but_strided_skip_is() -> None:
+    skips = tuple(p for n in range(4) for p in (("skip_connect", 0), ("skip_connect", n + 1)))
+    g = Genotype(normal=skips, reduce=skips)
+    cell = DartsEvalCell(g, 8, 8, 8, reduction=False, reduction_prev=False).train()
+    assert all(isinstance(op, Identity) for op in cell.ops) and not any(cell.droppable)
+    s0, s1 = torch.randn(8, 8, 6, 6), torch.randn(8, 8, 6, 6)
+    torch.manual_seed(0)
+    assert torch.equal(cell(s0, s1, 0.9), cell(s0, s1, 0.0))
+    # in a reduction cell skip_connect from an input is a FactorizedReduce: droppable
+    red = DartsEvalCell(g, 8, 8, 8, reduction=True, reduction_prev=False)
+    assert red.droppable == tuple(j < 2 for _, j in skips)
+
+
+def test_network_drop_path_train_only() -> None:
+    net = NetworkCIFAR(PUBLISHED_GENOTYPES["PC_DARTS_cifar"], C=8, layers=5)
+    x = torch.randn(4, 3, 32, 32)
+    net.eval()
+    with torch.no_grad():
+        ref = net(x)[0]
+        net.drop_path_prob = 0.5
+        rng = torch.get_rng_state()
+        assert torch.equal(net(x)[0], ref)               # eval: no effect, no random draws
+        assert torch.equal(torch.get_rng_state(), rng)
+    net.train()
+    torch.manual_seed(3)
+    a = net(x)[0]
+    torch.manual_seed(3)
+    assert torch.equal(net(x)[0], a)                     # seeded → reproducible
+    assert not torch.equal(net(x)[0], a)                 # a new draw drops other paths
+    net.drop_path_prob = 0.0
+    assert torch.equal(net(x)[0], net(x)[0])             # p = 0: deterministic in train mode
+    with pytest.raises(ValueError, match="drop_path_prob"):
+        net.drop_path_prob = 1.0
+
+
+# --- NAS-Bench-201 -------------------------------------------------------------------------------
+def test_nb201_param_count_from_first_principles() -> None:
+    # C = 16, N = 5, 10 classes. nor_conv_3x3 (affine, no bias) at width c: 9c² + 2c (BN γ, β).
+    # Cell of BEST_NB201: 5 × nor_conv_3x3 + 1 skip → 5(9c² + 2c).
+    #   stage c=16: 5 cells × 5 × 2,336  =  58,400
+    #   stage c=32: 5 cells × 5 × 9,280  = 232,000
+    #   stage c=64: 5 cells × 5 × 36,992 = 924,800
+    # stem: 3·16·9 + 32 = 464
+    # ResBlock(16→32): 16·32·9 + 64 + 32·32·9 + 64 + 16·32 (shortcut 1×1) = 14,464
+    # ResBlock(32→64): 32·64·9 + 128 + 64·64·9 + 128 + 32·64 = 57,600
+    # final BN(64): 128; classifier 64·10 + 10 = 650
+    # total = 1,288,506
+    net = NB201Network(NB201Genotype.from_arch_string(BEST_NB201), C=16, N=5, num_classes=10)
+    assert count_parameters(net) == 1_288_506
+    # Public cross-check: the NB201 cost table's CIFAR-10 extremes are 0.073306M params (the
+    # parameter-free cells: skeleton only, 464 + 14,464 + 57,600 + 128 + 650) and 1.531546M (all
+    # six edges nor_conv_3x3: skeleton + 6 × 5 × (2,336 + 9,280 + 36,992)), with conv+linear
+    # FLOPs 7.78305M and 220.11969M; those include the 10 classifier bias additions that
+    # FlopCounterMode leaves out.
+    for arch, params, macs in ((ALL_NONE_NB201, 73_306, 7_783_050),
+                               (ALL_CONV_NB201, 1_531_546, 220_119_690)):
+        net = NB201Network(NB201Genotype.from_arch_string(arch))
+        assert count_parameters(net) == params
+        assert count_flops(net, (1, 3, 32, 32)).macs + 10 == macs
+
+
+def test_nb201_forward_and_all_none_cell() -> None:
+    for arch in (BEST_NB201, ALL_NONE_NB201,
+                 "|avg_pool_3x3~0|+|nor_conv_1x1~0|skip_connect~1|+|none~0|skip_connect~1|avg_pool_3x3~2|"):
+        net = NB201Network(NB201Genotype.from_arch_string(arch), C=8, N=2, num_classes=100)
+        for train in (True, False):
+            net.train(train)
+            logits, aux = net(torch.randn(2, 3, 32, 32))
+            assert logits.shape == (2, 100) and aux is None
+            assert torch.isfinite(logits).all()
+    # ImageNet16-120 runs through the same skeleton at 16 px
+    logits, _ = net.eval()(torch.randn(2, 3, 16, 16))
+    assert logits.shape == (2, 100)
+
+
+def test_nb201_affine_cells_have_no_conv_bias() -> None:
+    net = NB201Network(NB201Genotype.from_arch_string(ALL_CONV_NB201), C=8, N=1)
+    convs = [m for m in net.modules() if isinstance(m, torch.nn.Conv2d)]
+    bns = [m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert all(c.bias is None for c in convs) and all(b.affine for b in bns)
+
+
+# --- S4 noise ------------------------------------------------------------------------------------
+def test_s4_noise_genotype_builds_and_runs() -> None:
+    net = NetworkCIFAR(S4_GENOTYPE, C=8, layers=5).train()
+    net.drop_path_prob = 0.2
+    logits, aux = net(torch.randn(2, 3, 32, 32))
+    assert logits.shape == (2, 10) and aux.shape == (2, 10)
+    assert torch.isfinite(logits).all()
+    # noise has no parameters: swapping it for another parameter-free op changes no count
+    as_none = Genotype(normal=tuple(("none" if o == "noise" else o, j) for o, j in S4_GENOTYPE.normal),
+                       reduce=tuple(("none" if o == "noise" else o, j) for o, j in S4_GENOTYPE.reduce))
+    assert count_parameters(net) == count_parameters(NetworkCIFAR(as_none, C=8, layers=5))
+    full = NetworkCIFAR(S4_GENOTYPE)                      # the 20-cell / 36-ch evaluation size
+    assert count_parameters(full) > 0
+
+
+# --- builder -------------------------------------------------------------------------------------
+def test_build_eval_network_dispatch_and_defaults() -> None:
+    g = PUBLISHED_GENOTYPES["DARTS_V2"]
+    net = build_eval_network(g, dataset_kind="cifar", num_classes=10)
+    assert type(net) is NetworkCIFAR and count_parameters(net) == CIFAR10_PARAMS["DARTS_V2"]
+    assert net.auxiliary_head is not None
+    net = build_eval_network(g, dataset_kind="imagenet", num_classes=1000)
+    assert type(net) is NetworkImageNet and count_parameters(net) == IMAGENET_PARAMS["DARTS_V2"]
+    net = build_eval_network(g, dataset_kind="cifar", num_classes=100, init_channels=16, layers=8,
+                             auxiliary=False)
+    assert len(net.cells) == 8 and net.auxiliary_head is None
+    nb = NB201Genotype.from_arch_string(BEST_NB201)
+    net = build_eval_network(nb, dataset_kind="cifar", num_classes=10)
+    assert type(net) is NB201Network and count_parameters(net) == 1_288_506
+
+
+def test_build_eval_network_rejects_impossible_combinations() -> None:
+    nb = NB201Genotype.from_arch_string(BEST_NB201)
+    with pytest.raises(ValueError, match="NAS-Bench-201"):
+        build_eval_network(nb, dataset_kind="imagenet", num_classes=1000)
+    with pytest.raises(ValueError, match="auxiliary"):
+        build_eval_network(nb, dataset_kind="cifar", num_classes=10, auxiliary=True)
+    with pytest.raises(ValueError, match="allowed: cifar, imagenet"):
+        build_eval_network(PUBLISHED_GENOTYPES["DARTS_V2"], dataset_kind="svhn", num_classes=10)
+    with pytest.raises(TypeError, match="NB201Network"):
+        NetworkCIFAR(nb)
+    with pytest.raises(TypeError, match="NB201Genotype"):
+        NB201Network(PUBLISHED_GENOTYPES["DARTS_V2"])
+    pairs = PUBLISHED_GENOTYPES["DARTS_V2"].normal
+    with pytest.raises(ValueError, match="reduce_concat"):
+        NetworkCIFAR(Genotype(normal=pairs, reduce=pairs, reduce_concat=(1, 2, 3)), C=8, layers=3)
