@@ -1,0 +1,377 @@
+"""The retrain / transfer loop: learning, schedules, loss terms, resume, non-finite losses, DDP."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nascore.io import CheckpointError, load_checkpoint
+from nascore.train import (PRESETS, NonFiniteLossError, TrainConfig, evaluate, lr_at, seed_all,
+                           train)
+
+ROOT = Path(__file__).resolve().parents[1]
+TIMING = ("epoch_seconds", "images_per_s")
+
+
+# --- a tiny learnable problem, a tiny network and a loader with the real loaders' protocol ------
+
+def blobs(n: int, classes: int = 4, noise_seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images = a fixed per-class template + unit noise: learnable in a few steps."""
+    templates = torch.randn(classes, 3, 8, 8, generator=torch.Generator().manual_seed(1234))
+    y = torch.arange(n) % classes
+    return templates[y] + torch.randn(n, 3, 8, 8, generator=torch.Generator().manual_seed(noise_seed)), y
+
+
+class EpochLoader:
+    """Shuffled batches whose order is a pure function of (seed, epoch)."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch: int = 32, seed: int = 0,
+                 skip: tuple[int, int] | None = None) -> None:
+        self.x, self.y, self.batch, self.seed, self.epoch = x, y, batch, seed, 0
+        self.skip = skip    # (epoch, step) to leave out: the reference for a skipped batch
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        left_out = self.skip is not None and self.skip[0] == self.epoch
+        return math.ceil(len(self.y) / self.batch) - left_out
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        g = torch.Generator().manual_seed(self.seed * 1000 + self.epoch)
+        order = torch.randperm(len(self.y), generator=g)
+        for step, i in enumerate(range(0, len(order), self.batch)):
+            if self.skip != (self.epoch, step):
+                idx = order[i:i + self.batch]
+                yield self.x[idx], self.y[idx]
+
+
+class TinyNet(nn.Module):
+    """conv-BN-ReLU, drop-path on the features (global RNG), a classifier and an auxiliary head."""
+
+    def __init__(self, classes: int = 4, nan_at: int | None = None) -> None:
+        super().__init__()
+        self.conv = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8),
+                                  nn.ReLU())
+        self.head, self.aux_head = nn.Linear(8, classes), nn.Linear(8, classes)
+        self.drop_path_prob = 0.0
+        self.seen_drop_path: list[float] = []
+        self.nan_at, self.steps = nan_at, 0
+
+    def forward(self, x: torch.Tensor) -> Any:
+        if self.training:
+            if self.steps == self.nan_at:
+                x = x * math.nan
+            self.steps += 1
+            self.seen_drop_path.append(self.drop_path_prob)
+        h = self.conv(x)
+        if self.training and self.drop_path_prob > 0:
+            keep = (torch.rand(h.size(0), 1, 1, 1) >= self.drop_path_prob).to(h.dtype)
+            h = h * keep / (1 - self.drop_path_prob)
+        h = h.mean((2, 3))
+        return (self.head(h), self.aux_head(h)) if self.training else self.head(h)
+
+
+def cfg(**kw: Any) -> TrainConfig:
+    base = dict(epochs=3, lr=0.05, drop_path=0.1, progress="none", deterministic=True)
+    return TrainConfig(**{**base, **kw})
+
+
+def loaders(n_train: int = 256, **kw: Any) -> tuple[EpochLoader, EpochLoader]:
+    return EpochLoader(*blobs(n_train), **kw), EpochLoader(*blobs(128, noise_seed=1), batch=64)
+
+
+def fresh_model(seed: int = 0, **kw: Any) -> TinyNet:
+    torch.manual_seed(seed)
+    return TinyNet(**kw)
+
+
+def without_timing(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in history]
+
+
+# --- learning and the recipe's numbers ----------------------------------------------------------
+
+def test_learns_a_learnable_problem(tmp_path: Path) -> None:
+    tr, ev = loaders()
+    seen: list[dict[str, Any]] = []
+    result = train(fresh_model(), tr, ev, cfg(), checkpoint_path=tmp_path / "ck.pt", device="cpu",
+                   on_epoch_end=seen.append, meta={"genotype": "tiny"})
+    h = result.history
+    assert [r["epoch"] for r in h] == [1, 2, 3] and seen == h and result.resumed_from == 0
+    assert h[-1]["train_loss"] < h[0]["train_loss"]
+    assert h[-1]["eval_top1"] > 0.6                     # chance is 0.25
+    assert h[-1]["eval_top5"] == 1.0                    # 4 classes: top-5 is every class
+    assert all(r["images_per_s"] > 0 and r["skipped_batches"] == 0 for r in h)
+    ck = load_checkpoint(tmp_path / "ck.pt", kind="train", meta={"genotype": "tiny"})
+    assert ck["epoch"] == 3 and without_timing(ck["history"]) == without_timing(h)
+
+
+def test_evaluate_top1_top5_and_loss() -> None:
+    # target 0 ranked 1st, 2nd, 6th and 1st among 8 classes
+    logits = torch.tensor([[9., 1, 0, 0, 0, 0, 0, 0], [5., 6, 0, 0, 0, 0, 0, 0],
+                           [1., 6, 5, 4, 3, 2, 0, 0], [3., 2, 1, 0, 0, 0, 0, 0]])
+    y = torch.zeros(4, dtype=torch.long)
+    got = evaluate(nn.Identity(), [(logits[:2], y[:2]), (logits[2:], y[2:])], "cpu")
+    assert got["top1"] == 0.5 and got["top5"] == 0.75
+    assert got["loss"] == pytest.approx(F.cross_entropy(logits, y).item(), rel=1e-6)
+
+
+def test_lr_schedules_match_the_recipes() -> None:
+    cosine = PRESETS["darts_cifar"]
+    assert (cosine.epochs, cosine.lr, cosine.weight_decay, cosine.grad_clip, cosine.drop_path,
+            cosine.auxiliary_weight) == (600, 0.025, 3e-4, 5.0, 0.2, 0.4)
+    assert lr_at(cosine, 0) == 0.025
+    assert lr_at(cosine, 300) == pytest.approx(0.0125)
+    assert lr_at(cosine, 600) == pytest.approx(0.0, abs=1e-15)
+    assert 0 < lr_at(cosine, 599) < 1e-6
+    assert lr_at(replace(cosine, lr_min=0.001), 600) == pytest.approx(0.001)
+
+    exp = PRESETS["darts_imagenet"]
+    assert (exp.lr, exp.weight_decay, exp.label_smoothing, exp.epochs) == (0.1, 3e-5, 0.1, 250)
+    for e in (0, 1, 10, 249):
+        assert lr_at(exp, e) == pytest.approx(0.1 * 0.97 ** e)
+
+    warm = PRESETS["pc_darts_imagenet"]
+    assert [lr_at(warm, e) for e in range(6)] == pytest.approx([0.1, 0.2, 0.3, 0.4, 0.5, 0.5])
+    assert lr_at(warm, 130) == pytest.approx(0.5 * 120 / 245)
+    assert lr_at(warm, 250) == 0.0
+
+
+def test_label_smoothing_and_auxiliary_weight_enter_the_loss(tmp_path: Path) -> None:
+    class TwoHeads(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.main, self.aux = nn.Linear(6, 5, bias=False), nn.Linear(6, 5, bias=False)
+
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+            return self.main(x), self.aux(x) if self.training else None
+
+    torch.manual_seed(0)
+    model = TwoHeads()
+    x, y = torch.randn(8, 6), torch.tensor([0, 1, 2, 3, 4, 0, 1, 2])
+    w_main, w_aux = model.main.weight.detach().clone(), model.aux.weight.detach().clone()
+    eps, w, lr = 0.1, 0.4, 0.5
+
+    def smoothed_ce(logits: torch.Tensor) -> torch.Tensor:   # (1-ε)·(-log p_y) + ε·mean_k(-log p_k)
+        logp = logits.log_softmax(1)
+        return ((1 - eps) * -logp.gather(1, y[:, None])[:, 0] - eps * logp.mean(1)).mean()
+
+    wm, wa = w_main.clone().requires_grad_(), w_aux.clone().requires_grad_()
+    expected = smoothed_ce(x @ wm.T) + w * smoothed_ce(x @ wa.T)
+    expected.backward()
+
+    c = TrainConfig(epochs=1, lr=lr, momentum=0.0, weight_decay=0.0, grad_clip=None, drop_path=0.0,
+                    label_smoothing=eps, auxiliary_weight=w, progress="none")
+    h = train(model, [(x, y)], None, c, checkpoint_path=tmp_path / "ck.pt", device="cpu").history
+    assert h[0]["train_loss"] == pytest.approx(expected.item(), rel=1e-6)
+    assert h[0]["eval_top1"] is None
+    # one plain SGD step on exactly that objective
+    torch.testing.assert_close(model.main.weight, w_main - lr * wm.grad)
+    torch.testing.assert_close(model.aux.weight, w_aux - lr * wa.grad)
+
+
+def test_drop_path_prob_rises_linearly_per_epoch(tmp_path: Path) -> None:
+    model = fresh_model()
+    tr, _ = loaders(n_train=64)
+    h = train(model, tr, None, cfg(epochs=4, drop_path=0.2), checkpoint_path=tmp_path / "ck.pt",
+              device="cpu").history
+    per_epoch = [model.seen_drop_path[i * 2] for i in range(4)]         # 2 steps per epoch
+    assert per_epoch == [0.0, 0.05, 0.1, 0.15000000000000002]           # 0.2·e/4 in floats
+    assert [r["drop_path_prob"] for r in h] == per_epoch
+    with pytest.raises(ValueError, match="drop_path_prob"):
+        train(nn.Sequential(nn.Flatten(), nn.Linear(192, 4)), tr, None, cfg(),
+              checkpoint_path=tmp_path / "other.pt", device="cpu")
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(epochs=0), "epochs"), (dict(lr=0.0), "lr"), (dict(drop_path=1.0), "drop_path"),
+    (dict(schedule="step"), "schedule"), (dict(lr="0.1"), "lr"), (dict(epochs=True), "epochs"),
+    (dict(schedule="warmup_linear", warmup_epochs=3, epochs=3), "warmup_epochs"),
+    (dict(nonfinite="ignore"), "nonfinite"), (dict(label_smoothing=-0.1), "label_smoothing"),
+])
+def test_config_is_validated(bad: dict[str, Any], message: str) -> None:
+    with pytest.raises((ValueError, TypeError), match=f"TrainConfig.{message}="):
+        TrainConfig(**bad)
+
+
+# --- resume -------------------------------------------------------------------------------------
+
+class Crash(Exception):
+    pass
+
+
+def crash_after(epoch: int):
+    def callback(record: dict[str, Any]) -> None:
+        if record["epoch"] == epoch:
+            raise Crash
+    return callback
+
+
+def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path: Path) -> None:
+    def run(model: TinyNet, name: str, **kw: Any):
+        return train(model, *loaders(n_train=128), cfg(), checkpoint_path=tmp_path / name,
+                     device="cpu", **kw)
+
+    straight = fresh_model()
+    full = run(straight, "a.pt")
+    with pytest.raises(Crash):
+        run(fresh_model(), "b.pt", on_epoch_end=crash_after(1))
+    seed_all(999)                         # a new process starts from other random states
+    resumed_model = fresh_model(seed=7)   # and other initial weights: the checkpoint rules
+    resumed = run(resumed_model, "b.pt")
+
+    assert resumed.resumed_from == 1 and [r["epoch"] for r in resumed.history] == [1, 2, 3]
+    assert without_timing(resumed.history) == without_timing(full.history)
+    a, b = straight.state_dict(), resumed_model.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    # a finished run returns at once with its history and its weights loaded
+    class NoBatches(EpochLoader):
+        def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+            raise AssertionError("a finished run must not train")
+
+    again_model = fresh_model(seed=3)
+    again = train(again_model, NoBatches(*blobs(8)), None, cfg(progress="log"),
+                  checkpoint_path=tmp_path / "a.pt", device="cpu")
+    assert again.resumed_from == 3 and again.history == full.history
+    assert all(torch.equal(v, again_model.state_dict()[k]) for k, v in a.items())
+
+
+def test_a_kill_while_writing_keeps_the_previous_checkpoint(tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    class Killed(BaseException):
+        pass
+
+    real_save, calls = torch.save, []
+
+    def dying_save(obj: Any, f: Any, *args: Any, **kw: Any) -> None:
+        calls.append(f)
+        if len(calls) == 2:                       # the second epoch's checkpoint
+            Path(f).write_bytes(b"PK\x03\x04 half a zip")
+            raise Killed
+        real_save(obj, f, *args, **kw)
+
+    monkeypatch.setattr(torch, "save", dying_save)
+    ck = tmp_path / "ck.pt"
+    with pytest.raises(Killed):
+        train(fresh_model(), *loaders(n_train=64), cfg(epochs=2), checkpoint_path=ck, device="cpu")
+    assert load_checkpoint(ck, kind="train")["epoch"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["ck.pt"]        # no temporary left behind
+    monkeypatch.undo()
+    done = train(fresh_model(), *loaders(n_train=64), cfg(epochs=2), checkpoint_path=ck, device="cpu")
+    assert done.resumed_from == 1 and len(done.history) == 2
+
+
+def test_truncated_foreign_and_other_recipe_checkpoints_are_refused(tmp_path: Path) -> None:
+    ck = tmp_path / "ck.pt"
+    meta = {"genotype": {"normal": [("sep_conv_3x3", 0)]}, "method": "darts"}
+    with pytest.raises(Crash):
+        train(fresh_model(), *loaders(n_train=32), cfg(epochs=2), checkpoint_path=ck, device="cpu",
+              meta=meta, on_epoch_end=crash_after(1))
+
+    with pytest.raises(CheckpointError, match="genotype="):
+        train(fresh_model(), *loaders(n_train=32), cfg(epochs=2), checkpoint_path=ck, device="cpu",
+              meta={**meta, "genotype": {"normal": [("skip_connect", 0)]}})
+    with pytest.raises(CheckpointError, match="epochs=2 there, 5 here"):
+        train(fresh_model(), *loaders(n_train=32), cfg(epochs=5), checkpoint_path=ck, device="cpu",
+              meta=meta)
+    with pytest.raises(CheckpointError, match="does not fit this model"):
+        train(TinyNet(classes=3), *loaders(n_train=32), cfg(epochs=2), checkpoint_path=ck,
+              device="cpu", meta=meta)
+    with pytest.raises(TypeError, match=r"meta\['genotype'\] is of type object"):
+        train(fresh_model(), *loaders(n_train=32), cfg(epochs=2), checkpoint_path=ck, device="cpu",
+              meta={"genotype": object()})
+
+    ck.write_bytes(ck.read_bytes()[: ck.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match="cannot be loaded safely"):
+        train(fresh_model(), *loaders(n_train=32), cfg(epochs=2), checkpoint_path=ck, device="cpu",
+              meta=meta)
+
+
+# --- non-finite losses --------------------------------------------------------------------------
+
+def test_nonfinite_stop_names_epoch_and_step_and_keeps_the_last_checkpoint(tmp_path: Path) -> None:
+    ck = tmp_path / "ck.pt"
+    model = fresh_model(nan_at=8 + 2)          # 8 steps per epoch: epoch 2, step 3
+    with pytest.raises(NonFiniteLossError, match=r"epoch 2/2, step 3/8") as err:
+        train(model, *loaders(), cfg(epochs=2), checkpoint_path=ck, device="cpu")
+    assert (err.value.epoch, err.value.step) == (2, 3)
+    assert str(ck) in str(err.value)
+    assert load_checkpoint(ck, kind="train")["epoch"] == 1
+
+
+def test_nonfinite_skip_drops_exactly_that_batch(tmp_path: Path) -> None:
+    c = cfg(epochs=2, drop_path=0.0, nonfinite="skip")
+    skipping = fresh_model(nan_at=8 + 2)
+    h = train(skipping, *loaders(), c, checkpoint_path=tmp_path / "a.pt", device="cpu").history
+    assert [r["skipped_batches"] for r in h] == [0, 1]
+    assert all(torch.isfinite(t).all() for t in skipping.state_dict().values())
+
+    # the same run with that batch never loaded: weights, BN statistics, momentum all equal
+    reference = fresh_model()
+    ref = train(reference, *loaders(skip=(1, 2)), c, checkpoint_path=tmp_path / "b.pt",
+                device="cpu").history
+    a, b = skipping.state_dict(), reference.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["train_loss"] for r in h] == [r["train_loss"] for r in ref]
+    opt_a = load_checkpoint(tmp_path / "a.pt", kind="train")["optimizer"]["state"]
+    opt_b = load_checkpoint(tmp_path / "b.pt", kind="train")["optimizer"]["state"]
+    assert all(torch.equal(opt_a[i]["momentum_buffer"], opt_b[i]["momentum_buffer"]) for i in opt_a)
+
+
+# --- speed paths, reporting, DDP ----------------------------------------------------------------
+
+def test_bf16_autocast_and_channels_last_run_on_cpu(tmp_path: Path) -> None:
+    h = train(fresh_model(), *loaders(n_train=64), cfg(epochs=1, amp="bf16", channels_last=True),
+              checkpoint_path=tmp_path / "ck.pt", device="cpu").history
+    assert math.isfinite(h[0]["train_loss"]) and math.isfinite(h[0]["eval_loss"])
+
+
+def test_progress_log_prints_one_line_per_epoch_and_none_prints_nothing(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    train(fresh_model(), *loaders(n_train=32), cfg(epochs=2, progress="auto"),
+          checkpoint_path=tmp_path / "a.pt", device="cpu")          # stderr is no TTY here: log
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 2 and lines[1].startswith("epoch 2/2 lr ") and "top1" in lines[1]
+    train(fresh_model(), *loaders(n_train=32), cfg(epochs=2, progress="none"),
+          checkpoint_path=tmp_path / "b.pt", device="cpu")
+    assert capsys.readouterr().err == ""
+
+
+def test_two_process_gloo_run_keeps_replicas_identical_and_resumes(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+           "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(ROOT / "tests" / "scripts" / "ddp_train.py"), "--out", str(tmp_path), "--epochs", "3"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=90)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    straight, resumed = r0["straight"], r0["resumed"]
+    for run in ("straight", "resumed"):
+        assert r0[run]["checksum"] == r1[run]["checksum"]         # replicas agree bit for bit
+        assert r0[run]["history"] == r1[run]["history"]           # metrics all-reduced
+        assert load_checkpoint(tmp_path / run / "ck.pt", kind="train")["epoch"] == 3
+    assert (straight["saves"], r1["straight"]["saves"]) == (3, 0)  # rank 0 alone writes
+    assert [r["skipped_batches"] for r in straight["history"]] == [0, 1, 0]   # NaN on rank 1 only
+    # crashed after epoch 1 on every rank, resumed: the same weights as the uninterrupted run
+    assert resumed["resumed_from"] == 1 and resumed["saves"] == 3
+    assert resumed["checksum"] == straight["checksum"] and resumed["history"] == straight["history"]
+
+
+def test_a_dataloader_with_a_distributed_sampler_gets_its_epoch(tmp_path: Path) -> None:
+    data = torch.utils.data.TensorDataset(*blobs(32))
+    sampler = torch.utils.data.DistributedSampler(data, num_replicas=1, rank=0, seed=0)
+    loader = torch.utils.data.DataLoader(data, batch_size=16, sampler=sampler)
+    train(fresh_model(), loader, None, cfg(epochs=2), checkpoint_path=tmp_path / "ck.pt", device="cpu")
+    assert sampler.epoch == 1
