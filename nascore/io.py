@@ -20,6 +20,16 @@ import torch
 CHECKPOINT_FORMAT = 1
 
 
+def _file_mode() -> int:
+    """The mode a plain `open(..., "w")` would give: 0o666 less the process umask.
+
+    mkstemp creates 0o600 files; outputs shared through a DVC cache or remote must be readable.
+    """
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 class OutputError(OSError):
     """An output could not be written (disk full, no permission); nothing partial was left."""
 
@@ -44,6 +54,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         yield tmp_path
         with open(tmp_path, "rb+") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp_path, _file_mode())
         os.replace(tmp_path, path)
     except OSError as e:
         tmp_path.unlink(missing_ok=True)
