@@ -50,6 +50,15 @@ class SupernetConfig:
         return self.random_features
 
 
+def edge_softmax(beta: torch.Tensor, edges_per_node: Sequence[int]) -> torch.Tensor:
+    """Edge normalisation weights: softmax of β over each node's own incoming edges."""
+    parts, start = [], 0
+    for n in edges_per_node:
+        parts.append(F.softmax(beta[start:start + n], dim=-1))
+        start += n
+    return torch.cat(parts)
+
+
 def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
     """Channel `g·C/K + i` moves to position `i·K + g` (PC-DARTS)."""
     b, c, h, w = x.shape
@@ -259,11 +268,7 @@ class Supernet(nn.Module):
         """Edge normalisation: softmax of β over each node's incoming edges, or None."""
         if self.betas is None:
             return None
-        beta, parts, start = self.betas[cell_type], [], 0
-        for n in self.edges_per_node:
-            parts.append(F.softmax(beta[start:start + n], dim=-1))
-            start += n
-        return torch.cat(parts)
+        return edge_softmax(self.betas[cell_type], self.edges_per_node)
 
     def derivation_weights(self) -> dict[str, tuple[list[list[float]], list[list[str]]]]:
         """Per cell type: (weights, op names) over active columns, in order of entry.

@@ -1,6 +1,4 @@
 """Every registered method: exactly the intended parameters get gradients and change."""
-import dataclasses
-
 import pytest
 import torch
 from torch import nn

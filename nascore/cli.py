@@ -1,0 +1,50 @@
+"""Running a stage from the command line: params in, a clear one-line error out.
+
+Bad input (params, data, genotypes, checkpoints, benchmark tables) and environmental failures
+(disk full, non-finite training) end the stage with exit status 2 and one message saying what was
+wrong and what is allowed, never a traceback from deep inside. Anything else is a bug in nascore
+and keeps its traceback.
+"""
+from __future__ import annotations
+
+import sys
+from typing import Sequence
+
+from .benchmarks import BenchmarkTableError
+from .config import ConfigError, load_params, resolve_stage
+from .data import DatasetError
+from .genotype import GenotypeError
+from .io import CheckpointError, OutputError, write_json
+from .registry import UnknownNameError
+
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    ConfigError, DatasetError, GenotypeError, CheckpointError, OutputError, BenchmarkTableError,
+    UnknownNameError)
+
+
+def _runtime_errors() -> tuple[type[BaseException], ...]:
+    from .search import NonFiniteError
+    from .train import NonFiniteLossError
+    return NonFiniteError, NonFiniteLossError
+
+
+def run_stage(stage: str, argv: Sequence[str] | None = None) -> None:
+    """Resolve params.yaml for `stage`, run it tracked, write metrics/<stage>.json; exit 2 on bad input."""
+    from . import distributed as D
+    from .pipeline import Paths, STAGES, start_tracking
+
+    try:
+        run = resolve_stage(stage, load_params())
+        paths = Paths.here()
+        with start_tracking(stage, run) as tracker:
+            metrics = STAGES[stage](run, paths, tracker)
+            if metrics is not None and D.rank() == 0:
+                tracker.log_metrics({k: v for k, v in metrics.items()
+                                     if isinstance(v, (int, float)) and not isinstance(v, bool)})
+                write_json(paths.metrics(stage), metrics)
+    except USER_ERRORS + _runtime_errors() as e:
+        print(f"nascore {stage}: error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print(f"nascore {stage}: interrupted; rerun to resume from the last checkpoint", file=sys.stderr)
+        sys.exit(130)

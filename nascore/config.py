@@ -1,0 +1,505 @@
+"""params.yaml: typed sections, `auto` values, validation, profiles (style: nanoGPT's configurator).
+
+Every section is a frozen dataclass whose defaults are the spec's (methods.md). A value written
+`auto` in params.yaml is resolved, lowest priority first, from:
+
+    dataclass default (DARTS on CIFAR-10) < space < dataset < method < profile < explicit value
+
+so `dvc exp run -S method=pc_darts` picks up PC-DARTS' batch 256 and lr 0.1 while an explicit
+`-S search.lr=0.05` still wins. Unknown keys, wrong types, out-of-range values and combinations
+that make no sense stop the run before any work, with a message naming what is allowed.
+
+Each stage resolves only the sections it declares to DVC in dvc.yaml (`resolve_stage`), and a
+test checks that every key a stage reads is declared: a param a stage reads but does not declare
+would make `dvc exp run -S` silently do nothing.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from .data import DATASETS
+from .genotype import GenotypeError, NB201Genotype, resolve_genotype
+from .methods import METHODS, get_method
+from .op_schedules import OP_SCHEDULES
+from .optimisation import UPDATE_RULES
+from .search import SearchConfig
+from .spaces import DERIVATION_RULES, SPACES, get_space
+from .train import TrainConfig
+
+AUTO = "auto"
+PROFILES = ("full", "smoke")
+
+
+class ConfigError(ValueError):
+    """params.yaml is wrong; the message says where and what is allowed."""
+
+
+# --- sections ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SyntheticConfig:
+    """The seeded, class-dependent synthetic dataset (smoke runs, tests)."""
+
+    num_train: int = 2048
+    num_test: int = 512
+    image_size: int = 32
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    root: str = AUTO             # dataset folder / ImageFolder tree / archive; auto: see data_root()
+    download: bool = True        # torchvision download when root holds nothing (needs internet)
+    split_fraction: float = 0.5  # share of the training set for w; the rest drives α (DARTS 50/50)
+    split_seed: int = 0          # the split is fixed across run seeds, so seeds compare like for like
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+
+@dataclass(frozen=True)
+class DeriveConfig:
+    rule: str = AUTO             # darts | nb201; auto: the space's own rule
+
+
+@dataclass(frozen=True)
+class NetworkTrainConfig:
+    """A retraining run: which cell, which network, which data handling, which recipe."""
+
+    genotype: str = "derived"    # derived | a published name (DARTS_V2, ...) | NB201 string | JSON path
+    batch_size: int = 96
+    init_channels: int = 36
+    layers: int = 20
+    auxiliary: bool = True
+    cutout: int = 16             # side of the cutout hole; 0 = off
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+@dataclass(frozen=True)
+class TransferConfig(NetworkTrainConfig):
+    data: str = "none"           # none (stage skipped) | synthetic | path to an ImageFolder tree
+    image_size: int = 224
+    num_classes: int = 1000      # used with synthetic data; a folder's classes win otherwise
+    workers: int = 8
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    nb201_table: str = AUTO      # CSV in the format of ../shared/data/nb201-accuracy.csv; none = off
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """The resolved parameters of a pipeline run (the stages each use their own part)."""
+
+    method: str = "darts"
+    space: str = "darts"
+    dataset: str = "cifar10"
+    seed: int = 2                # DARTS' reference seed
+    profile: str = "full"
+    data: DataConfig = field(default_factory=DataConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
+    derive: DeriveConfig = field(default_factory=DeriveConfig)
+    retrain: NetworkTrainConfig = field(default_factory=NetworkTrainConfig)
+    transfer: TransferConfig = field(default_factory=TransferConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+
+
+# The params each stage reads (and so must declare in dvc.yaml). Top-level keys are bare names.
+STAGE_PARAMS: dict[str, tuple[str, ...]] = {
+    "prepare": ("dataset", "profile", "data"),
+    "search": ("method", "space", "dataset", "seed", "profile", "data", "search"),
+    "derive": ("space", "derive"),
+    "retrain": ("space", "dataset", "seed", "profile", "data", "retrain"),
+    "transfer_imagenet": ("space", "seed", "profile", "transfer"),
+    "evaluate": ("method", "space", "dataset", "seed", "profile", "evaluate"),
+}
+
+# --- defaults that depend on the space, the dataset and the profile ------------------------------
+# NB201 networks are trained with the benchmark's own protocol (NB201 paper, not methods.md):
+# 200 epochs, batch 256, SGD lr 0.1 Nesterov, wd 5e-4, cosine to 0, crop + flip only.
+NB201_RETRAIN = {
+    "batch_size": 256, "init_channels": 16, "layers": 5, "auxiliary": False, "cutout": 0,
+    "train": {"epochs": 200, "lr": 0.1, "nesterov": True, "weight_decay": 5e-4, "drop_path": 0.0,
+              "grad_clip": 0.0},
+}
+# RobustDARTS follow-up convention (⚠ methods.md §1.2): CIFAR-100 and SVHN at 8 cells × 16 ch.
+ROBUST_SMALL_EVAL = {"init_channels": 16, "layers": 8}
+IMAGENET_TRANSFER = {
+    "batch_size": 128, "init_channels": 48, "layers": 14, "cutout": 0,
+    "train": {"epochs": 250, "lr": 0.1, "weight_decay": 3e-5, "schedule": "exponential",
+              "gamma": 0.97, "label_smoothing": 0.1, "drop_path": 0.0},
+}
+
+# smoke: the whole pipeline on synthetic data on a laptop CPU in minutes.
+SMOKE: dict[str, Any] = {
+    "data": {"synthetic": {"num_train": 64, "num_test": 32, "image_size": 16}},
+    "search": {"epochs": 2, "batch_size": 16, "init_channels": 4, "layers": 5, "valid_every": 1,
+               "arch_warmup_epochs": 1, "opp": {"stage_epochs": 1, "skip_after_epoch": 0}},
+    "retrain": {"batch_size": 16, "init_channels": 8, "layers": 5, "auxiliary": False, "cutout": 4,
+                "train": {"epochs": 2, "progress": "log"}},
+    "transfer": {"data": "synthetic", "batch_size": 8, "init_channels": 8, "layers": 5,
+                 "image_size": 64, "num_classes": 5, "auxiliary": False,
+                 "train": {"epochs": 1, "progress": "log"}},
+}
+SMOKE_NB201_LAYERS = {"search": {"layers": 1}, "retrain": {"layers": 1}}
+
+
+def section_defaults(section: str, run: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    """The default layers for `section`, lowest priority first, given the top-level choices."""
+    space, dataset, method, profile = (run.get(k) for k in ("space", "dataset", "method", "profile"))
+    layers: list[Mapping[str, Any]] = []
+    if section == "search":
+        sp = get_space(space)
+        layers.append({k: v for k, v in sp.search_defaults.items() if k in _field_names(SearchConfig)})
+        layers.append(get_method(method).resolved_settings())
+    elif section == "retrain":
+        if space == "nb201":
+            layers.append(NB201_RETRAIN)
+        elif space in ("s1", "s2", "s3", "s4") and dataset in ("cifar100", "svhn"):
+            layers.append(ROBUST_SMALL_EVAL)
+    elif section == "transfer":
+        layers.append(IMAGENET_TRANSFER)
+    if profile == "smoke":
+        if section in SMOKE:
+            layers.append(SMOKE[section])
+        if space == "nb201" and section in SMOKE_NB201_LAYERS:
+            layers.append(SMOKE_NB201_LAYERS[section])
+    if section == "transfer" and space == "nb201":
+        layers.append({"data": "none"})      # no ImageNet network exists for NB201 cells
+    return layers
+
+
+def _field_names(cls: type) -> set[str]:
+    return {f.name for f in fields(cls)}
+
+
+# --- loading -------------------------------------------------------------------------------------
+def load_params(path: str | Path = "params.yaml") -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path} not found: run from the project root (where params.yaml is)")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must be a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+class _Recorder(dict):
+    """A params mapping that records which keys were read (for the dvc.yaml declaration test)."""
+
+    def __init__(self, data: Mapping[str, Any], log: set[str], prefix: str = "") -> None:
+        super().__init__(data)
+        self._log, self._prefix = log, prefix
+
+    def _wrap(self, key: str, value: Any) -> Any:
+        self._log.add(self._prefix + key)
+        if isinstance(value, dict):
+            return _Recorder(value, self._log, f"{self._prefix}{key}.")
+        return value
+
+    def __getitem__(self, key: str) -> Any:
+        return self._wrap(key, super().__getitem__(key))
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self._wrap(key, super().get(key, default))
+
+    def items(self):   # type: ignore[override]
+        return [(k, self._wrap(k, v)) for k, v in super().items()]
+
+
+def resolve_stage(stage: str, params: Mapping[str, Any]) -> RunConfig:
+    """Validate and resolve the sections `stage` reads; the other sections keep their defaults."""
+    if stage not in STAGE_PARAMS:
+        raise ConfigError(f"unknown stage {stage!r}; stages: {', '.join(STAGE_PARAMS)}")
+    return resolve(params, sections=STAGE_PARAMS[stage])
+
+
+def resolve(params: Mapping[str, Any], sections: tuple[str, ...] | None = None) -> RunConfig:
+    """params.yaml content -> RunConfig, for all sections or only `sections`."""
+    known = _field_names(RunConfig)
+    unknown = set(params) - known
+    if unknown:
+        raise ConfigError(f"params.yaml: unknown key(s) {', '.join(sorted(unknown))}; "
+                          f"known: {', '.join(sorted(known))}")
+    wanted = set(sections) if sections is not None else known
+    top: dict[str, Any] = {}
+    for key, registry in (("method", METHODS), ("space", SPACES), ("dataset", DATASETS)):
+        if key in wanted:
+            value = params.get(key, getattr(RunConfig, key))
+            if value not in registry:
+                raise ConfigError(f"params.yaml: {key}={value!r} is unknown; allowed: "
+                                  f"{', '.join(registry.names())}")
+            top[key] = value
+    if "seed" in wanted:
+        top["seed"] = _check_value("seed", params.get("seed", RunConfig.seed), int)
+        if top["seed"] < 0:
+            raise ConfigError(f"params.yaml: seed={top['seed']} must be >= 0")
+    if "profile" in wanted:
+        top["profile"] = params.get("profile", "full")
+        if top["profile"] not in PROFILES:
+            raise ConfigError(f"params.yaml: profile={top['profile']!r} is unknown; allowed: "
+                              f"{', '.join(PROFILES)}")
+    context = dict(top)     # only what this stage declares: its defaults may depend on nothing else
+    resolved: dict[str, Any] = dict(top)
+    for name, cls in (("data", DataConfig), ("search", SearchConfig), ("derive", DeriveConfig),
+                      ("retrain", NetworkTrainConfig), ("transfer", TransferConfig),
+                      ("evaluate", EvaluateConfig)):
+        if name not in wanted:
+            continue
+        user = params.get(name) or {}
+        if not isinstance(user, Mapping):
+            raise ConfigError(f"params.yaml: {name} must be a mapping of keys, got {user!r}")
+        resolved[name] = build_section(cls, name, user, section_defaults(name, context))
+    run = RunConfig(**resolved)
+    if "seed" in wanted and "retrain" in wanted:
+        run = dataclasses.replace(run, retrain=_with_seed(run.retrain, run.seed))
+    if "seed" in wanted and "transfer" in wanted:
+        run = dataclasses.replace(run, transfer=_with_seed(run.transfer, run.seed))
+    if "search" in wanted and "space" in wanted:
+        run = dataclasses.replace(run, search=_resolve_step_order(run.search, params, context))
+    check_combinations(run, wanted)
+    return run
+
+
+def _with_seed(section: NetworkTrainConfig, seed: int) -> Any:
+    return dataclasses.replace(section, train=dataclasses.replace(section.train, seed=seed))
+
+
+def _resolve_step_order(cfg: SearchConfig, params: Mapping[str, Any], ctx: Mapping[str, Any]) -> SearchConfig:
+    """NB201's DARTS-V1 steps weights before α (§1.3); everywhere else α first."""
+    user = (params.get("search") or {}).get("step_order", AUTO)
+    if user != AUTO:
+        return cfg
+    space_order = get_space(ctx["space"]).search_defaults.get("first_order_step_order")
+    if cfg.optimisation == "first_order" and space_order:
+        return dataclasses.replace(cfg, step_order=space_order)
+    return dataclasses.replace(cfg, step_order="alpha_first")
+
+
+def build_section(cls: type, where: str, user: Mapping[str, Any],
+                  layers: list[Mapping[str, Any]]) -> Any:
+    """Dataclass defaults, then each default layer, then the user's non-`auto` values."""
+    names = _field_names(cls)
+    unknown = set(user) - names
+    if unknown:
+        raise ConfigError(f"params.yaml: unknown key(s) {', '.join(f'{where}.{k}' for k in sorted(unknown))}; "
+                          f"known in {where}: {', '.join(sorted(names))}")
+    hints = typing.get_type_hints(cls)
+    values: dict[str, Any] = {}
+    for f in fields(cls):
+        kind = hints[f.name]
+        sub_layers = [layer[f.name] for layer in layers if f.name in layer]
+        explicit = user.get(f.name, AUTO)
+        if is_dataclass(kind):
+            if explicit != AUTO and not isinstance(explicit, Mapping):
+                raise ConfigError(f"params.yaml: {where}.{f.name} must be a mapping, got {explicit!r}")
+            values[f.name] = build_section(kind, f"{where}.{f.name}",
+                                           explicit if explicit != AUTO else {}, sub_layers)
+            continue
+        value = sub_layers[-1] if sub_layers else _default(f)
+        if explicit != AUTO:
+            value = explicit
+        values[f.name] = _check_value(f"{where}.{f.name}", value, kind)
+    try:
+        return cls(**values)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"params.yaml: {where}: {e}") from None
+
+
+def _default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    return f.default_factory()   # type: ignore[misc]
+
+
+def _check_value(where: str, value: Any, kind: Any) -> Any:
+    """Check `value` against the annotation `kind`; ints are fine floats, never bools."""
+    origin = typing.get_origin(kind)
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for option in typing.get_args(kind):
+            try:
+                return _check_value(where, value, option)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"params.yaml: {where}={value!r}: expected "
+                          f"{' or '.join(_type_name(t) for t in typing.get_args(kind))}")
+    if kind is type(None):
+        if value is None:
+            return None
+    elif kind is bool:
+        if isinstance(value, bool):
+            return value
+    elif kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif kind is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif kind is str:
+        if isinstance(value, str):
+            return value
+    elif origin is tuple:
+        args = typing.get_args(kind)
+        if isinstance(value, (list, tuple)) and len(value) == len(args):
+            return tuple(_check_value(f"{where}[{i}]", v, t) for i, (v, t) in enumerate(zip(value, args)))
+    else:
+        return value
+    raise ConfigError(f"params.yaml: {where}={value!r}: expected {_type_name(kind)}")
+
+
+def _type_name(kind: Any) -> str:
+    if typing.get_origin(kind) is tuple:
+        return f"a list of {len(typing.get_args(kind))} numbers"
+    return {bool: "true/false", int: "an integer", float: "a number", str: "a string",
+            type(None): "null"}.get(kind, getattr(kind, "__name__", str(kind)))
+
+
+# --- combinations --------------------------------------------------------------------------------
+def _positive(where: str, value: float, minimum: float = 1) -> None:
+    if value < minimum:
+        raise ConfigError(f"params.yaml: {where}={value} must be >= {minimum}")
+
+
+def check_combinations(run: RunConfig, wanted: set[str]) -> None:
+    """Ranges and cross-parameter rules, each message naming what is allowed."""
+    if "data" in wanted:
+        d = run.data
+        if not 0 < d.split_fraction < 1:
+            raise ConfigError(f"params.yaml: data.split_fraction={d.split_fraction} must be in (0, 1)")
+        _positive("data.synthetic.num_train", d.synthetic.num_train, 2)
+        _positive("data.synthetic.num_test", d.synthetic.num_test)
+        _positive("data.synthetic.image_size", d.synthetic.image_size, 8)
+    if "search" in wanted:
+        s = run.search
+        for name, registry in (("optimisation", UPDATE_RULES), ("op_schedule", OP_SCHEDULES)):
+            if getattr(s, name) not in registry:
+                raise ConfigError(f"params.yaml: search.{name}={getattr(s, name)!r} is unknown; "
+                                  f"allowed: {', '.join(registry.names())}")
+        choices = {"step_order": ("alpha_first", "weights_first"), "features": ("trained", "random"),
+                   "single_level_data": ("half", "full"), "nonfinite": ("stop", "skip")}
+        for name, allowed in choices.items():
+            if getattr(s, name) not in allowed:
+                raise ConfigError(f"params.yaml: search.{name}={getattr(s, name)!r}; allowed: "
+                                  f"{', '.join(allowed)}")
+        for name in ("epochs", "batch_size", "init_channels", "layers", "partial_channels"):
+            _positive(f"search.{name}", getattr(s, name))
+        for name in ("lr", "arch_lr"):
+            if getattr(s, name) <= 0:
+                raise ConfigError(f"params.yaml: search.{name}={getattr(s, name)} must be > 0")
+        if not 0 <= s.lr_min <= s.lr:
+            raise ConfigError(f"params.yaml: search.lr_min={s.lr_min} must be in [0, search.lr={s.lr}]")
+        if not 0 <= s.arch_warmup_epochs <= s.epochs:
+            raise ConfigError(f"params.yaml: search.arch_warmup_epochs={s.arch_warmup_epochs} must be "
+                              f"in [0, search.epochs={s.epochs}]")
+        if s.init_channels % s.partial_channels:
+            raise ConfigError(f"params.yaml: search.partial_channels (K={s.partial_channels}) must divide "
+                              f"search.init_channels={s.init_channels}; e.g. K in "
+                              f"{[k for k in range(1, s.init_channels + 1) if s.init_channels % k == 0]}")
+        if not 0 < s.opp.score_fraction <= 1:
+            raise ConfigError(f"params.yaml: search.opp.score_fraction={s.opp.score_fraction} must be in (0, 1]")
+        _positive("search.opp.stage_epochs", s.opp.stage_epochs)
+        if "space" in wanted:
+            sp = get_space(run.space)
+            if s.op_schedule == "progressive" and sp.uniform_ops is None:
+                raise ConfigError(f"params.yaml: op_schedule 'progressive' ({run.method}) needs one op list "
+                                  f"on every edge; space {run.space!r} has per-edge lists. Use a space among "
+                                  f"{', '.join(n for n in SPACES.names() if SPACES.get(n).uniform_ops)}")
+            if sp.name != "nb201" and s.layers < 3:
+                raise ConfigError(f"params.yaml: search.layers={s.layers}: the {sp.name} network needs >= 3 "
+                                  f"cells (two are reduction cells)")
+        if "data" in wanted and "profile" in wanted:
+            n_train = _train_size(run)
+            if n_train is not None:
+                half = int(n_train * min(run.data.split_fraction, 1 - run.data.split_fraction))
+                if s.batch_size > half:
+                    raise ConfigError(f"params.yaml: search.batch_size={s.batch_size} is larger than the "
+                                      f"smaller search split ({half} of {n_train} training images)")
+    if "derive" in wanted and run.derive.rule != AUTO:
+        if run.derive.rule not in DERIVATION_RULES:
+            raise ConfigError(f"params.yaml: derive.rule={run.derive.rule!r} is unknown; allowed: auto, "
+                              f"{', '.join(DERIVATION_RULES)}")
+        if "space" in wanted:
+            sp = get_space(run.space)
+            if run.derive.rule not in sp.allowed_rules():
+                raise ConfigError(f"params.yaml: derive.rule={run.derive.rule!r} cannot derive a "
+                                  f"{run.space} cell; allowed for {run.space}: auto, {', '.join(sp.allowed_rules())}")
+    if "retrain" in wanted:
+        _check_network_section(run, "retrain", wanted)
+    if "transfer" in wanted and run.transfer.data != "none":
+        _check_network_section(run, "transfer", wanted)
+    if "transfer" in wanted:
+        t = run.transfer
+        if t.data not in ("none", "synthetic") and not Path(t.data).exists():
+            raise ConfigError(f"params.yaml: transfer.data={t.data!r} does not exist; give an ImageFolder "
+                              f"tree with train/<class>/ and val/<class>/ (the ImageNet layout), or "
+                              f"'none' to skip the stage, or 'synthetic'")
+        if t.image_size % 32:
+            raise ConfigError(f"params.yaml: transfer.image_size={t.image_size} must be a multiple of 32 "
+                              f"(the ImageNet network halves it five times)")
+        if "space" in wanted and run.space == "nb201" and t.data != "none":
+            raise ConfigError("params.yaml: transfer.data must be 'none' for space nb201: the ImageNet "
+                              "mobile network stacks DARTS cells, not NB201 cells")
+
+
+def _check_network_section(run: RunConfig, name: str, wanted: set[str]) -> None:
+    sec: NetworkTrainConfig = getattr(run, name)
+    for key in ("batch_size", "init_channels", "layers"):
+        _positive(f"{name}.{key}", getattr(sec, key))
+    if sec.cutout < 0:
+        raise ConfigError(f"params.yaml: {name}.cutout={sec.cutout} must be >= 0 (0 = off)")
+    if sec.genotype != "derived":
+        try:
+            g = resolve_genotype(sec.genotype)
+        except GenotypeError as e:
+            raise ConfigError(f"params.yaml: {name}.genotype: {e}; or 'derived' for the searched cell") from None
+        if "space" in wanted and (isinstance(g, NB201Genotype)) != (run.space == "nb201"):
+            raise ConfigError(f"params.yaml: {name}.genotype={sec.genotype!r} is a "
+                              f"{'NB201' if isinstance(g, NB201Genotype) else 'DARTS'} cell but space is "
+                              f"{run.space!r}")
+    if "space" in wanted and run.space == "nb201" and sec.auxiliary:
+        raise ConfigError(f"params.yaml: {name}.auxiliary must be false for space nb201 (its network "
+                          f"has no auxiliary head)")
+
+
+def _train_size(run: RunConfig) -> int | None:
+    if run.profile == "smoke" or run.dataset == "synthetic":
+        return run.data.synthetic.num_train
+    return DATASETS.get(run.dataset).train_size
+
+
+# --- helpers for stages --------------------------------------------------------------------------
+def to_dict(obj: Any) -> Any:
+    """A resolved config as plain data (for JSON, MLflow params, checkpoint meta)."""
+    if is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    return obj
+
+
+def config_hash(obj: Any) -> str:
+    """A short, stable hash of a resolved config (keys scratch folders and checkpoints)."""
+    text = json.dumps(to_dict(obj), sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def effective_dataset(run: RunConfig) -> str:
+    """The dataset the data actually comes from: the smoke profile swaps in synthetic images."""
+    return "synthetic" if run.profile == "smoke" else run.dataset
+
+
+def read_keys(stage: str, params: Mapping[str, Any]) -> set[str]:
+    """Every params key (dotted) that resolving `stage` reads — for the dvc.yaml declaration test."""
+    log: set[str] = set()
+    resolve_stage(stage, _Recorder(params, log))
+    return log

@@ -1,0 +1,180 @@
+"""params.yaml: auto resolution, validation, and its agreement with dvc.yaml."""
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+
+from nascore import config as C
+from nascore.methods import METHODS
+from nascore.spaces import SPACES
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture()
+def params():
+    return C.load_params(ROOT / "params.yaml")
+
+
+def with_(params, **changes):
+    p = copy.deepcopy(params)
+    for dotted, value in changes.items():
+        keys = dotted.split("__")
+        node = p
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+        node[keys[-1]] = value
+    return p
+
+
+def test_defaults_are_the_spec_settings(params):
+    run = C.resolve(params)
+    s = run.search
+    assert (run.method, run.space, run.dataset, run.seed, run.profile) == ("darts", "darts", "cifar10", 2, "full")
+    assert (s.epochs, s.batch_size, s.lr, s.lr_min, s.momentum, s.weight_decay, s.grad_clip) == \
+           (50, 64, 0.025, 0.001, 0.9, 3e-4, 5.0)
+    assert (s.arch_lr, s.arch_betas, s.arch_weight_decay) == (3e-4, (0.5, 0.999), 1e-3)
+    assert (s.init_channels, s.layers, s.optimisation, s.step_order) == (16, 8, "first_order", "alpha_first")
+    r = run.retrain
+    assert (r.batch_size, r.init_channels, r.layers, r.auxiliary, r.cutout) == (96, 36, 20, True, 16)
+    assert (r.train.epochs, r.train.lr, r.train.weight_decay, r.train.drop_path, r.train.auxiliary_weight,
+            r.train.seed) == (600, 0.025, 3e-4, 0.2, 0.4, 2)
+    t = run.transfer
+    assert (t.data, t.init_channels, t.layers, t.batch_size, t.train.epochs, t.train.lr,
+            t.train.schedule, t.train.gamma, t.train.label_smoothing) == \
+           ("none", 48, 14, 128, 250, 0.1, "exponential", 0.97, 0.1)
+
+
+def test_method_presets_fill_auto_values_and_explicit_values_win(params):
+    pc = C.resolve(with_(params, method="pc_darts")).search
+    assert (pc.batch_size, pc.lr, pc.arch_lr, pc.partial_channels, pc.arch_warmup_epochs) == (256, 0.1, 6e-4, 4, 15)
+    mine = C.resolve(with_(params, method="pc_darts", search__lr=0.05)).search
+    assert mine.lr == 0.05 and mine.batch_size == 256
+
+
+def test_space_defaults_nb201(params):
+    run = C.resolve(with_(params, space="nb201"))
+    s = run.search
+    assert (s.nesterov, s.weight_decay, s.layers, s.step_order) == (True, 5e-4, 5, "weights_first")
+    assert C.resolve(with_(params, space="nb201", method="darts_v2")).search.step_order == "alpha_first"
+    assert C.resolve(with_(params, space="nb201", search__step_order="alpha_first")).search.step_order == "alpha_first"
+    r = run.retrain
+    assert (r.auxiliary, r.cutout, r.init_channels, r.layers, r.train.epochs, r.train.drop_path) == \
+           (False, 0, 16, 5, 200, 0.0)
+    assert run.transfer.data == "none"
+
+
+def test_robust_spaces_evaluate_small_on_cifar100_and_svhn(params):
+    assert C.resolve(with_(params, space="s3", dataset="cifar100")).retrain.layers == 8
+    assert C.resolve(with_(params, space="s3", dataset="cifar10")).retrain.layers == 20
+    assert C.resolve(with_(params, space="darts", dataset="cifar100")).retrain.layers == 20
+
+
+def test_smoke_profile_is_small_and_explicit_values_still_win(params):
+    run = C.resolve(with_(params, profile="smoke"))
+    assert run.search.epochs <= 3 and run.search.init_channels <= 8 and run.retrain.train.epochs <= 3
+    assert run.data.synthetic.num_train <= 256 and C.effective_dataset(run) == "synthetic"
+    assert run.transfer.data == "synthetic"
+    assert C.resolve(with_(params, profile="smoke", search__epochs=3)).search.epochs == 3
+
+
+@pytest.mark.parametrize("method", METHODS.names())
+@pytest.mark.parametrize("space", SPACES.names())
+def test_every_method_and_space_resolves_or_says_why_not(params, method, space):
+    p = with_(params, method=method, space=space)
+    if method == "opp_darts" and space == "s1":
+        with pytest.raises(C.ConfigError, match="per-edge lists"):
+            C.resolve(p)
+        return
+    run = C.resolve(p)
+    assert run.search.epochs == 50
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"method": "enas"}, "method='enas' is unknown; allowed: darts, darts_v2"),
+    ({"space": "nb301"}, "space='nb301' is unknown; allowed: darts, nb201, s1"),
+    ({"dataset": "mnist"}, "dataset='mnist' is unknown; allowed: cifar10"),
+    ({"profile": "fast"}, "profile='fast' is unknown; allowed: full, smoke"),
+    ({"seed": -1}, "seed=-1 must be >= 0"),
+    ({"seed": "two"}, "seed='two': expected an integer"),
+    ({"searhc": {}}, "unknown key.*searhc.*known: data, dataset"),
+    ({"search__epoch": 3}, r"unknown key\(s\) search.epoch; known in search: .*epochs"),
+    ({"search__epochs": -5}, "search.epochs=-5 must be >= 1"),
+    ({"search__epochs": "ten"}, "search.epochs='ten': expected an integer"),
+    ({"search__lr": True}, "search.lr=True: expected a number"),
+    ({"search__nesterov": 1}, "search.nesterov=1: expected true/false"),
+    ({"search__arch_betas": [0.5]}, "search.arch_betas"),
+    ({"search__partial_channels": 3}, r"partial_channels \(K=3\) must divide search.init_channels=16"),
+    ({"search__batch_size": 30000}, "larger than the smaller search split"),
+    ({"search__optimisation": "zeroth_order"}, "optimisation='zeroth_order' is unknown; allowed: first_order"),
+    ({"search__features": "frozen"}, "features='frozen'; allowed: trained, random"),
+    ({"search__lr_min": 1.0}, "lr_min=1.0 must be in"),
+    ({"derive__rule": "nb201"}, "derive.rule='nb201' cannot derive a darts cell; allowed for darts: auto, darts"),
+    ({"derive__rule": "top3"}, "derive.rule='top3' is unknown"),
+    ({"method": "opp_darts", "space": "s1"}, "needs one op list on every edge"),
+    ({"retrain__genotype": "DARTS_V9"}, "retrain.genotype.*published name"),
+    ({"retrain__genotype": "|nor_conv_3x3~0|+|none~0|none~1|+|none~0|none~1|none~2|"},
+     "is a NB201 cell but space is 'darts'"),
+    ({"space": "nb201", "retrain__auxiliary": True}, "auxiliary must be false for space nb201"),
+    ({"transfer__data": "/no/such/imagenet"}, "transfer.data='/no/such/imagenet' does not exist"),
+    ({"data__split_fraction": 1.5}, "split_fraction=1.5 must be in"),
+    ({"search": [1, 2]}, "search must be a mapping"),
+])
+def test_bad_params_are_rejected_naming_what_is_allowed(params, changes, message):
+    with pytest.raises(C.ConfigError, match=message):
+        C.resolve(with_(params, **changes))
+
+
+def test_params_file_errors(tmp_path):
+    with pytest.raises(C.ConfigError, match="not found"):
+        C.load_params(tmp_path / "params.yaml")
+    (tmp_path / "params.yaml").write_text("method: [unclosed")
+    with pytest.raises(C.ConfigError, match="not valid YAML"):
+        C.load_params(tmp_path / "params.yaml")
+    (tmp_path / "params.yaml").write_text("- a\n- b\n")
+    with pytest.raises(C.ConfigError, match="must be a mapping"):
+        C.load_params(tmp_path / "params.yaml")
+
+
+# --- dvc.yaml agrees with what the stages read -----------------------------------------------------
+def dvc_stages():
+    return yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+
+
+def test_every_stage_declares_exactly_the_params_it_reads(params):
+    stages = dvc_stages()
+    assert set(stages) == set(C.STAGE_PARAMS)
+    for name, stage in stages.items():
+        declared = set(stage["params"])
+        assert declared == set(C.STAGE_PARAMS[name]), name
+        # what resolving the stage actually touches, top-level names and sections alike
+        touched = {key.split(".")[0] for key in C.read_keys(name, params)}
+        assert touched <= declared, f"{name} reads undeclared params {touched - declared}"
+        # with every method/space the stage still reads nothing undeclared
+        for method in ("pc_darts", "opp_darts"):
+            touched = {k.split(".")[0] for k in C.read_keys(name, with_(params, method=method, space="nb201"))}
+            assert touched <= declared, (name, method)
+
+
+def test_changing_a_retrain_param_does_not_touch_the_search_stage(params):
+    # the -S contract: retrain.* is not among the search stage's params, and resolving the search
+    # stage gives the same config whatever retrain says
+    a = C.resolve_stage("search", params)
+    b = C.resolve_stage("search", with_(params, retrain__train__epochs=5))
+    assert a.search == b.search
+    assert "retrain" not in dvc_stages()["search"]["params"]
+
+
+def test_declared_code_dependencies_exist():
+    for name, stage in dvc_stages().items():
+        assert f"stages/{name}.py" in stage["deps"]
+        for dep in stage["deps"]:
+            if not dep.startswith("outputs/") and not dep.startswith("metrics/"):
+                assert (ROOT / dep).exists(), f"{name}: {dep} does not exist"
+
+
+def test_config_hash_is_stable_and_sensitive(params):
+    a, b = C.resolve(params), C.resolve(with_(params, seed=3))
+    assert C.config_hash(a) == C.config_hash(C.resolve(params))
+    assert C.config_hash(a) != C.config_hash(b)
