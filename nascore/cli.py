@@ -39,7 +39,8 @@ def run_stage(stage: str, argv: Sequence[str] | None = None) -> None:
         with start_tracking(stage, run) as tracker:
             metrics = STAGES[stage](run, paths, tracker)
             if metrics is not None and D.rank() == 0:
-                tracker.log_metrics({k: v for k, v in metrics.items()
+                # "final/": the per-epoch series of the same names keep their own steps
+                tracker.log_metrics({f"final/{k}": v for k, v in metrics.items()
                                      if isinstance(v, (int, float)) and not isinstance(v, bool)})
                 write_json(paths.metrics(stage), metrics)
     except USER_ERRORS + _runtime_errors() as e:

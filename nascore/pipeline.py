@@ -466,7 +466,8 @@ def evaluate(run: C.RunConfig, paths: Paths, tracker: Tracker) -> dict[str, Any]
     if isinstance(genotype, NB201Genotype) and table_path is not None:
         table = NB201Table.load(table_path)
         entry = table.lookup(genotype)
-        summary["nb201"] = {"table": str(table_path), **entry.accuracy,
+        # relative to the project: the summary must be identical in every checkout
+        summary["nb201"] = {"table": os.path.relpath(table_path, paths.root), **entry.accuracy,
                             "best": {k: table.best(k) for k in entry.accuracy}}
         metrics.update({f"nb201_{k}": v for k, v in entry.accuracy.items()})
     metrics = {k: v for k, v in metrics.items() if v is not None}
