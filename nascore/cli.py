@@ -7,6 +7,7 @@ and keeps its traceback.
 """
 from __future__ import annotations
 
+import shutil
 import sys
 from typing import Sequence
 
@@ -22,10 +23,12 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
     UnknownNameError)
 
 
-def _runtime_errors() -> tuple[type[BaseException], ...]:
+def _late_errors() -> tuple[type[BaseException], ...]:
+    # imported when needed: these modules pull in most of torch's stack
+    from .pipeline import MissingInputError, ScratchBusyError
     from .search import NonFiniteError
     from .train import NonFiniteLossError
-    return NonFiniteError, NonFiniteLossError
+    return MissingInputError, ScratchBusyError, NonFiniteError, NonFiniteLossError
 
 
 def run_stage(stage: str, argv: Sequence[str] | None = None) -> None:
@@ -42,8 +45,13 @@ def run_stage(stage: str, argv: Sequence[str] | None = None) -> None:
                 # "final/": the per-epoch series of the same names keep their own steps
                 tracker.log_metrics({f"final/{k}": v for k, v in metrics.items()
                                      if isinstance(v, (int, float)) and not isinstance(v, bool)})
-                write_json(paths.metrics(stage), metrics)
-    except USER_ERRORS + _runtime_errors() as e:
+                try:
+                    write_json(paths.metrics(stage), metrics)
+                except OutputError:
+                    # metrics are written last; without them the outputs must not look finished
+                    shutil.rmtree(paths.out(stage), ignore_errors=True)
+                    raise
+    except USER_ERRORS + _late_errors() as e:
         print(f"nascore {stage}: error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
     except KeyboardInterrupt:

@@ -8,6 +8,7 @@ against the schema the caller expects (kind, method, space) before use.
 from __future__ import annotations
 
 import errno
+import io
 import json
 import os
 import tempfile
@@ -58,7 +59,9 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         os.replace(tmp_path, path)
     except OSError as e:
         tmp_path.unlink(missing_ok=True)
-        what = "disk full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+        what = {errno.ENOSPC: "disk full", errno.EDQUOT: "disk quota exceeded",
+                errno.EFBIG: "file too large for this file system or limit (disk full?)"}.get(
+                    e.errno, e.strerror or str(e))
         raise OutputError(e.errno or errno.EIO, f"cannot write {path}: {what}; "
                           f"nothing was written there") from None
     except BaseException:
@@ -90,12 +93,19 @@ def _json_default(o: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
+def save_torch(path: str | Path, obj: Any) -> None:
+    """torch.save `obj` atomically. It is serialised in memory first: torch.save reports a full
+    disk as an opaque RuntimeError ("iostream error"), a plain file write as the OSError it is."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    write_bytes(path, buffer.getvalue())
+
+
 def save_checkpoint(path: str | Path, payload: Mapping[str, Any], *, kind: str,
                     meta: Mapping[str, Any]) -> None:
     """Save `payload` (tensors, numbers, strings, lists, dicts only) with a schema header."""
     data = {"nascore_checkpoint": CHECKPOINT_FORMAT, "kind": kind, "meta": dict(meta), **payload}
-    with atomic_path(path) as tmp:
-        torch.save(data, tmp)
+    save_torch(path, data)
 
 
 def load_checkpoint(path: str | Path, *, kind: str, meta: Mapping[str, Any] | None = None,

@@ -12,11 +12,13 @@ outputs are published.
 from __future__ import annotations
 
 import csv
+import fcntl
 import io
 import json
 import os
 import shutil
 import sys
+import contextlib
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,8 +31,8 @@ from .benchmarks import NB201Table
 from .data import (DATASETS, ImageArrays, ResidentLoader, image_files, load_prepared,
                    load_split, save_prepared, save_split, search_split, synthetic_dataset, FolderLoader,
                    load_image_dataset)
-from .genotype import AnyGenotype, NB201Genotype, genotype_from_json, load_genotype, resolve_genotype
-from .io import atomic_path, write_json, write_text
+from .genotype import AnyGenotype, NB201Genotype, genotype_from_json, resolve_genotype
+from .io import OutputError, save_torch, write_json, write_text
 from .tracking import Tracker, file_sha256, project_root
 
 SHARED_CIFAR10 = Path("..") / "shared" / "data" / "cifar10-jpeg.tar.gz"
@@ -76,18 +78,78 @@ def pick_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+class MissingInputError(ValueError):
+    """An earlier stage's output this stage reads is missing or unreadable."""
+
+
+def read_input(path: Path, producer: str) -> Any:
+    """A JSON output of stage `producer`, or a clear error saying which stage to run."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        reason = "missing" if isinstance(e, FileNotFoundError) else f"unreadable ({type(e).__name__})"
+        raise MissingInputError(f"{path} is {reason}: run the {producer!r} stage first "
+                                f"(dvc repro {producer})") from None
+
+
+class ScratchBusyError(RuntimeError):
+    """Another live process runs the same stage with the same params (same scratch folder)."""
+
+
+@contextmanager
+def scratch_lock(folder: Path) -> Iterator[Path]:
+    """Hold an exclusive lock on a scratch folder for the life of the stage.
+
+    Two runs with identical params (a duplicated queue entry, a second terminal) would otherwise
+    write the same checkpoint; the lock dies with its process, so a SIGKILLed run never blocks
+    the rerun that resumes it.
+    """
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        handle = open(folder / ".lock", "a+")
+    except OSError as e:
+        raise OutputError(e.errno or 0, f"cannot write {folder}: {e.strerror or e}") from None
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            owner = handle.read().strip() or "another process"
+            raise ScratchBusyError(f"{folder} is in use by {owner} running the same stage with the same "
+                                   f"params; wait for it to finish, or change a param (e.g. seed)") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()}")
+        handle.flush()
+        yield folder
+
+
 @contextmanager
 def publish_dir(final: Path) -> Iterator[Path]:
-    """Yield a temporary folder beside `final`; on success it replaces `final` in one rename."""
-    final.parent.mkdir(parents=True, exist_ok=True)
+    """Yield a temporary folder beside `final`; on success it replaces `final` in one rename.
+
+    Any failure removes the temporary folder: nothing half-written is ever published.
+    """
     tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    except OSError as e:
+        raise OutputError(e.errno or 0, f"cannot write {final}: {e.strerror or e} "
+                                        f"(is {final.parent} a writable folder?)") from None
     try:
         yield tmp
-        if final.exists():
+        if final.is_dir():
             shutil.rmtree(final)
+        elif final.exists():
+            raise OutputError(0, f"cannot write {final}: a file is in the way of the output folder")
         os.replace(tmp, final)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OutputError):
+            raise
+        raise OutputError(e.errno or 0, f"cannot write {final}: {e.strerror or e}") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -112,6 +174,9 @@ def stage_params(run: C.RunConfig, stage: str) -> dict[str, Any]:
 
 
 def start_tracking(stage: str, run: C.RunConfig) -> Tracker:
+    """The stage's MLflow run; under torchrun only rank 0 tracks (one run per stage, not per GPU)."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        return Tracker.disabled()
     return Tracker.start_stage(stage, tags=run_tags(run, stage), params=stage_params(run, stage))
 
 
@@ -205,9 +270,11 @@ def search(run: C.RunConfig, paths: Paths, tracker: Tracker) -> dict[str, Any]:
 
     log(f"search: {run.method} on {run.space}, {len(data.train)} steps/epoch on {device}, "
         f"checkpoints in {scratch}")
-    runner = SearchRun(get_space(run.space), run.search, data, device=device, seed=run.seed,
-                       checkpoint_path=scratch / "search.pt", meta=meta, on_epoch_end=on_epoch_end, log=log)
-    result = runner.run()
+    with scratch_lock(scratch):
+        runner = SearchRun(get_space(run.space), run.search, data, device=device, seed=run.seed,
+                           checkpoint_path=scratch / "search.pt", meta=meta, on_epoch_end=on_epoch_end,
+                           log=log)
+        result = runner.run()
     model = result.model
     final = result.history[-1]
     with publish_dir(paths.out("search")) as out:
@@ -223,8 +290,7 @@ def search(run: C.RunConfig, paths: Paths, tracker: Tracker) -> dict[str, Any]:
         })
         write_json(out / "history.json", result.history)
         write_csv(out / "log.csv", result.history, SEARCH_LOG_COLUMNS)
-        with atomic_path(out / "supernet.pt") as tmp:
-            torch.save({k: v.cpu() for k, v in model.state_dict().items()}, tmp)
+        save_torch(out / "supernet.pt", {k: v.cpu() for k, v in model.state_dict().items()})
         write_json(out / "config.json", stage_params(run, "search"))
     metrics = {"valid_acc": final.get("valid_acc"), "train_loss": final["train_loss"],
                "param_free_ops": final["param_free_ops"], "alpha_entropy": final["alpha_entropy"],
@@ -246,11 +312,11 @@ def derive(run: C.RunConfig, paths: Paths, tracker: Tracker) -> dict[str, Any]:
     from .plots import plot_alpha_evolution, plot_alpha_heatmap, plot_collapse_curves
     from .spaces import get_space
 
-    saved = json.loads((paths.out("search") / "alphas.json").read_text())
+    saved = read_input(paths.out("search") / "alphas.json", "search")
     if saved["space"] != run.space:
         raise C.ConfigError(f"outputs/search was searched on space {saved['space']!r}, params say "
                             f"{run.space!r}: rerun the search stage")
-    history = json.loads((paths.out("search") / "history.json").read_text())
+    history = read_input(paths.out("search") / "history.json", "search")
     space = get_space(run.space)
     weights = derivation_weights(saved)
     rule = None if run.derive.rule == C.AUTO else run.derive.rule
@@ -301,7 +367,7 @@ TRAIN_LOG_COLUMNS = ("epoch", "lr", "drop_path_prob", "train_loss", "train_acc",
 
 def stage_genotype(ref: str, paths: Paths) -> AnyGenotype:
     if ref == "derived":
-        return load_genotype(paths.out("derive") / "genotype.json")
+        return genotype_from_json(read_input(paths.out("derive") / "genotype.json", "derive"))
     return resolve_genotype(ref if not Path(ref).suffix else str(paths.resolve_input(ref)))
 
 
@@ -322,8 +388,11 @@ def _train_network(stage: str, run: C.RunConfig, sec: C.NetworkTrainConfig, mode
                              and k != "epoch"}, step=record["epoch"])
 
     log(f"{stage}: {len(train_loader)} steps/epoch on {device}, checkpoints in {scratch}")
-    result = train(model, train_loader, eval_loader, sec.train, checkpoint_path=scratch / "train.pt",
-                   device=device, on_epoch_end=on_epoch_end, meta=meta)
+    # every rank resumes from the same file; rank 0 alone holds the lock (and writes)
+    lock = scratch_lock(scratch) if D.rank() == 0 else contextlib.nullcontext(scratch)
+    with lock:
+        result = train(model, train_loader, eval_loader, sec.train, checkpoint_path=scratch / "train.pt",
+                       device=device, on_epoch_end=on_epoch_end, meta=meta)
     final = result.final
     metrics = {"top1": final["eval_top1"], "top5": final["eval_top5"], "loss": final["eval_loss"],
                "error": None if final["eval_top1"] is None else round(100 * (1 - final["eval_top1"]), 4),
@@ -332,8 +401,7 @@ def _train_network(stage: str, run: C.RunConfig, sec: C.NetworkTrainConfig, mode
                **extra_metrics}
     if D.rank() == 0:
         with publish_dir(paths.out(stage)) as out:
-            with atomic_path(out / "model.pt") as tmp:
-                torch.save({k: v.cpu() for k, v in model.state_dict().items()}, tmp)
+            save_torch(out / "model.pt", {k: v.cpu() for k, v in model.state_dict().items()})
             write_json(out / "genotype.json", genotype.to_json())
             write_csv(out / "log.csv", result.history, TRAIN_LOG_COLUMNS)
             write_json(out / "config.json", stage_params(run, stage))
@@ -443,7 +511,7 @@ def evaluate(run: C.RunConfig, paths: Paths, tracker: Tracker) -> dict[str, Any]
         p = paths.metrics(stage)
         return json.loads(p.read_text()) if p.exists() else {}
 
-    genotype = genotype_from_json(json.loads((paths.out("derive") / "genotype.json").read_text()))
+    genotype = genotype_from_json(read_input(paths.out("derive") / "genotype.json", "derive"))
     summary: dict[str, Any] = {
         "method": run.method, "space": run.space, "dataset": run.dataset, "seed": run.seed,
         "profile": run.profile, "genotype": genotype.to_json(), "genotype_str": str(genotype),

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -127,3 +128,26 @@ def test_push_clone_pull_finds_nothing_to_recompute(project, tmp_path):
         assert f"'{stage}' didn't change" in out, out
     assert clone.git("status", "--porcelain").stdout.strip() == "", "repro changed nothing"
     shutil.rmtree(clone.root / "scratch", ignore_errors=True)
+
+
+def test_retrain_runs_under_torchrun_with_two_processes(project):
+    """The same entry point with N processes: DDP over gloo on CPU, rank 0 alone writes."""
+    ddp = Repo(project.root, {**project.env, "NASCORE_DEVICE": "cpu", "OMP_NUM_THREADS": "1"})
+    before = (project.root / "metrics" / "retrain.json").read_text()
+    mlflow = pytest.importorskip("mlflow")
+    client = mlflow.MlflowClient(tracking_uri=project.tracking_uri)
+    experiment = client.get_experiment_by_name("nascore").experiment_id
+
+    def retrain_runs() -> int:
+        return len(client.search_runs([experiment], "attributes.run_name = 'retrain'"))
+    runs_before = retrain_runs()
+    result = ddp.run(sys.executable, "-m", "torch.distributed.run", "--standalone",
+                     "--nproc_per_node", "2", "-m", "stages.retrain", timeout=600)
+    assert result.returncode == 0
+    epochs = [line for line in result.stderr.splitlines() if line.startswith("epoch ")]
+    assert len(epochs) == 2, "one log line per epoch: only rank 0 reports"
+    metrics = json.loads((project.root / "metrics" / "retrain.json").read_text())
+    assert metrics["epochs"] == 2 and metrics["top1"] is not None
+    assert (project.root / "outputs" / "retrain" / "model.pt").exists()
+    assert retrain_runs() == runs_before + 1, "one MLflow run for the stage, not one per rank"
+    (project.root / "metrics" / "retrain.json").write_text(before)
