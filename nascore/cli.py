@@ -12,7 +12,7 @@ import sys
 from typing import Sequence
 
 from .benchmarks import BenchmarkTableError
-from .config import ConfigError, load_params, resolve_stage
+from .config import ConfigError, load_params, resolve, resolve_stage
 from .data import DatasetError
 from .genotype import GenotypeError
 from .io import CheckpointError, OutputError, write_json
@@ -37,7 +37,11 @@ def run_stage(stage: str, argv: Sequence[str] | None = None) -> None:
     from .pipeline import Paths, STAGES, start_tracking
 
     try:
-        run = resolve_stage(stage, load_params())
+        params = load_params()
+        # Every section is validated before any work, so a typo in retrain.* stops the pipeline at
+        # its first stage, not after the search; the stage then uses only its declared sections.
+        resolve(params)
+        run = resolve_stage(stage, params)
         paths = Paths.here()
         with start_tracking(stage, run) as tracker:
             metrics = STAGES[stage](run, paths, tracker)

@@ -178,3 +178,18 @@ def test_config_hash_is_stable_and_sensitive(params):
     a, b = C.resolve(params), C.resolve(with_(params, seed=3))
     assert C.config_hash(a) == C.config_hash(C.resolve(params))
     assert C.config_hash(a) != C.config_hash(b)
+
+
+def test_every_stage_validates_the_whole_file_before_any_work(tmp_path, monkeypatch, capsys):
+    """A bad retrain value stops the first stage (prepare), not the retrain after a long search."""
+    from nascore.cli import run_stage
+    params = C.load_params(ROOT / "params.yaml")
+    params["retrain"]["train"]["epochs"] = -1
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("NASCORE_TRACKING", "off")
+    with pytest.raises(SystemExit) as exit_:
+        run_stage("prepare")
+    assert exit_.value.code == 2
+    assert "retrain.train: TrainConfig.epochs=-1: must be >= 1" in capsys.readouterr().err
+    assert not (tmp_path / "outputs").exists()
