@@ -31,7 +31,7 @@ from .genotype import GenotypeError, NB201Genotype, resolve_genotype
 from .methods import METHODS, get_method
 from .op_schedules import OP_SCHEDULES
 from .optimisation import UPDATE_RULES
-from .search import SearchConfig
+from .search import SearchConfig, speed_option_problems
 from .spaces import DERIVATION_RULES, SPACES, get_space
 from .train import TrainConfig
 
@@ -405,6 +405,9 @@ def check_combinations(run: RunConfig, wanted: set[str]) -> None:
             raise ConfigError(f"params.yaml: search.partial_channels (K={s.partial_channels}) must divide "
                               f"search.init_channels={s.init_channels}; e.g. K in "
                               f"{[k for k in range(1, s.init_channels + 1) if s.init_channels % k == 0]}")
+        speed = speed_option_problems(s, None)     # the device is checked when the search starts
+        if speed:
+            raise ConfigError("params.yaml: " + "; ".join(speed))
         if not 0 < s.opp.score_fraction <= 1:
             raise ConfigError(f"params.yaml: search.opp.score_fraction={s.opp.score_fraction} must be in (0, 1]")
         _positive("search.opp.stage_epochs", s.opp.stage_epochs)

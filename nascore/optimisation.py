@@ -8,7 +8,9 @@ Three update rules (methods.md §2.1, §2.4), each a small object with one `step
 - `single_level` one forward/backward of L_train on one batch gives both gradients (Single-DARTS).
 
 Every backward names its `inputs`, so a weight step never writes α's `.grad` and an α step never
-computes weight gradients (fewer kernels too). Step statistics stay on the device.
+computes weight gradients (fewer kernels too). Step statistics stay on the device, and nothing in
+a step reads a tensor's value on the host: a step can be captured whole in a CUDA graph
+(`search.cuda_graph`), and tests run every rule on the meta device, where any such read fails.
 """
 from __future__ import annotations
 
@@ -41,6 +43,8 @@ class StepContext:
     weight_decay: float = 3e-4
     unrolled_eps: float = 0.01         # ε = 0.01 / ‖v‖ in the finite-difference HVP (DARTS)
     step_order: str = "alpha_first"
+    amp_dtype: torch.dtype | None = None        # autocast dtype of the forward passes; None: off
+    memory_format: torch.memory_format = torch.contiguous_format   # of the input batches
 
 
 @dataclass
@@ -55,11 +59,20 @@ class StepStats:
     arch_count: int = 0
 
 
-def _forward_loss(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+def _logits(ctx: StepContext, x: torch.Tensor, net: Callable[[torch.Tensor], torch.Tensor] | None = None
+            ) -> torch.Tensor:
+    """The supernet's logits under the step's autocast and memory format (float32 under bf16)."""
+    x = x.contiguous(memory_format=ctx.memory_format)
+    if ctx.amp_dtype is None:
+        return (net or ctx.model)(x)
+    with torch.autocast(x.device.type, dtype=ctx.amp_dtype):
+        return (net or ctx.model)(x).float()
+
+
+def _forward_loss(ctx: StepContext, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
     x, y = batch
-    logits = model(x)
-    loss = F.cross_entropy(logits, y)
-    return loss, logits
+    logits = _logits(ctx, x)
+    return F.cross_entropy(logits, y), logits
 
 
 def _correct(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -69,7 +82,7 @@ def _correct(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 def weight_step(ctx: StepContext, batch: Batch) -> StepStats:
     """One SGD step on w from a train batch: CE, backward into w only, clip, step."""
     ctx.w_opt.zero_grad(set_to_none=True)
-    loss, logits = _forward_loss(ctx.model, batch)
+    loss, logits = _forward_loss(ctx, batch)
     loss.backward(inputs=ctx.weights)
     if ctx.grad_clip:
         nn.utils.clip_grad_norm_(ctx.weights, ctx.grad_clip)
@@ -108,7 +121,7 @@ class FirstOrder:
 
     def arch_step(self, ctx: StepContext, val: Batch) -> tuple[torch.Tensor, torch.Tensor, int]:
         ctx.a_opt.zero_grad(set_to_none=True)
-        loss, logits = _forward_loss(ctx.model, val)
+        loss, logits = _forward_loss(ctx, val)
         loss.backward(inputs=ctx.arch)
         _arch_opt_step(ctx)
         n = val[1].numel()
@@ -148,29 +161,35 @@ def _named_weights(ctx: StepContext) -> list[str]:
 
 def unrolled_arch_gradient(ctx: StepContext, train: Batch, val: Batch
                            ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
-    """(L_val(w', α), logits, ∇_α of the unrolled objective) without touching w or BN statistics."""
+    """(L_val(w', α), logits, ∇_α of the unrolled objective) without touching w or BN statistics.
+
+    The per-weight arithmetic runs as `torch._foreach_*` ops: one kernel launch per list, not
+    one per tensor (the DARTS supernet has ~1,400 weight tensors).
+    """
     model, w, arch, xi = ctx.model, ctx.weights, ctx.arch, ctx.lr
     names = _named_weights(ctx)
     # BN running statistics must not move during virtual passes: give them throw-away copies.
-    buffers = {n: b.clone() for n, b in model.named_buffers()}
+    buffers = _scratch_copies(dict(model.named_buffers()))
 
     def call(params: Sequence[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-        return functional_call(model, {**buffers, **dict(zip(names, params))}, (x,))
+        return _logits(ctx, x, lambda xx: functional_call(model, {**buffers, **dict(zip(names, params))}, (xx,)))
 
-    # 1. virtual step w' = w − ξ(μ m + ∇_w L_train + λ w)
+    # 1. virtual step w' = w − ξ(μ m + ∇_w L_train + λ w); weights without a gradient stay put
     loss_t = F.cross_entropy(call(w, train[0]), train[1])
     g_train = torch.autograd.grad(loss_t, w, allow_unused=True)
     with torch.no_grad():
-        w_prime = []
-        for p, g in zip(w, g_train):
-            if g is None:
-                w_prime.append(p.detach().clone())
-                continue
-            buf = ctx.w_opt.state.get(p, {}).get("momentum_buffer")
-            d = g + ctx.weight_decay * p
-            if buf is not None:
-                d = d + ctx.momentum * buf
-            w_prime.append(p - xi * d)
+        w_prime = [p.detach() for p in w]          # read only: no copy for weights that stay put
+        moving = [i for i, g in enumerate(g_train) if g is not None]
+        if moving:
+            d = torch._foreach_add([g_train[i] for i in moving], [w[i] for i in moving],
+                                   alpha=ctx.weight_decay)
+            bufs = [(k, ctx.w_opt.state.get(w[i], {}).get("momentum_buffer")) for k, i in enumerate(moving)]
+            with_buf = [(k, b) for k, b in bufs if b is not None]
+            if with_buf:
+                torch._foreach_add_([d[k] for k, _ in with_buf], [b for _, b in with_buf],
+                                    alpha=ctx.momentum)
+            for i, t in zip(moving, torch._foreach_add([w[i] for i in moving], d, alpha=-xi)):
+                w_prime[i] = t
     w_prime = [t.requires_grad_(True) for t in w_prime]
     # 2. v = ∇_{w'} L_val(w', α),  g1 = ∇_α L_val(w', α)
     logits = call(w_prime, val[0])
@@ -179,19 +198,34 @@ def unrolled_arch_gradient(ctx: StepContext, train: Batch, val: Batch
     v = [g if g is not None else torch.zeros_like(t) for g, t in zip(grads[:len(w)], w_prime)]
     g1 = [g if g is not None else torch.zeros_like(a) for g, a in zip(grads[len(w):], arch)]
     # 3./4. finite-difference HVP: (∇_α L_train(w+εv) − ∇_α L_train(w−εv)) / 2ε, ε = 0.01/‖v‖
-    eps = ctx.unrolled_eps / torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t) for t in v]))
+    eps = ctx.unrolled_eps / torch.linalg.vector_norm(torch.stack(torch._foreach_norm(v)))
+    with torch.no_grad():
+        step = torch._foreach_mul(v, eps)
 
-    def arch_grad_at(sign: float) -> list[torch.Tensor]:
-        with torch.no_grad():
-            shifted = [p + sign * eps * t for p, t in zip(w, v)]
+    def arch_grad_at(shifted: list[torch.Tensor]) -> list[torch.Tensor]:
         loss = F.cross_entropy(call(shifted, train[0]), train[1])
         gs = torch.autograd.grad(loss, arch, allow_unused=True)
         return [g if g is not None else torch.zeros_like(a) for g, a in zip(gs, arch)]
 
-    g_plus, g_minus = arch_grad_at(+1.0), arch_grad_at(-1.0)
+    with torch.no_grad():
+        w_plus, w_minus = torch._foreach_add(w, step), torch._foreach_sub(w, step)
+    g_plus, g_minus = arch_grad_at(w_plus), arch_grad_at(w_minus)
     # 5. g_α = g1 − ξ · hvp
     out = [a - xi * (gp - gm) / (2 * eps) for a, gp, gm in zip(g1, g_plus, g_minus)]
     return loss_v, logits, out
+
+
+def _scratch_copies(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Copies of `tensors` as views of one concatenation per dtype: one copy kernel, not hundreds."""
+    by_dtype: dict[tuple[torch.dtype, torch.device], list[str]] = {}
+    for name, t in tensors.items():
+        by_dtype.setdefault((t.dtype, t.device), []).append(name)
+    out = {}
+    for names in by_dtype.values():
+        flat = torch.cat([tensors[n].reshape(-1) for n in names])
+        for n, part in zip(names, flat.split([tensors[n].numel() for n in names])):
+            out[n] = part.view(tensors[n].shape)
+    return out
 
 
 class SingleLevel:
@@ -202,7 +236,7 @@ class SingleLevel:
     def step(self, ctx: StepContext, train: Batch, val: Batch | None, update_arch: bool) -> StepStats:
         ctx.w_opt.zero_grad(set_to_none=True)
         ctx.a_opt.zero_grad(set_to_none=True)
-        loss, logits = _forward_loss(ctx.model, train)
+        loss, logits = _forward_loss(ctx, train)
         loss.backward(inputs=ctx.weights + ctx.arch if update_arch else ctx.weights)
         if ctx.grad_clip:
             nn.utils.clip_grad_norm_(ctx.weights, ctx.grad_clip)

@@ -15,6 +15,7 @@ the epoch, and RNG states travel in the checkpoint.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import time
@@ -31,9 +32,9 @@ from .diagnostics import collapse_diagnostics, hessian_eigenvalue
 from .genotype import AnyGenotype
 from .io import load_checkpoint, save_checkpoint
 from .op_schedules import OP_SCHEDULES, ProgressiveConfig
-from .optimisation import UPDATE_RULES, StepContext
+from .optimisation import UPDATE_RULES, Batch, StepContext, StepStats
 from .spaces import SearchSpace
-from .supernet import Supernet, SupernetConfig
+from .supernet import BACKENDS, Supernet, SupernetConfig
 
 
 @dataclass(frozen=True)
@@ -82,6 +83,14 @@ class SearchConfig:
     hessian_batches: int = 2
     hessian_iters: int = 20
     nonfinite: str = "stop"                # stop | skip
+    # speed (issue 4, README "Speed"): how a step is computed, not what — bf16 aside, which rounds.
+    # Defaults are the plain eager path; the GPU figures that would justify others are unmeasured.
+    backend: str = "eager"                 # eager | fused: same numbers in fewer kernels (nascore.fused)
+    compile: bool = False                  # torch.compile the supernet's forward
+    cuda_graph: bool = False               # capture the whole search step in one CUDA graph (CUDA only)
+    amp: str = "none"                      # none | bf16 autocast of the forward passes
+    channels_last: bool = False            # NHWC activations (tensor-core GPUs)
+    optimizer_impl: str = "default"        # default (torch's choice) | for_loop | foreach | fused
     rf: RandomFeaturesConfig = field(default_factory=RandomFeaturesConfig)
     opp: ProgressiveConfig = field(default_factory=ProgressiveConfig)
 
@@ -91,6 +100,26 @@ class SearchConfig:
             partial_channels=self.partial_channels, channel_shuffle=self.channel_shuffle,
             edge_normalization=self.edge_normalization, random_features=self.features == "random",
             freeze_stem_conv=self.rf.freeze_stem_conv, train_classifier=self.rf.train_classifier)
+
+
+SPEED_CHOICES: dict[str, tuple[str, ...]] = {
+    "backend": BACKENDS, "amp": ("none", "bf16"),
+    "optimizer_impl": ("default", "for_loop", "foreach", "fused"),
+}
+
+
+def speed_option_problems(cfg: SearchConfig, device_type: str | None) -> list[str]:
+    """What is wrong with the speed options (`device_type` None: the device is not known yet)."""
+    problems = [f"search.{name}={getattr(cfg, name)!r}; allowed: {', '.join(allowed)}"
+                for name, allowed in SPEED_CHOICES.items() if getattr(cfg, name) not in allowed]
+    if cfg.cuda_graph:
+        if cfg.nonfinite == "skip":
+            problems.append("search.cuda_graph: true needs search.nonfinite: stop (skipping a bad "
+                            "batch reads the loss on the host in every step, which a graph cannot)")
+        if device_type is not None and device_type != "cuda":
+            problems.append(f"search.cuda_graph: true needs a CUDA device; this search runs on "
+                            f"{device_type} (set search.cuda_graph: false)")
+    return problems
 
 
 class Loader(Protocol):
@@ -162,8 +191,18 @@ class SearchRun:
         self.meta = {"space": space.name, "seed": seed, **(meta or {})}
         self.on_epoch_end = on_epoch_end
         self.log = log
+        problems = speed_option_problems(cfg, self.device.type)
+        if problems:
+            from .config import ConfigError   # here, not at the top: config imports this module
+            raise ConfigError("params.yaml: " + "; ".join(problems))
+        # How a captured step is made: a CUDA graph. Tests swap in a plain re-run of the step to
+        # check the static-buffer logic on CPU.
+        self.capture_step: Callable[[Callable[[], None]], StepGraph] | None = (
+            _cuda_graph if cfg.cuda_graph else None)
         _seed_everything(seed)     # the random features ARE the init: seeded, recorded in meta
         self.model = self.build_model()
+        if cfg.compile:
+            self.model.compile()
         self.rule = UPDATE_RULES.get(cfg.optimisation)()
         self.schedule = OP_SCHEDULES.get(cfg.op_schedule)(cfg.opp, cfg.epochs)
         self.lr_segment = (0, cfg.lr)          # (start epoch, start lr) of the cosine schedule
@@ -173,7 +212,10 @@ class SearchRun:
 
     # --- ScheduleHost ---------------------------------------------------------------------------
     def build_model(self) -> Supernet:
-        return self.space.build_supernet(self.cfg.supernet_config(self.data.num_classes)).to(self.device)
+        model = self.space.build_supernet(self.cfg.supernet_config(self.data.num_classes))
+        model.set_backend(self.cfg.backend)
+        fmt = torch.channels_last if self.cfg.channels_last else torch.preserve_format
+        return model.to(self.device, memory_format=fmt)
 
     def score_batches(self) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
         """The weight split, in a fixed order, for scoring candidate ops (OPP-DARTS)."""
@@ -201,6 +243,28 @@ class SearchRun:
         self.w_opt = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
         self.a_opt = torch.optim.Adam(self.arch, lr=cfg.arch_lr, betas=tuple(cfg.arch_betas),
                                       weight_decay=cfg.arch_weight_decay)
+        self._set_optimizer_kernels()
+
+    def _set_optimizer_kernels(self) -> None:
+        """Optimiser kernels from `optimizer_impl`; Adam capturable under a CUDA graph.
+
+        Set after construction and again after loading a checkpoint, whose param groups carry
+        the flags of the machine that saved it. The update arithmetic is the same for all kernels.
+        """
+        impl = self.cfg.optimizer_impl
+        flags = {"default": {"foreach": None, "fused": None}, "for_loop": {"foreach": False, "fused": None},
+                 "foreach": {"foreach": True, "fused": None}, "fused": {"foreach": None, "fused": True}}[impl]
+        capturable = self.cfg.cuda_graph and self.device.type == "cuda"
+        for opt in (self.w_opt, self.a_opt):
+            for group in opt.param_groups:
+                group.update(flags)
+                if "capturable" in group:
+                    group["capturable"] = capturable
+            if capturable:
+                # a capturable Adam counts its steps on the device (the saved count may be on the host)
+                for p, state in opt.state.items():
+                    if isinstance(state.get("step"), torch.Tensor):
+                        state["step"] = state["step"].to(p.device, torch.float32)
 
     def lr_at(self, epoch: int) -> float:
         start, lr0 = self.lr_segment
@@ -230,6 +294,7 @@ class SearchRun:
         self.reset_optimisers(0, restart_schedule=False)
         self.w_opt.load_state_dict(ckpt["w_opt"])
         self.a_opt.load_state_dict(ckpt["a_opt"])
+        self._set_optimizer_kernels()
         self.schedule.load_state_dict(ckpt["schedule"])
         self.history = list(ckpt["history"])
         self.epoch = int(ckpt["epoch"])
@@ -262,61 +327,44 @@ class SearchRun:
             yield from val
             k += 1
 
-    def search_epoch(self, epoch: int) -> dict[str, Any]:
-        cfg, model = self.cfg, self.model
+    def step_context(self, epoch: int) -> StepContext:
+        """Everything an update rule needs for the steps of `epoch` (sets the epoch's lr)."""
+        cfg = self.cfg
         lr = self.lr_at(epoch)
         for group in self.w_opt.param_groups:
             group["lr"] = lr
+        return StepContext(model=self.model, weights=self.weights, arch=self.arch, w_opt=self.w_opt,
+                           a_opt=self.a_opt, lr=lr, grad_clip=cfg.grad_clip,
+                           arch_grad_clip=cfg.arch_grad_clip, momentum=cfg.momentum,
+                           weight_decay=cfg.weight_decay, unrolled_eps=cfg.unrolled_eps,
+                           step_order=cfg.step_order,
+                           amp_dtype=torch.bfloat16 if cfg.amp == "bf16" else None,
+                           memory_format=torch.channels_last if cfg.channels_last
+                           else torch.contiguous_format)
+
+    def search_epoch(self, epoch: int) -> dict[str, Any]:
+        cfg, model = self.cfg, self.model
+        ctx = self.step_context(epoch)
+        lr = ctx.lr
         update_arch = epoch >= cfg.arch_warmup_epochs
-        ctx = StepContext(model=model, weights=self.weights, arch=self.arch, w_opt=self.w_opt,
-                          a_opt=self.a_opt, lr=lr, grad_clip=cfg.grad_clip,
-                          arch_grad_clip=cfg.arch_grad_clip, momentum=cfg.momentum,
-                          weight_decay=cfg.weight_decay, unrolled_eps=cfg.unrolled_eps,
-                          step_order=cfg.step_order)
         need_val = self.rule.needs_val_batch and update_arch
         if need_val and self.data.val is None:
             raise ValueError(f"optimisation {cfg.optimisation!r} needs validation batches")
         val_iter = self._val_batches(epoch) if need_val else None
         model.train()
         self.data.train.set_epoch(epoch)
-        sums = torch.zeros(4, device=self.device)     # loss, correct, arch loss, arch correct
-        counts = [0, 0]
-        bad_step = torch.full((), -1, dtype=torch.long, device=self.device)
-        skipped = 0
+        steps = EpochSteps(self, ctx, update_arch)
         t0 = time.perf_counter()
-        for step, train in enumerate(self.data.train):
-            val = next(val_iter) if val_iter is not None else None
-            snapshot = self._snapshot() if cfg.nonfinite == "skip" else None
-            stats = self.rule.step(ctx, train, val, update_arch)
-            finite = torch.isfinite(stats.loss) & torch.stack(
-                [torch.isfinite(a).all() for a in self.arch]).all()
-            if stats.arch_loss is not None:
-                finite = finite & torch.isfinite(stats.arch_loss)
-            if snapshot is not None:
-                # 'skip' pays one host sync per step to undo a non-finite update before it spreads
-                if not bool(finite):
-                    self._restore(snapshot)
-                    skipped += 1
-                    continue
-            else:
-                # 'stop': no per-step sync; remember the first bad step, checked once per epoch
-                bad_step = torch.where((bad_step < 0) & ~finite, torch.tensor(step, device=self.device),
-                                       bad_step)
-            sums[0] += stats.loss
-            sums[1] += stats.correct
-            counts[0] += stats.count
-            if stats.arch_loss is not None:
-                sums[2] += stats.arch_loss
-                sums[3] += stats.arch_correct
-                counts[1] += stats.arch_count
-        bad = int(bad_step)
+        for train in self.data.train:
+            steps.step(train, next(val_iter) if val_iter is not None else None)
+        s, bad = steps.totals()       # the epoch's host sync
+        counts, skipped = steps.counts, steps.skipped
         if bad >= 0:
             raise NonFiniteError(
                 f"search: non-finite loss or α at epoch {epoch}, step {bad} (lr {lr:.4g}); stopped "
                 f"without saving this epoch, the last good checkpoint (epoch {self.epoch}) is kept. "
                 f"Lower search.lr / search.arch_lr, or set search.nonfinite: skip to drop such batches")
         seconds = time.perf_counter() - t0
-        s = sums.tolist()
         record: dict[str, Any] = {
             "epoch": epoch + 1, "lr": lr, "update_arch": update_arch,     # 1-based, like training
             "train_loss": s[0] / max(counts[0], 1), "train_acc": s[1] / max(counts[0], 1),
@@ -366,6 +414,135 @@ class SearchRun:
         self.model.load_state_dict(snap["model"])
         self.w_opt.load_state_dict(snap["w_opt"])
         self.a_opt.load_state_dict(snap["a_opt"])
+
+
+class StepGraph(Protocol):
+    def replay(self) -> None: ...
+
+
+def _cuda_graph(step: Callable[[], None]) -> StepGraph:
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph
+
+
+class EpochSteps:
+    """The search steps of one epoch and their device-side bookkeeping.
+
+    A step is the update rule plus accounting that never reads a value on the host: loss and
+    accuracy sums, and the first non-finite step, accumulate in device tensors read once by
+    `totals`. So a step can be captured whole (`search.cuda_graph`): a few plain warm-up steps
+    create the optimisers' state and let cuDNN pick its kernels, the next batch is copied into
+    static buffers and the step captured, and every later batch is copied in and the graph
+    replayed. A graph is captured per epoch, so the epoch's lr, the warm-up switch and the
+    active ops are constants in it; a batch of another shape (a last partial batch) runs plainly.
+    """
+
+    # Plain steps before a capture: the first creates the optimisers' state (momentum buffers,
+    # Adam moments) that a graph must find allocated; cuDNN's autotuning also runs in it.
+    WARMUP_STEPS = 2
+
+    def __init__(self, run: SearchRun, ctx: StepContext, update_arch: bool) -> None:
+        self.run, self.ctx, self.update_arch = run, ctx, update_arch
+        device = run.device
+        self.sums = torch.zeros(4, device=device)     # loss, correct, arch loss, arch correct
+        self.bad_step = torch.full((), -1, dtype=torch.long, device=device)
+        self.step_index = torch.zeros((), dtype=torch.long, device=device)
+        self.counts = [0, 0]
+        self.skipped = 0
+        self._warmup = self.WARMUP_STEPS
+        self._graph: StepGraph | None = None
+        self._static: list[torch.Tensor] = []
+        self._graph_counts = (0, 0)
+
+    def _step(self, train: Batch, val: Batch | None) -> tuple[StepStats, torch.Tensor]:
+        """One update-rule step and its accounting; (stats, finite flag), all on the device."""
+        stats = self.run.rule.step(self.ctx, train, val, self.update_arch)
+        finite = torch.isfinite(stats.loss) & torch.stack(
+            [torch.isfinite(a).all() for a in self.run.arch]).all()
+        if stats.arch_loss is not None:
+            finite = finite & torch.isfinite(stats.arch_loss)
+        if self.run.cfg.nonfinite == "stop":
+            # remember the first bad step; read once per epoch
+            self.bad_step.copy_(torch.where((self.bad_step < 0) & ~finite, self.step_index, self.bad_step))
+        self.step_index.add_(1)
+        return stats, finite
+
+    def _add(self, stats: StepStats) -> tuple[int, int]:
+        """Add the step's sums on the device; returns its (train, α) image counts."""
+        zero = self.sums.new_zeros(())
+        self.sums.add_(torch.stack([stats.loss, stats.correct.to(self.sums.dtype),
+                                    zero if stats.arch_loss is None else stats.arch_loss,
+                                    zero if stats.arch_correct is None else
+                                    stats.arch_correct.to(self.sums.dtype)]))
+        return stats.count, stats.arch_count if stats.arch_loss is not None else 0
+
+    def _count(self, counts: tuple[int, int]) -> None:
+        self.counts[0] += counts[0]
+        self.counts[1] += counts[1]
+
+    def step(self, train: Batch, val: Batch | None) -> None:
+        run = self.run
+        if run.capture_step is not None:
+            self._graph_step(train, val)
+            return
+        snapshot = run._snapshot() if run.cfg.nonfinite == "skip" else None
+        stats, finite = self._step(train, val)
+        # 'skip' pays one host sync per step to undo a non-finite update before it spreads
+        if snapshot is not None and not bool(finite):
+            run._restore(snapshot)
+            self.skipped += 1
+            return
+        self._count(self._add(stats))
+
+    def _batches(self, train: Batch, val: Batch | None) -> list[torch.Tensor]:
+        return [*train, *(val if val is not None else ())]
+
+    def _graph_step(self, train: Batch, val: Batch | None) -> None:
+        batches = self._batches(train, val)
+        if self._graph is not None and [(t.shape, t.dtype) for t in batches] == \
+                [(t.shape, t.dtype) for t in self._static]:
+            for s, t in zip(self._static, batches):
+                s.copy_(t)
+            self._graph.replay()
+            self._count(self._graph_counts)
+            return
+        if self._warmup > 0 or self._graph is not None:   # warm-up, or a batch the graph cannot take
+            self._warmup -= 1
+            with _side_stream(self.run.device):
+                counts = self._add(self._step(train, val)[0])
+            self._count(counts)
+            return
+        self._static = [t.clone() for t in batches]
+        n = len(train)
+        s_train = tuple(self._static[:n])
+        s_val = tuple(self._static[n:]) if val is not None else None
+
+        def captured() -> None:
+            self._graph_counts = self._add(self._step(s_train, s_val)[0])   # host ints: shapes
+
+        self._graph = self.run.capture_step(captured)
+        self._graph.replay()          # capturing ran nothing: this performs the step
+        self._count(self._graph_counts)
+
+    def totals(self) -> tuple[list[float], int]:
+        """(loss, correct, arch loss, arch correct) sums and the first bad step (-1: none)."""
+        return self.sums.tolist(), int(self.bad_step)
+
+
+@contextlib.contextmanager
+def _side_stream(device: torch.device) -> Iterator[None]:
+    """CUDA graph warm-up runs on a side stream, so that its lazy initialisations stay off the
+    stream the capture will record (the recipe of torch.cuda.graph's documentation)."""
+    if device.type != "cuda":
+        yield
+        return
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        yield
+    torch.cuda.current_stream(device).wait_stream(side)
 
 
 def _clone_state(state: Any) -> Any:

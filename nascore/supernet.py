@@ -8,6 +8,9 @@ Parts that the methods combine, each independent of the search space:
 - random features (RF-DARTS §2.3): convolution weights frozen at init, BatchNorm affine trained.
 - a progressive op set (OPP-DARTS §2.5): columns of α switched on one at a time; `op_rank`
   records the order in which they entered (the derivation reads ops in that order).
+- two forward backends over the same modules: `eager` (the per-edge loop below, the reference
+  for debugging) and `fused` (`nascore.fused`: the edges leaving a state in one pass, the same
+  numbers in fewer kernels; used in training mode only, evaluation stays eager).
 
 A search space (``nascore.spaces``) assembles a macro network from `SearchCell`s and subclasses
 `Supernet`; methods never see which space they run on.
@@ -16,12 +19,13 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterator, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import fused
 from .ops import POOLING_OPS, build_op
 
 if TYPE_CHECKING:
@@ -144,12 +148,26 @@ class SearchCell(nn.Module):
         self.edge_list = dag_edges(num_inputs, num_nodes)
         if len(edge_ops) != len(self.edge_list):
             raise ValueError(f"{len(edge_ops)} op lists for {len(self.edge_list)} edges")
-        self.edges = nn.ModuleList(
-            make_edge(ops, C, 2 if reduction and j < num_inputs else 1, cfg, pool_bn)
-            for ops, (_, j) in zip(edge_ops, self.edge_list))
+        strides = tuple(2 if reduction and j < num_inputs else 1 for j in range(num_inputs + num_nodes))
+        self.edges = nn.ModuleList(make_edge(ops, C, strides[j], cfg, pool_bn)
+                                   for ops, (_, j) in zip(edge_ops, self.edge_list))
+        k = cfg.partial_channels
+        self.fused_shape = fused.CellShape(strides, C // k, k, cfg.channel_shuffle and k > 1, output)
+        self._fused_plans: dict[fused.ArchPlan, fused.CellPlan] = {}   # pure data: safe to deepcopy
 
-    def forward(self, inputs: Sequence[torch.Tensor], weights: torch.Tensor, columns: Sequence[int],
-                edge_weights: torch.Tensor | None = None) -> torch.Tensor:
+    def op_module(self, edge: int, column: int) -> nn.Module:
+        return self.edges[edge].ops[column]
+
+    def forward(self, inputs: Sequence[torch.Tensor], weights: "torch.Tensor | fused.FusedArch",
+                columns: Sequence[int], edge_weights: torch.Tensor | None = None) -> torch.Tensor:
+        """`weights`: softmax(α) over `columns` (edges × columns), or a `FusedArch` (fused backend,
+        β already folded in)."""
+        if isinstance(weights, fused.FusedArch):
+            plan = self._fused_plans.get(weights.plan)
+            if plan is None:
+                plan = self._fused_plans[weights.plan] = fused.build_cell_plan(
+                    self.op_module, weights.plan, columns)
+            return fused.cell_forward(self.op_module, self.fused_shape, plan, weights, inputs)
         states = list(inputs)
         e = 0
         for _ in range(self.num_nodes):
@@ -166,6 +184,9 @@ class SearchCell(nn.Module):
         return states[-1]
 
 
+BACKENDS = ("eager", "fused")
+
+
 class Supernet(nn.Module):
     """Base of every space's supernet: architecture parameters and what is read off them.
 
@@ -174,6 +195,7 @@ class Supernet(nn.Module):
 
     space: "SearchSpace"
     cfg: SupernetConfig
+    backend: str = "eager"           # set_backend("fused"): same modules, fewer kernels (training)
 
     def init_arch(self, edge_ops: dict[str, Sequence[Sequence[str]]],
                   edges_per_node: Sequence[int]) -> None:
@@ -193,6 +215,13 @@ class Supernet(nn.Module):
         }) if self.cfg.edge_normalization else None
         # op_rank[c] = order in which column c entered the search (-1: not yet); all on by default.
         self.register_buffer("op_rank", torch.arange(num_ops))
+        # A host copy of the active columns: reading op_rank every forward would wait for the GPU.
+        # Kept in step by the setters below and by load_state_dict (the buffer travels in checkpoints).
+        self._columns: tuple[int, ...] = tuple(range(num_ops))
+        self.register_load_state_dict_post_hook(_sync_active_columns)
+        # device index tensors (fused plans, column gathers), built once: no host→device copy per step
+        self._index_cache: dict[tuple, torch.Tensor] = {}
+        self._plan_cache: dict[tuple, fused.ArchPlan] = {}
 
     # --- architecture state -------------------------------------------------------------------
     @property
@@ -200,8 +229,7 @@ class Supernet(nn.Module):
         return self.op_rank.numel()
 
     def active_columns(self) -> list[int]:
-        ranks = self.op_rank.tolist()
-        return sorted((c for c, r in enumerate(ranks) if r >= 0), key=lambda c: ranks[c])
+        return list(self._columns)
 
     def set_active_columns(self, columns: Sequence[int]) -> None:
         """Switch on exactly `columns`, in that order of entry (OPP-DARTS)."""
@@ -209,12 +237,14 @@ class Supernet(nn.Module):
         for r, c in enumerate(columns):
             rank[c] = r
         self.op_rank.copy_(rank)
+        self._columns = tuple(columns)
 
     def activate_column(self, column: int) -> None:
         """Add op column `column` to every edge: fresh α entries (1e-3·N(0,1)) and fresh op weights."""
-        if self.op_rank[column] >= 0:
+        if column in self._columns:
             raise ValueError(f"op column {column} is already active")
-        self.op_rank[column] = int(self.op_rank.max()) + 1
+        self.op_rank[column] = len(self._columns)
+        self._columns += (column,)
         with torch.no_grad():
             for ct in self.cell_types:
                 self.alphas[ct][:, column] = 1e-3 * torch.randn_like(self.alphas[ct][:, column])
@@ -230,16 +260,27 @@ class Supernet(nn.Module):
         """Around an α optimiser step: columns not yet switched on keep their values.
 
         Their gradient is a zero-fill (not None), so Adam's L2 term would otherwise move them.
+        A mask select, not an index assignment: no host data enters the step (CUDA-graph safe).
         """
-        columns = [c for c, r in enumerate(self.op_rank.tolist()) if r < 0]
-        if not columns:
+        if len(self._columns) == self.num_ops:
             yield
             return
-        saved = {ct: self.alphas[ct][:, columns].detach().clone() for ct in self.cell_types}
+        alphas = [self.alphas[ct] for ct in self.cell_types]
+        inactive = self._index(("inactive", self._columns), lambda: torch.tensor(
+            [c not in self._columns for c in range(self.num_ops)]), alphas[0].device)
+        saved = [a.detach().clone() for a in alphas]
         yield
         with torch.no_grad():
-            for ct in self.cell_types:
-                self.alphas[ct][:, columns] = saved[ct]
+            for a, s in zip(alphas, saved):
+                a.copy_(torch.where(inactive, s, a))
+
+    def _index(self, key: tuple, make: Callable[[], torch.Tensor], device: torch.device) -> torch.Tensor:
+        """A small constant tensor on `device`, made once (creating it per step would copy from host)."""
+        full = (*key, str(device))
+        t = self._index_cache.get(full)
+        if t is None:
+            t = self._index_cache[full] = make().to(device)
+        return t
 
     def column_names(self, cell_type: str, edge: int, columns: Sequence[int]) -> list[str]:
         return [self.edge_ops[cell_type][edge][c] for c in columns]
@@ -261,8 +302,12 @@ class Supernet(nn.Module):
 
     def op_weights(self, cell_type: str, columns: Sequence[int] | None = None) -> torch.Tensor:
         """softmax(α) over the active columns: (edges, len(columns))."""
-        columns = self.active_columns() if columns is None else columns
-        return F.softmax(self.alphas[cell_type][:, list(columns)], dim=-1)
+        columns = tuple(self._columns if columns is None else columns)
+        alpha = self.alphas[cell_type]
+        if columns != tuple(range(self.num_ops)):
+            alpha = alpha.index_select(1, self._index(("columns", columns), lambda: torch.tensor(
+                columns, dtype=torch.long), alpha.device))
+        return F.softmax(alpha, dim=-1)
 
     def edge_weights(self, cell_type: str) -> torch.Tensor | None:
         """Edge normalisation: softmax of β over each node's incoming edges, or None."""
@@ -291,11 +336,35 @@ class Supernet(nn.Module):
         return self.space.derive(self.derivation_weights())
 
     # --- forward ------------------------------------------------------------------------------
+    def set_backend(self, backend: str) -> None:
+        if backend not in BACKENDS:
+            raise ValueError(f"supernet backend {backend!r} is unknown; allowed: {', '.join(BACKENDS)}")
+        self.backend = backend
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         columns = self.active_columns()
+        if self.backend == "fused" and self.training:
+            return self._forward_fused(x, columns)
         weights = {ct: self.op_weights(ct, columns) for ct in self.cell_types}
         edge_weights = {ct: self.edge_weights(ct) for ct in self.cell_types}
         return self.forward_cells(x, weights, edge_weights, columns)
+
+    def _forward_fused(self, x: torch.Tensor, columns: list[int]) -> torch.Tensor:
+        sink = fused.BatchNormSink()
+        arch = {}
+        for ct in self.cell_types:
+            key = (ct, tuple(columns))
+            plan = self._plan_cache.get(key)
+            if plan is None:
+                plan = self._plan_cache[key] = fused.build_arch_plan(
+                    self.edge_ops[ct], self.edges_per_node, columns)
+            device = self.alphas[ct].device
+            arch[ct] = fused.prepare_arch(
+                plan, self.op_weights(ct, columns), self.edge_weights(ct), self.cfg.partial_channels > 1,
+                lambda values: self._index(("plan", values), lambda: torch.tensor(values), device), sink)
+        out = self.forward_cells(x, arch, {ct: None for ct in self.cell_types}, columns)
+        sink.flush()
+        return out
 
     def forward_cells(self, x: torch.Tensor, weights: dict[str, torch.Tensor],
                       edge_weights: dict[str, torch.Tensor | None], columns: Sequence[int]
@@ -320,3 +389,9 @@ class Supernet(nn.Module):
             elif isinstance(m, nn.Linear) and not self.cfg.train_classifier:
                 for p in m.parameters(recurse=False):
                     p.requires_grad_(False)
+
+
+def _sync_active_columns(module: Supernet, incompatible_keys: object) -> None:
+    """load_state_dict hook: the host copy of the active columns follows the loaded op_rank."""
+    ranks = module.op_rank.tolist()
+    module._columns = tuple(sorted((c for c, r in enumerate(ranks) if r >= 0), key=lambda c: ranks[c]))

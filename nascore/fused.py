@@ -1,0 +1,501 @@
+"""The fused supernet forward (`search.backend: fused`): the same numbers in fewer, larger kernels.
+
+The eager cell runs every candidate op of every edge on its own and sums `w · op(x)` edge by edge
+(tens of kernels per edge × 14 edges × 8 cells, forward and backward, twice per step). Yet the
+14 edges of a DARTS cell read only 5 states (c_{k-2}, c_{k-1}, n0, n1, n2; NB201: 6 edges, 3
+states), so here every op of every edge leaving a state is computed in one pass over that state:
+
+- one ReLU per state, shared by every op that starts with one (all convs and FactorizedReduce);
+- parameter-free ops once per state: identity, and pooling (its batch statistics are then the same
+  for every edge's BN, only the running buffers and, with random features, γ/β differ);
+- all units of one op kind (e.g. the 4 `sep_conv_3x3` of the 4 edges leaving c_{k-1}) as one
+  convolution: depthwise convs as one grouped conv, 1×1 / dense convs with their weights
+  concatenated, their BNs as one batch norm over the concatenated channels;
+- the α-weighted sum, the edge normalisation (β, folded into the α weights) and the node sums as
+  one `addcmul` per op kind into an accumulator of shape (B, targets, C, H, W);
+- partial channels (PC-DARTS): the ops see the state's first C/K channels; the bypassed channels
+  (max-pooled once per state on stride-2 edges) are summed per node with the β weights, and
+  concatenation and channel shuffle are one copy per node;
+- S4's `noise` is drawn per edge in the eager loop's order, so both paths see the same numbers.
+
+Nothing is re-parameterised: the fused forward concatenates the eager modules' own weights at
+call time, so checkpoints, `functional_call` (second order), random-feature freezing and the
+progressive op set work unchanged, and gradients reach the same parameters. Running statistics of
+the grouped BNs are written back to each module's buffers (one `_foreach_lerp_` per forward).
+Ops the fused forward does not recognise run their own eager module per edge ("eager" kind).
+
+Numbers differ from the eager path only by float rounding (summation order); tests check outputs,
+gradients, BN buffers and derived genotypes against the eager path in float64.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .ops import DilConv, FactorizedReduce, Identity, Noise, ReLUConvBN, SepConv, Zero
+
+Units = tuple[tuple[int, int], ...]           # (edge, column) pairs
+
+
+# --- plans: pure data, cached per (cell type, active columns) ----------------------------------
+@dataclass(frozen=True)
+class GroupPlan:
+    """The units of one op name among the edges leaving one state, computed together."""
+
+    op: str
+    units: Units                              # in target-node order
+    positions: tuple[int, ...] | None         # target slot of each unit; None: one per target, in order
+
+
+@dataclass(frozen=True)
+class SourcePlan:
+    state: int                                # inputs first, then nodes (`dag_edges` numbering)
+    edges: tuple[int, ...]                    # the edge to each later node, in node order
+    groups: tuple[GroupPlan, ...]
+
+
+@dataclass(frozen=True, eq=False)     # compared by identity: a cheap dict key in every forward
+class ArchPlan:
+    """How one cell type's edges group by source state and op name, for the active columns."""
+
+    num_inputs: int
+    num_nodes: int
+    sources: tuple[SourcePlan, ...]
+    op_index: tuple[int, ...]                 # flat index into (edges × active columns), unit by unit
+    edge_index: tuple[int, ...]               # the edge of each (source, target) slot, source by source
+
+
+def build_arch_plan(edge_ops: Sequence[Sequence[str]], edges_per_node: Sequence[int],
+                    columns: Sequence[int]) -> ArchPlan:
+    """Group the units (edge, active column) by the state the edge reads and by op name."""
+    num_inputs, num_nodes = edges_per_node[0], len(edges_per_node)
+    edge_of, e = {}, 0
+    for i in range(num_nodes):
+        for j in range(num_inputs + i):
+            edge_of[i, j] = e
+            e += 1
+    sources: list[SourcePlan] = []
+    op_index: list[int] = []
+    edge_index: list[int] = []
+    for j in range(num_inputs + num_nodes - 1):              # the last node feeds no edge
+        first = max(0, j - num_inputs + 1)
+        edges = tuple(edge_of[i, j] for i in range(first, num_nodes))
+        by_op: dict[str, list[tuple[int, int, int]]] = {}
+        for pos, e in enumerate(edges):
+            for k, c in enumerate(columns):
+                by_op.setdefault(edge_ops[e][c], []).append((pos, e, k))
+        groups = []
+        for op, units in by_op.items():
+            positions = tuple(u[0] for u in units)
+            groups.append(GroupPlan(op, tuple((e, columns[k]) for _, e, k in units),
+                                    None if positions == tuple(range(len(edges))) else positions))
+            op_index += [e * len(columns) + k for _, e, k in units]
+        sources.append(SourcePlan(j, edges, tuple(groups)))
+        edge_index += edges
+    return ArchPlan(num_inputs, num_nodes, tuple(sources), tuple(op_index), tuple(edge_index))
+
+
+@dataclass(frozen=True)
+class CellPlan:
+    """What one cell's modules are, per group of its `ArchPlan` (same for every cell of a type)."""
+
+    kinds: tuple[tuple[str, ...], ...]        # per source, per group: a key of KINDS
+    noise: tuple[tuple[int, int, int], ...]   # (edge, column, state) in the eager loop's draw order
+    bn_channels: int                          # batch-norm channels per op channel (temp statistics)
+    bn_unit: tuple[int, int] | None           # a unit with a grouped BN: its buffers' dtype/device
+
+
+def build_cell_plan(op_module: Callable[[int, int], nn.Module], plan: ArchPlan,
+                    columns: Sequence[int]) -> CellPlan:
+    kinds = tuple(tuple(classify(op_module(*g.units[0])) for g in sp.groups) for sp in plan.sources)
+    noise = []
+    bn, bn_unit = 0, None
+    state_of = {e: sp.state for sp in plan.sources for e in sp.edges}
+    for sp, ks in zip(plan.sources, kinds):
+        for g, kind in zip(sp.groups, ks):
+            if BN_CHANNELS[kind](1):
+                bn += BN_CHANNELS[kind](len(g.units))
+                bn_unit = bn_unit or g.units[0]
+            if kind == "noise":
+                noise += [(e, c, state_of[e]) for e, c in g.units]
+    order = {c: k for k, c in enumerate(columns)}
+    # the eager loop visits edges in α-row order and an edge's ops in `columns` order
+    noise.sort(key=lambda u: (u[0], order[u[1]]))
+    return CellPlan(kinds, tuple(noise), bn, bn_unit)
+
+
+def classify(m: nn.Module) -> str:
+    """The fused kind of an op module; "eager" for anything whose structure is not the expected one."""
+    if isinstance(m, Zero):
+        return "zero"
+    if isinstance(m, Noise):
+        return "noise"
+    if isinstance(m, Identity):
+        return "identity"
+    if isinstance(m, (nn.MaxPool2d, nn.AvgPool2d)):
+        return "pool"
+    if (isinstance(m, nn.Sequential) and len(m) == 2 and isinstance(m[0], (nn.MaxPool2d, nn.AvgPool2d))
+            and _is_bn(m[1])):
+        return "pool_bn"
+    if isinstance(m, SepConv) and len(m) == 2 and all(_is_dil_block(b) for b in m):
+        return "sep"
+    if isinstance(m, DilConv) and _is_dil_block(m):
+        return "dil"
+    if (isinstance(m, ReLUConvBN) and isinstance(m[0], nn.ReLU) and _is_conv(m[1]) and m[1].groups == 1
+            and _is_bn(m[2])):
+        return "relu_conv_bn"
+    if isinstance(m, FactorizedReduce) and _is_conv(m.conv_1) and _is_conv(m.conv_2) and _is_bn(m.bn):
+        return "factorized_reduce"
+    return "eager"
+
+
+def _is_bn(m: nn.Module) -> bool:
+    return isinstance(m, nn.BatchNorm2d) and m.track_running_stats and m.momentum is not None
+
+
+def _is_conv(m: nn.Module) -> bool:
+    return isinstance(m, nn.Conv2d) and m.padding_mode == "zeros" and isinstance(m.padding, tuple)
+
+
+def _is_dil_block(m: nn.Module) -> bool:
+    """ReLU -> depthwise conv -> 1×1 conv (no bias) -> BN, as `DilConv` builds it."""
+    return (len(m) == 4 and isinstance(m[0], nn.ReLU) and _is_conv(m[1]) and m[1].bias is None
+            and m[1].groups == m[1].in_channels == m[1].out_channels and _is_conv(m[2])
+            and m[2].kernel_size == (1, 1) and m[2].groups == 1 and m[2].bias is None
+            and m[2].stride == (1, 1) and m[2].padding == (0, 0) and _is_bn(m[3]))
+
+
+# --- batch-norm statistics ---------------------------------------------------------------------
+@dataclass
+class _BNUpdate:
+    bns: list[nn.BatchNorm2d]
+    mean: torch.Tensor
+    var: torch.Tensor
+    shared: bool                              # every module saw the same batch statistics
+
+
+@dataclass
+class BatchNormSink:
+    """Per-forward scratch. Grouped BNs compute their batch statistics into temporaries here and
+    `flush` folds them into the modules' running buffers; small constants are made once here.
+
+    `F.batch_norm` with momentum 1 on zero buffers leaves exactly the batch mean and the unbiased
+    batch variance there, which each module then folds into its own running buffers as nn.BatchNorm
+    does: running ← (1 − m)·running + m·batch, num_batches_tracked += 1.
+    """
+
+    updates: list[_BNUpdate] = field(default_factory=list)
+    _eyes: dict[tuple, torch.Tensor] = field(default_factory=dict)
+    _buffer: torch.Tensor | None = None
+    _used: int = 0
+
+    def eye(self, n: int, like: torch.Tensor) -> torch.Tensor:
+        """An n×n identity like `like`, made once per forward (every group of n units reuses it)."""
+        key = (n, like.dtype, like.device)
+        if key not in self._eyes:
+            self._eyes[key] = torch.eye(n, dtype=like.dtype, device=like.device)
+        return self._eyes[key]
+
+    def begin_cell(self, channels: int, like: torch.Tensor) -> None:
+        """One zeroed buffer per cell for every grouped BN in it (one kernel, not one per group)."""
+        self._buffer = like.new_zeros((2, channels)) if channels else None
+        self._used = 0
+
+    def take(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        assert self._buffer is not None and self._used + n <= self._buffer.shape[1]
+        u, self._used = self._used, self._used + n
+        return self._buffer[0, u:u + n], self._buffer[1, u:u + n]
+
+    def flush(self) -> None:
+        by_momentum: dict[float, tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]] = {}
+        for up in self.updates:
+            n = len(up.bns)
+            means = [up.mean] * n if up.shared else up.mean.split(up.bns[0].num_features)
+            vars_ = [up.var] * n if up.shared else up.var.split(up.bns[0].num_features)
+            for bn, m, v in zip(up.bns, means, vars_):
+                running, batch, counters = by_momentum.setdefault(float(bn.momentum), ([], [], []))
+                running += [bn.running_mean, bn.running_var]
+                batch += [m, v]
+                counters.append(bn.num_batches_tracked)
+        with torch.no_grad():
+            for momentum, (running, batch, counters) in by_momentum.items():
+                # through `.data`, as BatchNorm's own kernel writes them: no version bump, so
+                # buffers that are views of one tensor (the second-order step's scratch copies)
+                # stay valid for the eager BNs that saved them for backward
+                torch._foreach_lerp_([t.data for t in running], batch, momentum)
+                torch._foreach_add_(counters, 1)
+        self.updates.clear()
+
+
+def _bn_blocks(y: torch.Tensor, bns: Sequence[nn.BatchNorm2d], sink: BatchNormSink) -> torch.Tensor:
+    """Train-mode BN of `y`'s channels, block u normalised as `bns[u]` would (one kernel)."""
+    bns = list(bns)
+    mean, var = sink.take(y.shape[1])
+    weight = torch.cat([b.weight for b in bns]) if bns[0].affine else None
+    bias = torch.cat([b.bias for b in bns]) if bns[0].affine else None
+    out = F.batch_norm(y, mean, var, weight, bias, True, 1.0, bns[0].eps)
+    sink.updates.append(_BNUpdate(bns, mean, var, shared=False))
+    return out
+
+
+def _bn_shared(y: torch.Tensor, bns: Sequence[nn.BatchNorm2d], sink: BatchNormSink) -> torch.Tensor:
+    """Every module in `bns` normalises the same `y`: (B, 1, C, H, W), or (B, n, C, H, W) with γ/β."""
+    bns = list(bns)
+    mean, var = sink.take(y.shape[1])
+    out = F.batch_norm(y, mean, var, None, None, True, 1.0, bns[0].eps).unsqueeze(1)
+    sink.updates.append(_BNUpdate(bns, mean, var, shared=True))
+    if not bns[0].affine:
+        return out
+    gamma = torch.stack([b.weight for b in bns])[None, :, :, None, None]
+    beta = torch.stack([b.bias for b in bns])[None, :, :, None, None]
+    return torch.addcmul(beta, out, gamma)
+
+
+# --- op kinds: n units of one op on one state -> (B, n or 1, C, H', W') ------------------------
+@dataclass
+class _Source:
+    """One state's input to its ops, with the ReLU they share computed at most once."""
+
+    x: torch.Tensor
+    sink: BatchNormSink
+    noise: dict[tuple[int, int], torch.Tensor]
+    _relu: torch.Tensor | None = None
+
+    def relu(self) -> torch.Tensor:
+        if self._relu is None:
+            self._relu = F.relu(self.x)
+        return self._relu
+
+
+def _identity(mods: list[nn.Module], src: _Source, units: Units) -> torch.Tensor:
+    return src.x.unsqueeze(1)
+
+
+def _pool(mods: list[nn.Module], src: _Source, units: Units) -> torch.Tensor:
+    return mods[0](src.x).unsqueeze(1)          # parameter-free: one pooling serves every edge
+
+
+def _pool_bn(mods: list[nn.Module], src: _Source, units: Units) -> torch.Tensor:
+    return _bn_shared(mods[0][0](src.x), [m[1] for m in mods], src.sink)
+
+
+def _dil_blocks(blocks: Sequence[nn.Sequential], r: torch.Tensor, sink: BatchNormSink,
+                shared_input: bool) -> torch.Tensor:
+    """[depthwise conv → 1×1 conv → BN] of n `DilConv`-shaped blocks whose ReLU `r` already is.
+
+    Shared input (every block reads the same C channels): one depthwise conv with channel
+    multiplier n, whose output is ordered (channel, unit); the n 1×1 convs then run as ONE dense
+    1×1 conv whose columns undo that order. It does n× the block-diagonal multiply-adds, which is
+    free where the 1×1 conv is memory-bound (small C on a GPU), and saves a transpose copy of
+    the activations. Separate inputs (a SepConv's second block): grouped convs, unit-major.
+    """
+    dw, pw = [b[1] for b in blocks], [b[2] for b in blocks]
+    n, d0 = len(blocks), dw[0]
+    # Weights are concatenated along dim 0 and rearranged afterwards: their gradients then come
+    # back as contiguous slices, which autograd hands to `.grad` without a copy per parameter.
+    if shared_input:
+        w = torch.cat([d.weight for d in dw]).unflatten(0, (n, -1)).transpose(0, 1).flatten(0, 1)
+        y = F.conv2d(r, w, None, d0.stride, d0.padding, d0.dilation, d0.in_channels)  # (c, u)
+        p = torch.cat([q.weight for q in pw]).flatten(1).unflatten(0, (n, -1))        # (u, d, c)
+        eye = sink.eye(n, p)
+        dense = (p.unsqueeze(-1) * eye[:, None, None, :]).flatten(0, 1).flatten(1)   # (u, d) × (c, u')
+        y = F.conv2d(y, dense[:, :, None, None])
+    else:
+        y = F.conv2d(r, torch.cat([d.weight for d in dw]), None, d0.stride, d0.padding, d0.dilation,
+                     n * d0.in_channels)
+        y = F.conv2d(y, torch.cat([p.weight for p in pw]), None, 1, 0, 1, n)
+    return _bn_blocks(y, [b[3] for b in blocks], sink)
+
+
+def _dil(mods: list[nn.Module], src: _Source, units: Units) -> torch.Tensor:
+    return _dil_blocks(mods, src.relu(), src.sink, shared_input=True).unflatten(1, (len(mods), -1))
+
+
+def _sep(mods: list[nn.Module], src: _Source, units: Units) -> torch.Tensor:
+    y = _dil_blocks([m[0] for m in mods], src.relu(), src.sink, shared_input=True)
+    y = _dil_blocks([m[1] for m in mods], F.relu(y), src.sink, shared_input=False)
+    return y.unflatten(1, (len(mods), -1))
+
+
+def _relu_conv_bn(mods: list[nn.Module], src: _Source, units: Units) -> torch.Tensor:
+    convs = [m[1] for m in mods]
+    c0 = convs[0]
+    bias = torch.cat([c.bias for c in convs]) if c0.bias is not None else None
+    y = F.conv2d(src.relu(), torch.cat([c.weight for c in convs]), bias, c0.stride, c0.padding,
+                 c0.dilation)
+    return _bn_blocks(y, [m[2] for m in mods], src.sink).unflatten(1, (len(mods), -1))
+
+
+def _factorized_reduce(mods: list[nn.Module], src: _Source, units: Units) -> torch.Tensor:
+    r, n = src.relu(), len(mods)
+    c1, c2 = mods[0].conv_1, mods[0].conv_2
+    a = F.conv2d(r, torch.cat([m.conv_1.weight for m in mods]), None, c1.stride, c1.padding)
+    b = F.conv2d(r[:, :, 1:, 1:], torch.cat([m.conv_2.weight for m in mods]), None, c2.stride,
+                 c2.padding)
+    # each unit's output is cat(conv_1, conv_2) on channels, as in FactorizedReduce
+    y = torch.cat([a.unflatten(1, (n, -1)), b.unflatten(1, (n, -1))], dim=2).flatten(1, 2)
+    return _bn_blocks(y, [m.bn for m in mods], src.sink).unflatten(1, (n, -1))
+
+
+def _noise(mods: list[nn.Module], src: _Source, units: Units) -> torch.Tensor:
+    return torch.stack([src.noise[u] for u in units], dim=1)
+
+
+def _eager(mods: list[nn.Module], src: _Source, units: Units) -> torch.Tensor:
+    return torch.stack([m(src.x) for m in mods], dim=1)
+
+
+KindFn = Callable[[list[nn.Module], _Source, Units], torch.Tensor]
+KINDS: dict[str, KindFn | None] = {
+    "zero": None,                 # contributes exactly nothing: not computed
+    "noise": _noise, "identity": _identity, "pool": _pool, "pool_bn": _pool_bn, "dil": _dil,
+    "sep": _sep, "relu_conv_bn": _relu_conv_bn, "factorized_reduce": _factorized_reduce,
+    "eager": _eager,
+}
+# batch-norm channels (in op channels) a group of n units normalises through the sink
+BN_CHANNELS: dict[str, Callable[[int], int]] = {
+    "zero": lambda n: 0, "noise": lambda n: 0, "identity": lambda n: 0, "pool": lambda n: 0,
+    "pool_bn": lambda n: 1, "dil": lambda n: n, "sep": lambda n: 2 * n, "relu_conv_bn": lambda n: n,
+    "factorized_reduce": lambda n: n, "eager": lambda n: 0,
+}
+
+
+# --- per-forward α weights ---------------------------------------------------------------------
+@dataclass
+class FusedArch:
+    """What the cells of one type need for one fused forward (prepared once, shared by them)."""
+
+    plan: ArchPlan
+    group_weights: list[list[torch.Tensor]]   # per source, per group: (1, n, 1, 1, 1)
+    bypass_weights: list[torch.Tensor | None]  # per source: (1, targets, 1, 1, 1) β weights (PC)
+    positions: list[list[torch.Tensor | None]]  # per source, per group: device index or None
+    sink: BatchNormSink
+
+
+def prepare_arch(plan: ArchPlan, op_weights: torch.Tensor,
+                 edge_weights: torch.Tensor | None, partial: bool,
+                 index: Callable[[tuple[int, ...]], torch.Tensor], sink: BatchNormSink) -> FusedArch:
+    """α weights gathered per group (β folded in), cast to the autocast dtype when one is active.
+
+    `index(values)` returns `values` as a cached device tensor (no host→device copy per step).
+    """
+    w = op_weights if edge_weights is None else op_weights * edge_weights[:, None]
+    flat = w.reshape(-1).index_select(0, index(plan.op_index))
+    bypass = (edge_weights.index_select(0, index(plan.edge_index))
+              if partial and edge_weights is not None else None)
+    device_type = flat.device.type
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        # the ops' outputs are in the autocast dtype; float32 weights would promote every sum
+        dtype = torch.get_autocast_dtype(device_type)
+        flat = flat.to(dtype)
+        bypass = bypass.to(dtype) if bypass is not None else None
+    # one split, not a slice per group: its backward is one cat instead of a sum of zero-padded slices
+    parts = iter(flat.split([len(g.units) for sp in plan.sources for g in sp.groups]))
+    edge_parts = iter(bypass.split([len(sp.edges) for sp in plan.sources]) if bypass is not None else ())
+    group_weights, bypass_weights, positions = [], [], []
+    for sp in plan.sources:
+        group_weights.append([next(parts).view(1, -1, 1, 1, 1) for _ in sp.groups])
+        positions.append([index(g.positions) if g.positions is not None else None for g in sp.groups])
+        bypass_weights.append(next(edge_parts).view(1, -1, 1, 1, 1) if bypass is not None else None)
+    return FusedArch(plan, group_weights, bypass_weights, positions, sink)
+
+
+# --- the cell ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class CellShape:
+    """What the fused forward needs to know about a `SearchCell` besides its modules."""
+
+    strides: tuple[int, ...]                  # stride of the edges leaving each state
+    op_channels: int                          # C, or C/K with partial channels
+    partial: int                              # K (1: every channel goes through the ops)
+    shuffle: bool
+    output: str                               # "concat" | "last"
+
+
+def _weighted_add(acc: torch.Tensor | None, out: torch.Tensor, w: torch.Tensor,
+                  positions: torch.Tensor | None, targets: int) -> torch.Tensor:
+    """acc + w·out into the accumulator's target slots (all, or the units' own)."""
+    if positions is None:
+        return out * w if acc is None else torch.addcmul(acc, out, w)
+    term = out * w
+    if acc is None:
+        acc = term.new_zeros((term.shape[0], targets, *term.shape[2:]))
+    return acc.index_add(1, positions, term)
+
+
+def _join_partial(a: torch.Tensor, b: torch.Tensor, k: int, shuffle: bool) -> torch.Tensor:
+    """cat(ops' channels, bypassed channels), channel-shuffled (K groups) in the same copy."""
+    if not shuffle:
+        return torch.cat([a, b], dim=1)
+    # shuffle: channel g·C/K + i moves to i·K + g; group 0 is `a`, groups 1..K-1 are `b`
+    return torch.cat([a.unsqueeze(2), b.unflatten(1, (k - 1, -1)).transpose(1, 2)], dim=2).flatten(1, 2)
+
+
+def _draw_noise(plan: CellPlan, shape: CellShape, inputs: Sequence[torch.Tensor],
+                num_inputs: int) -> dict[tuple[int, int], torch.Tensor]:
+    """S4's noise, drawn in the eager loop's order so that both paths see the same numbers."""
+    if not plan.noise:
+        return {}
+    x0 = inputs[0]
+    b, _, h, w = x0.shape
+    node_hw = (math.ceil(h / shape.strides[0]), math.ceil(w / shape.strides[0]))
+    out = {}
+    for e, c, state in plan.noise:
+        if state < num_inputs:
+            s = shape.strides[state]
+            hw = (math.ceil(inputs[state].shape[2] / s), math.ceil(inputs[state].shape[3] / s))
+        else:
+            hw = node_hw
+        out[e, c] = torch.randn((b, shape.op_channels, *hw), dtype=x0.dtype, device=x0.device)
+    return out
+
+
+def cell_forward(op_module: Callable[[int, int], nn.Module], shape: CellShape, plan: CellPlan,
+                 arch: FusedArch, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
+    """A search cell's output, state by state: every edge leaving a state in one pass."""
+    ap, k, c_op = arch.plan, shape.partial, shape.op_channels
+    if plan.bn_unit is not None:
+        bn = next(m for m in op_module(*plan.bn_unit).modules() if isinstance(m, nn.BatchNorm2d))
+        arch.sink.begin_cell(plan.bn_channels * c_op, bn.running_mean)
+    noise = _draw_noise(plan, shape, inputs, ap.num_inputs)
+    states = list(inputs)
+    carry = carry_b = None           # partial sums of the nodes not complete yet
+    for sp, kinds, weights, positions, bw in zip(ap.sources, plan.kinds, arch.group_weights,
+                                                 arch.positions, arch.bypass_weights):
+        x = states[sp.state]
+        stride, targets = shape.strides[sp.state], len(sp.edges)
+        src = _Source(x[:, :c_op] if k > 1 else x, arch.sink, noise)
+        acc = carry
+        for g, kind, w, pos in zip(sp.groups, kinds, weights, positions):
+            fn = KINDS[kind]
+            if fn is None:
+                continue
+            out = fn([op_module(e, c) for e, c in g.units], src, g.units)
+            acc = _weighted_add(acc, out, w, pos, targets)
+        if acc is None:              # only `none` ops leave this state
+            acc = x.new_zeros((x.shape[0], targets, c_op, *_out_hw(x, stride)))
+        acc_b = None
+        if k > 1:
+            xb = x[:, c_op:]
+            xb = (xb if stride == 1 else F.max_pool2d(xb, 2, 2)).unsqueeze(1)
+            if bw is None:
+                acc_b = xb.expand(-1, targets, -1, -1, -1) if carry_b is None else carry_b + xb
+            else:
+                acc_b = xb * bw if carry_b is None else torch.addcmul(carry_b, xb, bw)
+        if sp.state >= ap.num_inputs - 1:    # every edge into the next node is summed now
+            node = acc[:, 0] if k == 1 else _join_partial(acc[:, 0], acc_b[:, 0], k, shape.shuffle)
+            states.append(node)
+            carry, carry_b = acc[:, 1:], (acc_b[:, 1:] if acc_b is not None else None)
+        else:
+            carry, carry_b = acc, acc_b
+    nodes = states[ap.num_inputs:]
+    return torch.cat(nodes, dim=1) if shape.output == "concat" else nodes[-1]
+
+
+def _out_hw(x: torch.Tensor, stride: int) -> tuple[int, int]:
+    return math.ceil(x.shape[2] / stride), math.ceil(x.shape[3] / stride)

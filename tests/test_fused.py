@@ -1,0 +1,278 @@
+"""The fast search paths compute what the plain eager path computes (issue 4).
+
+- `backend: fused` gives the eager supernet's outputs, gradients and BN buffers (float64, every
+  space and method switch), the same search trajectory and genotype, and resumes eager checkpoints.
+- A search step reads nothing on the host: every update rule runs on the meta device, where any
+  `.item()` / `.tolist()` / `bool(tensor)` raises.
+- The CUDA-graph step logic (warm-up, static buffers, in-step accounting, odd-shaped batches) gives
+  the plain loop's results when "replaying" re-runs the step, as a graph replays its kernels.
+"""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from nascore.config import ConfigError
+from nascore.methods import get_method
+from nascore.search import EpochSteps, SearchConfig, SearchData, SearchRun, search
+from nascore.spaces import SPACES, get_space
+from nascore.supernet import SupernetConfig
+from tests._tiny import TensorLoader, learnable_images
+
+
+@pytest.fixture
+def float64():
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
+
+
+def build(space, columns=None, **switches):
+    torch.manual_seed(0)
+    cfg = SupernetConfig(init_channels=4, layers=1 if space == "nb201" else 3, num_classes=3, **switches)
+    net = get_space(space).build_supernet(cfg).double()
+    if columns is not None:
+        net.set_active_columns(columns)
+    with torch.no_grad():      # α away from uniform so every op's weight differs
+        for p in net.arch_parameters():
+            p.normal_()
+    return net
+
+
+def forward_backward(net, backend, x, channels_last=False):
+    net = copy.deepcopy(net)
+    net.set_backend(backend)
+    if channels_last:
+        net = net.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    torch.manual_seed(1)                          # S4's noise: the same draws on both paths
+    out = net(x)
+    (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+    return out, net
+
+
+def assert_same(net, **kw):
+    x = torch.randn(3, 3, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    out_e, eager = forward_backward(net, "eager", x)
+    out_f, fused = forward_backward(net, "fused", x, **kw)
+    torch.testing.assert_close(out_f, out_e, rtol=1e-9, atol=1e-12)
+    grads_f = dict(fused.named_parameters())
+    for name, p in eager.named_parameters():
+        g = grads_f[name].grad
+        assert (p.grad is None) == (g is None), name
+        if p.grad is not None:
+            torch.testing.assert_close(g, p.grad, rtol=1e-8, atol=1e-12, msg=name)
+    buffers_f = dict(fused.named_buffers())
+    for name, b in eager.named_buffers():                     # BN running statistics and counts
+        torch.testing.assert_close(buffers_f[name], b, rtol=1e-9, atol=1e-12, msg=name)
+    return eager, fused
+
+
+CASES = [(space, {}) for space in SPACES.names()] + [
+    ("darts", {"partial_channels": 2, "edge_normalization": True}),          # PC-DARTS
+    ("darts", {"partial_channels": 4, "channel_shuffle": False}),
+    ("nb201", {"partial_channels": 2, "edge_normalization": True}),
+    ("s1", {"partial_channels": 2, "edge_normalization": True}),
+    ("darts", {"random_features": True}),                                    # RF-DARTS
+    ("nb201", {"random_features": True}),
+    ("s4", {"random_features": True, "partial_channels": 2, "edge_normalization": True}),
+]
+
+
+@pytest.mark.parametrize("space,switches", CASES, ids=[f"{s}-{'-'.join(k) or 'plain'}" for s, k in CASES])
+def test_fused_forward_gradients_and_bn_buffers_equal_eager(space, switches):
+    eager, _ = assert_same(build(space, **switches))
+    if switches.get("random_features"):        # frozen convs stay frozen: no gradient reaches them
+        assert all(p.grad is None for m in eager.modules() if isinstance(m, nn.Conv2d)
+                   for p in m.parameters())
+
+
+@pytest.mark.parametrize("space,columns", [("darts", [4]), ("darts", [5, 0, 3, 1]), ("nb201", [3, 0]),
+                                           ("s3", [2, 0])])
+def test_progressive_op_sets_match_and_leave_inactive_ops_untouched(space, columns):
+    net = build(space, columns=columns)
+    _, fused = assert_same(net)
+    active = set(columns)
+    for edge in fused.mixed_ops():
+        for c, op in enumerate(edge.ops):
+            for p in op.parameters():
+                assert (p.grad is not None) == (c in active and p.requires_grad)
+
+
+def test_fused_is_layout_independent_and_leaves_evaluation_eager():
+    net = build("darts", partial_channels=2, edge_normalization=True)
+    assert_same(net, channels_last=True)
+    fused = copy.deepcopy(net)
+    fused.set_backend("fused")
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    net.eval(), fused.eval()
+    torch.testing.assert_close(fused(x), net(x), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="allowed: eager, fused"):
+        net.set_backend("triton")
+
+
+def test_fused_forward_traces_under_torch_compile():
+    net = build("nb201", partial_channels=2, edge_normalization=True)
+    net.set_backend("fused")
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    expected = copy.deepcopy(net)(x)
+    compiled = torch.compile(net, backend="eager", fullgraph=True)   # no graph break in the cells
+    torch.testing.assert_close(compiled(x), expected)
+
+
+# --- whole searches ------------------------------------------------------------------------------
+def tiny_search_config(method, space, **overrides):
+    settings = get_method(method).resolved_settings()
+    settings.update(epochs=2, batch_size=4, init_channels=4, layers=1 if space == "nb201" else 3,
+                    arch_warmup_epochs=0, valid_every=1, partial_channels=min(
+                        settings.get("partial_channels", 1), 2),
+                    opp=SearchConfig().opp.__class__(stage_epochs=1, skip_after_epoch=0))
+    settings.update(overrides)
+    return SearchConfig(**settings)
+
+
+def tiny_data(n=4, batch=4, dtype=torch.float64):
+    x, y = learnable_images(2 * n, 4, 4)
+    x = x.to(dtype)
+    return SearchData(TensorLoader(x[:n], y[:n], batch), TensorLoader(x[n:], y[n:], batch), 4,
+                      score_fraction_batches=1)
+
+
+def assert_same_search(a, b, rtol=1e-7):
+    assert a.genotype == b.genotype
+    for (k, va), vb in zip(a.model.state_dict().items(), b.model.state_dict().values()):
+        torch.testing.assert_close(vb, va, rtol=rtol, atol=1e-9, msg=k)
+    for ra, rb in zip(a.history, b.history):
+        assert rb["train_loss"] == pytest.approx(ra["train_loss"], rel=rtol)
+        assert rb["genotype"] == ra["genotype"]
+
+
+@pytest.mark.parametrize("method,space", [("darts", "darts"), ("darts_v2", "nb201"), ("pc_darts", "darts"),
+                                          ("rf_darts", "darts"), ("opp_darts", "s3"),
+                                          ("single_darts", "s3")])
+def test_a_fused_search_follows_the_eager_search(method, space, float64):
+    cfg = tiny_search_config(method, space)
+    runs = [search(get_space(space), tiny_search_config(method, space, backend=b), tiny_data(n=4),
+                   log=lambda s: None) for b in ("eager", "fused")]
+    assert_same_search(*runs)
+    assert cfg.backend == "eager"
+
+
+def test_a_fused_search_resumes_an_eager_checkpoint(tmp_path, float64):
+    space = get_space("darts")
+    full = search(space, tiny_search_config("pc_darts", "darts"), tiny_data(), log=lambda s: None)
+
+    class Interrupt(Exception):
+        pass
+
+    def stop(record):
+        raise Interrupt
+    with pytest.raises(Interrupt):
+        search(space, tiny_search_config("pc_darts", "darts"), tiny_data(), on_epoch_end=stop,
+               checkpoint_path=tmp_path / "s.pt", log=lambda s: None)
+    resumed = search(space, tiny_search_config("pc_darts", "darts", backend="fused"), tiny_data(),
+                     checkpoint_path=tmp_path / "s.pt", log=lambda s: None)
+    assert resumed.resumed_from_epoch == 1
+    assert_same_search(full, resumed)
+
+
+# --- no host sync in a step ----------------------------------------------------------------------
+@pytest.mark.parametrize("method,overrides", [
+    ("darts", {"backend": "eager"}), ("darts", {}), ("darts_v2", {}), ("single_darts", {}),
+    ("rf_pcdarts", {"arch_grad_clip": 5.0}), ("opp_darts", {}),
+    ("darts", {"channels_last": True, "optimizer_impl": "foreach"}),
+])
+def test_a_search_step_reads_nothing_on_the_host(method, overrides):
+    """On the meta device tensors have no values: `.item()`, `.tolist()`, `bool()` would raise."""
+    cfg = tiny_search_config(method, "nb201", **{"backend": "fused", **overrides})
+    x = torch.empty(4, 3, 8, 8, device="meta")
+    y = torch.empty(4, dtype=torch.long, device="meta")
+    run = SearchRun(get_space("nb201"), cfg, SearchData(None, None, 4), device="meta", log=lambda s: None)
+    if cfg.op_schedule == "progressive":
+        run.model.set_active_columns([3, 0])       # a progressive search's op set mid-way
+        run.reset_optimisers(0, restart_schedule=False)
+    steps = EpochSteps(run, run.step_context(0), update_arch=True)
+    for _ in range(2):                             # the second step meets optimiser state
+        steps.step((x, y), (x, y))
+    assert steps.counts == [8, 8 if run.rule.needs_val_batch else 0]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("backend", ["eager", "fused"])
+def test_a_gpu_search_step_does_not_synchronise(backend):
+    cfg = tiny_search_config("pc_darts", "darts", backend=backend, epochs=1)
+    x, y = learnable_images(8, 4, 8)
+    data = SearchData(TensorLoader(x.cuda(), y.cuda(), 4), TensorLoader(x.cuda(), y.cuda(), 4), 4)
+    run = SearchRun(get_space("darts"), cfg, data, device="cuda", log=lambda s: None)
+    steps = EpochSteps(run, run.step_context(0), update_arch=True)
+    batch = (x[:4].cuda(), y[:4].cuda())
+    steps.step(batch, batch)                       # first step: index tensors, optimiser state
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        steps.step(batch, batch)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+# --- the captured step --------------------------------------------------------------------------
+class Rerun:
+    """A stand-in for a captured graph on CPU: `replay` re-runs the step on the static buffers."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def replay(self):
+        self.step()
+
+
+class UnevenLoader(TensorLoader):
+    """Full batches, then one short batch (the graph cannot take it: it runs plainly)."""
+
+    def __len__(self):
+        return -(-len(self.x) // self.batch_size)
+
+    def __iter__(self):
+        for i in range(len(self)):
+            yield self.x[i * self.batch_size:(i + 1) * self.batch_size], \
+                self.y[i * self.batch_size:(i + 1) * self.batch_size]
+
+
+def test_the_captured_step_logic_reproduces_the_plain_loop(float64):
+    x, y = learnable_images(28, 4, 8)
+    x = x.double()
+
+    def data():
+        return SearchData(UnevenLoader(x[:14], y[:14], 4), TensorLoader(x[14:], y[14:], 4), 4)
+    cfg = tiny_search_config("pc_darts", "darts", backend="fused", arch_warmup_epochs=1)
+    plain = SearchRun(get_space("darts"), cfg, data(), log=lambda s: None).run()
+    graphed = SearchRun(get_space("darts"), cfg, data(), log=lambda s: None)
+    graphed.capture_step = Rerun
+    result = graphed.run()
+    for (k, a), b in zip(plain.model.state_dict().items(), result.model.state_dict().values()):
+        assert torch.equal(a, b), k
+    drop = {"epoch_seconds", "images_per_s"}
+    assert [{k: v for k, v in r.items() if k not in drop} for r in result.history] == \
+           [{k: v for k, v in r.items() if k not in drop} for r in plain.history]
+
+
+def test_speed_options_are_checked():
+    with pytest.raises(ConfigError, match="cuda_graph: true needs a CUDA device"):
+        SearchRun(get_space("nb201"), tiny_search_config("darts", "nb201", cuda_graph=True), tiny_data(),
+                  log=lambda s: None)
+    with pytest.raises(ConfigError, match="nonfinite: stop"):
+        SearchRun(get_space("nb201"), tiny_search_config("darts", "nb201", cuda_graph=True, nonfinite="skip"),
+                  tiny_data(), device="cuda", log=lambda s: None)
+    with pytest.raises(ConfigError, match=r"search.amp='fp16'; allowed: none, bf16"):
+        SearchRun(get_space("nb201"), tiny_search_config("darts", "nb201", amp="fp16"), tiny_data(),
+                  log=lambda s: None)
+
+
+def test_bf16_and_fused_optimisers_run_on_cpu():
+    cfg = tiny_search_config("darts", "nb201", backend="fused", amp="bf16", optimizer_impl="fused",
+                             channels_last=True, epochs=1)
+    result = search(get_space("nb201"), cfg, tiny_data(dtype=torch.float32), log=lambda s: None)
+    assert torch.isfinite(torch.tensor(result.history[0]["train_loss"]))
+    assert all(torch.isfinite(a).all() for a in result.model.arch_parameters())
