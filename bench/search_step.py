@@ -1,0 +1,377 @@
+"""Search-step speed: the reference-style baseline against nascore's eager and fast paths (issue 4).
+
+    python bench/search_step.py                    # on the GPU if there is one, else the CPU
+    python bench/search_step.py --device cpu       # the same code paths minus CUDA graphs
+    python bench/search_step.py --size tiny        # seconds; what tests/test_bench.py runs
+    python bench/search_step.py --json out.json    # also write every figure as JSON
+
+Per method × space (DARTS first order, second order, PC-DARTS, NB201 DARTS-V1) and per variant
+(`reference`: bench/reference.py; `eager`; `fused`; on CUDA also `fused+graph` and
+`fused+graph+bf16`), one search step on random data resident on the device:
+- always: ms per step (median on CPU; CUDA events over a fixed number of steps on a GPU), images/s;
+- on CUDA: peak memory;
+- with counting (default on CPU): aten ops dispatched, writing ops (≈ kernels), bytes written and
+  host syncs for one step (bench/opcount.py).
+Then the retrain step (DARTS_V2 network). The ratio table divides the reference's figure by each
+variant's. nascore variants step through `EpochSteps`, the function the search loop runs.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))   # nascore from this checkout
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import reference  # noqa: E402
+from opcount import CountOps  # noqa: E402
+
+from nascore.genotype import DARTS_V2  # noqa: E402
+from nascore.methods import get_method  # noqa: E402
+from nascore.networks import NetworkCIFAR  # noqa: E402
+from nascore.search import EpochSteps, SearchConfig, SearchData, SearchRun  # noqa: E402
+from nascore.spaces import get_space  # noqa: E402
+from nascore.train import TrainConfig, train  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Size:
+    """Network and batch sizes; `batch` None keeps each case's spec batch."""
+
+    init_channels: int
+    layers: int                  # DARTS-space cells
+    nb201_layers: int            # NB201 cells per stage
+    image: int
+    batch: int | None
+    retrain_channels: int
+    retrain_layers: int
+    retrain_batch: int
+
+
+SIZES = {
+    # the spec's search networks and batches (methods.md §2): the GPU figures of issue 4
+    "full": Size(16, 8, 5, 32, None, 36, 20, 96),
+    # the CPU figures of bench/RESULTS.md: the same code at a size a laptop steps in seconds
+    "small": Size(8, 5, 2, 16, 16, 8, 8, 16),
+    # what tests/test_bench.py runs: a few seconds in all
+    "tiny": Size(4, 3, 1, 8, 4, 4, 3, 4),
+}
+
+# case -> (space, method, spec batch)
+CASES = {
+    "darts_first": ("darts", "darts", 64),
+    "darts_second": ("darts", "darts_v2", 64),
+    "pc_darts": ("darts", "pc_darts", 256),
+    "nb201": ("nb201", "darts", 64),
+}
+
+
+@dataclass
+class Figure:
+    case: str
+    variant: str
+    batch: int
+    ms_per_step: float
+    images_per_s: float
+    peak_memory_mb: float | None = None
+    ops: int | None = None
+    writing_ops: int | None = None
+    mb_written: float | None = None
+    syncs: int | None = None
+
+
+@dataclass
+class Machine:
+    device: str
+    cpu: str
+    cores: int
+    threads: int
+    torch: str
+    gpu: str | None = None
+    date: str = field(default_factory=lambda: time.strftime("%Y-%m-%d"))
+
+
+def machine(device: torch.device) -> Machine:
+    cpu = platform.processor() or "unknown"
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    return Machine(str(device), cpu, os.cpu_count() or 0, torch.get_num_threads(), torch.__version__, gpu)
+
+
+# --- one step of each implementation -------------------------------------------------------------
+def batches(n: int, batch: int, image: int, classes: int, device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(0)
+    return [(torch.randn(batch, 3, image, image, generator=g).to(device),
+             torch.randint(0, classes, (batch,), generator=g).to(device)) for _ in range(n)]
+
+
+def search_settings(case: str, size: Size, **speed: object) -> tuple[str, SearchConfig, int]:
+    space, method, spec_batch = CASES[case]
+    settings = dict(get_method(method).resolved_settings())
+    settings.update(get_space(space).search_defaults if space == "nb201" else {})
+    settings.pop("first_order_step_order", None)
+    if space == "nb201":
+        settings["step_order"] = "weights_first"
+    settings.update(init_channels=size.init_channels,
+                    layers=size.nb201_layers if space == "nb201" else size.layers,
+                    batch_size=size.batch or spec_batch, arch_warmup_epochs=0, **speed)
+    if settings.get("partial_channels", 1) > size.init_channels:
+        settings["partial_channels"] = size.init_channels
+    return space, SearchConfig(**settings), settings["batch_size"]
+
+
+Step = tuple[Callable[[int], None], int, Callable[[], list[torch.Tensor]]]   # step(i), batch, host scalars
+
+
+def step_counters(*optimizers: torch.optim.Optimizer) -> Callable[[], list[torch.Tensor]]:
+    """The optimisers' step counters that live on the host (read with `.item()`, no device sync)."""
+    return lambda: [s["step"] for opt in optimizers for s in opt.state.values()
+                    if isinstance(s.get("step"), torch.Tensor) and s["step"].device.type == "cpu"]
+
+
+def nascore_step(case: str, size: Size, device: torch.device, **speed: object) -> Step:
+    if device.type == "cpu":
+        speed = {"optimizer_impl": "foreach", **speed}      # what torch picks on CUDA (see cuda_like)
+    space, cfg, batch = search_settings(case, size, **speed)
+    run = SearchRun(get_space(space), cfg, SearchData(None, None, 10), device=device, log=lambda s: None)
+    run.model.train()
+    steps = EpochSteps(run, run.step_context(0), update_arch=True)
+    data = batches(4, batch, size.image, 10, device)
+
+    def step(i: int) -> None:
+        steps.step(data[i % 4], data[(i + 1) % 4])
+    return step, batch, lambda: step_counters(run.w_opt, run.a_opt)()
+
+
+def reference_step(case: str, size: Size, device: torch.device) -> Step:
+    space, cfg, batch = search_settings(case, size)
+    torch.manual_seed(2)
+    if space == "nb201":
+        model = reference.NB201Network(cfg.init_channels, cfg.layers, 10).to(device)
+        search = reference.NB201Search(model, cfg.lr, cfg.weight_decay, cfg.arch_lr, cfg.arch_weight_decay)
+        counters = step_counters(search.w_optimizer, search.a_optimizer)
+    else:
+        model = reference.DartsNetwork(cfg.init_channels, 10, cfg.layers, cfg.partial_channels,
+                                       cfg.edge_normalization).to_device(device)
+        search = reference.DartsSearch(model, cfg.lr, cfg.momentum, cfg.weight_decay, cfg.arch_lr,
+                                       cfg.arch_weight_decay, unrolled=cfg.optimisation == "second_order")
+        counters = step_counters(search.optimizer, search.architect.optimizer)
+    data = batches(4, batch, size.image, 10, device)
+    optimizers = ((search.w_optimizer, search.a_optimizer) if space == "nb201"
+                  else (search.optimizer, search.architect.optimizer))
+    cuda_like(device, *optimizers)
+
+    def step(i: int) -> None:
+        (xt, yt), (xv, yv) = data[i % 4], data[(i + 1) % 4]
+        search.step(xt, yt, xv, yv)
+    return step, batch, counters
+
+
+def cuda_like(device: torch.device, *optimizers: torch.optim.Optimizer) -> None:
+    """On CPU, optimisers take the multi-tensor (foreach) kernels torch picks by default on CUDA,
+    so that CPU op counts are the kernel counts a GPU run would launch."""
+    if device.type == "cpu":
+        for opt in optimizers:
+            for group in opt.param_groups:
+                group["foreach"] = True
+
+
+# --- measuring ------------------------------------------------------------------------------------
+def measure(case: str, variant: str, make: Callable[[], Step], device: torch.device, warmup: int,
+            steps: int, count: bool) -> Figure:
+    step, batch, host_scalars = make()
+    for i in range(warmup):
+        step(i)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for i in range(steps):
+            step(warmup + i)
+        end.record()
+        torch.cuda.synchronize(device)
+        ms = start.elapsed_time(end) / steps
+        peak = torch.cuda.max_memory_allocated(device) / 2**20
+    else:
+        times = []
+        for i in range(steps):
+            t0 = time.perf_counter()
+            step(warmup + i)
+            times.append(time.perf_counter() - t0)
+        ms, peak = 1000 * statistics.median(times), None
+    fig = Figure(case, variant, batch, ms, 1000 * batch / ms, peak)
+    if count:
+        with CountOps(host_scalars()) as counter:
+            step(warmup + steps)
+        c = counter.count
+        fig.ops, fig.writing_ops, fig.mb_written, fig.syncs = c.ops, c.writing_ops, c.bytes_written / 2**20, c.syncs
+    return fig
+
+
+def retrain_figures(size: Size, device: torch.device, warmup: int, steps: int, count: bool,
+                    variants: list[str]) -> list[Figure]:
+    """The DARTS_V2 network's training step: the reference-style loop and nascore's `train`."""
+    figures = []
+    data = batches(4, size.retrain_batch, 32, 10, device)
+
+    def network() -> NetworkCIFAR:
+        torch.manual_seed(0)
+        return NetworkCIFAR(DARTS_V2, size.retrain_channels, 10, size.retrain_layers, auxiliary=True).to(device)
+
+    def make_reference() -> Step:
+        model = network()
+        model.drop_path_prob = 0.0
+        opt = torch.optim.SGD(model.parameters(), 0.025, momentum=0.9, weight_decay=3e-4)
+        cuda_like(device, opt)
+        objs, top1 = reference.Meter(), reference.Meter()
+        return (lambda i: reference.retrain_step(model, opt, *data[i % 4], objs, top1)), size.retrain_batch, list
+    figures.append(measure("retrain", "reference", make_reference, device, warmup, steps, count))
+
+    class Batches:
+        def __init__(self, n: int) -> None:
+            self.n = n
+
+        def __len__(self) -> int:
+            return self.n
+
+        def __iter__(self):
+            return (data[i % 4] for i in range(self.n))
+
+    for variant in variants:
+        amp, channels_last = ("bf16", True) if "bf16" in variant else ("none", False)
+        # drop-path 0: the reference step above has none either; 2 epochs: the first warms up
+        cfg = TrainConfig(epochs=2, drop_path=0.0, amp=amp, channels_last=channels_last, progress="none")
+        with tempfile.TemporaryDirectory() as tmp:
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            result = train(network(), Batches(max(warmup, steps)), None, cfg,
+                           checkpoint_path=Path(tmp) / "ckpt.pt", device=device)
+        ips = result.history[-1]["images_per_s"]
+        peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+        fig = Figure("retrain", variant, size.retrain_batch, 1000 * size.retrain_batch / ips, ips, peak)
+        if count:
+            # `train` runs whole epochs: the difference between an epoch of 1 + `steps` steps and
+            # one of 1 step is `steps` steps without the per-run and per-epoch work around them
+            counts = []
+            for n in (1, 1 + steps):
+                with tempfile.TemporaryDirectory() as tmp, CountOps() as counter:
+                    train(network(), Batches(n), None, dataclasses.replace(cfg, epochs=1),
+                          checkpoint_path=Path(tmp) / "ckpt.pt", device=device)
+                counts.append(counter.count)
+            one, more = counts
+            fig.ops = (more.ops - one.ops) // steps
+            fig.writing_ops = (more.writing_ops - one.writing_ops) // steps
+            fig.mb_written = (more.bytes_written - one.bytes_written) / 2**20 / steps
+            fig.syncs = (more.syncs - one.syncs) // steps
+        figures.append(fig)
+    return figures
+
+
+# --- report ---------------------------------------------------------------------------------------
+def table(figures: list[Figure]) -> str:
+    head = f"{'case':<13} {'variant':<17} {'batch':>5} {'ms/step':>9} {'img/s':>8} {'peak MB':>8} " \
+           f"{'ops':>7} {'writing':>7} {'MB written':>10} {'syncs':>5}"
+    rows = [head, "-" * len(head)]
+
+    def f(v: float | int | None, spec: str) -> str:
+        return "-" if v is None else format(v, spec)
+    for x in figures:
+        rows.append(f"{x.case:<13} {x.variant:<17} {x.batch:>5} {f(x.ms_per_step, '9.1f')} "
+                    f"{f(x.images_per_s, '8.1f')} {f(x.peak_memory_mb, '8.0f')} {f(x.ops, '7d')} "
+                    f"{f(x.writing_ops, '7d')} {f(x.mb_written, '10.1f')} {f(x.syncs, '5d')}")
+    return "\n".join(rows)
+
+
+def ratio_table(figures: list[Figure]) -> str:
+    """reference figure / variant figure: > 1 means the variant needs less."""
+    head = f"{'case':<13} {'variant':<17} {'time':>6} {'writing ops':>11} {'bytes':>6} {'peak mem':>8}"
+    rows = ["ratio reference / variant (higher is better)", head, "-" * len(head)]
+    ref = {x.case: x for x in figures if x.variant == "reference"}
+
+    def r(a: float | int | None, b: float | int | None) -> str:
+        return "-" if a is None or b is None or not b else f"{a / b:.2f}x"
+    for x in figures:
+        if x.variant == "reference" or x.case not in ref:
+            continue
+        base = ref[x.case]
+        rows.append(f"{x.case:<13} {x.variant:<17} {r(base.ms_per_step, x.ms_per_step):>6} "
+                    f"{r(base.writing_ops, x.writing_ops):>11} {r(base.mb_written, x.mb_written):>6} "
+                    f"{r(base.peak_memory_mb, x.peak_memory_mb):>8}")
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--size", choices=SIZES, default=None, help="default: full on CUDA, small on CPU")
+    p.add_argument("--cases", default=",".join(CASES), help=f"comma-separated among {', '.join(CASES)}")
+    p.add_argument("--variants", default=None,
+                   help="comma-separated; default: reference,eager,fused (+ fused+graph,fused+graph+bf16 on CUDA)")
+    p.add_argument("--steps", type=int, default=None, help="timed steps (default: 10 on CUDA, 3 on CPU)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 3: graph capture)")
+    p.add_argument("--count", action=argparse.BooleanOptionalAction, default=None,
+                   help="count ops/bytes/syncs of one step (default: on CPU only)")
+    p.add_argument("--no-retrain", action="store_true")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    p.add_argument("--json", type=Path, default=None)
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cuda = device.type == "cuda"
+    size = SIZES[args.size or ("full" if cuda else "small")]
+    steps = args.steps or (10 if cuda else 3)
+    warmup = args.warmup if args.warmup is not None else 3
+    count = (not cuda) if args.count is None else args.count
+    variants = (args.variants.split(",") if args.variants else
+                ["reference", "eager", "fused"] + (["fused+graph", "fused+graph+bf16"] if cuda else []))
+    speed = {"eager": {}, "fused": {"backend": "fused"},
+             "fused+graph": {"backend": "fused", "cuda_graph": True},
+             "fused+graph+bf16": {"backend": "fused", "cuda_graph": True, "amp": "bf16", "channels_last": True},
+             "fused+compile": {"backend": "fused", "compile": True}}
+    info = machine(device)
+    print(f"# search step on {info.device} ({info.gpu or info.cpu}, {info.cores} cores, {info.threads} threads, "
+          f"torch {info.torch}), "
+          f"{info.date}; size {args.size or ('full' if cuda else 'small')}: {asdict(size)}", flush=True)
+    figures: list[Figure] = []
+    for case in args.cases.split(","):
+        for variant in variants:
+            if variant == "reference":
+                make = lambda: reference_step(case, size, device)  # noqa: E731
+            else:
+                make = lambda: nascore_step(case, size, device, **speed[variant])  # noqa: E731
+            fig = measure(case, variant, make, device, warmup, steps, count)
+            figures.append(fig)
+            print(f"  {case} {variant}: {fig.ms_per_step:.1f} ms/step", flush=True)
+    if not args.no_retrain:
+        retrain_variants = ["nascore"] + (["nascore+bf16"] if cuda else [])
+        figures += retrain_figures(size, device, warmup, steps, count, retrain_variants)
+    print()
+    print(table(figures))
+    print()
+    print(ratio_table(figures))
+    if args.json:
+        args.json.write_text(json.dumps({"machine": asdict(info), "size": asdict(size),
+                                         "steps": steps, "warmup": warmup,
+                                         "figures": [asdict(f) for f in figures]}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,27 @@
+"""bench/search_step.py runs end to end at tiny sizes and prints its tables (so it cannot rot)."""
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent.parent / "bench" / "search_step.py"
+
+
+def test_the_bench_runs_at_tiny_sizes_and_prints_the_ratio_table(capsys, tmp_path):
+    spec = importlib.util.spec_from_file_location("search_step", BENCH)
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules["search_step"] = bench          # dataclasses look their module up there
+    spec.loader.exec_module(bench)
+    bench.main(["--device", "cpu", "--size", "tiny", "--cases", "nb201", "--steps", "1", "--warmup", "1",
+                "--json", str(tmp_path / "figures.json")])
+    out = capsys.readouterr().out
+    assert "ratio reference / variant" in out
+    for row in ("nb201         eager", "nb201         fused", "retrain       nascore"):
+        assert row in out
+    figures = json.loads((tmp_path / "figures.json").read_text())["figures"]
+    by = {(f["case"], f["variant"]): f for f in figures}
+    # what the CPU run can vouch for: fewer kernels than the reference, no host sync in a step
+    assert by["nb201", "fused"]["writing_ops"] < by["nb201", "eager"]["writing_ops"] < \
+        by["nb201", "reference"]["writing_ops"]
+    assert by["nb201", "reference"]["syncs"] > 0
+    assert by["nb201", "eager"]["syncs"] == by["nb201", "fused"]["syncs"] == 0
