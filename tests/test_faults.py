@@ -331,18 +331,23 @@ def test_bad_files_end_with_one_clear_line(proj, tmp_path):
 
 def test_two_identical_runs_do_not_share_a_checkpoint(proj):
     """A second run with the same params (a duplicated queue entry) is refused while the first
-    runs; once it is gone (even SIGKILLed), its rerun resumes normally."""
-    shutil.rmtree(proj.root / "outputs" / "search", ignore_errors=True)
+    runs; the lock dies with its process, so a SIGKILLed run never blocks its own rerun."""
+    import fcntl
+    set_params(proj, **{"search.epochs": 500})          # long enough to still run when #2 starts
     first = subprocess.Popen([sys.executable, "-m", "stages.search"], cwd=proj.root, env=proj.env,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 120
-        while time.time() < deadline and not list((proj.root / "scratch" / "search").glob("*/.lock")):
+        while time.time() < deadline and not list((proj.root / "scratch" / "search").glob("*/search.pt")):
             time.sleep(0.02)
         message = run_stage_failing(proj, "search")
-        assert "in use by pid" in message and "same params" in message
+        assert first.poll() is None, "the first run must still hold the folder"
+        assert f"in use by pid {first.pid}" in message and "same params" in message
     finally:
         first.send_signal(signal.SIGKILL)
         first.wait()
-    proj.stage("search")                                # the killed run's lock died with it
-    assert (proj.root / "outputs" / "search" / "genotype.json").exists()
+        set_params(proj, **{"search.epochs": 6})
+    folder = next((proj.root / "scratch" / "search").glob("*/search.pt")).parent
+    with open(folder / ".lock") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)    # free again: no stale lock
+    shutil.rmtree(folder)
