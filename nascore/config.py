@@ -408,6 +408,10 @@ def check_combinations(run: RunConfig, wanted: set[str]) -> None:
         speed = speed_option_problems(s, None)     # the device is checked when the search starts
         if speed:
             raise ConfigError("params.yaml: " + "; ".join(speed))
+        if not 0 <= s.drop_path < 1:
+            raise ConfigError(f"params.yaml: search.drop_path={s.drop_path} must be in [0, 1)")
+        if s.cutout < 0:
+            raise ConfigError(f"params.yaml: search.cutout={s.cutout} must be >= 0 (0 = off)")
         if not 0 < s.opp.score_fraction <= 1:
             raise ConfigError(f"params.yaml: search.opp.score_fraction={s.opp.score_fraction} must be in (0, 1]")
         _positive("search.opp.stage_epochs", s.opp.stage_epochs)

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .genotype import NB201_EDGES, AnyGenotype, Genotype, NB201Genotype
-from .ops import FactorizedReduce, Identity, ReLUConvBN, build_op
+from .ops import FactorizedReduce, Identity, ReLUConvBN, build_op, drop_path
 from .spaces.nb201 import ResBlock
 
 __all__ = [
@@ -33,21 +33,6 @@ Output = tuple[torch.Tensor, Optional[torch.Tensor]]
 
 
 # ------------------------------------------------------------------------------------------------
-def drop_path(x: torch.Tensor, p: float, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Zero each sample of `x` with probability `p`, scale survivors by 1/(1-p) (E[out] = x).
-
-    The mask is drawn with `torch.bernoulli` on `x`'s device (seedable through `generator` or the
-    global seed) and applied out of place: the op output is still needed by autograd.
-    """
-    if p <= 0.0:
-        return x
-    keep = 1.0 - p
-    mask = torch.full((x.shape[0],) + (1,) * (x.dim() - 1), keep, dtype=x.dtype, device=x.device)
-    # scale the (N,1,1,1) mask rather than x: one tiny division instead of a full-size one
-    mask = torch.bernoulli(mask, generator=generator).div_(keep)
-    return x * mask
-
-
 class _DropPathMixin:
     """`drop_path_prob` with a range check: p = 1 would divide by zero in `drop_path`."""
 

@@ -86,6 +86,7 @@ def mean_train_loss(model: Supernet, batches: Iterable[tuple[torch.Tensor, torch
     scores in eval mode after a validation pass, an artefact; methods.md §2.5).
     """
     probe = copy.deepcopy(model).train()
+    probe.set_drop_path(0.0)         # candidates are compared on the same, undropped computation
     total, count = None, 0
     with torch.no_grad():
         for x, y in batches:

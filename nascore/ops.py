@@ -27,6 +27,21 @@ def build_op(name: str, C: int, stride: int, affine: bool) -> nn.Module:
     return OPS.get(name)(C, stride, affine)
 
 
+def drop_path(x: torch.Tensor, p: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Zero each sample of `x` with probability `p`, scale survivors by 1/(1-p) (E[out] = x).
+
+    The mask is drawn with `torch.bernoulli` on `x`'s device (seedable through `generator` or the
+    global seed) and applied out of place: the op output is still needed by autograd.
+    """
+    if p <= 0.0:
+        return x
+    keep = 1.0 - p
+    mask = torch.full((x.shape[0],) + (1,) * (x.dim() - 1), keep, dtype=x.dtype, device=x.device)
+    # scale the (N,1,1,1) mask rather than x: one tiny division instead of a full-size one
+    mask = torch.bernoulli(mask, generator=generator).div_(keep)
+    return x * mask
+
+
 class ReLUConvBN(nn.Sequential):
     """ReLU -> conv (no bias) -> BN; the DARTS preprocessing block and NB201 `nor_conv`."""
 

@@ -239,12 +239,14 @@ def search_loaders(run: C.RunConfig, paths: Paths, device: torch.device):
     split = load_split(paths.out("prepare") / "split.json", len(train))
     cfg = run.search
     w_indices = split.weights if cfg.single_level_data == "half" else list(split.weights) + list(split.arch)
-    # Both halves get the training augmentation (crop + flip, no cutout), as in DARTS; full
-    # batches only (drop_last), so every step has the same shape.
+    # Both halves get the training augmentation (crop + flip; cutout only in RobustDARTS'
+    # regularised search), as in DARTS; full batches only (drop_last), every step one shape.
     w_loader = ResidentLoader(train, batch_size=cfg.batch_size, indices=w_indices, drop_last=True,
-                              seed=run.seed, device=device)
+                              cutout=cfg.cutout, seed=run.seed, device=device,
+                              channels_last=cfg.channels_last)
     a_loader = ResidentLoader(train, batch_size=cfg.batch_size, indices=split.arch, drop_last=True,
-                              seed=run.seed + 7919, device=device)
+                              cutout=cfg.cutout, seed=run.seed + 7919, device=device,
+                              channels_last=cfg.channels_last)
     score_batches = max(1, round(len(w_loader) * cfg.opp.score_fraction))
     uses_val = cfg.optimisation != "single_level"
     return SearchData(w_loader, a_loader if uses_val or cfg.valid_every else None,

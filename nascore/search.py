@@ -59,6 +59,9 @@ class SearchConfig:
     op_schedule: str = "all"               # all | progressive
     arch_warmup_epochs: int = 0            # epochs with w-only updates (PC-DARTS: 15)
     single_level_data: str = "half"        # half | full: single level on the w half or all images
+    # RobustDARTS' regularised search (methods.md §1.2: drop-path {0.2,0.4,0.6} with cutout)
+    drop_path: float = 0.0                 # max drop-path prob on op outputs, ramped 0 -> max like eval
+    cutout: int = 0                        # cutout hole side on search batches; 0 = off
     # search network
     init_channels: int = 16
     layers: int = 8
@@ -112,6 +115,9 @@ def speed_option_problems(cfg: SearchConfig, device_type: str | None) -> list[st
     """What is wrong with the speed options (`device_type` None: the device is not known yet)."""
     problems = [f"search.{name}={getattr(cfg, name)!r}; allowed: {', '.join(allowed)}"
                 for name, allowed in SPEED_CHOICES.items() if getattr(cfg, name) not in allowed]
+    if cfg.backend == "fused" and cfg.drop_path > 0:
+        problems.append("search.drop_path > 0 runs on search.backend: eager only (the fused path "
+                        "computes an op for all edges at once and has no per-op drop-path yet)")
     if cfg.cuda_graph:
         if cfg.nonfinite == "skip":
             problems.append("search.cuda_graph: true needs search.nonfinite: stop (skipping a bad "
@@ -352,6 +358,8 @@ class SearchRun:
             raise ValueError(f"optimisation {cfg.optimisation!r} needs validation batches")
         val_iter = self._val_batches(epoch) if need_val else None
         model.train()
+        # linear ramp 0 -> max over the search, as the evaluation recipe ramps its drop-path
+        model.set_drop_path(cfg.drop_path * epoch / cfg.epochs)
         self.data.train.set_epoch(epoch)
         steps = EpochSteps(self, ctx, update_arch)
         t0 = time.perf_counter()

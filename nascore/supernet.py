@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import fused
-from .ops import POOLING_OPS, build_op
+from .ops import POOLING_OPS, Identity, build_op, drop_path
 
 if TYPE_CHECKING:
     from .genotype import AnyGenotype
@@ -85,11 +85,17 @@ class MixedOp(nn.Module):
             ops.append(op)
         self.ops = nn.ModuleList(ops)
 
+    # Search-time drop-path (RobustDARTS' regularised search): set per epoch by the search loop.
+    drop_prob: float = 0.0
+
     def forward(self, x: torch.Tensor, weights: torch.Tensor, columns: Sequence[int]) -> torch.Tensor:
         """`weights[k]` weighs op `columns[k]`; ops outside `columns` are not computed."""
         out = None
         for w, c in zip(weights, columns):
-            y = w * self.ops[c](x)
+            y = self.ops[c](x)
+            if self.drop_prob and self.training and not isinstance(self.ops[c], Identity):
+                y = drop_path(y, self.drop_prob)      # every op output but the identity, as in eval
+            y = w * y
             out = y if out is None else out + y
         return out
 
@@ -295,6 +301,14 @@ class Supernet(nn.Module):
         """Trainable network weights: everything with requires_grad except α and β."""
         arch = {id(p) for p in self.arch_parameters()}
         return [p for p in self.parameters() if p.requires_grad and id(p) not in arch]
+
+    def set_drop_path(self, p: float) -> None:
+        """Search-time drop-path probability of every mixed op (0 = off)."""
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"drop-path probability must be in [0, 1), got {p}")
+        for m in self.modules():
+            if isinstance(m, MixedOp):
+                m.drop_prob = p
 
     def mixed_ops(self) -> list[nn.Module]:
         """Every edge of every cell (a `MixedOp` or its partial-channel wrapper)."""

@@ -119,6 +119,8 @@ def test_every_method_and_space_resolves_or_says_why_not(params, method, space):
     ({"space": "nb201", "retrain__auxiliary": True}, "auxiliary must be false for space nb201"),
     ({"transfer__data": "/no/such/imagenet"}, "transfer.data='/no/such/imagenet' does not exist"),
     ({"data__split_fraction": 1.5}, "split_fraction=1.5 must be in"),
+    ({"search__drop_path": 1.5}, r"search.drop_path=1.5 must be in \[0, 1\)"),
+    ({"search__cutout": -4}, "search.cutout=-4 must be >= 0"),
     ({"search": [1, 2]}, "search must be a mapping"),
 ])
 def test_bad_params_are_rejected_naming_what_is_allowed(params, changes, message):

@@ -151,3 +151,17 @@ def test_hessian_eigenvalue_is_reported_when_asked():
     assert isinstance(result.history[0]["hessian_eigenvalue"], float)
     assert "hessian_eigenvalue" not in search(get_space("nb201"), tiny_config(space="nb201", epochs=1),
                                               tiny_data(), log=lambda s: None).history[0]
+
+
+def test_regularised_search_ramps_drop_path_and_takes_cutout():
+    cfg = tiny_config(space="nb201", epochs=2, drop_path=0.4)
+    run = SearchRun(get_space("nb201"), cfg, tiny_data(), log=lambda s: None)
+    probs = []
+    run.on_epoch_end = lambda r: probs.append(run.model.cells_drop_prob())
+    from nascore.supernet import MixedOp
+    run.model.cells_drop_prob = lambda: {m.drop_prob for m in run.model.modules() if isinstance(m, MixedOp)}
+    run.run()
+    assert probs == [{0.0}, {0.2}]                  # p_e = 0.4 * e / 2
+    with pytest.raises(ValueError, match="backend: eager only"):
+        SearchRun(get_space("nb201"), tiny_config(space="nb201", drop_path=0.2, backend="fused"),
+                  tiny_data(), log=lambda s: None)

@@ -126,3 +126,26 @@ def test_active_columns_switch_ops_on_in_order_of_entry():
         net.activate_column(3)
     out = net(torch.randn(2, 3, 8, 8))
     assert out.shape == (2, 10)
+
+
+def test_search_time_drop_path_drops_samples_of_every_op_but_the_identity():
+    torch.manual_seed(0)
+    edge = MixedOp(["skip_connect", "sep_conv_3x3"], 4, 1, affine=False, pool_bn=True)
+    x = torch.randn(64, 4, 6, 6)
+    skip = edge(x, torch.ones(1), [0])
+    edge.drop_prob = 0.5
+    assert torch.equal(edge(x, torch.ones(1), [0]), skip)          # identity: never dropped
+    y = edge(x, torch.ones(1), [1])
+    dropped = (y.flatten(1).abs().sum(1) == 0).float().mean()
+    assert 0.3 < dropped < 0.7                                       # about half the samples
+    edge.eval()
+    assert (edge(x, torch.ones(1), [1]).flatten(1).abs().sum(1) > 0).all()   # off in eval mode
+
+
+def test_supernet_sets_drop_path_on_every_mixed_op():
+    net = get_space("darts").build_supernet(SupernetConfig(init_channels=4, layers=3, partial_channels=2))
+    net.set_drop_path(0.3)
+    mixed = [m for m in net.modules() if isinstance(m, MixedOp)]
+    assert len(mixed) == 3 * 14 and all(m.drop_prob == 0.3 for m in mixed)
+    with pytest.raises(ValueError, match=r"\[0, 1\)"):
+        net.set_drop_path(1.0)
