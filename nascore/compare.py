@@ -45,7 +45,6 @@ import yaml
 from .benchmarks import COLUMNS as NB201_BENCHMARKS, BenchmarkTableError, NB201Table
 from .genotype import GenotypeError, NB201Genotype, genotype_from_json
 from .io import write_json, write_text
-from .ops import PARAMETER_FREE_OPS
 from .tracking import (ARTIFACTS_DIR, DEFAULT_EXPERIMENT, TAG_PARENT, TAG_ROLE, TAG_STAGE,
                        _check_http, flatten_params, project_root, redact_uri, resolve_tracking_uri)
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import math
 import random
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,6 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm import tqdm
 
 from .diagnostics import collapse_diagnostics, hessian_eigenvalue
 from .genotype import AnyGenotype
@@ -363,7 +365,10 @@ class SearchRun:
         self.data.train.set_epoch(epoch)
         steps = EpochSteps(self, ctx, update_arch)
         t0 = time.perf_counter()
-        for train in self.data.train:
+        # a step bar in a terminal; logs (CI, dvc queue) get the one line per epoch only
+        bar = tqdm(self.data.train, total=len(self.data.train), desc=f"search epoch {epoch + 1}",
+                   leave=False, disable=not sys.stderr.isatty())
+        for train in bar:
             steps.step(train, next(val_iter) if val_iter is not None else None)
         s, bad = steps.totals()       # the epoch's host sync
         counts, skipped = steps.counts, steps.skipped

@@ -215,7 +215,7 @@ def test_every_paper_number_is_in_methods_md_section_3():
 def test_claim_rows_put_ours_beside_the_paper_with_the_right_statistic(tmp_path):
     table = nb201_table(tmp_path / "nb201.csv")
     exps = [nb201_exp("rf_darts", 1, BEST), nb201_exp("rf_darts", 2, MIXED), nb201_exp("darts", 1, ALL_SKIP)]
-    report = build_report(exps, tmp_path / "r", name="t", root=tmp_path, paper=load_paper_results(),
+    build_report(exps, tmp_path / "r", name="t", root=tmp_path, paper=load_paper_results(),
                           nb201_table=str(table))
     rows = {(r.group.method, r.claim.metric, r.claim.stat): r for r in report.claims}
     best = rows[("rf_darts", "nb201_cifar10", "best")]

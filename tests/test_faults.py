@@ -81,7 +81,7 @@ def test_search_killed_mid_run_resumes_to_the_uninterrupted_result(proj):
     assert not out.exists(), "a killed search publishes nothing"
     assert 2 <= killed_at < 6
     resumed = proj.stage("search")
-    assert f"resumed from" in resumed.stderr and f"at epoch {killed_at}" in resumed.stderr
+    assert "resumed from" in resumed.stderr and f"at epoch {killed_at}" in resumed.stderr
     assert {p: (out / p).read_text() for p in reference} == reference
     assert history(out / "history.json") == reference_history
 
