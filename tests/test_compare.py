@@ -215,7 +215,7 @@ def test_every_paper_number_is_in_methods_md_section_3():
 def test_claim_rows_put_ours_beside_the_paper_with_the_right_statistic(tmp_path):
     table = nb201_table(tmp_path / "nb201.csv")
     exps = [nb201_exp("rf_darts", 1, BEST), nb201_exp("rf_darts", 2, MIXED), nb201_exp("darts", 1, ALL_SKIP)]
-    build_report(exps, tmp_path / "r", name="t", root=tmp_path, paper=load_paper_results(),
+    report = build_report(exps, tmp_path / "r", name="t", root=tmp_path, paper=load_paper_results(),
                           nb201_table=str(table))
     rows = {(r.group.method, r.claim.metric, r.claim.stat): r for r in report.claims}
     best = rows[("rf_darts", "nb201_cifar10", "best")]
@@ -306,8 +306,8 @@ def test_report_folder_has_the_tables_and_figures(tmp_path):
         e.alpha_history = [{"alphas": {"cell": [[0.2] * 5] * 6},
                             "op_names": {"cell": [["none", "skip_connect", "nor_conv_1x1", "nor_conv_3x3",
                                                    "avg_pool_3x3"]] * 6}}] * 3
-    report = build_report(exps, tmp_path / "r", name="t", root=tmp_path, paper=load_paper_results(),
-                          nb201_table=str(table))
+    build_report(exps, tmp_path / "r", name="t", root=tmp_path, paper=load_paper_results(),
+                 nb201_table=str(table))
     rows = list(csv.DictReader(open(tmp_path / "r" / "table.csv")))
     assert len(rows) == 4 and list(rows[0]) == list(EXPERIMENT_COLUMNS)
     assert {r["genotype"] for r in rows} == {ALL_SKIP, BEST}
