@@ -21,7 +21,7 @@ from torch import nn
 
 from .genotype import NB201_EDGES, AnyGenotype, Genotype, NB201Genotype
 from .ops import FactorizedReduce, Identity, ReLUConvBN, build_op, drop_path
-from .spaces.nb201 import ResBlock
+from .spaces.nb201 import nb201_skeleton
 
 __all__ = [
     "drop_path", "DartsEvalCell", "AuxiliaryHead", "AuxiliaryHeadCIFAR", "AuxiliaryHeadImageNet",
@@ -288,21 +288,11 @@ class NB201Network(_DropPathMixin, nn.Module):
         super().__init__()
         if not isinstance(genotype, NB201Genotype):
             raise TypeError(f"NB201Network needs an NB201Genotype, got {type(genotype).__name__}")
-        if N < 1 or C < 1:
-            raise ValueError(f"need N >= 1 cells per stage and C >= 1, got N={N}, C={C}")
         self.genotype = genotype
-        self.stem = nn.Sequential(nn.Conv2d(3, C, 3, padding=1, bias=False), nn.BatchNorm2d(C))
-        blocks: list[nn.Module] = []
-        C_curr = C
-        for stage in range(3):
-            if stage:
-                blocks.append(ResBlock(C_curr, 2 * C_curr))
-                C_curr *= 2
-            blocks.extend(NB201Cell(genotype, C_curr) for _ in range(N))
-        self.blocks = nn.ModuleList(blocks)
-        self.lastact = nn.Sequential(nn.BatchNorm2d(C_curr), nn.ReLU(inplace=False))
+        skeleton = nb201_skeleton(C, N, lambda channels: NB201Cell(genotype, channels))
+        self.stem, self.blocks, self.lastact = skeleton.stem, skeleton.blocks, skeleton.lastact
         self.global_pooling = nn.AdaptiveAvgPool2d(1)
-        self.classifier = nn.Linear(C_curr, num_classes)
+        self.classifier = nn.Linear(skeleton.channels, num_classes)
 
     def forward(self, x: torch.Tensor) -> Output:
         h = self.stem(x)

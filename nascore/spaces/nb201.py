@@ -2,7 +2,8 @@
 15 cells of the benchmark's macro skeleton."""
 from __future__ import annotations
 
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -29,29 +30,46 @@ class ResBlock(nn.Module):
         return self.shortcut(x) + self.conv_b(self.conv_a(x))
 
 
+@dataclass
+class NB201Skeleton:
+    """The benchmark's macro network around its cells (search and evaluation alike)."""
+
+    stem: nn.Module
+    blocks: nn.ModuleList          # cells and the two ResBlocks, in order
+    lastact: nn.Module
+    channels: int                  # of the last stage
+
+
+def nb201_skeleton(C: int, N: int, make_cell: Callable[[int], nn.Module]) -> NB201Skeleton:
+    """stem conv3×3(3→C)+BN, then 3 stages of N cells (C, 2C, 4C) joined by stride-2 ResBlocks,
+    then BN → ReLU (methods.md §1.3). `make_cell(channels)` builds one cell."""
+    if N < 1 or C < 1:
+        raise ValueError(f"NB201 needs N >= 1 cells per stage and C >= 1, got N={N}, C={C}")
+    blocks: list[nn.Module] = []
+    C_curr = C
+    for stage in range(3):
+        if stage:
+            blocks.append(ResBlock(C_curr, 2 * C_curr))
+            C_curr *= 2
+        blocks.extend(make_cell(C_curr) for _ in range(N))
+    return NB201Skeleton(stem=nn.Sequential(nn.Conv2d(3, C, 3, padding=1, bias=False), nn.BatchNorm2d(C)),
+                         blocks=nn.ModuleList(blocks),
+                         lastact=nn.Sequential(nn.BatchNorm2d(C_curr), nn.ReLU(inplace=False)),
+                         channels=C_curr)
+
+
 class NB201Supernet(Supernet):
     """stem → N cells → ResBlock → N cells → ResBlock → N cells → BN → ReLU → GAP → linear."""
 
     def __init__(self, space: SearchSpace, cfg: SupernetConfig) -> None:
         super().__init__()
         self.space, self.cfg = space, cfg
-        C, N = cfg.init_channels, cfg.layers
-        if N < 1:
-            raise ValueError(f"NB201 needs at least 1 cell per stage, got layers={N}")
-        self.stem = nn.Sequential(nn.Conv2d(3, C, 3, padding=1, bias=False), nn.BatchNorm2d(C))
-        blocks: list[nn.Module] = []
-        C_curr = C
-        for stage in range(3):
-            if stage:
-                blocks.append(ResBlock(C_curr, 2 * C_curr))
-                C_curr *= 2
-            for _ in range(N):
-                blocks.append(SearchCell(space.edge_ops["cell"], num_inputs=1, num_nodes=NUM_NODES,
-                                         C=C_curr, cfg=cfg, pool_bn=False, output="last"))
-        self.blocks = nn.ModuleList(blocks)
-        self.lastact = nn.Sequential(nn.BatchNorm2d(C_curr), nn.ReLU(inplace=False))
+        skeleton = nb201_skeleton(cfg.init_channels, cfg.layers, lambda C: SearchCell(
+            space.edge_ops["cell"], num_inputs=1, num_nodes=NUM_NODES, C=C, cfg=cfg, pool_bn=False,
+            output="last"))
+        self.stem, self.blocks, self.lastact = skeleton.stem, skeleton.blocks, skeleton.lastact
         self.global_pooling = nn.AdaptiveAvgPool2d(1)
-        self.classifier = nn.Linear(C_curr, cfg.num_classes)
+        self.classifier = nn.Linear(skeleton.channels, cfg.num_classes)
         self.init_arch(dict(space.edge_ops), EDGES_PER_NODE)
 
     def forward_cells(self, x, weights, edge_weights, columns: Sequence[int]) -> torch.Tensor:
