@@ -467,10 +467,11 @@ class _Backend:
             try:
                 return fn()
             except Exception as e:   # any backend failure: tracking must never kill the stage
-                if _is_locked(e) and self.clock() - start + delay <= self.config.retry_budget_s:
+                # jitter de-synchronises parallel queue workers contending for the same file
+                pause = delay * (0.5 + self.rng.random())
+                if _is_locked(e) and self.clock() - start + pause <= self.config.retry_budget_s:
                     self.retries += 1
-                    # jitter de-synchronises parallel queue workers contending for the same file
-                    self.sleep(delay * (0.5 + self.rng.random()))
+                    self.sleep(pause)
                     delay = min(delay * 2, 4.0)
                     continue
                 if _is_locked(e):

@@ -309,9 +309,11 @@ def test_lock_errors_are_retried_with_backoff_then_given_up(env: pytest.MonkeyPa
         assert len(sleeps) == 3 and sleeps[2] > sleeps[0]     # exponential, jittered by +-50%
 
         failures[0] = 10 ** 6                                 # a lock that never goes away
+        first = len(sleeps)
         tr.log_metrics({"loss": 0.125}, step=2)
         assert not tr.enabled
-        assert sum(sleeps) <= tr.config.retry_budget_s + 1e-6
+        # one call waits at most its budget, however the jitter falls
+        assert tr.config.retry_budget_s - 4.0 * 1.5 <= sum(sleeps[first:]) <= tr.config.retry_budget_s
         tr.log_metrics({"loss": 0.0}, step=3)                 # off now: no more calls, no more warnings
     warnings = _warnings(caplog)
     assert len(warnings) == 1 and "locked" in warnings[0] and "mlflow server" in warnings[0]
