@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import json
 import os
 import platform
@@ -26,6 +27,7 @@ import statistics
 import sys
 import tempfile
 import time
+import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -225,6 +227,14 @@ def measure(case: str, variant: str, make: Callable[[], Step], device: torch.dev
     return fig
 
 
+def free(device: torch.device) -> None:
+    """Drop the last variant's model, graphs and cached blocks before the next one is measured."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+
+
 def retrain_figures(size: Size, device: torch.device, warmup: int, steps: int, count: bool,
                     variants: list[str]) -> list[Figure]:
     """The DARTS_V2 network's training step: the reference-style loop and nascore's `train`."""
@@ -351,26 +361,43 @@ def main(argv: list[str] | None = None) -> None:
           f"torch {info.torch}), "
           f"{info.date}; size {args.size or ('full' if cuda else 'small')}: {asdict(size)}", flush=True)
     figures: list[Figure] = []
+    failures: list[str] = []
     for case in args.cases.split(","):
         for variant in variants:
             if variant == "reference":
                 make = lambda: reference_step(case, size, device)  # noqa: E731
             else:
                 make = lambda: nascore_step(case, size, device, **speed[variant])  # noqa: E731
-            fig = measure(case, variant, make, device, warmup, steps, count)
+            try:
+                fig = measure(case, variant, make, device, warmup, steps, count)
+            except Exception as e:     # one broken variant must not cost the others' figures
+                failures.append(f"{case} {variant}: {type(e).__name__}: {e}")
+                print(f"  {case} {variant}: FAILED {failures[-1]}", flush=True)
+                traceback.print_exc()
+                continue
+            finally:
+                free(device)
             figures.append(fig)
             print(f"  {case} {variant}: {fig.ms_per_step:.1f} ms/step", flush=True)
     if not args.no_retrain:
         retrain_variants = ["nascore"] + (["nascore+bf16"] if cuda else [])
-        figures += retrain_figures(size, device, warmup, steps, count, retrain_variants)
+        try:
+            figures += retrain_figures(size, device, warmup, steps, count, retrain_variants)
+        except Exception as e:
+            failures.append(f"retrain: {type(e).__name__}: {e}")
+            traceback.print_exc()
     print()
     print(table(figures))
     print()
     print(ratio_table(figures))
+    for failure in failures:
+        print(f"FAILED {failure}")
     if args.json:
         args.json.write_text(json.dumps({"machine": asdict(info), "size": asdict(size),
-                                         "steps": steps, "warmup": warmup,
+                                         "steps": steps, "warmup": warmup, "failures": failures,
                                          "figures": [asdict(f) for f in figures]}, indent=1))
+    if failures:
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,93 @@
+#!/usr/bin/env bash
+# One lent GPU session, in steps that each fit a 10-minute command (the device tool's limit):
+#
+#   bash bench/gpu.sh bench           # bench/search_step.py at the spec's sizes -> $OUT/bench.json
+#   bash bench/gpu.sh sweep-start     # the NB201 comparison in the background, sized to the budget
+#   bash bench/gpu.sh wait SECONDS    # until the sweep ends or SECONDS pass; results -> $OUT
+#
+# The machine has torch but neither DVC nor MLflow: the sweep runs the stages as plain commands
+# (sweeps/plain.py; tracking degrades to a warning) and the report is built afterwards with
+# `python -m stages.compare --from dirs --runs runs/nb201_methods`.
+# Data: DATA_DIR holds cifar10-jpeg.tar.gz and nb201-accuracy.csv (a copy of ../shared/data,
+# which does not travel to the device machine).
+#
+# Settings (environment): SWEEP_SECONDS (GPU time the sweep may take, 1000), METHODS, SEEDS,
+# EPOCHS (default: as many as fit SWEEP_SECONDS at the step time the bench measured), JOBS (6),
+# EXTRA (more --set flags for every experiment).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1
+OUT=${OUT:-out}; mkdir -p "$OUT"
+DATA_DIR=$(realpath "${DATA_DIR:-.gpu}")
+METHODS=${METHODS:-darts,rf_darts,single_darts,opp_darts}
+SEEDS=${SEEDS:-1,2,3}
+JOBS=${JOBS:-6}
+LOG=/tmp/nascore-sweep
+
+common() {
+  echo --set space=nb201 --set dataset=cifar10 --set "data.root=$DATA_DIR/cifar10-jpeg.tar.gz" \
+       --set "evaluate.nb201_table=$DATA_DIR/nb201-accuracy.csv" --set "search.epochs=$1" \
+       --set "search.opp.stage_epochs=$2" --set "search.opp.skip_after_epoch=$3" ${EXTRA:-}
+}
+
+case "${1:-}" in
+bench)
+  nvidia-smi -L; python3 -c 'import torch; print("torch", torch.__version__, torch.cuda.get_device_name())'
+  timeout 390 python3 bench/search_step.py --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log"
+  ;;
+sweep-start)
+  mkdir -p $LOG
+  # Epochs: what fits SWEEP_SECONDS for every experiment at the bench's NB201 step time (x1.5 for
+  # validation, graph capture and the host's share), unless EPOCHS says; OPP-DARTS' stage
+  # schedule (2 epochs per op, skip_connect after epoch 12 of 50) scaled to the same share.
+  read -r E STAGE SKIP VARIANT < <(python3 - "$OUT/bench.json" <<'EOF'
+import json, os, sys
+try:
+    figs = {f["variant"]: f["ms_per_step"] for f in json.load(open(sys.argv[1]))["figures"] if f["case"] == "nb201"}
+except (OSError, ValueError):   # no bench figures: the issue's targets as the guess
+    figs = {"fused+graph+bf16": 15.0, "eager": 60.0}
+variant = next(v for v in ("fused+graph+bf16", "fused+graph", "fused", "eager") if v in figs)
+n = len(os.environ.get("METHODS", "darts,rf_darts,single_darts,opp_darts").split(",")) * \
+    len(os.environ.get("SEEDS", "1,2,3").split(","))
+steps = 390                                  # 25,000 images / batch 64 per epoch
+budget = float(os.environ.get("SWEEP_SECONDS", 1000))
+per_epoch = steps * 1.5 / 1000 * (n * figs[variant] + figs.get("eager", figs[variant]))   # + the eager run
+epochs = int(os.environ.get("EPOCHS") or max(4, min(50, budget // per_epoch)))
+print(epochs, max(1, round(2 * epochs / 50)), round(12 * epochs / 50), variant)
+EOF
+)
+  case "$VARIANT" in
+    fused+graph+bf16) FAST="--set search.backend=fused --set search.cuda_graph=true --set search.amp=bf16 --set search.channels_last=true";;
+    fused+graph) FAST="--set search.backend=fused --set search.cuda_graph=true";;
+    fused) FAST="--set search.backend=fused";;
+    *) FAST="";;
+  esac
+  EAGER="--set search.backend=eager --set search.cuda_graph=false --set search.amp=none --set search.channels_last=false"
+  echo "sweep: $E epochs (opp: stage_epochs $STAGE, skip after $SKIP), fast path: $VARIANT" | tee $LOG/plan.txt
+  # prepare one at a time (one archive cache), then the searches in the background
+  python3 sweeps/plain.py --name nb201_methods --stages prepare $(common $E $STAGE $SKIP) \
+      --set "method=$METHODS" --set "seed=$SEEDS" > $LOG/prepare.log 2>&1 || { tail -30 $LOG/prepare.log; exit 1; }
+  python3 sweeps/plain.py --name nb201_eager --stages prepare $(common $E $STAGE $SKIP) $EAGER \
+      --set method=darts --set seed=1 >> $LOG/prepare.log 2>&1
+  setsid bash -c "python3 sweeps/plain.py --name nb201_methods --stages search,derive --jobs $JOBS \
+      $(common $E $STAGE $SKIP) $FAST --set method=$METHODS --set seed=$SEEDS > $LOG/fast.log 2>&1;
+    python3 sweeps/plain.py --name nb201_methods --stages search,derive --jobs $JOBS \
+      $(common $E $STAGE $SKIP) $EAGER --set method=$METHODS --set seed=$SEEDS > $LOG/fallback.log 2>&1;
+    touch $LOG/methods.done" < /dev/null > /dev/null 2>&1 &
+  setsid bash -c "python3 sweeps/plain.py --name nb201_eager --stages search,derive \
+      $(common $E $STAGE $SKIP) $EAGER --set method=darts --set seed=1 > $LOG/eager.log 2>&1;
+    touch $LOG/eager.done" < /dev/null > /dev/null 2>&1 &
+  sleep 45
+  tail -n 4 runs/nb201_methods/*/log.txt
+  ;;
+wait)
+  end=$((SECONDS + ${2:-540}))
+  while [ $SECONDS -lt $end ] && ! { [ -e $LOG/methods.done ] && [ -e $LOG/eager.done ]; }; do sleep 10; done
+  cat $LOG/plan.txt $LOG/*.log 2>/dev/null | tail -40
+  for f in runs/nb201_*/*/log.txt; do echo "$f: $(grep -c 'search epoch' "$f") epochs; $(tail -1 "$f")"; done
+  tar czf "$OUT/runs.tgz" --exclude='*.pt' --exclude='outputs/prepare/data' runs/nb201_* $LOG 2>/dev/null
+  ls -la "$OUT"
+  ;;
+*)
+  echo "usage: bash bench/gpu.sh bench | sweep-start | wait SECONDS" >&2; exit 2;;
+esac
