@@ -12,6 +12,10 @@
   the parent), resolved params, the per-epoch metric history of the search run, the derived
   genotype (artifact `genotype.json` of the derive run).
 
+- **Plain folders** (`--from dirs --runs runs/NAME`) — workspaces where the stages ran as plain
+  commands (`sweeps/plain.py`, e.g. on a GPU machine without DVC or MLflow): each folder's
+  params.yaml, `metrics/<stage>.json` and `outputs/`, read the same way as DVC's.
+
 `source="auto"` uses DVC and attaches the matching MLflow run ids; experiments whose DVC refs are
 gone (`dvc exp remove`) but whose MLflow runs remain are added from MLflow; when DVC has none, the
 report is rebuilt from MLflow alone, and when MLflow is unreachable, from DVC alone. Either way the
@@ -38,7 +42,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import yaml
 
@@ -50,7 +54,7 @@ from .tracking import (ARTIFACTS_DIR, DEFAULT_EXPERIMENT, TAG_PARENT, TAG_ROLE, 
 
 PAPER_RESULTS = Path(__file__).with_name("paper_results.yaml")
 SHARED_NB201 = Path("..") / "shared" / "data" / "nb201-accuracy.csv"   # as nascore.pipeline
-SOURCES = ("auto", "dvc", "mlflow")
+SOURCES = ("auto", "dvc", "mlflow", "dirs")
 # The order the papers came out in; methods nascore may grow later sort after these, by name.
 METHOD_ORDER = ("darts", "darts_v2", "pc_darts", "rf_darts", "rf_pcdarts", "single_darts", "opp_darts")
 BASELINES = ("darts", "darts_v2")          # "plain DARTS" of the collapse studies
@@ -219,7 +223,7 @@ class Experiment:
     dataset: str
     seed: int
     profile: str
-    source: str                                        # "dvc", "mlflow" or "dvc+mlflow"
+    source: str                                        # "dvc", "mlflow", "dvc+mlflow" or "dirs"
     rev: str | None = None                             # the experiment's git commit (DVC)
     baseline: str | None = None                        # the commit it was run from
     mlflow_run_id: str | None = None                   # the parent run
@@ -435,25 +439,13 @@ def collect_dvc(root: Path, filters: Filters, *, all_commits: bool = False) -> S
                          profile=profile, source="dvc", rev=rev.get("rev"), baseline=baseline,
                          metrics=normalise_metrics(stages),
                          nb201_table=str((params.get("evaluate") or {}).get("nb201_table", "auto")))
-        resolved: dict[str, Any] = {}
         try:
             fs = DVCFileSystem(str(root), rev=exp.rev)
-            history = json.loads(fs.read_text("outputs/search/history.json"))
-            exp.series = _series_from_history(history)
-            if all("alphas" in r and "op_names" in r for r in history):
-                exp.alpha_history = [{"alphas": r["alphas"], "op_names": r["op_names"]} for r in history]
-            exp.genotype = json.loads(fs.read_text("outputs/derive/genotype.json"))
-            for stage in STAGES_WITH_CONFIG:
-                path = f"outputs/{stage}/config.json"
-                if fs.exists(path):
-                    resolved.update(json.loads(fs.read_text(path)))
+            _read_outputs(exp, params, stages, fs.read_text, fs.exists)
         except Exception as e:     # not in the cache (pulled refs without data), or an old layout
             exp.notes.append(f"outputs not readable from the DVC cache ({type(e).__name__}: {e}); "
                              f"`dvc exp pull` / `dvc pull` them; series and cell taken from metrics only")
-        # raw params.yaml, overlaid with the values the stages resolved ("auto" -> the value used)
-        exp.params = {**flatten_params(params), **flatten_params(resolved)}
-        if exp.genotype is None and isinstance((stages.get("derive") or {}).get("arch"), str):
-            exp.genotype = {"type": "nb201_cell", "arch": stages["derive"]["arch"]}
+            _read_outputs(exp, params, stages, None, None)
         experiments.append(exp)
     scope = "all commits" if all_commits else "experiments of HEAD"
     summary = f"{len(experiments)} finished experiment(s) from `dvc exp show` ({scope})"
@@ -461,6 +453,81 @@ def collect_dvc(root: Path, filters: Filters, *, all_commits: bool = False) -> S
     if left:
         notes.append(f"DVC: left out {', '.join(left)} experiment(s) (not finished)")
     return SourceResult(experiments, summary, notes, active=active)
+
+
+def _read_outputs(exp: Experiment, params: Mapping[str, Any], stages: Mapping[str, Mapping[str, Any]],
+                  read_text: Callable[[str], str] | None, exists: Callable[[str], bool] | None) -> None:
+    """Fill an experiment's series, α history, cell and resolved params from its output files
+    (`read_text`/`exists` take paths relative to the workspace: DVC's cache or a plain folder)."""
+    resolved: dict[str, Any] = {}
+    try:
+        if read_text is not None and exists is not None:
+            history = json.loads(read_text("outputs/search/history.json"))
+            exp.series = _series_from_history(history)
+            if all("alphas" in r and "op_names" in r for r in history):
+                exp.alpha_history = [{"alphas": r["alphas"], "op_names": r["op_names"]} for r in history]
+            if exists("outputs/derive/genotype.json"):
+                exp.genotype = json.loads(read_text("outputs/derive/genotype.json"))
+            for stage in STAGES_WITH_CONFIG:
+                path = f"outputs/{stage}/config.json"
+                if exists(path):
+                    resolved.update(json.loads(read_text(path)))
+    finally:
+        # raw params.yaml, overlaid with the values the stages resolved ("auto" -> the value used)
+        exp.params = {**flatten_params(params), **flatten_params(resolved)}
+        if exp.genotype is None and isinstance((stages.get("derive") or {}).get("arch"), str):
+            exp.genotype = {"type": "nb201_cell", "arch": stages["derive"]["arch"]}
+
+
+# --- plain workspace folders ----------------------------------------------------------------------
+def _workspaces(paths: Sequence[Path]) -> list[Path]:
+    """Each path is a workspace (holds params.yaml) or a folder of them (a plain sweep)."""
+    found: list[Path] = []
+    for path in paths:
+        if (path / "params.yaml").is_file():
+            found.append(path)
+        elif path.is_dir():
+            found += sorted(p for p in path.iterdir() if (p / "params.yaml").is_file())
+    return found
+
+
+def collect_dirs(paths: Sequence[Path], filters: Filters) -> SourceResult:
+    """Finished experiments from plain workspace folders (`sweeps/plain.py`, or stage commands run
+    by hand): each folder's params.yaml, metrics/<stage>.json and outputs/."""
+    missing = [str(p) for p in paths if not p.exists()]
+    if missing:
+        raise CompareError(f"--runs: no such folder: {', '.join(missing)}")
+    experiments, unfinished = [], []
+    for ws in _workspaces(paths):
+        name = f"{ws.parent.name}/{ws.name}"
+        try:
+            params = yaml.safe_load((ws / "params.yaml").read_text(encoding="utf-8")) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise CompareError(f"{ws / 'params.yaml'} is unreadable ({type(e).__name__}: {e})") from None
+        method, space, dataset, seed, profile = _top_params(params)
+        if not filters.accepts(method=method, space=space, dataset=dataset, profile=profile, seed=seed,
+                               name=name):
+            continue
+        stages = {}
+        for f in sorted((ws / "metrics").glob("*.json")):
+            try:
+                stages[f.stem] = json.loads(f.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                continue
+        if "search" not in stages:
+            unfinished.append(name)
+            continue
+        exp = Experiment(name=name, method=method, space=space, dataset=dataset, seed=seed,
+                         profile=profile, source="dirs", metrics=normalise_metrics(stages),
+                         nb201_table=str((params.get("evaluate") or {}).get("nb201_table", "auto")))
+        _read_outputs(exp, params, stages, lambda rel: (ws / rel).read_text(encoding="utf-8"),
+                      lambda rel: (ws / rel).exists())
+        experiments.append(exp)
+    notes = [f"plain folders: left out {len(unfinished)} without a finished search "
+             f"({', '.join(unfinished)})"] if unfinished else []
+    summary = f"{len(experiments)} finished experiment(s) from {len(_workspaces(paths))} workspace folder(s) " \
+              f"under {', '.join(str(p) for p in paths)}"
+    return SourceResult(experiments, summary, notes)
 
 
 # --- MLflow -------------------------------------------------------------------------------------
@@ -682,10 +749,23 @@ class Collection:
 
 
 def collect(root: Path, source: str, filters: Filters, workdir: Path, *, all_commits: bool = False,
-            tracking_uri: str | None = None) -> Collection:
-    """Experiments from DVC and/or MLflow (module docstring), with notes on what is missing."""
+            tracking_uri: str | None = None, runs: Sequence[Path] = ()) -> Collection:
+    """Experiments from DVC and/or MLflow, or plain folders (module docstring), with notes on
+    what is missing."""
     if source not in SOURCES:
         raise CompareError(f"--from must be one of {', '.join(SOURCES)}, got {source!r}")
+    if source == "dirs" or runs:
+        if source != "dirs":
+            raise CompareError("--runs reads plain workspace folders: use it with --from dirs")
+        if not runs:
+            raise CompareError("--from dirs needs --runs FOLDER (a sweeps/plain.py sweep, e.g. runs/NAME)")
+        got = collect_dirs(runs, filters)
+        if not got.experiments:
+            raise CompareError(f"no finished experiments in {', '.join(map(str, runs))}"
+                               + (f" (filters: {filters.describe()})" if filters.describe() != "none" else ""))
+        got.experiments.sort(key=lambda e: (e.space, e.dataset, e.profile, _method_rank(e.method), e.seed,
+                                            e.name))
+        return Collection(got.experiments, {"dirs": got.summary}, got.notes, "dirs", False)
     dvc = collect_dvc(root, filters, all_commits=all_commits) if source in ("auto", "dvc") else None
     ml = (collect_mlflow(root, filters, workdir, all_commits=all_commits, tracking_uri=tracking_uri,
                          known=[e.name for e in dvc.experiments] if dvc is not None else (),
@@ -1372,7 +1452,8 @@ def _fmt(value: float | None, digits: int) -> str:
 @dataclass(frozen=True)
 class CompareOptions:
     name: str = "compare"
-    source: str = "auto"                      # auto | dvc | mlflow
+    source: str = "auto"                      # auto | dvc | mlflow | dirs
+    runs: tuple[Path, ...] = ()               # --from dirs: workspace folders or sweeps of them
     out: Path | None = None                   # default <root>/reports/<name>
     filters: Filters = Filters()
     all_commits: bool = False                 # default: experiments of HEAD (as `dvc exp show`)
@@ -1502,7 +1583,8 @@ def compare(options: CompareOptions, root: Path | None = None) -> Report:
         out = root / out
     with tempfile.TemporaryDirectory(prefix="nascore-compare-") as tmp:
         found = collect(root, options.source, options.filters, Path(tmp), all_commits=options.all_commits,
-                        tracking_uri=options.tracking_uri)
+                        tracking_uri=options.tracking_uri,
+                        runs=tuple(p if Path(p).is_absolute() else root / p for p in options.runs))
         report = build_report(found.experiments, out, name=options.name, root=root, paper=paper,
                               sources=found.sources, notes=found.notes, used=found.used,
                               nb201_table=options.nb201_table, dominated_share=options.dominated_share)
@@ -1513,5 +1595,5 @@ def compare(options: CompareOptions, root: Path | None = None) -> Report:
 
 __all__ = ["CompareError", "CompareOptions", "Filters", "Experiment", "Group", "Stat", "PaperClaim",
            "PaperResults", "Report", "build_report", "cell_stats", "claim_rows", "collapse_verdicts",
-           "collect", "collect_dvc", "collect_mlflow", "compare", "group_experiments",
+           "collect", "collect_dirs", "collect_dvc", "collect_mlflow", "compare", "group_experiments",
            "load_paper_results", "mean_std", "normalise_metrics"]

@@ -7,6 +7,7 @@ DVC (`dvc exp show` + their cached outputs) and/or the MLflow store, and writes
 
     python -m stages.compare --name nb201 --space nb201 --method darts,rf_darts
     python -m stages.compare --from mlflow          # DVC's experiment refs are gone
+    python -m stages.compare --from dirs --runs runs/nb201   # a plain sweep (sweeps/plain.py)
 """
 from __future__ import annotations
 
@@ -28,7 +29,11 @@ def parse_args(argv: Sequence[str] | None = None) -> CompareOptions:
     p.add_argument("--name", default="compare", help="report name: reports/NAME and MLflow run compare-NAME")
     p.add_argument("--from", dest="source", choices=SOURCES, default="auto",
                    help="where to read experiments (auto: DVC, plus MLflow for run ids and for "
-                        "experiments whose DVC refs are gone; MLflow alone when DVC has none)")
+                        "experiments whose DVC refs are gone; MLflow alone when DVC has none; "
+                        "dirs: plain workspace folders, see --runs)")
+    p.add_argument("--runs", type=Path, action="append", default=[],
+                   help="with --from dirs: a workspace folder, or a folder of them (sweeps/plain.py's "
+                        "runs/NAME); repeatable")
     p.add_argument("--out", type=Path, help="report folder (default reports/NAME)")
     p.add_argument("--method", action="append", help="keep these methods (comma-separated or repeated)")
     p.add_argument("--space", action="append", help="keep these search spaces")
@@ -52,7 +57,7 @@ def parse_args(argv: Sequence[str] | None = None) -> CompareOptions:
         p.error(f"--seed takes integers, got {a.seed}")
     filters = Filters(methods=_list(a.method), spaces=_list(a.space), datasets=_list(a.dataset),
                       profiles=_list(a.profile), seeds=seeds, names=_list(a.exp))
-    return CompareOptions(name=a.name, source=a.source, out=a.out, filters=filters,
+    return CompareOptions(name=a.name, source=a.source, runs=tuple(a.runs), out=a.out, filters=filters,
                           all_commits=a.all_commits, nb201_table=a.nb201_table,
                           tracking_uri=a.tracking_uri, log_to_mlflow=not a.no_mlflow_log,
                           dominated_share=a.dominated_share)
