@@ -53,6 +53,7 @@ from .tracking import (ARTIFACTS_DIR, DEFAULT_EXPERIMENT, TAG_PARENT, TAG_ROLE, 
                        _check_http, flatten_params, project_root, redact_uri, resolve_tracking_uri)
 
 PAPER_RESULTS = Path(__file__).with_name("paper_results.yaml")
+SPEC_SEARCH_EPOCHS = 50          # every method's search length in methods.md (SearchConfig's default)
 SHARED_NB201 = Path("..") / "shared" / "data" / "nb201-accuracy.csv"   # as nascore.pipeline
 SOURCES = ("auto", "dvc", "mlflow", "dirs")
 # The order the papers came out in; methods nascore may grow later sort after these, by name.
@@ -1257,7 +1258,7 @@ EXPERIMENT_COLUMNS = (
     "mlflow_run_id")
 SUMMARY_METRICS = ("nb201_cifar10", "nb201_cifar100", "nb201_imagenet16", "retrain_acc", "retrain_error",
                    "param_free_ops", "param_free_ops_normal", "collapse_share", "search_seconds",
-                   "params_m", "macs_m", "imagenet_top1_error", "imagenet_top5_error")
+                   "search_epochs", "params_m", "macs_m", "imagenet_top1_error", "imagenet_top5_error")
 CLAIM_COLUMNS = ("method", "space", "dataset", "profile", "variant", "seeds", "metric", "stat", "ours",
                  "ours_std", "paper_method", "paper_value", "paper_std", "unconfirmed", "delta", "source",
                  "note")
@@ -1365,6 +1366,11 @@ def render_markdown(report: "Report") -> str:
         lines += [f"> **Profile {', '.join(not_full)}**: these runs use small synthetic data and tiny "
                   f"networks for one or two epochs — they check the machinery, not the science. The "
                   f"papers' numbers beside them are for orientation only.", ""]
+    short = sorted({int(e.metrics["search_epochs"]) for g in groups if g.profile == "full"
+                    for e in g.experiments if e.metrics.get("search_epochs", SPEC_SEARCH_EPOCHS) < SPEC_SEARCH_EPOCHS})
+    if short:
+        lines += [f"> **Short searches**: some runs searched {', '.join(map(str, short))} epoch(s), the "
+                  f"papers {SPEC_SEARCH_EPOCHS}: their cells and the papers' numbers are not like for like.", ""]
     lines += ["## Data sources", ""]
     lines += [f"- **{k}**: {v}" for k, v in report.sources.items()]
     if report.mlflow_run_id:
@@ -1380,7 +1386,7 @@ def render_markdown(report: "Report") -> str:
               "from methods.md §3); ⚠ = unconfirmed.", ""]
     cols = [m for m in ("nb201_cifar10", "nb201_cifar100", "nb201_imagenet16", "retrain_acc",
                         "retrain_error", "retrain_epochs", "param_free_ops", "collapse_share", "search_seconds",
-                        "params_m", "macs_m", "imagenet_top1_error")
+                        "search_epochs", "params_m", "macs_m", "imagenet_top1_error")
             if any(g.stat(m) is not None for g in groups)]
     header = ["method", "space", "dataset", "profile", "seeds", *[METRICS[m].label for m in cols], "paper"]
     rows = []

@@ -81,6 +81,9 @@ def test_compare_from_dirs_builds_the_report_with_nb201_lookups(tmp_path):
     assert all(r["source"] == "dirs" for r in rows)
     summary = list(csv.DictReader(open(tmp_path / "report" / "summary.csv")))
     assert len(summary) == 1 and summary[0]["seeds"] == "2" and summary[0]["seed_list"] == "1 2"
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert "**Short searches**: some runs searched 2 epoch(s), the papers 50" in report
+    assert "| search epochs |" in report and summary[0]["search_epochs_mean"] == "2.0"
     bad = run("-m", "stages.compare", "--from", "dirs", "--name", "x", "--no-mlflow-log", check=False)
     assert bad.returncode == 2 and "--from dirs needs --runs" in bad.stderr
 
@@ -107,6 +110,12 @@ def test_plain_sweep_runs_the_grid_resumes_and_feeds_compare(tmp_path):
     rows = list(csv.DictReader(open(tmp_path / "report" / "table.csv")))
     assert sorted(r["method"] for r in rows) == ["darts", "opp_darts"]
     assert all(r["genotype"].startswith("|") for r in rows)
+
+
+def test_the_short_search_threshold_is_the_search_default():
+    from nascore.compare import SPEC_SEARCH_EPOCHS
+    from nascore.search import SearchConfig
+    assert SearchConfig.__dataclass_fields__["epochs"].default == SPEC_SEARCH_EPOCHS
 
 
 def test_plain_sweep_reports_a_failed_experiment_and_exits_1(tmp_path):
