@@ -389,6 +389,10 @@ def _train_network(stage: str, run: C.RunConfig, sec: C.NetworkTrainConfig, mode
         tracker.log_metrics({k: v for k, v in record.items() if isinstance(v, (int, float))
                              and k != "epoch"}, step=record["epoch"])
 
+    if sec.train.cuda_graph and (device.type != "cuda" or D.world_size() > 1):
+        section = "transfer" if stage == "transfer_imagenet" else stage
+        raise C.ConfigError(f"params.yaml: {section}.train.cuda_graph: true needs one CUDA GPU; this run is "
+                            f"on {device} with {D.world_size()} process(es) (set it to false)")
     log(f"{stage}: {len(train_loader)} steps/epoch on {device}, checkpoints in {scratch}")
     # every rank resumes from the same file; rank 0 alone holds the lock (and writes)
     lock = scratch_lock(scratch) if D.rank() == 0 else contextlib.nullcontext(scratch)

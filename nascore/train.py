@@ -64,7 +64,8 @@ _CHOICES = {"schedule": _SCHEDULES, "amp": ("none", "bf16"), "nonfinite": ("stop
             "progress": ("auto", "bar", "log", "none")}
 # Fields that change speed or reporting but not the optimisation itself: a run may resume with
 # other values for these. Every other field must match the checkpoint's.
-_RESUMABLE_CHANGES = frozenset({"progress", "eval_every", "compile", "deterministic", "channels_last"})
+_RESUMABLE_CHANGES = frozenset({"progress", "eval_every", "compile", "deterministic", "channels_last",
+                                "cuda_graph"})
 
 
 @dataclass(frozen=True)
@@ -90,6 +91,7 @@ class TrainConfig:
     deterministic: bool = False       # deterministic kernels (slower); off = cudnn autotuning
     eval_every: int = 1               # evaluate every n epochs and always after the last
     compile: bool = False             # torch.compile the network
+    cuda_graph: bool = False          # capture the training step in a CUDA graph (one GPU, no compile)
     nonfinite: str = "stop"           # non-finite loss: stop with an error, or skip that batch
     progress: str = "auto"            # auto: bar on a terminal, else one log line per epoch
 
@@ -186,7 +188,8 @@ class NonFiniteLossError(RuntimeError):
 def train(model: nn.Module, train_loader: Loader, eval_loader: Loader | None, cfg: TrainConfig, *,
           checkpoint_path: str | Path, device: torch.device | str,
           on_epoch_end: Callable[[dict[str, Any]], None] | None = None,
-          meta: Mapping[str, Any] | None = None) -> TrainResult:
+          meta: Mapping[str, Any] | None = None,
+          capture_step: Callable[[Callable[[], None]], "StepGraph"] | None = None) -> TrainResult:
     """Train `model` by `cfg`, resuming from `checkpoint_path` if it exists.
 
     `meta` (plain data: genotype, method, dataset...) is stored in the checkpoint and must match
@@ -197,6 +200,9 @@ def train(model: nn.Module, train_loader: Loader, eval_loader: Loader | None, cf
     included) and train_acc over the steps taken, eval_loss / eval_top1 / eval_top5 (None in
     epochs not evaluated), skipped_batches, epoch_seconds, images_per_s (all ranks together).
     Accuracies are fractions.
+
+    `cfg.cuda_graph` captures the step in a CUDA graph (`capture_step`, when given, replaces the
+    CUDA graph: tests pass a plain re-run to check the static-buffer logic on CPU).
     """
     device = torch.device(device)
     meta = _plain(dict(meta or {}), "meta")
@@ -212,7 +218,19 @@ def train(model: nn.Module, train_loader: Loader, eval_loader: Loader | None, cf
     params = [p for p in model.parameters() if p.requires_grad]
     # Fused SGD is one kernel per step on CUDA; the CPU path takes the long-standing foreach one.
     # (Set again after a resume: load_state_dict restores the flags of the machine that saved.)
-    kernels = {"fused": device.type == "cuda", "foreach": device.type != "cuda"}
+    if capture_step is None and cfg.cuda_graph:
+        problems = [why for bad, why in (
+            (device.type != "cuda", f"needs a CUDA device (this run is on {device.type})"),
+            (world > 1, "runs on one GPU only (not under torchrun/DDP)"),
+            (cfg.compile, "does not combine with compile"),
+            (cfg.nonfinite != "stop", "needs nonfinite='stop' (skipping reads the loss on the host)"))
+            if bad]
+        if problems:
+            raise ValueError("TrainConfig.cuda_graph=True " + "; ".join(problems))
+        capture_step = _cuda_graph
+    # (A captured step takes the foreach kernels, the ones whose capture the search has run.)
+    kernels = {"fused": device.type == "cuda" and capture_step is None,
+               "foreach": device.type != "cuda" or capture_step is not None}
     optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
                                 weight_decay=cfg.weight_decay, **kernels)
     if cfg.momentum > 0:
@@ -264,10 +282,10 @@ def train(model: nn.Module, train_loader: Loader, eval_loader: Loader | None, cf
             sums = torch.zeros(3, dtype=torch.float64, device=device)   # loss·n, correct, n
             n_bad = torch.zeros((), dtype=torch.int64, device=device)     # non-finite steps
             first_bad = torch.full((), n_steps, dtype=torch.int64, device=device)
-            steps = tqdm(train_loader, total=n_steps, leave=False, desc=f"epoch {epoch + 1}",
-                         disable=mode != "bar")
-            for step, (x, y) in enumerate(steps):
-                x, y = _to_device(x, y, device, cfg.channels_last)
+            step_index = torch.zeros((), dtype=torch.int64, device=device)
+
+            def step(x: torch.Tensor, y: torch.Tensor) -> None:
+                """One training step and its accounting, all on the device (capturable)."""
                 if guard is not None:
                     guard.snapshot()
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp == "bf16"):
@@ -292,10 +310,23 @@ def train(model: nn.Module, train_loader: Loader, eval_loader: Loader | None, cf
                 n = y.size(0)
                 correct = (logits.detach().argmax(1) == y).sum()
                 # masked, not branched on: a NaN loss stays out of the sums without a host sync
-                sums += torch.stack([torch.where(ok, loss.detach().double() * n, 0.0),
-                                     torch.where(ok, correct.double(), 0.0), ok.double() * n])
-                n_bad += ~ok
-                first_bad = torch.minimum(first_bad, torch.where(ok, n_steps, step))
+                sums.add_(torch.stack([torch.where(ok, loss.detach().double() * n, 0.0),
+                                       torch.where(ok, correct.double(), 0.0), ok.double() * n]))
+                n_bad.add_((~ok).long())
+                first_bad.copy_(torch.minimum(first_bad, torch.where(ok, n_steps, step_index)))
+                step_index.add_(1)
+
+            # lr and drop-path probability are constants of a captured step: one graph per epoch
+            steps = _GraphedSteps(step, capture_step, device) if capture_step is not None else None
+            bar = tqdm(train_loader, total=n_steps, leave=False, desc=f"epoch {epoch + 1}",
+                       disable=mode != "bar")
+            for x, y in bar:
+                x, y = _to_device(x, y, device, cfg.channels_last)
+                if steps is not None:
+                    steps(x, y)
+                else:
+                    step(x, y)
+            del steps
 
             # the epoch's host syncs: everything above was queued without waiting for the GPU
             loss_sum, correct_sum, seen = D.all_reduce_(sums, "sum").tolist()
@@ -411,6 +442,66 @@ def _set_epoch(loader: Loader, epoch: int) -> None:
         if callable(set_epoch):
             set_epoch(epoch)
             return
+
+
+class StepGraph(Protocol):
+    def replay(self) -> None: ...
+
+
+def _cuda_graph(step: Callable[[], None]) -> StepGraph:
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph
+
+
+class _GraphedSteps:
+    """An epoch's steps through one captured graph (TrainConfig.cuda_graph).
+
+    The first `WARMUP_STEPS` run plainly on a side stream (cuDNN picks its kernels; lazy
+    initialisations stay off the captured stream), the next batch is copied into static buffers
+    and the step captured, and every later batch is copied in and the graph replayed. A batch of
+    another shape (a last partial batch) runs plainly. The step itself never reads the host.
+    """
+
+    WARMUP_STEPS = 2
+
+    def __init__(self, step: Callable[[torch.Tensor, torch.Tensor], None],
+                 capture: Callable[[Callable[[], None]], StepGraph], device: torch.device) -> None:
+        self.step, self.capture, self.device = step, capture, device
+        self.warmup = self.WARMUP_STEPS
+        self.graph: StepGraph | None = None
+        self.static: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        if self.graph is not None and self.static is not None and \
+                (x.shape, x.dtype, x.stride(), y.shape) == (self.static[0].shape, self.static[0].dtype,
+                                                            self.static[0].stride(), self.static[1].shape):
+            self.static[0].copy_(x)
+            self.static[1].copy_(y)
+            self.graph.replay()
+            return
+        if self.warmup > 0 or self.graph is not None:
+            self.warmup -= 1
+            with _side_stream(self.device):
+                self.step(x, y)
+            return
+        self.static = (x.clone(memory_format=torch.preserve_format), y.clone())
+        sx, sy = self.static
+        self.graph = self.capture(lambda: self.step(sx, sy))
+        self.graph.replay()           # capturing ran nothing: this performs the step
+
+
+@contextmanager
+def _side_stream(device: torch.device) -> Iterator[None]:
+    if device.type != "cuda":
+        yield
+        return
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        yield
+    torch.cuda.current_stream(device).wait_stream(side)
 
 
 class _StepGuard:

@@ -266,6 +266,17 @@ def test_non_finite_training_stops_naming_epoch_and_step(proj):
     assert "search.nonfinite: skip" in message
 
 
+def test_a_cuda_graph_retrain_without_a_gpu_is_a_one_line_error(proj):
+    set_params(proj, **{"retrain.train.cuda_graph": True})
+    try:
+        message = run_stage_failing(proj, "retrain", env={**proj.env, "NASCORE_DEVICE": "cpu"})
+    finally:
+        set_params(proj, **{"retrain.train.cuda_graph": "auto"})
+    assert "retrain.train.cuda_graph: true needs one CUDA GPU; this run is on cpu" in message
+    assert not (proj.root / "outputs" / "retrain").exists() or \
+        (proj.root / "metrics" / "retrain.json").exists(), "no half-written retrain output"
+
+
 def test_a_truncated_or_foreign_checkpoint_in_scratch_is_refused(proj):
     set_params(proj, **{"search.epochs": 3})
     try:

@@ -332,6 +332,57 @@ def test_nonfinite_skip_drops_exactly_that_batch(tmp_path: Path) -> None:
 
 # --- speed paths, reporting, DDP ----------------------------------------------------------------
 
+class Rerun:
+    """Stands in for a CUDA graph on the CPU: 'replaying' re-runs the captured step function."""
+
+    captures = 0
+    replays = 0
+
+    def __init__(self, step) -> None:
+        Rerun.captures += 1
+        self.step = step
+
+    def replay(self) -> None:
+        Rerun.replays += 1
+        self.step()
+
+
+def test_the_captured_step_logic_reproduces_the_plain_loop(tmp_path: Path) -> None:
+    """cuda_graph's bookkeeping (warm-up, static buffers, a graph per epoch, a last partial batch
+    run plainly, device-side sums) gives the plain loop's weights and records exactly."""
+    def run(name: str, **kw: Any):
+        model = fresh_model()
+        tr, ev = loaders(n_train=250)                   # 8 batches: 7 of 32, one of 26
+        result = train(model, tr, ev, cfg(epochs=3), checkpoint_path=tmp_path / f"{name}.pt",
+                       device="cpu", **kw)
+        return model, result.history
+    Rerun.captures = Rerun.replays = 0
+    plain_model, plain = run("plain")
+    graphed_model, graphed = run("graphed", capture_step=Rerun)
+    assert Rerun.captures == 3                           # one graph per epoch (lr, drop-path)
+    assert Rerun.replays == 3 * (8 - 2 - 1)              # less 2 warm-up steps and the short batch
+    assert without_timing(graphed) == without_timing(plain)
+    for (k, a), b in zip(plain_model.state_dict().items(), graphed_model.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+def test_a_nonfinite_loss_inside_the_graph_names_its_step(tmp_path: Path) -> None:
+    model = fresh_model(nan_at=8 + 5)                     # epoch 2, step 6: a replayed step
+    with pytest.raises(NonFiniteLossError, match=r"epoch 2/2, step 6/8"):
+        train(model, *loaders(), cfg(epochs=2), checkpoint_path=tmp_path / "ck.pt", device="cpu",
+              capture_step=Rerun)
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(), "needs a CUDA device"), (dict(compile=True), "does not combine with compile"),
+    (dict(nonfinite="skip"), "needs nonfinite='stop'"),
+])
+def test_cuda_graph_says_what_it_needs(tmp_path: Path, kw: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=f"TrainConfig.cuda_graph=True .*{message}"):
+        train(fresh_model(), *loaders(n_train=64), cfg(cuda_graph=True, **kw),
+              checkpoint_path=tmp_path / "ck.pt", device="cpu")
+
+
 def test_bf16_autocast_and_channels_last_run_on_cpu(tmp_path: Path) -> None:
     h = train(fresh_model(), *loaders(n_train=64), cfg(epochs=1, amp="bf16", channels_last=True),
               checkpoint_path=tmp_path / "ck.pt", device="cpu").history
