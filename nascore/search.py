@@ -15,7 +15,6 @@ the epoch, and RNG states travel in the checkpoint.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import random
 import sys
@@ -32,6 +31,7 @@ from tqdm import tqdm
 
 from .diagnostics import collapse_diagnostics, hessian_eigenvalue
 from .genotype import AnyGenotype
+from .graphs import StepGraph, cuda_graph, side_stream
 from .io import load_checkpoint, save_checkpoint
 from .op_schedules import OP_SCHEDULES, ProgressiveConfig
 from .optimisation import UPDATE_RULES, Batch, StepContext, StepStats
@@ -206,7 +206,7 @@ class SearchRun:
         # How a captured step is made: a CUDA graph. Tests swap in a plain re-run of the step to
         # check the static-buffer logic on CPU.
         self.capture_step: Callable[[Callable[[], None]], StepGraph] | None = (
-            _cuda_graph if cfg.cuda_graph else None)
+            cuda_graph if cfg.cuda_graph else None)
         _seed_everything(seed)     # the random features ARE the init: seeded, recorded in meta
         self.model = self.build_model()
         if cfg.compile:
@@ -429,17 +429,6 @@ class SearchRun:
         self.a_opt.load_state_dict(snap["a_opt"])
 
 
-class StepGraph(Protocol):
-    def replay(self) -> None: ...
-
-
-def _cuda_graph(step: Callable[[], None]) -> StepGraph:
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    return graph
-
-
 class EpochSteps:
     """The search steps of one epoch and their device-side bookkeeping.
 
@@ -523,7 +512,7 @@ class EpochSteps:
             return
         if self._warmup > 0 or self._graph is not None:   # warm-up, or a batch the graph cannot take
             self._warmup -= 1
-            with _side_stream(self.run.device):
+            with side_stream(self.run.device):
                 counts = self._add(self._step(train, val)[0])
             self._count(counts)
             return
@@ -542,20 +531,6 @@ class EpochSteps:
     def totals(self) -> tuple[list[float], int]:
         """(loss, correct, arch loss, arch correct) sums and the first bad step (-1: none)."""
         return self.sums.tolist(), int(self.bad_step)
-
-
-@contextlib.contextmanager
-def _side_stream(device: torch.device) -> Iterator[None]:
-    """CUDA graph warm-up runs on a side stream, so that its lazy initialisations stay off the
-    stream the capture will record (the recipe of torch.cuda.graph's documentation)."""
-    if device.type != "cuda":
-        yield
-        return
-    side = torch.cuda.Stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side):
-        yield
-    torch.cuda.current_stream(device).wait_stream(side)
 
 
 def _clone_state(state: Any) -> Any:

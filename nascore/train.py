@@ -32,6 +32,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from . import distributed as D
+from .graphs import StepGraph, cuda_graph, side_stream
 from .io import CheckpointError, load_checkpoint, save_checkpoint
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -189,7 +190,7 @@ def train(model: nn.Module, train_loader: Loader, eval_loader: Loader | None, cf
           checkpoint_path: str | Path, device: torch.device | str,
           on_epoch_end: Callable[[dict[str, Any]], None] | None = None,
           meta: Mapping[str, Any] | None = None,
-          capture_step: Callable[[Callable[[], None]], "StepGraph"] | None = None) -> TrainResult:
+          capture_step: Callable[[Callable[[], None]], StepGraph] | None = None) -> TrainResult:
     """Train `model` by `cfg`, resuming from `checkpoint_path` if it exists.
 
     `meta` (plain data: genotype, method, dataset...) is stored in the checkpoint and must match
@@ -227,7 +228,7 @@ def train(model: nn.Module, train_loader: Loader, eval_loader: Loader | None, cf
             if bad]
         if problems:
             raise ValueError("TrainConfig.cuda_graph=True " + "; ".join(problems))
-        capture_step = _cuda_graph
+        capture_step = cuda_graph
     # (A captured step takes the foreach kernels, the ones whose capture the search has run.)
     kernels = {"fused": device.type == "cuda" and capture_step is None,
                "foreach": device.type != "cuda" or capture_step is not None}
@@ -444,17 +445,6 @@ def _set_epoch(loader: Loader, epoch: int) -> None:
             return
 
 
-class StepGraph(Protocol):
-    def replay(self) -> None: ...
-
-
-def _cuda_graph(step: Callable[[], None]) -> StepGraph:
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    return graph
-
-
 class _GraphedSteps:
     """An epoch's steps through one captured graph (TrainConfig.cuda_graph).
 
@@ -483,25 +473,13 @@ class _GraphedSteps:
             return
         if self.warmup > 0 or self.graph is not None:
             self.warmup -= 1
-            with _side_stream(self.device):
+            with side_stream(self.device):
                 self.step(x, y)
             return
         self.static = (x.clone(memory_format=torch.preserve_format), y.clone())
         sx, sy = self.static
         self.graph = self.capture(lambda: self.step(sx, sy))
         self.graph.replay()           # capturing ran nothing: this performs the step
-
-
-@contextmanager
-def _side_stream(device: torch.device) -> Iterator[None]:
-    if device.type != "cuda":
-        yield
-        return
-    side = torch.cuda.Stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side):
-        yield
-    torch.cuda.current_stream(device).wait_stream(side)
 
 
 class _StepGuard:

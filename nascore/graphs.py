@@ -1,0 +1,38 @@
+"""CUDA graphs for a whole training step: the two pieces the search loop and `train` share.
+
+A step captured once and replayed removes the host's per-kernel launch cost, which bounds the
+small-kernel steps of NAS (bench/RESULTS.md: 3-4x on an H100). Callers keep their own static
+buffers and warm-up logic; tests replace `cuda_graph` with a plain re-run of the step.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Iterator, Protocol
+
+import torch
+
+
+class StepGraph(Protocol):
+    def replay(self) -> None: ...
+
+
+def cuda_graph(step: Callable[[], None]) -> StepGraph:
+    """Capture `step` (which must not read the host) into a CUDA graph; nothing runs yet."""
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph
+
+
+@contextlib.contextmanager
+def side_stream(device: torch.device) -> Iterator[None]:
+    """Warm-up steps before a capture run on a side stream, so that their lazy initialisations
+    stay off the stream the capture will record (the recipe of torch.cuda.graph's documentation)."""
+    if device.type != "cuda":
+        yield
+        return
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        yield
+    torch.cuda.current_stream(device).wait_stream(side)
