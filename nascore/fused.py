@@ -11,8 +11,10 @@ states), so here every op of every edge leaving a state is computed in one pass 
 - all units of one op kind (e.g. the 4 `sep_conv_3x3` of the 4 edges leaving c_{k-1}) as one
   convolution: depthwise convs as one grouped conv, 1×1 / dense convs with their weights
   concatenated, their BNs as one batch norm over the concatenated channels;
-- the α-weighted sum, the edge normalisation (β, folded into the α weights) and the node sums as
-  one `addcmul` per op kind into an accumulator of shape (B, targets, C, H, W);
+- the α weights (the edge normalisation's β folded in) are the affine scale of an op kind's last
+  batch norm, so `w·BN(y)` costs no kernel of its own and α's gradient comes out of BN's backward;
+  op kinds without a BN of their own (identity, pooling) take one `addcmul`; the node sums
+  accumulate into one tensor of shape (B, targets, C, H, W);
 - partial channels (PC-DARTS): the ops see the state's first C/K channels; the bypassed channels
   (max-pooled once per state on stride-2 edges) are summed per node with the β weights, and
   concatenation and channel shuffle are one copy per node;
@@ -232,12 +234,27 @@ class BatchNormSink:
         self.updates.clear()
 
 
-def _bn_blocks(y: torch.Tensor, bns: Sequence[nn.BatchNorm2d], sink: BatchNormSink) -> torch.Tensor:
-    """Train-mode BN of `y`'s channels, block u normalised as `bns[u]` would (one kernel)."""
+def _bn_blocks(y: torch.Tensor, bns: Sequence[nn.BatchNorm2d], sink: BatchNormSink,
+               scale: torch.Tensor | None = None) -> torch.Tensor:
+    """Train-mode BN of `y`'s channels, block u normalised as `bns[u]` would (one kernel).
+
+    `scale` (n, channels), contiguous: block u's output is multiplied by scale[u], folded into
+    BN's affine transform (w·(γ·x̂ + β) = (w·γ)·x̂ + w·β): the α-weighting then launches no kernel
+    over the activations, and BN's backward computes α's gradient along with γ's.
+    """
     bns = list(bns)
     mean, var = sink.take(y.shape[1])
-    weight = torch.cat([b.weight for b in bns]) if bns[0].affine else None
-    bias = torch.cat([b.bias for b in bns]) if bns[0].affine else None
+    weight = bias = None
+    if bns[0].affine:
+        weight, bias = torch.stack([b.weight for b in bns]), torch.stack([b.bias for b in bns])
+        if scale is not None:
+            weight, bias = weight * scale, bias * scale
+        weight, bias = weight.flatten(), bias.flatten()
+    elif scale is not None:
+        # contiguous, not an expanded view: with one block, an expand's zero stride survives
+        # flatten(), and torch's CPU batch-norm backward then gets the input's gradient wrong at
+        # 1×1 spatial size (seen with torch 2.14; the tests' reduction cells run at 1×1)
+        weight = scale.flatten()
     out = F.batch_norm(y, mean, var, weight, bias, True, 1.0, bns[0].eps)
     sink.updates.append(_BNUpdate(bns, mean, var, shared=False))
     return out
@@ -272,20 +289,20 @@ class _Source:
         return self._relu
 
 
-def _identity(mods: list[nn.Module], src: _Source, units: Units) -> torch.Tensor:
+def _identity(mods: list[nn.Module], src: _Source, units: Units, scale: None) -> torch.Tensor:
     return src.x.unsqueeze(1)
 
 
-def _pool(mods: list[nn.Module], src: _Source, units: Units) -> torch.Tensor:
+def _pool(mods: list[nn.Module], src: _Source, units: Units, scale: None) -> torch.Tensor:
     return mods[0](src.x).unsqueeze(1)          # parameter-free: one pooling serves every edge
 
 
-def _pool_bn(mods: list[nn.Module], src: _Source, units: Units) -> torch.Tensor:
+def _pool_bn(mods: list[nn.Module], src: _Source, units: Units, scale: None) -> torch.Tensor:
     return _bn_shared(mods[0][0](src.x), [m[1] for m in mods], src.sink)
 
 
 def _dil_blocks(blocks: Sequence[nn.Sequential], r: torch.Tensor, sink: BatchNormSink,
-                shared_input: bool) -> torch.Tensor:
+                shared_input: bool, scale: torch.Tensor | None = None) -> torch.Tensor:
     """[depthwise conv → 1×1 conv → BN] of n `DilConv`-shaped blocks whose ReLU `r` already is.
 
     Shared input (every block reads the same C channels): one depthwise conv with channel
@@ -309,29 +326,29 @@ def _dil_blocks(blocks: Sequence[nn.Sequential], r: torch.Tensor, sink: BatchNor
         y = F.conv2d(r, torch.cat([d.weight for d in dw]), None, d0.stride, d0.padding, d0.dilation,
                      n * d0.in_channels)
         y = F.conv2d(y, torch.cat([p.weight for p in pw]), None, 1, 0, 1, n)
-    return _bn_blocks(y, [b[3] for b in blocks], sink)
+    return _bn_blocks(y, [b[3] for b in blocks], sink, scale)
 
 
-def _dil(mods: list[nn.Module], src: _Source, units: Units) -> torch.Tensor:
-    return _dil_blocks(mods, src.relu(), src.sink, shared_input=True).unflatten(1, (len(mods), -1))
+def _dil(mods: list[nn.Module], src: _Source, units: Units, scale: torch.Tensor) -> torch.Tensor:
+    return _dil_blocks(mods, src.relu(), src.sink, True, scale).unflatten(1, (len(mods), -1))
 
 
-def _sep(mods: list[nn.Module], src: _Source, units: Units) -> torch.Tensor:
+def _sep(mods: list[nn.Module], src: _Source, units: Units, scale: torch.Tensor) -> torch.Tensor:
     y = _dil_blocks([m[0] for m in mods], src.relu(), src.sink, shared_input=True)
-    y = _dil_blocks([m[1] for m in mods], F.relu(y), src.sink, shared_input=False)
+    y = _dil_blocks([m[1] for m in mods], F.relu(y), src.sink, False, scale)
     return y.unflatten(1, (len(mods), -1))
 
 
-def _relu_conv_bn(mods: list[nn.Module], src: _Source, units: Units) -> torch.Tensor:
+def _relu_conv_bn(mods: list[nn.Module], src: _Source, units: Units, scale: torch.Tensor) -> torch.Tensor:
     convs = [m[1] for m in mods]
     c0 = convs[0]
     bias = torch.cat([c.bias for c in convs]) if c0.bias is not None else None
     y = F.conv2d(src.relu(), torch.cat([c.weight for c in convs]), bias, c0.stride, c0.padding,
                  c0.dilation)
-    return _bn_blocks(y, [m[2] for m in mods], src.sink).unflatten(1, (len(mods), -1))
+    return _bn_blocks(y, [m[2] for m in mods], src.sink, scale).unflatten(1, (len(mods), -1))
 
 
-def _factorized_reduce(mods: list[nn.Module], src: _Source, units: Units) -> torch.Tensor:
+def _factorized_reduce(mods: list[nn.Module], src: _Source, units: Units, scale: torch.Tensor) -> torch.Tensor:
     r, n = src.relu(), len(mods)
     c1, c2 = mods[0].conv_1, mods[0].conv_2
     a = F.conv2d(r, torch.cat([m.conv_1.weight for m in mods]), None, c1.stride, c1.padding)
@@ -339,18 +356,21 @@ def _factorized_reduce(mods: list[nn.Module], src: _Source, units: Units) -> tor
                  c2.padding)
     # each unit's output is cat(conv_1, conv_2) on channels, as in FactorizedReduce
     y = torch.cat([a.unflatten(1, (n, -1)), b.unflatten(1, (n, -1))], dim=2).flatten(1, 2)
-    return _bn_blocks(y, [m.bn for m in mods], src.sink).unflatten(1, (n, -1))
+    return _bn_blocks(y, [m.bn for m in mods], src.sink, scale).unflatten(1, (n, -1))
 
 
-def _noise(mods: list[nn.Module], src: _Source, units: Units) -> torch.Tensor:
+def _noise(mods: list[nn.Module], src: _Source, units: Units, scale: None) -> torch.Tensor:
     return torch.stack([src.noise[u] for u in units], dim=1)
 
 
-def _eager(mods: list[nn.Module], src: _Source, units: Units) -> torch.Tensor:
+def _eager(mods: list[nn.Module], src: _Source, units: Units, scale: None) -> torch.Tensor:
     return torch.stack([m(src.x) for m in mods], dim=1)
 
 
-KindFn = Callable[[list[nn.Module], _Source, Units], torch.Tensor]
+# kind(modules, source, units, scale) -> (B, n or 1, C, H', W'); the kinds in SCALED multiply
+# unit u's output by its α weight themselves (scale (n, C): the affine scale of their last BN),
+# the others get scale None
+KindFn = Callable[[list[nn.Module], _Source, Units, torch.Tensor | None], torch.Tensor]
 KINDS: dict[str, KindFn | None] = {
     "zero": None,                 # contributes exactly nothing: not computed
     "noise": _noise, "identity": _identity, "pool": _pool, "pool_bn": _pool_bn, "dil": _dil,
@@ -363,6 +383,7 @@ BN_CHANNELS: dict[str, Callable[[int], int]] = {
     "pool_bn": lambda n: 1, "dil": lambda n: n, "sep": lambda n: 2 * n, "relu_conv_bn": lambda n: n,
     "factorized_reduce": lambda n: n, "eager": lambda n: 0,
 }
+SCALED = frozenset({"dil", "sep", "relu_conv_bn", "factorized_reduce"})
 
 
 # --- per-forward α weights ---------------------------------------------------------------------
@@ -371,38 +392,85 @@ class FusedArch:
     """What the cells of one type need for one fused forward (prepared once, shared by them)."""
 
     plan: ArchPlan
-    group_weights: list[list[torch.Tensor]]   # per source, per group: (1, n, 1, 1, 1)
+    weights: torch.Tensor                     # (edges × active columns,) α weights, β folded in
     bypass_weights: list[torch.Tensor | None]  # per source: (1, targets, 1, 1, 1) β weights (PC)
     positions: list[list[torch.Tensor | None]]  # per source, per group: device index or None
     sink: BatchNormSink
+    constant: Callable[[tuple, Callable[[], torch.Tensor]], torch.Tensor]
+    autocast: torch.dtype | None              # the ops' output dtype under autocast
+    _groups: dict[tuple, list[list[torch.Tensor | None]]] = field(default_factory=dict)
+
+    def group_weights(self, cell: CellPlan, channels: int) -> list[list[torch.Tensor | None]]:
+        """Per source, per group of `cell`, the units' α weights as the group's kind takes them:
+        SCALED kinds (n, channels), each unit's weight repeated over its channels as the affine
+        scale of their last BN, in α's dtype; the others (1, n, 1, 1, 1) in the autocast dtype;
+        `none` None. All in one gather per kinds and channel count: only the weights some op
+        uses are gathered, so the backward materialises no zero gradient for the rest."""
+        key = (cell.kinds, channels)
+        if key in self._groups:
+            return self._groups[key]
+        layout = [("none" if KINDS[kind] is None else "scaled" if kind in SCALED else "plain", len(g.units))
+                  for sp, kinds in zip(self.plan.sources, cell.kinds) for g, kind in zip(sp.groups, kinds)]
+
+        def gather_index() -> torch.Tensor:
+            parts: dict[str, list[int]] = {"none": [], "plain": [], "scaled": []}
+            units = iter(self.plan.op_index)
+            for k, n in layout:
+                parts[k] += [next(units) for _ in range(n)]
+            return torch.tensor(parts["plain"] + [i for i in parts["scaled"] for _ in range(channels)])
+        # the index is a device constant: made once, not per forward
+        gathered = self.weights.index_select(
+            0, self.constant(("gather", self.plan, cell.kinds, channels), gather_index))
+        n_plain = sum(n for k, n in layout if k == "plain")
+        n_scaled = sum(n for k, n in layout if k == "scaled") * channels
+        plain_w, scaled_w = gathered.split([n_plain, n_scaled]) if n_plain and n_scaled else (
+            (gathered, None) if n_plain else (None, gathered))
+        if plain_w is not None and self.autocast is not None:
+            # the ops' outputs are in the autocast dtype; float32 weights would promote every sum
+            plain_w = plain_w.to(self.autocast)
+        # one split per part, not a slice per group: its backward is one cat
+        plain_parts = iter(plain_w.split([n for k, n in layout if k == "plain"]) if plain_w is not None else ())
+        scaled_parts = iter(scaled_w.split([n * channels for k, n in layout if k == "scaled"])
+                            if scaled_w is not None else ())
+        groups: list[list[torch.Tensor | None]] = []
+        it = iter(layout)
+        for sp in self.plan.sources:
+            row: list[torch.Tensor | None] = []
+            for _ in sp.groups:
+                k, _n = next(it)
+                row.append(None if k == "none" else next(plain_parts).view(1, -1, 1, 1, 1) if k == "plain"
+                           else next(scaled_parts).view(-1, channels))
+            groups.append(row)
+        self._groups[key] = groups
+        return groups
 
 
 def prepare_arch(plan: ArchPlan, op_weights: torch.Tensor,
                  edge_weights: torch.Tensor | None, partial: bool,
-                 index: Callable[[tuple[int, ...]], torch.Tensor], sink: BatchNormSink) -> FusedArch:
-    """α weights gathered per group (β folded in), cast to the autocast dtype when one is active.
+                 constant: Callable[[tuple, Callable[[], torch.Tensor]], torch.Tensor],
+                 sink: BatchNormSink) -> FusedArch:
+    """α weights with β folded in; the β weights of PC-DARTS' bypassed channels, per source.
 
-    `index(values)` returns `values` as a cached device tensor (no host→device copy per step).
+    `constant(key, make)` returns `make()` on the weights' device, made once per key and cached by
+    the caller (an index tensor made per step would be a host→device copy per step).
     """
+    def index(values: tuple[int, ...]) -> torch.Tensor:
+        return constant(("index", values), lambda: torch.tensor(values))
+
     w = op_weights if edge_weights is None else op_weights * edge_weights[:, None]
-    flat = w.reshape(-1).index_select(0, index(plan.op_index))
     bypass = (edge_weights.index_select(0, index(plan.edge_index))
               if partial and edge_weights is not None else None)
-    device_type = flat.device.type
+    device_type = w.device.type
+    autocast = None
     if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
-        # the ops' outputs are in the autocast dtype; float32 weights would promote every sum
-        dtype = torch.get_autocast_dtype(device_type)
-        flat = flat.to(dtype)
-        bypass = bypass.to(dtype) if bypass is not None else None
-    # one split, not a slice per group: its backward is one cat instead of a sum of zero-padded slices
-    parts = iter(flat.split([len(g.units) for sp in plan.sources for g in sp.groups]))
+        autocast = torch.get_autocast_dtype(device_type)
+        bypass = bypass.to(autocast) if bypass is not None else None
     edge_parts = iter(bypass.split([len(sp.edges) for sp in plan.sources]) if bypass is not None else ())
-    group_weights, bypass_weights, positions = [], [], []
+    bypass_weights, positions = [], []
     for sp in plan.sources:
-        group_weights.append([next(parts).view(1, -1, 1, 1, 1) for _ in sp.groups])
         positions.append([index(g.positions) if g.positions is not None else None for g in sp.groups])
         bypass_weights.append(next(edge_parts).view(1, -1, 1, 1, 1) if bypass is not None else None)
-    return FusedArch(plan, group_weights, bypass_weights, positions, sink)
+    return FusedArch(plan, w.reshape(-1), bypass_weights, positions, sink, constant, autocast)
 
 
 # --- the cell ----------------------------------------------------------------------------------
@@ -417,12 +485,15 @@ class CellShape:
     output: str                               # "concat" | "last"
 
 
-def _weighted_add(acc: torch.Tensor | None, out: torch.Tensor, w: torch.Tensor,
+def _weighted_add(acc: torch.Tensor | None, out: torch.Tensor, w: torch.Tensor | None,
                   positions: torch.Tensor | None, targets: int) -> torch.Tensor:
-    """acc + w·out into the accumulator's target slots (all, or the units' own)."""
+    """acc + w·out (w None: `out` is weighted already) into the accumulator's target slots (all,
+    or the units' own)."""
     if positions is None:
+        if w is None:
+            return out if acc is None else acc + out
         return out * w if acc is None else torch.addcmul(acc, out, w)
-    term = out * w
+    term = out if w is None else out * w
     if acc is None:
         acc = term.new_zeros((term.shape[0], targets, *term.shape[2:]))
     return acc.index_add(1, positions, term)
@@ -465,7 +536,7 @@ def cell_forward(op_module: Callable[[int, int], nn.Module], shape: CellShape, p
     noise = _draw_noise(plan, shape, inputs, ap.num_inputs)
     states = list(inputs)
     carry = carry_b = None           # partial sums of the nodes not complete yet
-    for sp, kinds, weights, positions, bw in zip(ap.sources, plan.kinds, arch.group_weights,
+    for sp, kinds, weights, positions, bw in zip(ap.sources, plan.kinds, arch.group_weights(plan, c_op),
                                                  arch.positions, arch.bypass_weights):
         x = states[sp.state]
         stride, targets = shape.strides[sp.state], len(sp.edges)
@@ -475,8 +546,9 @@ def cell_forward(op_module: Callable[[int, int], nn.Module], shape: CellShape, p
             fn = KINDS[kind]
             if fn is None:
                 continue
-            out = fn([op_module(e, c) for e, c in g.units], src, g.units)
-            acc = _weighted_add(acc, out, w, pos, targets)
+            scaled = kind in SCALED
+            out = fn([op_module(e, c) for e, c in g.units], src, g.units, w if scaled else None)
+            acc = _weighted_add(acc, out, None if scaled else w, pos, targets)
         if acc is None:              # only `none` ops leave this state
             acc = x.new_zeros((x.shape[0], targets, c_op, *_out_hw(x, stride)))
         acc_b = None
@@ -488,9 +560,15 @@ def cell_forward(op_module: Callable[[int, int], nn.Module], shape: CellShape, p
             else:
                 acc_b = xb * bw if carry_b is None else torch.addcmul(carry_b, xb, bw)
         if sp.state >= ap.num_inputs - 1:    # every edge into the next node is summed now
-            node = acc[:, 0] if k == 1 else _join_partial(acc[:, 0], acc_b[:, 0], k, shape.shuffle)
+            # split, not acc[:, 0] and acc[:, 1:]: its backward is one cat, not two zero-filled
+            # full-size gradients and their sum
+            head, carry = acc.split([1, targets - 1], dim=1) if targets > 1 else (acc, None)
+            if k == 1:
+                node, carry_b = head.squeeze(1), None
+            else:
+                head_b, carry_b = acc_b.split([1, targets - 1], dim=1) if targets > 1 else (acc_b, None)
+                node = _join_partial(head.squeeze(1), head_b.squeeze(1), k, shape.shuffle)
             states.append(node)
-            carry, carry_b = acc[:, 1:], (acc_b[:, 1:] if acc_b is not None else None)
         else:
             carry, carry_b = acc, acc_b
     nodes = states[ap.num_inputs:]
@@ -499,3 +577,4 @@ def cell_forward(op_module: Callable[[int, int], nn.Module], shape: CellShape, p
 
 def _out_hw(x: torch.Tensor, stride: int) -> tuple[int, int]:
     return math.ceil(x.shape[2] / stride), math.ceil(x.shape[3] / stride)
+

@@ -375,7 +375,7 @@ class Supernet(nn.Module):
             device = self.alphas[ct].device
             arch[ct] = fused.prepare_arch(
                 plan, self.op_weights(ct, columns), self.edge_weights(ct), self.cfg.partial_channels > 1,
-                lambda values: self._index(("plan", values), lambda: torch.tensor(values), device), sink)
+                lambda key, make: self._index(key, make, device), sink)
         out = self.forward_cells(x, arch, {ct: None for ct in self.cell_types}, columns)
         sink.flush()
         return out

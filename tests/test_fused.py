@@ -7,11 +7,14 @@
 - The CUDA-graph step logic (warm-up, static buffers, in-step accounting, odd-shaped batches) gives
   the plain loop's results when "replaying" re-runs the step, as a graph replays its kernels.
 """
+import collections
 import copy
 
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from nascore.config import ConfigError
 from nascore.methods import get_method
@@ -111,6 +114,41 @@ def test_fused_is_layout_independent_and_leaves_evaluation_eager():
     torch.testing.assert_close(fused(x), net(x), rtol=0, atol=0)
     with pytest.raises(ValueError, match="allowed: eager, fused"):
         net.set_backend("triton")
+
+
+class CountOps(TorchDispatchMode):
+    """Counts dispatched aten ops by name; `batch`: only those touching an activation (a tensor of
+    4+ dims whose first dim is that batch size)."""
+
+    def __init__(self, batch: int | None = None) -> None:
+        super().__init__()
+        self.batch = batch
+        self.count = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        tensors = [t for t in tree_flatten((args, kwargs, out))[0] if isinstance(t, torch.Tensor)]
+        if self.batch is None or any(t.dim() >= 4 and t.shape[0] == self.batch for t in tensors):
+            self.count[func.overloadpacket.__name__] += 1
+        return out
+
+
+def test_the_fused_forward_weights_ops_inside_their_batch_norm():
+    """Kernel structure, not just numbers: α scales the op outputs inside their last BN (no
+    multiply over an activation, forward or backward), the node sums split the accumulator (no
+    zero-filled slice gradients), and only the α weights some op uses are gathered (no zero-filled
+    gradient for the rest)."""
+    net = build("darts", columns=[4, 7])          # sep_conv_3x3, dil_conv_5x5: each ends in a BN
+    assert_same(net)
+    net = copy.deepcopy(net).float()
+    net.set_backend("fused")
+    x = torch.randn(7, 3, 4, 4)
+    with CountOps(batch=7) as on_activations, CountOps() as every:
+        net(x).sum().backward()
+    assert on_activations.count["native_batch_norm"] > 0     # it does see the cells' activations
+    for name in ("mul", "addcmul", "select_backward"):
+        assert on_activations.count[name] == 0, (name, on_activations.count)
+    assert every.count["zeros"] == 0, every.count
 
 
 def test_fused_forward_traces_under_torch_compile():
