@@ -272,7 +272,7 @@ def retrain_figures(size: Size, device: torch.device, warmup: int, steps: int, c
         amp, channels_last = ("bf16", True) if "bf16" in variant else ("none", False)
         # drop-path 0: the reference step above has none either; 2 epochs: the first warms up
         cfg = TrainConfig(epochs=2, drop_path=0.0, amp=amp, channels_last=channels_last, progress="none",
-                          cuda_graph="graph" in variant)
+                          cuda_graph="graph" in variant, backend="fused" if "fused" in variant else "eager")
         with tempfile.TemporaryDirectory() as tmp:
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
@@ -390,7 +390,8 @@ def main(argv: list[str] | None = None) -> None:
             figures.append(fig)
             print(f"  {case} {variant}: {fig.ms_per_step:.1f} ms/step", flush=True)
     if not args.no_retrain:
-        retrain_variants = ["nascore"] + (["nascore+graph", "nascore+bf16"] if cuda else [])
+        retrain_variants = ["nascore", "nascore+fused"] + (
+            ["nascore+graph", "nascore+fused+graph", "nascore+fused+graph+bf16"] if cuda else [])
         try:
             figures += retrain_figures(size, device, warmup, steps, count, retrain_variants)
         except Exception as e:

@@ -578,3 +578,83 @@ def cell_forward(op_module: Callable[[int, int], nn.Module], shape: CellShape, p
 def _out_hw(x: torch.Tensor, stride: int) -> tuple[int, int]:
     return math.ceil(x.shape[2] / stride), math.ceil(x.shape[3] / stride)
 
+
+# --- evaluation cells (retraining) ---------------------------------------------------------------
+# A derived cell has one op per edge, but several edges still read one state (DARTS_V2's normal
+# cell: 3 sep_conv_3x3 read c_{k-1}, 2 read c_{k-2}), so the same grouping applies: ops of one
+# name on one state run as one kind call, and drop-path draws one mask per cell, not per op.
+@dataclass(frozen=True)
+class EvalGroup:
+    kind: str                                 # a key of KINDS ("zero" and "noise" run eagerly)
+    ops: tuple[int, ...]                      # indices into the cell's op list, in op order
+    nodes: tuple[int, ...]                    # the node each op feeds
+    drop: tuple[int, int] | None              # the cell's drop-path mask columns, if droppable
+
+
+@dataclass(frozen=True)
+class EvalCellPlan:
+    sources: tuple[tuple[EvalGroup, ...], ...]  # per state (inputs first, then nodes)
+    num_inputs: int
+    num_nodes: int
+    droppable: int                            # columns of the drop-path mask
+    bn_channels: int                          # grouped-BN channels, in units of the cell's C
+    bn_op: int | None                         # an op with a grouped BN: its buffers' dtype/device
+
+
+def build_eval_plan(ops: Sequence[nn.Module], names: Sequence[str], inputs: Sequence[int],
+                    nodes: Sequence[int], droppable: Sequence[bool], num_inputs: int) -> EvalCellPlan:
+    """Group a derived cell's ops (op k reads state inputs[k] and feeds node nodes[k]) by the
+    state they read and their op name."""
+    num_nodes = max(nodes) + 1
+    sources: list[tuple[EvalGroup, ...]] = []
+    column, bn, bn_op = 0, 0, None
+    for state in range(num_inputs + num_nodes - 1):
+        by_name: dict[str, list[int]] = {}
+        for k, j in enumerate(inputs):
+            if j == state:
+                by_name.setdefault(names[k], []).append(k)
+        groups = []
+        for members in by_name.values():
+            kind = classify(ops[members[0]])
+            kind = "eager" if kind in ("zero", "noise") else kind
+            drop = None
+            if droppable[members[0]]:
+                drop, column = (column, column + len(members)), column + len(members)
+            if BN_CHANNELS[kind](1):
+                bn += BN_CHANNELS[kind](len(members))
+                bn_op = members[0] if bn_op is None else bn_op
+            groups.append(EvalGroup(kind, tuple(members), tuple(nodes[k] for k in members), drop))
+        sources.append(tuple(groups))
+    return EvalCellPlan(tuple(sources), num_inputs, num_nodes, column, bn, bn_op)
+
+
+def eval_cell_forward(plan: EvalCellPlan, ops: Sequence[nn.Module], inputs: Sequence[torch.Tensor],
+                      channels: int, drop_prob: float, sink: BatchNormSink) -> list[torch.Tensor]:
+    """A derived cell's nodes in training mode, state by state: every op reading a state in one
+    pass. Outputs, gradients and BN buffers are the eager cell's (summation order aside); with
+    drop-path the masks are drawn once per cell, so they are other random numbers than the eager
+    cell's per-op draws, from the same distribution."""
+    if plan.bn_op is not None:
+        bn = next(m for m in ops[plan.bn_op].modules() if isinstance(m, nn.BatchNorm2d))
+        sink.begin_cell(plan.bn_channels * channels, bn.running_mean)
+    x0 = inputs[-1]
+    mask = None
+    if drop_prob > 0.0 and plan.droppable:
+        keep = 1.0 - drop_prob
+        mask = torch.full((x0.shape[0], plan.droppable), keep, dtype=x0.dtype, device=x0.device)
+        mask = torch.bernoulli(mask).div_(keep)
+    states = list(inputs)
+    totals: list[torch.Tensor | None] = [None] * plan.num_nodes
+    for state, groups in enumerate(plan.sources):
+        if state >= plan.num_inputs:
+            states.append(totals[state - plan.num_inputs])   # complete: no later state feeds it
+        src = _Source(states[state], sink, {})
+        for g in groups:
+            out = KINDS[g.kind]([ops[k] for k in g.ops], src, (), None)   # (B, n or 1, C, H, W)
+            if mask is not None and g.drop is not None:
+                out = out * mask[:, g.drop[0]:g.drop[1], None, None, None]
+            # unbind, not out[:, u]: its backward is one stack, not a zero-filled gradient per op
+            parts = out.unbind(1) if out.shape[1] > 1 else [out.squeeze(1)] * len(g.nodes)
+            for node, y in zip(g.nodes, parts):
+                totals[node] = y if totals[node] is None else totals[node] + y
+    return states[plan.num_inputs:] + [totals[-1]]      # the last node feeds no state

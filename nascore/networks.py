@@ -19,6 +19,7 @@ from typing import Literal, Optional
 import torch
 from torch import nn
 
+from . import fused
 from .genotype import NB201_EDGES, AnyGenotype, Genotype, NB201Genotype
 from .ops import FactorizedReduce, Identity, ReLUConvBN, build_op, drop_path
 from .spaces.nb201 import nb201_skeleton
@@ -33,10 +34,25 @@ Output = tuple[torch.Tensor, Optional[torch.Tensor]]
 
 
 # ------------------------------------------------------------------------------------------------
+BACKENDS = ("eager", "fused")
+
+
 class _DropPathMixin:
-    """`drop_path_prob` with a range check: p = 1 would divide by zero in `drop_path`."""
+    """`drop_path_prob` with a range check: p = 1 would divide by zero in `drop_path`; and the
+    training-mode backend (`set_backend`): eager, or fused (`nascore.fused`: the ops of a cell that
+    read one state in one pass; evaluation mode always runs eagerly)."""
 
     _drop_path_prob: float = 0.0
+    backend: str = "eager"
+
+    def set_backend(self, backend: str) -> None:
+        if backend not in BACKENDS:
+            raise ValueError(f"network backend {backend!r} is unknown; allowed: {', '.join(BACKENDS)}")
+        self.backend = backend
+
+    def _sink(self) -> "fused.BatchNormSink | None":
+        """The fused forward's grouped-BN scratch, or None for the eager forward."""
+        return fused.BatchNormSink() if self.backend == "fused" and self.training else None
 
     @property
     def drop_path_prob(self) -> float:
@@ -83,9 +99,17 @@ class DartsEvalCell(nn.Module):
         # Identity (skip_connect at stride 1) is never dropped: dropping it would remove the
         # residual path drop-path is meant to regularise around (DARTS ref. behaviour).
         self.droppable = tuple(not isinstance(op, Identity) for op in self.ops)
+        self.C = C
+        self.fused_plan = fused.build_eval_plan(self.ops, [name for name, _ in pairs], self.inputs,
+                                                [k // 2 for k in range(len(pairs))], self.droppable, 2)
 
-    def forward(self, s0: torch.Tensor, s1: torch.Tensor, drop_prob: float = 0.0) -> torch.Tensor:
+    def forward(self, s0: torch.Tensor, s1: torch.Tensor, drop_prob: float = 0.0,
+                sink: "fused.BatchNormSink | None" = None) -> torch.Tensor:
+        """`sink` (training only): the fused forward, whose grouped BNs the caller flushes."""
         states = [self.preprocess0(s0), self.preprocess1(s1)]
+        if sink is not None:
+            nodes = fused.eval_cell_forward(self.fused_plan, self.ops, states, self.C, drop_prob, sink)
+            return torch.cat([(states + nodes)[i] for i in self.concat], dim=1)
         apply_drop = self.training and drop_prob > 0.0
         for node in range(len(self.ops) // 2):
             total = None
@@ -192,10 +216,13 @@ class _DartsEvalNetwork(_DropPathMixin, nn.Module):
     def _forward_cells(self, s0: torch.Tensor, s1: torch.Tensor) -> Output:
         aux_logits = None
         p = self.drop_path_prob
+        sink = self._sink()
         for i, cell in enumerate(self.cells):
-            s0, s1 = s1, cell(s0, s1, p)
+            s0, s1 = s1, cell(s0, s1, p, sink)
             if i == self.aux_index and self.auxiliary_head is not None and self.training:
                 aux_logits = self.auxiliary_head(s1)
+        if sink is not None:
+            sink.flush()             # the grouped BNs' running statistics, one update for all cells
         logits = self.classifier(self.global_pooling(s1).flatten(1))
         return logits, aux_logits
 
@@ -263,8 +290,15 @@ class NB201Cell(nn.Module):
         self.ops = nn.ModuleList(build_op(name, C, 1, affine=True) for name in genotype.ops)
         self.droppable = tuple(not isinstance(op, Identity) for op in self.ops)
         self.num_nodes = max(i for i, _ in NB201_EDGES) + 1
+        self.C = C
+        self.fused_plan = fused.build_eval_plan(self.ops, genotype.ops, [j for _, j in self.edges],
+                                                [i - 1 for i, _ in self.edges], self.droppable, 1)
 
-    def forward(self, x: torch.Tensor, drop_prob: float = 0.0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, drop_prob: float = 0.0,
+                sink: "fused.BatchNormSink | None" = None) -> torch.Tensor:
+        """`sink` (training only): the fused forward, whose grouped BNs the caller flushes."""
+        if sink is not None:
+            return fused.eval_cell_forward(self.fused_plan, self.ops, [x], self.C, drop_prob, sink)[-1]
         nodes: list[torch.Tensor | None] = [x] + [None] * (self.num_nodes - 1)
         apply_drop = self.training and drop_prob > 0.0
         for op, droppable, (i, j) in zip(self.ops, self.droppable, self.edges):
@@ -297,8 +331,11 @@ class NB201Network(_DropPathMixin, nn.Module):
     def forward(self, x: torch.Tensor) -> Output:
         h = self.stem(x)
         p = self.drop_path_prob
+        sink = self._sink()
         for block in self.blocks:
-            h = block(h, p) if isinstance(block, NB201Cell) else block(h)
+            h = block(h, p, sink) if isinstance(block, NB201Cell) else block(h)
+        if sink is not None:
+            sink.flush()
         return self.classifier(self.global_pooling(self.lastact(h)).flatten(1)), None
 
 

@@ -62,11 +62,11 @@ class Loader(Protocol):
 
 _SCHEDULES = ("cosine", "exponential", "warmup_linear")
 _CHOICES = {"schedule": _SCHEDULES, "amp": ("none", "bf16"), "nonfinite": ("stop", "skip"),
-            "progress": ("auto", "bar", "log", "none")}
+            "progress": ("auto", "bar", "log", "none"), "backend": ("eager", "fused")}
 # Fields that change speed or reporting but not the optimisation itself: a run may resume with
 # other values for these. Every other field must match the checkpoint's.
 _RESUMABLE_CHANGES = frozenset({"progress", "eval_every", "compile", "deterministic", "channels_last",
-                                "cuda_graph"})
+                                "cuda_graph", "backend"})
 
 
 @dataclass(frozen=True)
@@ -93,6 +93,7 @@ class TrainConfig:
     eval_every: int = 1               # evaluate every n epochs and always after the last
     compile: bool = False             # torch.compile the network
     cuda_graph: bool = False          # capture the training step in a CUDA graph (one GPU, no compile)
+    backend: str = "eager"            # fused: a cell's ops that read one state in one pass (same numbers)
     nonfinite: str = "stop"           # non-finite loss: stop with an error, or skip that batch
     progress: str = "auto"            # auto: bar on a terminal, else one log line per epoch
 
@@ -214,6 +215,11 @@ def train(model: nn.Module, train_loader: Loader, eval_loader: Loader | None, cf
     if cfg.amp == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise ValueError("amp='bf16' needs a GPU with bfloat16 support (Ampere or newer)")
     model.to(device, memory_format=torch.channels_last if cfg.channels_last else torch.preserve_format)
+    if cfg.backend != "eager":
+        if not hasattr(model, "set_backend"):
+            raise ValueError(f"TrainConfig.backend={cfg.backend!r}: {type(model).__name__} has only the "
+                             f"eager forward; set backend='eager'")
+        model.set_backend(cfg.backend)
     if len(train_loader) == 0:
         raise ValueError("the training loader yields no batches")
     params = [p for p in model.parameters() if p.requires_grad]

@@ -5,8 +5,12 @@ means the network is wrong, never the number.
 """
 from __future__ import annotations
 
+import collections
+import copy
+
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from nascore.genotype import PUBLISHED_GENOTYPES, Genotype, NB201Genotype
 from nascore.metrics import FlopReport, count_flops, count_parameters, params_m
@@ -389,3 +393,105 @@ def test_build_eval_network_rejects_impossible_combinations() -> None:
     pairs = PUBLISHED_GENOTYPES["DARTS_V2"].normal
     with pytest.raises(ValueError, match="reduce_concat"):
         NetworkCIFAR(Genotype(normal=pairs, reduce=pairs, reduce_concat=(1, 2, 3)), C=8, layers=3)
+
+
+# --- the fused training forward (TrainConfig.backend: fused) --------------------------------------
+NB201_ARCHS = ("|nor_conv_3x3~0|+|skip_connect~0|nor_conv_1x1~1|+|avg_pool_3x3~0|nor_conv_3x3~1|none~2|",
+               "|nor_conv_3x3~0|+|nor_conv_3x3~0|nor_conv_3x3~1|+|nor_conv_1x1~0|nor_conv_3x3~1|nor_conv_3x3~2|")
+
+
+def _eval_networks():
+    """Float64 networks covering every published DARTS-family genotype, ImageNet's stem and NB201."""
+    torch.manual_seed(0)
+    nets = [(NetworkCIFAR(g, 4, 10, 5, auxiliary=True).double(), torch.randn(3, 3, 32, 32, dtype=torch.float64))
+            for g in PUBLISHED_GENOTYPES.values()]
+    nets.append((NetworkImageNet(PUBLISHED_GENOTYPES["DARTS_V2"], 4, 10, 3, auxiliary=False).double(),
+                 torch.randn(2, 3, 32, 32, dtype=torch.float64)))
+    nets += [(NB201Network(NB201Genotype.from_arch_string(a), 4, 1, 10).double(),
+              torch.randn(3, 3, 8, 8, dtype=torch.float64)) for a in NB201_ARCHS]
+    return nets
+
+
+def _train_step(net, backend, x, drop_prob=0.0):
+    net = copy.deepcopy(net)
+    net.set_backend(backend)
+    net.train()
+    net.drop_path_prob = drop_prob
+    logits, aux = net(x)
+    loss = (logits * torch.linspace(-1, 1, logits.numel(), dtype=logits.dtype).view_as(logits)).sum()
+    if aux is not None:
+        loss = loss + 0.4 * aux.square().sum()
+    loss.backward()
+    return (logits, aux), net
+
+
+def test_the_fused_training_forward_equals_the_eager_one() -> None:
+    for net, x in _eval_networks():
+        (out_e, aux_e), eager = _train_step(net, "eager", x)
+        (out_f, aux_f), fused = _train_step(net, "fused", x)
+        name = type(net).__name__
+        torch.testing.assert_close(out_f, out_e, rtol=1e-10, atol=1e-12, msg=name)
+        if aux_e is not None:
+            torch.testing.assert_close(aux_f, aux_e, rtol=1e-10, atol=1e-12, msg=name)
+        grads = dict(fused.named_parameters())
+        for n, p in eager.named_parameters():
+            torch.testing.assert_close(grads[n].grad, p.grad, rtol=1e-8, atol=1e-11, msg=f"{name} {n}")
+        buffers = dict(fused.named_buffers())
+        for n, b in eager.named_buffers():           # BN running statistics, batch counts
+            torch.testing.assert_close(buffers[n], b, rtol=1e-10, atol=1e-12, msg=f"{name} {n}")
+        fused.eval(), eager.eval()                     # evaluation runs the eager forward
+        torch.testing.assert_close(fused(x)[0], eager(x)[0], rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="allowed: eager, fused"):
+        net.set_backend("triton")
+
+
+def test_fused_drop_path_draws_one_mask_per_cell_with_the_eager_semantics(monkeypatch) -> None:
+    """The fused forward draws one (B, droppable ops) mask per cell. Replaying exactly those masks
+    through the eager cells' per-op `drop_path` gives the fused outputs and gradients."""
+    net, x = _eval_networks()[1]                        # DARTS_V2
+    p = 0.3
+    torch.manual_seed(5)
+    (out_f, _), fused = _train_step(net, "fused", x, drop_prob=p)
+    # the same draws, in the fused order: one bernoulli per cell
+    torch.manual_seed(5)
+    columns = []                                         # per cell: the mask column of each op, in op order
+    for cell in net.cells:
+        plan = cell.fused_plan
+        col = {k: g.drop[0] + i for groups in plan.sources for g in groups if g.drop
+               for i, k in enumerate(g.ops)}
+        mask = torch.bernoulli(torch.full((x.shape[0], plan.droppable), 1 - p, dtype=x.dtype)).div_(1 - p)
+        columns += [mask[:, col[k]] for k in range(len(cell.ops)) if k in col]
+    replay = iter(columns)
+    monkeypatch.setattr("nascore.networks.drop_path", lambda h, prob: h * next(replay).view(-1, 1, 1, 1))
+    (out_e, _), eager = _train_step(net, "eager", x, drop_prob=p)
+    assert next(replay, None) is None                    # every drawn column was used once
+    torch.testing.assert_close(out_f, out_e, rtol=1e-10, atol=1e-12)
+    grads = dict(fused.named_parameters())
+    for n, q in eager.named_parameters():
+        torch.testing.assert_close(grads[n].grad, q.grad, rtol=1e-8, atol=1e-11, msg=n)
+    assert {round(v, 6) for c in columns for v in c.tolist()} <= {0.0, round(1 / (1 - p), 6)}
+
+
+def test_the_fused_retrain_cell_launches_fewer_kernels() -> None:
+    """DARTS_V2's normal cell: 5 sep_conv_3x3 on 2 states run as 2 grouped calls, its reduction
+    cell's 5 max-pools on 2 states as 2 poolings."""
+    class Count(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.count = collections.Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.count[func.overloadpacket.__name__] += 1
+            return func(*args, **(kwargs or {}))
+    torch.manual_seed(0)
+    net = NetworkCIFAR(PUBLISHED_GENOTYPES["DARTS_V2"], 4, 10, 3, auxiliary=False)   # normal, reduce, reduce
+    counts = {}
+    for backend in ("eager", "fused"):
+        net.set_backend(backend)
+        with Count() as c:
+            net(torch.randn(2, 3, 16, 16))
+        counts[backend] = c.count
+    e, f = counts["eager"], counts["fused"]
+    assert e["max_pool2d_with_indices"] == 10 and f["max_pool2d_with_indices"] == 4, (e, f)
+    # normal cell: sep convs 5 × 4 convs -> 2 × 4, dil_conv 2 -> 2; preprocess and stem unchanged
+    assert f["convolution"] == e["convolution"] - 12, (e["convolution"], f["convolution"])

@@ -426,3 +426,35 @@ def test_a_dataloader_with_a_distributed_sampler_gets_its_epoch(tmp_path: Path) 
     loader = torch.utils.data.DataLoader(data, batch_size=16, sampler=sampler)
     train(fresh_model(), loader, None, cfg(epochs=2), checkpoint_path=tmp_path / "ck.pt", device="cpu")
     assert sampler.epoch == 1
+
+
+def test_the_fused_backend_trains_a_darts_network_as_the_eager_one_does(tmp_path: Path) -> None:
+    """`backend: fused` changes how a cell is computed, not what: two epochs of a DARTS_V2
+    network (float64, no drop-path) end with the eager run's records and weights up to rounding."""
+    from nascore.genotype import DARTS_V2
+    from nascore.networks import NetworkCIFAR
+
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        def run(backend: str):
+            torch.manual_seed(0)
+            model = NetworkCIFAR(DARTS_V2, 4, 4, 3, auxiliary=False)
+            x, y = blobs(48)
+            result = train(model, EpochLoader(x, y, batch=16), EpochLoader(x[:32], y[:32], batch=32),
+                           cfg(epochs=2, drop_path=0.0, backend=backend),
+                           checkpoint_path=tmp_path / f"{backend}.pt", device="cpu")
+            return model, result.history
+        eager_model, eager = run("eager")
+        fused_model, fused = run("fused")
+    finally:
+        torch.set_default_dtype(old)
+    for a, b in zip(without_timing(eager), without_timing(fused)):
+        assert a.keys() == b.keys()
+        for k in a:
+            assert a[k] == pytest.approx(b[k], rel=1e-9, abs=1e-12), k
+    for (k, a), b in zip(eager_model.state_dict().items(), fused_model.state_dict().values()):
+        torch.testing.assert_close(b, a, rtol=1e-8, atol=1e-10, msg=k)
+    with pytest.raises(ValueError, match="TinyNet has only the eager forward"):
+        train(fresh_model(), *loaders(n_train=64), cfg(epochs=1, backend="fused"),
+              checkpoint_path=tmp_path / "tiny.pt", device="cpu")
