@@ -41,6 +41,7 @@ from torch import nn
 
 from .ops import DilConv, FactorizedReduce, Identity, Noise, ReLUConvBN, SepConv, Zero
 
+BACKENDS = ("eager", "fused")   # a network's training-mode forward: plain, or this module's
 Units = tuple[tuple[int, int], ...]           # (edge, column) pairs
 
 

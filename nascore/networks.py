@@ -34,9 +34,6 @@ Output = tuple[torch.Tensor, Optional[torch.Tensor]]
 
 
 # ------------------------------------------------------------------------------------------------
-BACKENDS = ("eager", "fused")
-
-
 class _DropPathMixin:
     """`drop_path_prob` with a range check: p = 1 would divide by zero in `drop_path`; and the
     training-mode backend (`set_backend`): eager, or fused (`nascore.fused`: the ops of a cell that
@@ -46,8 +43,8 @@ class _DropPathMixin:
     backend: str = "eager"
 
     def set_backend(self, backend: str) -> None:
-        if backend not in BACKENDS:
-            raise ValueError(f"network backend {backend!r} is unknown; allowed: {', '.join(BACKENDS)}")
+        if backend not in fused.BACKENDS:
+            raise ValueError(f"network backend {backend!r} is unknown; allowed: {', '.join(fused.BACKENDS)}")
         self.backend = backend
 
     def _sink(self) -> "fused.BatchNormSink | None":

@@ -32,6 +32,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from . import distributed as D
+from .fused import BACKENDS
 from .graphs import StepGraph, cuda_graph, side_stream
 from .io import CheckpointError, load_checkpoint, save_checkpoint
 
@@ -62,7 +63,7 @@ class Loader(Protocol):
 
 _SCHEDULES = ("cosine", "exponential", "warmup_linear")
 _CHOICES = {"schedule": _SCHEDULES, "amp": ("none", "bf16"), "nonfinite": ("stop", "skip"),
-            "progress": ("auto", "bar", "log", "none"), "backend": ("eager", "fused")}
+            "progress": ("auto", "bar", "log", "none"), "backend": BACKENDS}
 # Fields that change speed or reporting but not the optimisation itself: a run may resume with
 # other values for these. Every other field must match the checkpoint's.
 _RESUMABLE_CHANGES = frozenset({"progress", "eval_every", "compile", "deterministic", "channels_last",
