@@ -13,8 +13,9 @@ states), so here every op of every edge leaving a state is computed in one pass 
   concatenated, their BNs as one batch norm over the concatenated channels;
 - the α weights (the edge normalisation's β folded in) are the affine scale of an op kind's last
   batch norm, so `w·BN(y)` costs no kernel of its own and α's gradient comes out of BN's backward;
-  op kinds without a BN of their own (identity, pooling) take one `addcmul`; the node sums
-  accumulate into one tensor of shape (B, targets, C, H, W);
+  op kinds without a BN of their own (identity, pooling) take one `addcmul` (`WeightedAdd`, whose
+  backward writes no full-size product); the node sums accumulate into one tensor of shape
+  (B, targets, C, H, W);
 - partial channels (PC-DARTS): the ops see the state's first C/K channels; the bypassed channels
   (max-pooled once per state on stride-2 edges) are summed per node with the β weights, and
   concatenation and channel shuffle are one copy per node;
@@ -486,6 +487,64 @@ class CellShape:
     output: str                               # "concat" | "last"
 
 
+def _flat(t: torch.Tensor) -> torch.Tensor | None:
+    """(B, n, C, H, W) as a (B, n, C·H·W) view, or None where C, H, W are not laid out as one
+    contiguous block (channels_last)."""
+    b, n, c, h, w = t.shape
+    if t.stride()[2:] == (h * w, w, 1) or c * h * w == 1:
+        return t.view(b, n, c * h * w)
+    return None
+
+
+class WeightedAdd(torch.autograd.Function):
+    """acc + w·out, as `torch.addcmul` computes it, with a leaner backward.
+
+    `out` (B, 1 or n, C, H, W), `w` (1, n, 1, 1, 1), `acc` (B, n, C, H, W) or None. Where `out` is
+    broadcast over the n targets (identity and pooling: one output serves every edge leaving a
+    state), autograd's addcmul backward writes two (B, n, C, H, W) products, grad·w and grad·out,
+    and reduces each. Here out's gradient Σ_t w_t·grad_t is one batched matrix product and w's
+    gradient one batched dot product: no temporary of the full size is written.
+    """
+
+    @staticmethod
+    def forward(ctx, acc: torch.Tensor | None, out: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(out, w)
+        return out * w if acc is None else torch.addcmul(acc, out, w)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        out, w = ctx.saved_tensors
+        needs_acc, needs_out, needs_w = ctx.needs_input_grad
+        g, o = _flat(grad), _flat(out)
+        flat = out.shape[1] == 1 and g is not None and o is not None
+        broadcast = flat and grad.shape[1] > 1
+        grad_out = grad_w = None
+        if needs_out:
+            if broadcast:
+                # (B, 1, n) @ (B, n, N) -> (B, 1, N); bmm, not matmul, which would fold the
+                # batch into one mm and copy its transposed result
+                wb = w.view(1, 1, -1).to(grad.dtype).expand(g.shape[0], 1, -1)
+                grad_out = torch.bmm(wb, g).view(out.shape)
+            else:
+                grad_out = grad * w
+                if out.shape[1] == 1 and grad.shape[1] > 1:
+                    grad_out = grad_out.sum(1, keepdim=True)
+            grad_out = grad_out.to(out.dtype)
+        if needs_w:
+            if flat:
+                # (B, n, N) @ (B, N, 1) -> (B, n, 1), summed over the batch
+                grad_w = torch.bmm(g, o.transpose(1, 2).to(grad.dtype)).sum(0).view(w.shape)
+            else:
+                grad_w = (grad * out).sum((0, 2, 3, 4), keepdim=True)
+            grad_w = grad_w.to(w.dtype)
+        return (grad if needs_acc else None), grad_out, grad_w
+
+
+def weighted_add(acc: torch.Tensor | None, out: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """acc + w·out (`WeightedAdd`); acc None: w·out."""
+    return WeightedAdd.apply(acc, out, w)
+
+
 def _weighted_add(acc: torch.Tensor | None, out: torch.Tensor, w: torch.Tensor | None,
                   positions: torch.Tensor | None, targets: int) -> torch.Tensor:
     """acc + w·out (w None: `out` is weighted already) into the accumulator's target slots (all,
@@ -493,7 +552,7 @@ def _weighted_add(acc: torch.Tensor | None, out: torch.Tensor, w: torch.Tensor |
     if positions is None:
         if w is None:
             return out if acc is None else acc + out
-        return out * w if acc is None else torch.addcmul(acc, out, w)
+        return weighted_add(acc, out, w)
     term = out if w is None else out * w
     if acc is None:
         acc = term.new_zeros((term.shape[0], targets, *term.shape[2:]))
@@ -559,7 +618,7 @@ def cell_forward(op_module: Callable[[int, int], nn.Module], shape: CellShape, p
             if bw is None:
                 acc_b = xb.expand(-1, targets, -1, -1, -1) if carry_b is None else carry_b + xb
             else:
-                acc_b = xb * bw if carry_b is None else torch.addcmul(carry_b, xb, bw)
+                acc_b = weighted_add(carry_b, xb, bw)
         if sp.state >= ap.num_inputs - 1:    # every edge into the next node is summed now
             # split, not acc[:, 0] and acc[:, 1:]: its backward is one cat, not two zero-filled
             # full-size gradients and their sum

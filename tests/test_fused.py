@@ -151,6 +151,57 @@ def test_the_fused_forward_weights_ops_inside_their_batch_norm():
     assert every.count["zeros"] == 0, every.count
 
 
+@pytest.mark.parametrize("n_out,with_acc,channels_last", [(1, True, False), (1, False, False), (3, True, False),
+                                                         (1, True, True), (1, True, None)])
+def test_weighted_add_is_addcmul_with_a_leaner_backward(n_out, with_acc, channels_last, float64):
+    """`WeightedAdd` computes addcmul's value and gradients (gradcheck), for a broadcast `out`
+    (identity, pooling), a per-target `out`, no accumulator, and layouts that cannot be flattened
+    (channels_last; a sliced-channel view, as PC-DARTS' bypass is)."""
+    from nascore.fused import WeightedAdd
+    g = torch.Generator().manual_seed(0)
+    acc = torch.randn(2, 3, 4, 3, 3, generator=g, requires_grad=True) if with_acc else None
+    out = torch.randn(2, n_out, 6 if channels_last is None else 4, 3, 3, generator=g)
+    if channels_last is None:
+        out = out[:, :, 2:]                       # channels 2..5 of 6: a strided view
+    elif channels_last:
+        out = out[:, 0].contiguous(memory_format=torch.channels_last).unsqueeze(1)
+    out.requires_grad_()
+    w = torch.randn(1, 3, 1, 1, 1, generator=g, requires_grad=True)
+    inputs = (acc, out, w)
+    torch.autograd.gradcheck(WeightedAdd.apply, inputs)
+    expected = out * w if acc is None else torch.addcmul(acc, out, w)
+    torch.testing.assert_close(WeightedAdd.apply(*inputs), expected)
+
+
+def test_parameter_free_ops_are_weighted_without_full_size_products():
+    """Identity and pooling outputs serve every edge leaving a state; their α weighting's backward
+    is a batched product (bmm), not autograd's addcmul backward, which multiplies the full
+    (B, targets, C, H, W) gradient twice and reduces each product."""
+    net = build("darts", columns=[1, 2, 3])      # max_pool, avg_pool, skip_connect
+    assert_same(net)
+    net = copy.deepcopy(net).float()
+    net.set_backend("fused")
+    x = torch.randn(7, 3, 4, 4)
+
+    class Products(TorchDispatchMode):         # multiplies writing a (B, targets > 1, C, H, W) tensor
+        def __init__(self):
+            super().__init__()
+            self.count = collections.Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            name = func.overloadpacket.__name__
+            if name in ("mul", "addcmul") and out.dim() == 5 and out.shape[1] > 1:
+                self.count[name, "backward" if torch._C._current_autograd_node() else "forward"] += 1
+            return out
+
+    with Products() as products, CountOps() as every:
+        net(x).sum().backward()
+    assert products.count["addcmul", "forward"] > 0          # the weighting is there
+    assert products.count["mul", "backward"] == 0, products.count
+    assert every.count["bmm"] > 0
+
+
 def test_fused_forward_traces_under_torch_compile():
     net = build("nb201", partial_channels=2, edge_normalization=True)
     net.set_backend("fused")
