@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -174,6 +174,147 @@ def _is_dil_block(m: nn.Module) -> bool:
             and m[2].stride == (1, 1) and m[2].padding == (0, 0) and _is_bn(m[3]))
 
 
+# --- op weights: one gather per cell ----------------------------------------------------------
+# Every grouped op needs its units' weights side by side (concatenated, interleaved, or spread
+# into a block matrix). Built per group with torch.cat & co., that is several tiny kernels per
+# group in the forward and as many in the backward: about a fifth of a search step's kernels.
+# Instead each kind *requests* its tensors (a layout and the parameters it arranges); a cell
+# concatenates all its parameters once and gathers every requested tensor with one index_select,
+# whose gradient is one index_select back (every parameter element is used exactly once). The
+# index is built once, by running the same layouts on tensors of element positions.
+Request = tuple[str, list[torch.Tensor]]      # (layout, parameters)
+ZERO = -1                                     # position of the constant 0 in an index layout
+
+
+def _layout(kind: str, parts: list[torch.Tensor]) -> torch.Tensor:
+    """Arrange per-parameter tensors (values or element positions) as a kind's op consumes them.
+
+    - cat: along dim 0 (grouped convs, unit-major; 1×1 and dense convs; biases; BN γ/β);
+    - interleave: n depthwise weights (C, 1, k, k) as one conv with channel multiplier n over a
+      shared input: output channel c·n + u is unit u's channel c;
+    - dense: n 1×1 weights (D, C, 1, 1) as one dense 1×1 conv reading that (c, u) order, zero
+      outside each unit's block (ZERO positions).
+    """
+    if kind == "cat":
+        return torch.cat(parts) if len(parts) > 1 else parts[0]
+    n = len(parts)
+    if kind == "interleave":
+        return torch.cat(parts).unflatten(0, (n, -1)).transpose(0, 1).flatten(0, 1)
+    if kind == "dense":
+        p = torch.stack([q.flatten(1) for q in parts])                      # (u, d, c)
+        out = torch.full((*p.shape, n), ZERO, dtype=p.dtype)
+        for u in range(n):
+            out[u, :, :, u] = p[u]
+        return out.flatten(0, 1).flatten(1)[:, :, None, None]               # (u·d, c·u', 1, 1)
+    raise ValueError(f"unknown weight layout {kind!r}")
+
+
+def _memory_order(p: torch.Tensor) -> list[int]:
+    """p's dims from the outermost in memory to the innermost (channels_last: N, H, W, C)."""
+    return sorted(range(p.dim()), key=lambda d: -p.stride(d))
+
+
+class GatherWeights(torch.autograd.Function):
+    """All of a cell's requested weight tensors from its parameters: one cat, one index_select;
+    backward: one index_select, whose slices are the parameters' gradients in their own layout."""
+
+    @staticmethod
+    def forward(ctx, index: torch.Tensor, inverse: torch.Tensor, zero: torch.Tensor,
+                *params: torch.Tensor) -> torch.Tensor:
+        # (shape, memory order) per parameter; order None: plainly contiguous (the usual case)
+        ctx.metas = [(p.shape, None if p.is_contiguous() else _memory_order(p)) for p in params]
+        ctx.save_for_backward(inverse)
+        flat = torch.cat([p.reshape(-1) if o is None else p.permute(o).reshape(-1)
+                          for p, (_, o) in zip(params, ctx.metas)] + [zero])
+        return flat.index_select(0, index)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (inverse,) = ctx.saved_tensors
+        flat = grad.index_select(0, inverse)
+        grads, start = [], 0
+        for (shape, order), needed in zip(ctx.metas, ctx.needs_input_grad[3:]):
+            n = math.prod(shape)
+            if not needed:
+                grads.append(None)
+            elif order is None:
+                grads.append(flat[start:start + n].view(shape))
+            else:              # the parameter's own layout: AccumulateGrad then copies nothing
+                back = sorted(range(len(order)), key=order.__getitem__)
+                grads.append(flat[start:start + n].view([shape[d] for d in order]).permute(back))
+            start += n
+        return (None, None, None, *grads)
+
+
+def _layout_shape(kind: str, ps: Sequence[torch.Tensor]) -> tuple[int, ...]:
+    """The shape `_layout(kind, ...)` gives for parameters `ps`."""
+    rows = sum(p.shape[0] for p in ps)
+    if kind == "dense":
+        return (rows, ps[0].shape[1] * len(ps), 1, 1)
+    return (rows, *ps[0].shape[1:])
+
+
+def _channels_last(kind: str, ps: Sequence[torch.Tensor]) -> bool:
+    """Hand a conv weight over in channels_last where its parameters are (no conversion per conv)."""
+    p = ps[0]
+    return p.dim() == 4 and not p.is_contiguous() and p.is_contiguous(memory_format=torch.channels_last)
+
+
+def _gather_index(requests: Sequence[Request]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gather's index into cat(parameters in memory order, 0) and its inverse: where each
+    parameter element lands (the layouts place each exactly once; tests/test_fused.py checks).
+    No data-dependent step, so that it also traces under torch.compile."""
+    base, parts = 0, []
+    for kind, ps in requests:
+        positions = []
+        for p in ps:
+            order = _memory_order(p)
+            back = sorted(range(p.dim()), key=order.__getitem__)
+            positions.append(base + torch.arange(p.numel()).view([p.shape[d] for d in order]).permute(back))
+            base += p.numel()
+        arranged = _layout(kind, positions)
+        parts.append((arranged.permute(0, 2, 3, 1) if _channels_last(kind, ps) else arranged).reshape(-1))
+    index = torch.cat(parts)
+    index = torch.where(index == ZERO, base, index)           # the constant 0 after the parameters
+    # slot `base` (the 0) is written many times and dropped
+    inverse = torch.empty(base + 1, dtype=torch.long).scatter_(0, index, torch.arange(index.numel()))
+    return index, inverse[:base]
+
+
+def gather_weights(requests: Sequence[Request],
+                   constant: Callable[[tuple, Callable[[], torch.Tensor]], torch.Tensor]) -> list[torch.Tensor]:
+    """The requested tensors, in request order. `constant(key, make)` caches the index on the
+    parameters' device (built once per cell structure, not per forward)."""
+    params = [p for _, ps in requests for p in ps]
+    if not params:
+        return []
+    signature = tuple((kind, tuple((tuple(p.shape), p.stride()) for p in ps)) for kind, ps in requests)
+    index = constant(("gather", signature), lambda: _gather_index(requests)[0])
+    inverse = constant(("gather-inverse", signature), lambda: _gather_index(requests)[1])
+    dtype = params[0].dtype
+    zero = constant(("zero", dtype), lambda: torch.zeros(1, dtype=dtype))
+    shapes = [_layout_shape(kind, ps) for kind, ps in requests]
+    pieces = GatherWeights.apply(index, inverse, zero, *params).split([math.prod(s) for s in shapes])
+    out = []
+    for (kind, ps), shape, piece in zip(requests, shapes, pieces):
+        if _channels_last(kind, ps):
+            out.append(piece.view(shape[0], shape[2], shape[3], shape[1]).permute(0, 3, 1, 2))
+        else:
+            out.append(piece.view(shape))
+    return out
+
+
+def cached_on(store: dict[tuple, torch.Tensor], device: torch.device
+              ) -> Callable[[tuple, Callable[[], torch.Tensor]], torch.Tensor]:
+    """A `constant(key, make)` for `gather_weights`: make() moved to `device`, kept in `store`."""
+    def constant(key: tuple, make: Callable[[], torch.Tensor]) -> torch.Tensor:
+        full = (*key, str(device))
+        if full not in store:
+            store[full] = make().to(device)
+        return store[full]
+    return constant
+
+
 # --- batch-norm statistics ---------------------------------------------------------------------
 @dataclass
 class _BNUpdate:
@@ -194,16 +335,8 @@ class BatchNormSink:
     """
 
     updates: list[_BNUpdate] = field(default_factory=list)
-    _eyes: dict[tuple, torch.Tensor] = field(default_factory=dict)
     _buffer: torch.Tensor | None = None
     _used: int = 0
-
-    def eye(self, n: int, like: torch.Tensor) -> torch.Tensor:
-        """An n×n identity like `like`, made once per forward (every group of n units reuses it)."""
-        key = (n, like.dtype, like.device)
-        if key not in self._eyes:
-            self._eyes[key] = torch.eye(n, dtype=like.dtype, device=like.device)
-        return self._eyes[key]
 
     def begin_cell(self, channels: int, like: torch.Tensor) -> None:
         """One zeroed buffer per cell for every grouped BN in it (one kernel, not one per group)."""
@@ -236,9 +369,15 @@ class BatchNormSink:
         self.updates.clear()
 
 
+def _bn_requests(bns: Sequence[nn.BatchNorm2d]) -> list[Request]:
+    """γ and β of n affine BNs, each (n·C,); nothing for BNs without affine parameters."""
+    return [("cat", [b.weight for b in bns]), ("cat", [b.bias for b in bns])] if bns[0].affine else []
+
+
 def _bn_blocks(y: torch.Tensor, bns: Sequence[nn.BatchNorm2d], sink: BatchNormSink,
-               scale: torch.Tensor | None = None) -> torch.Tensor:
-    """Train-mode BN of `y`'s channels, block u normalised as `bns[u]` would (one kernel).
+               ws: Iterator[torch.Tensor], scale: torch.Tensor | None = None) -> torch.Tensor:
+    """Train-mode BN of `y`'s channels, block u normalised as `bns[u]` would (one kernel); γ, β
+    from `ws` (`_bn_requests`).
 
     `scale` (n, channels), contiguous: block u's output is multiplied by scale[u], folded into
     BN's affine transform (w·(γ·x̂ + β) = (w·γ)·x̂ + w·β): the α-weighting then launches no kernel
@@ -248,10 +387,9 @@ def _bn_blocks(y: torch.Tensor, bns: Sequence[nn.BatchNorm2d], sink: BatchNormSi
     mean, var = sink.take(y.shape[1])
     weight = bias = None
     if bns[0].affine:
-        weight, bias = torch.stack([b.weight for b in bns]), torch.stack([b.bias for b in bns])
+        weight, bias = next(ws), next(ws)
         if scale is not None:
-            weight, bias = weight * scale, bias * scale
-        weight, bias = weight.flatten(), bias.flatten()
+            weight, bias = weight * scale.flatten(), bias * scale.flatten()
     elif scale is not None:
         # contiguous, not an expanded view: with one block, an expand's zero stride survives
         # flatten(), and torch's CPU batch-norm backward then gets the input's gradient wrong at
@@ -262,7 +400,8 @@ def _bn_blocks(y: torch.Tensor, bns: Sequence[nn.BatchNorm2d], sink: BatchNormSi
     return out
 
 
-def _bn_shared(y: torch.Tensor, bns: Sequence[nn.BatchNorm2d], sink: BatchNormSink) -> torch.Tensor:
+def _bn_shared(y: torch.Tensor, bns: Sequence[nn.BatchNorm2d], sink: BatchNormSink,
+               ws: Iterator[torch.Tensor]) -> torch.Tensor:
     """Every module in `bns` normalises the same `y`: (B, 1, C, H, W), or (B, n, C, H, W) with γ/β."""
     bns = list(bns)
     mean, var = sink.take(y.shape[1])
@@ -270,8 +409,8 @@ def _bn_shared(y: torch.Tensor, bns: Sequence[nn.BatchNorm2d], sink: BatchNormSi
     sink.updates.append(_BNUpdate(bns, mean, var, shared=True))
     if not bns[0].affine:
         return out
-    gamma = torch.stack([b.weight for b in bns])[None, :, :, None, None]
-    beta = torch.stack([b.bias for b in bns])[None, :, :, None, None]
+    gamma = next(ws).view(1, len(bns), -1, 1, 1)
+    beta = next(ws).view(1, len(bns), -1, 1, 1)
     return torch.addcmul(beta, out, gamma)
 
 
@@ -291,20 +430,32 @@ class _Source:
         return self._relu
 
 
-def _identity(mods: list[nn.Module], src: _Source, units: Units, scale: None) -> torch.Tensor:
+# Each kind with weights has a request function (its modules -> the tensors it needs, `Request`s)
+# and takes them, in that order, from the iterator `ws`.
+def _identity(mods: list[nn.Module], src: _Source, units: Units, scale: None, ws: Iterator) -> torch.Tensor:
     return src.x.unsqueeze(1)
 
 
-def _pool(mods: list[nn.Module], src: _Source, units: Units, scale: None) -> torch.Tensor:
+def _pool(mods: list[nn.Module], src: _Source, units: Units, scale: None, ws: Iterator) -> torch.Tensor:
     return mods[0](src.x).unsqueeze(1)          # parameter-free: one pooling serves every edge
 
 
-def _pool_bn(mods: list[nn.Module], src: _Source, units: Units, scale: None) -> torch.Tensor:
-    return _bn_shared(mods[0][0](src.x), [m[1] for m in mods], src.sink)
+def _pool_bn_requests(mods: list[nn.Module]) -> list[Request]:
+    return _bn_requests([m[1] for m in mods])
+
+
+def _pool_bn(mods: list[nn.Module], src: _Source, units: Units, scale: None, ws: Iterator) -> torch.Tensor:
+    return _bn_shared(mods[0][0](src.x), [m[1] for m in mods], src.sink, ws)
+
+
+def _dil_requests(blocks: Sequence[nn.Sequential], shared_input: bool) -> list[Request]:
+    dw, pw = [b[1].weight for b in blocks], [b[2].weight for b in blocks]
+    return ([("interleave", dw), ("dense", pw)] if shared_input else [("cat", dw), ("cat", pw)]) + \
+        _bn_requests([b[3] for b in blocks])
 
 
 def _dil_blocks(blocks: Sequence[nn.Sequential], r: torch.Tensor, sink: BatchNormSink,
-                shared_input: bool, scale: torch.Tensor | None = None) -> torch.Tensor:
+                shared_input: bool, ws: Iterator[torch.Tensor], scale: torch.Tensor | None = None) -> torch.Tensor:
     """[depthwise conv → 1×1 conv → BN] of n `DilConv`-shaped blocks whose ReLU `r` already is.
 
     Shared input (every block reads the same C channels): one depthwise conv with channel
@@ -313,71 +464,79 @@ def _dil_blocks(blocks: Sequence[nn.Sequential], r: torch.Tensor, sink: BatchNor
     free where the 1×1 conv is memory-bound (small C on a GPU), and saves a transpose copy of
     the activations. Separate inputs (a SepConv's second block): grouped convs, unit-major.
     """
-    dw, pw = [b[1] for b in blocks], [b[2] for b in blocks]
-    n, d0 = len(blocks), dw[0]
-    # Weights are concatenated along dim 0 and rearranged afterwards: their gradients then come
-    # back as contiguous slices, which autograd hands to `.grad` without a copy per parameter.
-    if shared_input:
-        w = torch.cat([d.weight for d in dw]).unflatten(0, (n, -1)).transpose(0, 1).flatten(0, 1)
-        y = F.conv2d(r, w, None, d0.stride, d0.padding, d0.dilation, d0.in_channels)  # (c, u)
-        p = torch.cat([q.weight for q in pw]).flatten(1).unflatten(0, (n, -1))        # (u, d, c)
-        eye = sink.eye(n, p)
-        dense = (p.unsqueeze(-1) * eye[:, None, None, :]).flatten(0, 1).flatten(1)   # (u, d) × (c, u')
-        y = F.conv2d(y, dense[:, :, None, None])
-    else:
-        y = F.conv2d(r, torch.cat([d.weight for d in dw]), None, d0.stride, d0.padding, d0.dilation,
-                     n * d0.in_channels)
-        y = F.conv2d(y, torch.cat([p.weight for p in pw]), None, 1, 0, 1, n)
-    return _bn_blocks(y, [b[3] for b in blocks], sink, scale)
+    n, d0 = len(blocks), blocks[0][1]
+    y = F.conv2d(r, next(ws), None, d0.stride, d0.padding, d0.dilation,
+                 d0.in_channels if shared_input else n * d0.in_channels)
+    y = F.conv2d(y, next(ws), None, 1, 0, 1, 1 if shared_input else n)
+    return _bn_blocks(y, [b[3] for b in blocks], sink, ws, scale)
 
 
-def _dil(mods: list[nn.Module], src: _Source, units: Units, scale: torch.Tensor) -> torch.Tensor:
-    return _dil_blocks(mods, src.relu(), src.sink, True, scale).unflatten(1, (len(mods), -1))
+def _dil(mods: list[nn.Module], src: _Source, units: Units, scale: torch.Tensor, ws: Iterator) -> torch.Tensor:
+    return _dil_blocks(mods, src.relu(), src.sink, True, ws, scale).unflatten(1, (len(mods), -1))
 
 
-def _sep(mods: list[nn.Module], src: _Source, units: Units, scale: torch.Tensor) -> torch.Tensor:
-    y = _dil_blocks([m[0] for m in mods], src.relu(), src.sink, shared_input=True)
-    y = _dil_blocks([m[1] for m in mods], F.relu(y), src.sink, False, scale)
+def _sep_requests(mods: list[nn.Module]) -> list[Request]:
+    return _dil_requests([m[0] for m in mods], True) + _dil_requests([m[1] for m in mods], False)
+
+
+def _sep(mods: list[nn.Module], src: _Source, units: Units, scale: torch.Tensor, ws: Iterator) -> torch.Tensor:
+    y = _dil_blocks([m[0] for m in mods], src.relu(), src.sink, True, ws)
+    y = _dil_blocks([m[1] for m in mods], F.relu(y), src.sink, False, ws, scale)
     return y.unflatten(1, (len(mods), -1))
 
 
-def _relu_conv_bn(mods: list[nn.Module], src: _Source, units: Units, scale: torch.Tensor) -> torch.Tensor:
+def _relu_conv_bn_requests(mods: list[nn.Module]) -> list[Request]:
     convs = [m[1] for m in mods]
-    c0 = convs[0]
-    bias = torch.cat([c.bias for c in convs]) if c0.bias is not None else None
-    y = F.conv2d(src.relu(), torch.cat([c.weight for c in convs]), bias, c0.stride, c0.padding,
-                 c0.dilation)
-    return _bn_blocks(y, [m[2] for m in mods], src.sink, scale).unflatten(1, (len(mods), -1))
+    bias = [("cat", [c.bias for c in convs])] if convs[0].bias is not None else []
+    return [("cat", [c.weight for c in convs])] + bias + _bn_requests([m[2] for m in mods])
 
 
-def _factorized_reduce(mods: list[nn.Module], src: _Source, units: Units, scale: torch.Tensor) -> torch.Tensor:
+def _relu_conv_bn(mods: list[nn.Module], src: _Source, units: Units, scale: torch.Tensor, ws: Iterator) -> torch.Tensor:
+    c0 = mods[0][1]
+    weight = next(ws)
+    bias = next(ws) if c0.bias is not None else None
+    y = F.conv2d(src.relu(), weight, bias, c0.stride, c0.padding, c0.dilation)
+    return _bn_blocks(y, [m[2] for m in mods], src.sink, ws, scale).unflatten(1, (len(mods), -1))
+
+
+def _factorized_reduce_requests(mods: list[nn.Module]) -> list[Request]:
+    return [("cat", [m.conv_1.weight for m in mods]), ("cat", [m.conv_2.weight for m in mods])] + \
+        _bn_requests([m.bn for m in mods])
+
+
+def _factorized_reduce(mods: list[nn.Module], src: _Source, units: Units, scale: torch.Tensor,
+                       ws: Iterator) -> torch.Tensor:
     r, n = src.relu(), len(mods)
     c1, c2 = mods[0].conv_1, mods[0].conv_2
-    a = F.conv2d(r, torch.cat([m.conv_1.weight for m in mods]), None, c1.stride, c1.padding)
-    b = F.conv2d(r[:, :, 1:, 1:], torch.cat([m.conv_2.weight for m in mods]), None, c2.stride,
-                 c2.padding)
+    a = F.conv2d(r, next(ws), None, c1.stride, c1.padding)
+    b = F.conv2d(r[:, :, 1:, 1:], next(ws), None, c2.stride, c2.padding)
     # each unit's output is cat(conv_1, conv_2) on channels, as in FactorizedReduce
     y = torch.cat([a.unflatten(1, (n, -1)), b.unflatten(1, (n, -1))], dim=2).flatten(1, 2)
-    return _bn_blocks(y, [m.bn for m in mods], src.sink, scale).unflatten(1, (n, -1))
+    return _bn_blocks(y, [m.bn for m in mods], src.sink, ws, scale).unflatten(1, (n, -1))
 
 
-def _noise(mods: list[nn.Module], src: _Source, units: Units, scale: None) -> torch.Tensor:
+def _noise(mods: list[nn.Module], src: _Source, units: Units, scale: None, ws: Iterator) -> torch.Tensor:
     return torch.stack([src.noise[u] for u in units], dim=1)
 
 
-def _eager(mods: list[nn.Module], src: _Source, units: Units, scale: None) -> torch.Tensor:
+def _eager(mods: list[nn.Module], src: _Source, units: Units, scale: None, ws: Iterator) -> torch.Tensor:
     return torch.stack([m(src.x) for m in mods], dim=1)
 
 
-# kind(modules, source, units, scale) -> (B, n or 1, C, H', W'); the kinds in SCALED multiply
-# unit u's output by its α weight themselves (scale (n, C): the affine scale of their last BN),
-# the others get scale None
-KindFn = Callable[[list[nn.Module], _Source, Units, torch.Tensor | None], torch.Tensor]
+# kind(modules, source, units, scale, weights) -> (B, n or 1, C, H', W'); the kinds in SCALED
+# multiply unit u's output by its α weight themselves (scale (n, C): the affine scale of their
+# last BN), the others get scale None
+KindFn = Callable[[list[nn.Module], _Source, Units, torch.Tensor | None, Iterator[torch.Tensor]], torch.Tensor]
 KINDS: dict[str, KindFn | None] = {
     "zero": None,                 # contributes exactly nothing: not computed
     "noise": _noise, "identity": _identity, "pool": _pool, "pool_bn": _pool_bn, "dil": _dil,
     "sep": _sep, "relu_conv_bn": _relu_conv_bn, "factorized_reduce": _factorized_reduce,
     "eager": _eager,
+}
+# the weight tensors a kind takes from `ws`, gathered for the whole cell before it runs
+REQUESTS: dict[str, Callable[[list[nn.Module]], list[Request]]] = {
+    "pool_bn": _pool_bn_requests, "dil": lambda mods: _dil_requests(mods, True), "sep": _sep_requests,
+    "relu_conv_bn": _relu_conv_bn_requests, "factorized_reduce": _factorized_reduce_requests,
 }
 # batch-norm channels (in op channels) a group of n units normalises through the sink
 BN_CHANNELS: dict[str, Callable[[int], int]] = {
@@ -594,20 +753,25 @@ def cell_forward(op_module: Callable[[int, int], nn.Module], shape: CellShape, p
         bn = next(m for m in op_module(*plan.bn_unit).modules() if isinstance(m, nn.BatchNorm2d))
         arch.sink.begin_cell(plan.bn_channels * c_op, bn.running_mean)
     noise = _draw_noise(plan, shape, inputs, ap.num_inputs)
+    modules = [[[op_module(e, c) for e, c in g.units] for g in sp.groups] for sp in ap.sources]
+    ws = iter(gather_weights([r for mods_s, kinds in zip(modules, plan.kinds)
+                              for mods, kind in zip(mods_s, kinds) if kind in REQUESTS
+                              for r in REQUESTS[kind](mods)], arch.constant))
     states = list(inputs)
     carry = carry_b = None           # partial sums of the nodes not complete yet
-    for sp, kinds, weights, positions, bw in zip(ap.sources, plan.kinds, arch.group_weights(plan, c_op),
-                                                 arch.positions, arch.bypass_weights):
+    for sp, mods_s, kinds, weights, positions, bw in zip(ap.sources, modules, plan.kinds,
+                                                         arch.group_weights(plan, c_op), arch.positions,
+                                                         arch.bypass_weights):
         x = states[sp.state]
         stride, targets = shape.strides[sp.state], len(sp.edges)
         src = _Source(x[:, :c_op] if k > 1 else x, arch.sink, noise)
         acc = carry
-        for g, kind, w, pos in zip(sp.groups, kinds, weights, positions):
+        for g, mods, kind, w, pos in zip(sp.groups, mods_s, kinds, weights, positions):
             fn = KINDS[kind]
             if fn is None:
                 continue
             scaled = kind in SCALED
-            out = fn([op_module(e, c) for e, c in g.units], src, g.units, w if scaled else None)
+            out = fn(mods, src, g.units, w if scaled else None, ws)
             acc = _weighted_add(acc, out, None if scaled else w, pos, targets)
         if acc is None:              # only `none` ops leave this state
             acc = x.new_zeros((x.shape[0], targets, c_op, *_out_hw(x, stride)))
@@ -689,7 +853,8 @@ def build_eval_plan(ops: Sequence[nn.Module], names: Sequence[str], inputs: Sequ
 
 
 def eval_cell_forward(plan: EvalCellPlan, ops: Sequence[nn.Module], inputs: Sequence[torch.Tensor],
-                      channels: int, drop_prob: float, sink: BatchNormSink) -> list[torch.Tensor]:
+                      channels: int, drop_prob: float, sink: BatchNormSink,
+                      constants: dict[tuple, torch.Tensor]) -> list[torch.Tensor]:
     """A derived cell's nodes in training mode, state by state: every op reading a state in one
     pass. Outputs, gradients and BN buffers are the eager cell's (summation order aside); with
     drop-path the masks are drawn once per cell, so they are other random numbers than the eager
@@ -703,6 +868,9 @@ def eval_cell_forward(plan: EvalCellPlan, ops: Sequence[nn.Module], inputs: Sequ
         keep = 1.0 - drop_prob
         mask = torch.full((x0.shape[0], plan.droppable), keep, dtype=x0.dtype, device=x0.device)
         mask = torch.bernoulli(mask).div_(keep)
+    ws = iter(gather_weights([r for groups in plan.sources for g in groups if g.kind in REQUESTS
+                              for r in REQUESTS[g.kind]([ops[k] for k in g.ops])],
+                             cached_on(constants, x0.device)))
     states = list(inputs)
     totals: list[torch.Tensor | None] = [None] * plan.num_nodes
     for state, groups in enumerate(plan.sources):
@@ -710,7 +878,7 @@ def eval_cell_forward(plan: EvalCellPlan, ops: Sequence[nn.Module], inputs: Sequ
             states.append(totals[state - plan.num_inputs])   # complete: no later state feeds it
         src = _Source(states[state], sink, {})
         for g in groups:
-            out = KINDS[g.kind]([ops[k] for k in g.ops], src, (), None)   # (B, n or 1, C, H, W)
+            out = KINDS[g.kind]([ops[k] for k in g.ops], src, (), None, ws)   # (B, n or 1, C, H, W)
             if mask is not None and g.drop is not None:
                 out = out * mask[:, g.drop[0]:g.drop[1], None, None, None]
             # unbind, not out[:, u]: its backward is one stack, not a zero-filled gradient per op

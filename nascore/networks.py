@@ -99,13 +99,15 @@ class DartsEvalCell(nn.Module):
         self.C = C
         self.fused_plan = fused.build_eval_plan(self.ops, [name for name, _ in pairs], self.inputs,
                                                 [k // 2 for k in range(len(pairs))], self.droppable, 2)
+        self._fused_constants: dict[tuple, torch.Tensor] = {}     # the fused forward's weight gather index
 
     def forward(self, s0: torch.Tensor, s1: torch.Tensor, drop_prob: float = 0.0,
                 sink: "fused.BatchNormSink | None" = None) -> torch.Tensor:
         """`sink` (training only): the fused forward, whose grouped BNs the caller flushes."""
         states = [self.preprocess0(s0), self.preprocess1(s1)]
         if sink is not None:
-            nodes = fused.eval_cell_forward(self.fused_plan, self.ops, states, self.C, drop_prob, sink)
+            nodes = fused.eval_cell_forward(self.fused_plan, self.ops, states, self.C, drop_prob, sink,
+                                            self._fused_constants)
             return torch.cat([(states + nodes)[i] for i in self.concat], dim=1)
         apply_drop = self.training and drop_prob > 0.0
         for node in range(len(self.ops) // 2):
@@ -290,12 +292,14 @@ class NB201Cell(nn.Module):
         self.C = C
         self.fused_plan = fused.build_eval_plan(self.ops, genotype.ops, [j for _, j in self.edges],
                                                 [i - 1 for i, _ in self.edges], self.droppable, 1)
+        self._fused_constants: dict[tuple, torch.Tensor] = {}     # the fused forward's weight gather index
 
     def forward(self, x: torch.Tensor, drop_prob: float = 0.0,
                 sink: "fused.BatchNormSink | None" = None) -> torch.Tensor:
         """`sink` (training only): the fused forward, whose grouped BNs the caller flushes."""
         if sink is not None:
-            return fused.eval_cell_forward(self.fused_plan, self.ops, [x], self.C, drop_prob, sink)[-1]
+            return fused.eval_cell_forward(self.fused_plan, self.ops, [x], self.C, drop_prob, sink,
+                                           self._fused_constants)[-1]
         nodes: list[torch.Tensor | None] = [x] + [None] * (self.num_nodes - 1)
         apply_drop = self.training and drop_prob > 0.0
         for op, droppable, (i, j) in zip(self.ops, self.droppable, self.edges):

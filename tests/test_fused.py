@@ -143,12 +143,85 @@ def test_the_fused_forward_weights_ops_inside_their_batch_norm():
     net = copy.deepcopy(net).float()
     net.set_backend("fused")
     x = torch.randn(7, 3, 4, 4)
+    net(x).sum().backward()                       # the first forward builds its constants (indices)
     with CountOps(batch=7) as on_activations, CountOps() as every:
         net(x).sum().backward()
     assert on_activations.count["native_batch_norm"] > 0     # it does see the cells' activations
     for name in ("mul", "addcmul", "select_backward"):
         assert on_activations.count[name] == 0, (name, on_activations.count)
     assert every.count["zeros"] == 0, every.count
+
+
+def test_a_cell_reads_its_op_weights_with_one_gather():
+    """The op weights of a cell are arranged (concatenated, interleaved, spread into the dense 1×1
+    conv) by one cat and one index_select, whatever its op count, and their gradients come back by
+    one index_select: no per-group cat / transpose copy / identity multiply, forward or backward."""
+    net = build("darts", columns=[4, 5, 6, 7], random_features=True)   # sep, dil convs; affine BNs
+    assert_same(net)
+    net = copy.deepcopy(net).float()
+    net.set_backend("fused")
+    op_storage = {p.untyped_storage().data_ptr() for cell in net.cells for p in cell.edges.parameters()}
+    views = {"view", "_reshape_alias", "reshape", "permute", "detach", "alias", "as_strided", "t"}
+
+    class ParamReads(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.count = collections.Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.overloadpacket.__name__
+            if name not in views and any(isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr()
+                                         in op_storage for t in tree_flatten((args, kwargs))[0]):
+                self.count[name] += 1
+            return func(*args, **(kwargs or {}))
+
+    x = torch.randn(7, 3, 4, 4)
+    net(x).sum().backward()                       # the first forward builds the gather indices
+    with ParamReads() as reads, CountOps() as every:
+        net(x).sum().backward()
+    assert dict(reads.count) == {"cat": len(net.cells)}, reads.count
+    for name in ("clone", "eye", "stack"):
+        assert every.count[name] == 0, (name, every.count)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_gathered_weights_are_the_layouts_and_their_gradients(channels_last, float64):
+    """`gather_weights` gives what torch.cat & co. would build, for every layout, with parameters
+    in either memory format; gradcheck on its backward; each element is gathered exactly once."""
+    from nascore.fused import _gather_index, gather_weights
+    g = torch.Generator().manual_seed(0)
+
+    def param(*shape):
+        t = torch.randn(*shape, generator=g)
+        if channels_last and t.dim() == 4:
+            t = t.contiguous(memory_format=torch.channels_last)
+        return t.requires_grad_()
+    dw = [param(4, 1, 3, 3) for _ in range(3)]
+    pw = [param(5, 4, 1, 1) for _ in range(3)]
+    dense_conv = [param(2, 4, 3, 3) for _ in range(2)]
+    bn = [param(5) for _ in range(3)]
+    requests = [("interleave", dw), ("dense", pw), ("cat", dense_conv), ("cat", bn)]
+    store = {}
+
+    def gather(*flat):
+        it = iter(flat)
+        rebuilt = [(kind, [next(it) for _ in ps]) for kind, ps in requests]
+        return tuple(gather_weights(rebuilt, lambda key, make: store.setdefault(key, make())))
+    flat = [p for _, ps in requests for p in ps]
+    interleaved, dense, cat, bn_cat = gather(*flat)
+    torch.testing.assert_close(interleaved, torch.stack(dw, 1).flatten(0, 1), rtol=0, atol=0)
+    expected_dense = torch.zeros(15, 12, 1, 1)
+    for u, w in enumerate(pw):        # unit u's rows read columns c·3 + u
+        expected_dense[5 * u:5 * u + 5, u::3] = w
+    torch.testing.assert_close(dense, expected_dense, rtol=0, atol=0)
+    torch.testing.assert_close(cat, torch.cat(dense_conv), rtol=0, atol=0)
+    assert cat.is_contiguous(memory_format=torch.channels_last) == channels_last
+    torch.testing.assert_close(bn_cat, torch.cat(bn), rtol=0, atol=0)
+    torch.autograd.gradcheck(gather, flat)
+    index, inverse = _gather_index(requests)
+    total = sum(p.numel() for p in flat)
+    assert torch.bincount(index[index < total], minlength=total).eq(1).all()
+    assert torch.equal(index[inverse], torch.arange(total))
 
 
 @pytest.mark.parametrize("n_out,with_acc,channels_last", [(1, True, False), (1, False, False), (3, True, False),
