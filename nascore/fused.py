@@ -224,25 +224,23 @@ class GatherWeights(torch.autograd.Function):
         # (shape, memory order) per parameter; order None: plainly contiguous (the usual case)
         ctx.metas = [(p.shape, None if p.is_contiguous() else _memory_order(p)) for p in params]
         ctx.save_for_backward(inverse)
-        flat = torch.cat([p.reshape(-1) if o is None else p.permute(o).reshape(-1)
+        flat = torch.cat([p.view(-1) if o is None else p.permute(o).reshape(-1)
                           for p, (_, o) in zip(params, ctx.metas)] + [zero])
         return flat.index_select(0, index)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (inverse,) = ctx.saved_tensors
-        flat = grad.index_select(0, inverse)
-        grads, start = [], 0
-        for (shape, order), needed in zip(ctx.metas, ctx.needs_input_grad[3:]):
-            n = math.prod(shape)
+        pieces = grad.index_select(0, inverse).split([math.prod(shape) for shape, _ in ctx.metas])
+        grads = []
+        for piece, (shape, order), needed in zip(pieces, ctx.metas, ctx.needs_input_grad[3:]):
             if not needed:
                 grads.append(None)
             elif order is None:
-                grads.append(flat[start:start + n].view(shape))
+                grads.append(piece.view(shape))
             else:              # the parameter's own layout: AccumulateGrad then copies nothing
                 back = sorted(range(len(order)), key=order.__getitem__)
-                grads.append(flat[start:start + n].view([shape[d] for d in order]).permute(back))
-            start += n
+                grads.append(piece.view([shape[d] for d in order]).permute(back))
         return (None, None, None, *grads)
 
 
