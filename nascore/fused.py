@@ -153,7 +153,9 @@ def classify(m: nn.Module) -> str:
     if (isinstance(m, ReLUConvBN) and isinstance(m[0], nn.ReLU) and _is_conv(m[1]) and m[1].groups == 1
             and _is_bn(m[2])):
         return "relu_conv_bn"
-    if isinstance(m, FactorizedReduce) and _is_conv(m.conv_1) and _is_conv(m.conv_2) and _is_bn(m.bn):
+    if (isinstance(m, FactorizedReduce) and all(_is_conv(c) and c.kernel_size == (1, 1) and c.stride == (2, 2)
+                                                and c.padding == (0, 0) and c.bias is None
+                                                for c in (m.conv_1, m.conv_2)) and _is_bn(m.bn)):
         return "factorized_reduce"
     return "eager"
 
@@ -193,7 +195,9 @@ def _layout(kind: str, parts: list[torch.Tensor]) -> torch.Tensor:
     - interleave: n depthwise weights (C, 1, k, k) as one conv with channel multiplier n over a
       shared input: output channel c·n + u is unit u's channel c;
     - dense: n 1×1 weights (D, C, 1, 1) as one dense 1×1 conv reading that (c, u) order, zero
-      outside each unit's block (ZERO positions).
+      outside each unit's block (ZERO positions);
+    - factorized: FactorizedReduce's two offset 1×1 stride-2 convs, per unit (conv_1, conv_2, ...),
+      as one 2×2 stride-2 conv: conv_1 at tap (0, 0), conv_2 at tap (1, 1), zero elsewhere.
     """
     if kind == "cat":
         return torch.cat(parts) if len(parts) > 1 else parts[0]
@@ -206,6 +210,14 @@ def _layout(kind: str, parts: list[torch.Tensor]) -> torch.Tensor:
         for u in range(n):
             out[u, :, :, u] = p[u]
         return out.flatten(0, 1).flatten(1)[:, :, None, None]               # (u·d, c·u', 1, 1)
+    if kind == "factorized":
+        blocks = []
+        for a, b in zip(parts[0::2], parts[1::2]):                          # conv_1, conv_2 of a unit
+            block = torch.full((a.shape[0] + b.shape[0], a.shape[1], 2, 2), ZERO, dtype=a.dtype)
+            block[:a.shape[0], :, 0, 0] = a[:, :, 0, 0]
+            block[a.shape[0]:, :, 1, 1] = b[:, :, 0, 0]
+            blocks.append(block)
+        return torch.cat(blocks)
     raise ValueError(f"unknown weight layout {kind!r}")
 
 
@@ -249,6 +261,8 @@ def _layout_shape(kind: str, ps: Sequence[torch.Tensor]) -> tuple[int, ...]:
     rows = sum(p.shape[0] for p in ps)
     if kind == "dense":
         return (rows, ps[0].shape[1] * len(ps), 1, 1)
+    if kind == "factorized":
+        return (rows, ps[0].shape[1], 2, 2)
     return (rows, *ps[0].shape[1:])
 
 
@@ -498,19 +512,21 @@ def _relu_conv_bn(mods: list[nn.Module], src: _Source, units: Units, scale: torc
 
 
 def _factorized_reduce_requests(mods: list[nn.Module]) -> list[Request]:
-    return [("cat", [m.conv_1.weight for m in mods]), ("cat", [m.conv_2.weight for m in mods])] + \
+    return [("factorized", [w for m in mods for w in (m.conv_1.weight, m.conv_2.weight)])] + \
         _bn_requests([m.bn for m in mods])
 
 
 def _factorized_reduce(mods: list[nn.Module], src: _Source, units: Units, scale: torch.Tensor,
                        ws: Iterator) -> torch.Tensor:
-    r, n = src.relu(), len(mods)
-    c1, c2 = mods[0].conv_1, mods[0].conv_2
-    a = F.conv2d(r, next(ws), None, c1.stride, c1.padding)
-    b = F.conv2d(r[:, :, 1:, 1:], next(ws), None, c2.stride, c2.padding)
-    # each unit's output is cat(conv_1, conv_2) on channels, as in FactorizedReduce
-    y = torch.cat([a.unflatten(1, (n, -1)), b.unflatten(1, (n, -1))], dim=2).flatten(1, 2)
-    return _bn_blocks(y, [m.bn for m in mods], src.sink, ws, scale).unflatten(1, (n, -1))
+    """cat(conv_1(r), conv_2(r[:, :, 1:, 1:])) as ONE 2×2 stride-2 conv whose taps (0, 0) and (1, 1)
+    are the two 1×1 convs: the output comes out concatenated (no cat copy), and the offset branch
+    needs no slice, whose backward would zero-fill a full-size gradient. Four times the
+    multiply-adds of two 1×1 convs at half resolution: the cheapest convs of a cell."""
+    r = src.relu()
+    if r.shape[2] % 2 or r.shape[3] % 2:
+        raise ValueError(f"FactorizedReduce needs an even height and width, got {tuple(r.shape[2:])}")
+    y = F.conv2d(r, next(ws), None, 2)
+    return _bn_blocks(y, [m.bn for m in mods], src.sink, ws, scale).unflatten(1, (len(mods), -1))
 
 
 def _noise(mods: list[nn.Module], src: _Source, units: Units, scale: None, ws: Iterator) -> torch.Tensor:

@@ -155,8 +155,9 @@ def test_the_fused_forward_weights_ops_inside_their_batch_norm():
 def test_a_cell_reads_its_op_weights_with_one_gather():
     """The op weights of a cell are arranged (concatenated, interleaved, spread into the dense 1×1
     conv) by one cat and one index_select, whatever its op count, and their gradients come back by
-    one index_select: no per-group cat / transpose copy / identity multiply, forward or backward."""
-    net = build("darts", columns=[4, 5, 6, 7], random_features=True)   # sep, dil convs; affine BNs
+    one index_select: no per-group cat / transpose copy / identity multiply, forward or backward.
+    FactorizedReduce (skip_connect at stride 2) is one 2×2 conv: no slice, no zero-filled gradient."""
+    net = build("darts", columns=[3, 4, 5, 6, 7], random_features=True)   # FR, sep, dil convs; affine BNs
     assert_same(net)
     net = copy.deepcopy(net).float()
     net.set_backend("fused")
@@ -182,6 +183,8 @@ def test_a_cell_reads_its_op_weights_with_one_gather():
     assert dict(reads.count) == {"cat": len(net.cells)}, reads.count
     for name in ("clone", "eye", "stack"):
         assert every.count[name] == 0, (name, every.count)
+    from nascore.ops import FactorizedReduce           # only the eager preprocessing slices (rows, columns)
+    assert every.count["slice_backward"] == 2 * sum(isinstance(m, FactorizedReduce) for m in net.preprocess.modules())
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
@@ -200,7 +203,8 @@ def test_gathered_weights_are_the_layouts_and_their_gradients(channels_last, flo
     pw = [param(5, 4, 1, 1) for _ in range(3)]
     dense_conv = [param(2, 4, 3, 3) for _ in range(2)]
     bn = [param(5) for _ in range(3)]
-    requests = [("interleave", dw), ("dense", pw), ("cat", dense_conv), ("cat", bn)]
+    fr = [param(3, 4, 1, 1) for _ in range(4)]               # conv_1, conv_2 of two units
+    requests = [("interleave", dw), ("dense", pw), ("cat", dense_conv), ("cat", bn), ("factorized", fr)]
     store = {}
 
     def gather(*flat):
@@ -208,7 +212,10 @@ def test_gathered_weights_are_the_layouts_and_their_gradients(channels_last, flo
         rebuilt = [(kind, [next(it) for _ in ps]) for kind, ps in requests]
         return tuple(gather_weights(rebuilt, lambda key, make: store.setdefault(key, make())))
     flat = [p for _, ps in requests for p in ps]
-    interleaved, dense, cat, bn_cat = gather(*flat)
+    interleaved, dense, cat, bn_cat, factorized = gather(*flat)
+    x = torch.randn(2, 4, 6, 6, generator=g)
+    torch.testing.assert_close(torch.nn.functional.conv2d(x, factorized, stride=2), torch.cat(
+        [torch.nn.functional.conv2d(x if k % 2 == 0 else x[:, :, 1:, 1:], w, stride=2) for k, w in enumerate(fr)], 1))
     torch.testing.assert_close(interleaved, torch.stack(dw, 1).flatten(0, 1), rtol=0, atol=0)
     expected_dense = torch.zeros(15, 12, 1, 1)
     for u, w in enumerate(pw):        # unit u's rows read columns c·3 + u
