@@ -2,6 +2,7 @@
 # One lent GPU session, in steps that each fit a 10-minute command (the device tool's limit):
 #
 #   bash bench/gpu.sh bench           # bench/search_step.py at the spec's sizes -> $OUT/bench.json
+#   bash bench/gpu.sh profile         # GPU time per kernel of one step (reference, fused) -> $OUT/profile.json
 #   bash bench/gpu.sh sweep-start     # the NB201 comparison in the background, sized to the budget
 #   bash bench/gpu.sh wait SECONDS    # until the sweep ends or SECONDS pass; results -> $OUT
 #
@@ -34,6 +35,11 @@ case "${1:-}" in
 bench)
   nvidia-smi -L; python3 -c 'import torch; print("torch", torch.__version__, torch.cuda.get_device_name())'
   timeout 390 python3 bench/search_step.py --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log"
+  ;;
+profile)
+  nvidia-smi -L
+  timeout 390 python3 bench/search_step.py --variants reference,fused --steps 3 --profile \
+      --json "$OUT/profile.json" 2>&1 | tee "$OUT/profile.log"
   ;;
 sweep-start)
   mkdir -p $LOG
@@ -89,5 +95,5 @@ wait)
   ls -la "$OUT"
   ;;
 *)
-  echo "usage: bash bench/gpu.sh bench | sweep-start | wait SECONDS" >&2; exit 2;;
+  echo "usage: bash bench/gpu.sh bench | profile | sweep-start | wait SECONDS" >&2; exit 2;;
 esac

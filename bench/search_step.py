@@ -93,6 +93,7 @@ class Figure:
     writing_ops: int | None = None
     mb_written: float | None = None
     syncs: int | None = None
+    profile: dict | None = None                # --profile: where one step's time goes (profile_step)
 
 
 @dataclass
@@ -196,8 +197,35 @@ def cuda_like(device: torch.device, *optimizers: torch.optim.Optimizer) -> None:
 
 
 # --- measuring ------------------------------------------------------------------------------------
+def profile_step(run: Callable[[], None], device: torch.device, top: int = 15) -> dict:
+    """One step under torch.profiler: on CUDA the GPU time per kernel name (what the step's GPU
+    time is made of: e.g. depthwise weight gradients vs launch-bound small kernels), on the CPU
+    the self time per aten op. {"total_ms", "top": [(name, ms, calls), ...]}, largest first."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+    cuda = device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        run()
+        if cuda:
+            torch.cuda.synchronize(device)
+    rows = []
+    for e in prof.key_averages():
+        if cuda:
+            if e.device_type != DeviceType.CUDA:
+                continue
+            us = getattr(e, "self_device_time_total", None)
+            us = e.self_cuda_time_total if us is None else us
+        elif e.key.startswith("aten::"):
+            us = e.self_cpu_time_total
+        else:
+            continue
+        rows.append((e.key, us / 1000, e.count))
+    rows.sort(key=lambda r: -r[1])
+    return {"total_ms": sum(r[1] for r in rows), "top": rows[:top]}
+
+
 def measure(case: str, variant: str, make: Callable[[], Step], device: torch.device, warmup: int,
-            steps: int, count: bool) -> Figure:
+            steps: int, count: bool, profile: bool = False) -> Figure:
     step, batch, host_scalars = make()
     for i in range(warmup):
         step(i)
@@ -228,6 +256,10 @@ def measure(case: str, variant: str, make: Callable[[], Step], device: torch.dev
             step(warmup + steps)
         c = counter.count
         fig.ops, fig.writing_ops, fig.mb_written, fig.syncs = c.ops, c.writing_ops, c.bytes_written / 2**20, c.syncs
+    if profile:
+        # a replayed CUDA graph is one opaque launch to the profiler: profile the variant without
+        # the graph for its kernels (they are the same kernels)
+        fig.profile = profile_step(lambda: step(warmup + steps + 1), device)
     return fig
 
 
@@ -240,7 +272,7 @@ def free(device: torch.device) -> None:
 
 
 def retrain_figures(size: Size, device: torch.device, warmup: int, steps: int, count: bool,
-                    variants: list[str]) -> list[Figure]:
+                    variants: list[str], profile: bool = False) -> list[Figure]:
     """The DARTS_V2 network's training step: the reference-style loop and nascore's `train`."""
     figures = []
     data = batches(4, size.retrain_batch, 32, 10, device)
@@ -256,7 +288,7 @@ def retrain_figures(size: Size, device: torch.device, warmup: int, steps: int, c
         cuda_like(device, opt)
         objs, top1 = reference.Meter(), reference.Meter()
         return (lambda i: reference.retrain_step(model, opt, *data[i % 4], objs, top1)), size.retrain_batch, list
-    figures.append(measure("retrain", "reference", make_reference, device, warmup, steps, count))
+    figures.append(measure("retrain", "reference", make_reference, device, warmup, steps, count, profile))
 
     class Batches:
         def __init__(self, n: int) -> None:
@@ -349,6 +381,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--count", action=argparse.BooleanOptionalAction, default=None,
                    help="count ops/bytes/syncs of one step (default: on CPU only)")
     p.add_argument("--no-retrain", action="store_true")
+    p.add_argument("--profile", action="store_true",
+                   help="also profile one step of each variant without a CUDA graph (the retrain: the "
+                        "reference step): GPU time per kernel on CUDA, self time per aten op on the CPU")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
@@ -379,7 +414,8 @@ def main(argv: list[str] | None = None) -> None:
             else:
                 make = lambda: nascore_step(case, size, device, **speed[variant])  # noqa: E731
             try:
-                fig = measure(case, variant, make, device, warmup, steps, count)
+                fig = measure(case, variant, make, device, warmup, steps, count,
+                              args.profile and "graph" not in variant)
             except Exception as e:     # one broken variant must not cost the others' figures
                 failures.append(f"{case} {variant}: {type(e).__name__}: {e}")
                 print(f"  {case} {variant}: FAILED {failures[-1]}", flush=True)
@@ -393,7 +429,7 @@ def main(argv: list[str] | None = None) -> None:
         retrain_variants = ["nascore", "nascore+fused"] + (
             ["nascore+graph", "nascore+fused+graph", "nascore+fused+graph+bf16"] if cuda else [])
         try:
-            figures += retrain_figures(size, device, warmup, steps, count, retrain_variants)
+            figures += retrain_figures(size, device, warmup, steps, count, retrain_variants, args.profile)
         except Exception as e:
             failures.append(f"retrain: {type(e).__name__}: {e}")
             traceback.print_exc()
@@ -401,6 +437,12 @@ def main(argv: list[str] | None = None) -> None:
     print(table(figures))
     print()
     print(ratio_table(figures))
+    for x in figures:
+        if x.profile:
+            print(f"\nprofile {x.case} {x.variant}: {x.profile['total_ms']:.1f} ms "
+                  f"{'of kernels' if device.type == 'cuda' else 'in aten ops'} in one step; the largest:")
+            for name, ms, calls in x.profile["top"][:10]:
+                print(f"  {ms:8.2f} ms {ms / x.profile['total_ms']:6.1%} {calls:6d} calls  {name[:90]}")
     for failure in failures:
         print(f"FAILED {failure}")
     if args.json:

@@ -13,7 +13,7 @@ def test_the_bench_runs_at_tiny_sizes_and_prints_the_ratio_table(capsys, tmp_pat
     sys.modules["search_step"] = bench          # dataclasses look their module up there
     spec.loader.exec_module(bench)
     bench.main(["--device", "cpu", "--size", "tiny", "--cases", "nb201", "--steps", "1", "--warmup", "1",
-                "--json", str(tmp_path / "figures.json")])
+                "--profile", "--json", str(tmp_path / "figures.json")])
     out = capsys.readouterr().out
     assert "ratio reference / variant" in out
     for row in ("nb201         eager", "nb201         fused", "retrain       nascore"):
@@ -25,6 +25,13 @@ def test_the_bench_runs_at_tiny_sizes_and_prints_the_ratio_table(capsys, tmp_pat
         by["nb201", "reference"]["writing_ops"]
     assert by["nb201", "reference"]["syncs"] > 0
     assert by["nb201", "eager"]["syncs"] == by["nb201", "fused"]["syncs"] == 0
+    # --profile: where a step's time goes, per aten op on the CPU, largest first
+    profile = by["nb201", "fused"]["profile"]
+    names = [name for name, _, _ in profile["top"]]
+    assert "aten::convolution_backward" in names and all(n.startswith("aten::") for n in names)
+    times = [ms for _, ms, _ in profile["top"]]
+    assert times == sorted(times, reverse=True) and 0 < sum(times) <= profile["total_ms"] + 1e-6
+    assert "profile nb201 fused:" in out and by["retrain", "reference"]["profile"]["top"]
 
 
 def test_agreement_finds_the_fused_path_equal_to_eager_and_bf16_off_by_rounding(capsys):
