@@ -21,7 +21,7 @@ states), so here every op of every edge leaving a state is computed in one pass 
   concatenation and channel shuffle are one copy per node;
 - S4's `noise` is drawn per edge in the eager loop's order, so both paths see the same numbers.
 
-Nothing is re-parameterised: the fused forward concatenates the eager modules' own weights at
+Nothing is re-parameterised: the fused forward gathers the eager modules' own weights at
 call time, so checkpoints, `functional_call` (second order), random-feature freezing and the
 progressive op set work unchanged, and gradients reach the same parameters. Running statistics of
 the grouped BNs are written back to each module's buffers (one `_foreach_lerp_` per forward).
