@@ -112,6 +112,7 @@ class CellPlan:
     noise: tuple[tuple[int, int, int], ...]   # (edge, column, state) in the eager loop's draw order
     bn_channels: int                          # batch-norm channels per op channel (temp statistics)
     bn_unit: tuple[int, int] | None           # a unit with a grouped BN: its buffers' dtype/device
+    scaled_affine: bool = False               # every SCALED group ends in an affine BN (random features)
 
 
 def build_cell_plan(op_module: Callable[[int, int], nn.Module], plan: ArchPlan,
@@ -130,7 +131,9 @@ def build_cell_plan(op_module: Callable[[int, int], nn.Module], plan: ArchPlan,
     order = {c: k for k, c in enumerate(columns)}
     # the eager loop visits edges in α-row order and an edge's ops in `columns` order
     noise.sort(key=lambda u: (u[0], order[u[1]]))
-    return CellPlan(kinds, tuple(noise), bn, bn_unit)
+    last_bns = [LAST_BN[kind](op_module(*g.units[0])) for sp, ks in zip(plan.sources, kinds)
+                for g, kind in zip(sp.groups, ks) if kind in SCALED]
+    return CellPlan(kinds, tuple(noise), bn, bn_unit, bool(last_bns) and all(b.affine for b in last_bns))
 
 
 def classify(m: nn.Module) -> str:
@@ -387,18 +390,21 @@ def _bn_requests(bns: Sequence[nn.BatchNorm2d]) -> list[Request]:
 
 
 def _bn_blocks(y: torch.Tensor, bns: Sequence[nn.BatchNorm2d], sink: BatchNormSink,
-               ws: Iterator[torch.Tensor], scale: torch.Tensor | None = None) -> torch.Tensor:
+               ws: Iterator[torch.Tensor], scale: "Scale" = None) -> torch.Tensor:
     """Train-mode BN of `y`'s channels, block u normalised as `bns[u]` would (one kernel); γ, β
     from `ws` (`_bn_requests`).
 
     `scale` (n, channels), contiguous: block u's output is multiplied by scale[u], folded into
     BN's affine transform (w·(γ·x̂ + β) = (w·γ)·x̂ + w·β): the α-weighting then launches no kernel
-    over the activations, and BN's backward computes α's gradient along with γ's.
+    over the activations, and BN's backward computes α's gradient along with γ's. A pair: the
+    affine (weight, bias) with α folded in already (then γ, β are not in `ws`).
     """
     bns = list(bns)
     mean, var = sink.take(y.shape[1])
     weight = bias = None
-    if bns[0].affine:
+    if isinstance(scale, tuple):
+        weight, bias = scale
+    elif bns[0].affine:
         weight, bias = next(ws), next(ws)
         if scale is not None:
             weight, bias = weight * scale.flatten(), bias * scale.flatten()
@@ -537,6 +543,9 @@ def _eager(mods: list[nn.Module], src: _Source, units: Units, scale: None, ws: I
     return torch.stack([m(src.x) for m in mods], dim=1)
 
 
+Scale = "torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None"   # see _bn_blocks
+
+
 # kind(modules, source, units, scale, weights) -> (B, n or 1, C, H', W'); the kinds in SCALED
 # multiply unit u's output by its α weight themselves (scale (n, C): the affine scale of their
 # last BN), the others get scale None
@@ -559,6 +568,11 @@ BN_CHANNELS: dict[str, Callable[[int], int]] = {
     "factorized_reduce": lambda n: n, "eager": lambda n: 0,
 }
 SCALED = frozenset({"dil", "sep", "relu_conv_bn", "factorized_reduce"})
+# a SCALED kind's last BN (the one α is folded into), from one of its modules
+LAST_BN: dict[str, Callable[[nn.Module], nn.BatchNorm2d]] = {
+    "dil": lambda m: m[3], "sep": lambda m: m[1][3], "relu_conv_bn": lambda m: m[2],
+    "factorized_reduce": lambda m: m.bn,
+}
 
 
 # --- per-forward α weights ---------------------------------------------------------------------
@@ -574,6 +588,7 @@ class FusedArch:
     constant: Callable[[tuple, Callable[[], torch.Tensor]], torch.Tensor]
     autocast: torch.dtype | None              # the ops' output dtype under autocast
     _groups: dict[tuple, list[list[torch.Tensor | None]]] = field(default_factory=dict)
+    _scaled: dict[tuple, torch.Tensor | None] = field(default_factory=dict)
 
     def group_weights(self, cell: CellPlan, channels: int) -> list[list[torch.Tensor | None]]:
         """Per source, per group of `cell`, the units' α weights as the group's kind takes them:
@@ -617,7 +632,13 @@ class FusedArch:
                            else next(scaled_parts).view(-1, channels))
             groups.append(row)
         self._groups[key] = groups
+        self._scaled[key] = scaled_w
         return groups
+
+    def scaled_weights(self, cell: CellPlan, channels: int) -> torch.Tensor | None:
+        """Every SCALED group's weights of `group_weights`, concatenated (one tensor)."""
+        self.group_weights(cell, channels)
+        return self._scaled[(cell.kinds, channels)]
 
 
 def prepare_arch(plan: ArchPlan, op_weights: torch.Tensor,
@@ -768,19 +789,37 @@ def cell_forward(op_module: Callable[[int, int], nn.Module], shape: CellShape, p
         arch.sink.begin_cell(plan.bn_channels * c_op, bn.running_mean)
     noise = _draw_noise(plan, shape, inputs, ap.num_inputs)
     modules = [[[op_module(e, c) for e, c in g.units] for g in sp.groups] for sp in ap.sources]
-    ws = iter(gather_weights([r for mods_s, kinds in zip(modules, plan.kinds)
-                              for mods, kind in zip(mods_s, kinds) if kind in REQUESTS
-                              for r in REQUESTS[kind](mods)], arch.constant))
+    requests, last = [], []
+    for mods_s, kinds in zip(modules, plan.kinds):
+        for mods, kind in zip(mods_s, kinds):
+            rs = REQUESTS[kind](mods) if kind in REQUESTS else []
+            if plan.scaled_affine and kind in SCALED:
+                *rs, gamma, beta = rs                       # the last BN's γ, β: see below
+                last.append((gamma[1], beta[1]))
+            requests += rs
+    if last:
+        requests.append(("cat", [g for gs, _ in last for g in gs] + [b for _, bs in last for b in bs]))
+    gathered = gather_weights(requests, arch.constant)
+    weights = arch.group_weights(plan, c_op)
+    if last:
+        # affine last BNs (random features): α·γ and α·β of the whole cell in one product, not
+        # two small products per group (each with its own backward); a SCALED kind then gets its
+        # BN's (weight, bias) instead of α
+        scaled = gathered.pop().view(2, -1) * arch.scaled_weights(plan, c_op)
+        sizes = [sum(p.numel() for p in gs) for gs, _ in last]
+        pairs = iter(zip(*(t.split(sizes) for t in scaled.unbind(0))))
+        weights = [[next(pairs) if kind in SCALED else w for kind, w in zip(kinds, row)]
+                   for kinds, row in zip(plan.kinds, weights)]
+    ws = iter(gathered)
     states = list(inputs)
     carry = carry_b = None           # partial sums of the nodes not complete yet
-    for sp, mods_s, kinds, weights, positions, bw in zip(ap.sources, modules, plan.kinds,
-                                                         arch.group_weights(plan, c_op), arch.positions,
-                                                         arch.bypass_weights):
+    for sp, mods_s, kinds, weights_s, positions, bw in zip(ap.sources, modules, plan.kinds, weights,
+                                                           arch.positions, arch.bypass_weights):
         x = states[sp.state]
         stride, targets = shape.strides[sp.state], len(sp.edges)
         src = _Source(x[:, :c_op] if k > 1 else x, arch.sink, noise)
         acc = carry
-        for g, mods, kind, w, pos in zip(sp.groups, mods_s, kinds, weights, positions):
+        for g, mods, kind, w, pos in zip(sp.groups, mods_s, kinds, weights_s, positions):
             fn = KINDS[kind]
             if fn is None:
                 continue
