@@ -817,7 +817,10 @@ def cell_forward(op_module: Callable[[int, int], nn.Module], shape: CellShape, p
                                                            arch.positions, arch.bypass_weights):
         x = states[sp.state]
         stride, targets = shape.strides[sp.state], len(sp.edges)
-        src = _Source(x[:, :c_op] if k > 1 else x, arch.sink, noise)
+        # partial channels: the ops' channels and the bypassed ones by one split, whose backward
+        # is one cat (two slices would each zero-fill a full-size gradient, then be added)
+        xa, xb = x.split([c_op, x.shape[1] - c_op], dim=1) if k > 1 else (x, None)
+        src = _Source(xa, arch.sink, noise)
         acc = carry
         for g, mods, kind, w, pos in zip(sp.groups, mods_s, kinds, weights_s, positions):
             fn = KINDS[kind]
@@ -830,7 +833,6 @@ def cell_forward(op_module: Callable[[int, int], nn.Module], shape: CellShape, p
             acc = x.new_zeros((x.shape[0], targets, c_op, *_out_hw(x, stride)))
         acc_b = None
         if k > 1:
-            xb = x[:, c_op:]
             xb = (xb if stride == 1 else F.max_pool2d(xb, 2, 2)).unsqueeze(1)
             if bw is None:
                 acc_b = xb.expand(-1, targets, -1, -1, -1) if carry_b is None else carry_b + xb
