@@ -188,11 +188,14 @@ def _is_dil_block(m: nn.Module) -> bool:
 # whose gradient is one index_select back (every parameter element is used exactly once). The
 # index is built once, by running the same layouts on tensors of element positions.
 Request = tuple[str, list[torch.Tensor]]      # (layout, parameters)
+# a SCALED kind's α: (n, C) weights, or its last BN's (weight, bias) with α folded in (_bn_blocks)
+Scale = torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None
 ZERO = -1                                     # position of the constant 0 in an index layout
 
 
 def _layout(kind: str, parts: list[torch.Tensor]) -> torch.Tensor:
-    """Arrange per-parameter tensors (values or element positions) as a kind's op consumes them.
+    """Arrange per-parameter tensors of element positions as a kind's op consumes the values
+    (the gather index of `_gather_index`; ZERO marks a constant 0).
 
     - cat: along dim 0 (grouped convs, unit-major; 1×1 and dense convs; biases; BN γ/β);
     - interleave: n depthwise weights (C, 1, k, k) as one conv with channel multiplier n over a
@@ -269,7 +272,7 @@ def _layout_shape(kind: str, ps: Sequence[torch.Tensor]) -> tuple[int, ...]:
     return (rows, *ps[0].shape[1:])
 
 
-def _channels_last(kind: str, ps: Sequence[torch.Tensor]) -> bool:
+def _channels_last(ps: Sequence[torch.Tensor]) -> bool:
     """Hand a conv weight over in channels_last where its parameters are (no conversion per conv)."""
     p = ps[0]
     return p.dim() == 4 and not p.is_contiguous() and p.is_contiguous(memory_format=torch.channels_last)
@@ -288,7 +291,7 @@ def _gather_index(requests: Sequence[Request]) -> tuple[torch.Tensor, torch.Tens
             positions.append(base + torch.arange(p.numel()).view([p.shape[d] for d in order]).permute(back))
             base += p.numel()
         arranged = _layout(kind, positions)
-        parts.append((arranged.permute(0, 2, 3, 1) if _channels_last(kind, ps) else arranged).reshape(-1))
+        parts.append((arranged.permute(0, 2, 3, 1) if _channels_last(ps) else arranged).reshape(-1))
     index = torch.cat(parts)
     index = torch.where(index == ZERO, base, index)           # the constant 0 after the parameters
     # slot `base` (the 0) is written many times and dropped
@@ -304,15 +307,23 @@ def gather_weights(requests: Sequence[Request],
     if not params:
         return []
     signature = tuple((kind, tuple((tuple(p.shape), p.stride()) for p in ps)) for kind, ps in requests)
-    index = constant(("gather", signature), lambda: _gather_index(requests)[0])
-    inverse = constant(("gather-inverse", signature), lambda: _gather_index(requests)[1])
+    built: list[torch.Tensor] = []            # index and inverse, built together on a cache miss
+
+    def part(i: int) -> Callable[[], torch.Tensor]:
+        def make() -> torch.Tensor:
+            if not built:
+                built.extend(_gather_index(requests))
+            return built[i]
+        return make
+    index = constant(("gather", signature), part(0))
+    inverse = constant(("gather-inverse", signature), part(1))
     dtype = params[0].dtype
     zero = constant(("zero", dtype), lambda: torch.zeros(1, dtype=dtype))
     shapes = [_layout_shape(kind, ps) for kind, ps in requests]
     pieces = GatherWeights.apply(index, inverse, zero, *params).split([math.prod(s) for s in shapes])
     out = []
     for (kind, ps), shape, piece in zip(requests, shapes, pieces):
-        if _channels_last(kind, ps):
+        if _channels_last(ps):
             out.append(piece.view(shape[0], shape[2], shape[3], shape[1]).permute(0, 3, 1, 2))
         else:
             out.append(piece.view(shape))
@@ -390,7 +401,7 @@ def _bn_requests(bns: Sequence[nn.BatchNorm2d]) -> list[Request]:
 
 
 def _bn_blocks(y: torch.Tensor, bns: Sequence[nn.BatchNorm2d], sink: BatchNormSink,
-               ws: Iterator[torch.Tensor], scale: "Scale" = None) -> torch.Tensor:
+               ws: Iterator[torch.Tensor], scale: Scale = None) -> torch.Tensor:
     """Train-mode BN of `y`'s channels, block u normalised as `bns[u]` would (one kernel); γ, β
     from `ws` (`_bn_requests`).
 
@@ -473,7 +484,7 @@ def _dil_requests(blocks: Sequence[nn.Sequential], shared_input: bool) -> list[R
 
 
 def _dil_blocks(blocks: Sequence[nn.Sequential], r: torch.Tensor, sink: BatchNormSink,
-                shared_input: bool, ws: Iterator[torch.Tensor], scale: torch.Tensor | None = None) -> torch.Tensor:
+                shared_input: bool, ws: Iterator[torch.Tensor], scale: Scale = None) -> torch.Tensor:
     """[depthwise conv → 1×1 conv → BN] of n `DilConv`-shaped blocks whose ReLU `r` already is.
 
     Shared input (every block reads the same C channels): one depthwise conv with channel
@@ -489,7 +500,7 @@ def _dil_blocks(blocks: Sequence[nn.Sequential], r: torch.Tensor, sink: BatchNor
     return _bn_blocks(y, [b[3] for b in blocks], sink, ws, scale)
 
 
-def _dil(mods: list[nn.Module], src: _Source, units: Units, scale: torch.Tensor, ws: Iterator) -> torch.Tensor:
+def _dil(mods: list[nn.Module], src: _Source, units: Units, scale: Scale, ws: Iterator) -> torch.Tensor:
     return _dil_blocks(mods, src.relu(), src.sink, True, ws, scale).unflatten(1, (len(mods), -1))
 
 
@@ -497,7 +508,7 @@ def _sep_requests(mods: list[nn.Module]) -> list[Request]:
     return _dil_requests([m[0] for m in mods], True) + _dil_requests([m[1] for m in mods], False)
 
 
-def _sep(mods: list[nn.Module], src: _Source, units: Units, scale: torch.Tensor, ws: Iterator) -> torch.Tensor:
+def _sep(mods: list[nn.Module], src: _Source, units: Units, scale: Scale, ws: Iterator) -> torch.Tensor:
     y = _dil_blocks([m[0] for m in mods], src.relu(), src.sink, True, ws)
     y = _dil_blocks([m[1] for m in mods], F.relu(y), src.sink, False, ws, scale)
     return y.unflatten(1, (len(mods), -1))
@@ -509,7 +520,7 @@ def _relu_conv_bn_requests(mods: list[nn.Module]) -> list[Request]:
     return [("cat", [c.weight for c in convs])] + bias + _bn_requests([m[2] for m in mods])
 
 
-def _relu_conv_bn(mods: list[nn.Module], src: _Source, units: Units, scale: torch.Tensor, ws: Iterator) -> torch.Tensor:
+def _relu_conv_bn(mods: list[nn.Module], src: _Source, units: Units, scale: Scale, ws: Iterator) -> torch.Tensor:
     c0 = mods[0][1]
     weight = next(ws)
     bias = next(ws) if c0.bias is not None else None
@@ -522,7 +533,7 @@ def _factorized_reduce_requests(mods: list[nn.Module]) -> list[Request]:
         _bn_requests([m.bn for m in mods])
 
 
-def _factorized_reduce(mods: list[nn.Module], src: _Source, units: Units, scale: torch.Tensor,
+def _factorized_reduce(mods: list[nn.Module], src: _Source, units: Units, scale: Scale,
                        ws: Iterator) -> torch.Tensor:
     """cat(conv_1(r), conv_2(r[:, :, 1:, 1:])) as ONE 2×2 stride-2 conv whose taps (0, 0) and (1, 1)
     are the two 1×1 convs: the output comes out concatenated (no cat copy), and the offset branch
@@ -543,7 +554,6 @@ def _eager(mods: list[nn.Module], src: _Source, units: Units, scale: None, ws: I
     return torch.stack([m(src.x) for m in mods], dim=1)
 
 
-Scale = "torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None"   # see _bn_blocks
 
 
 # kind(modules, source, units, scale, weights) -> (B, n or 1, C, H', W'); the kinds in SCALED
