@@ -332,7 +332,8 @@ def gather_weights(requests: Sequence[Request],
 
 def cached_on(store: dict[tuple, torch.Tensor], device: torch.device
               ) -> Callable[[tuple, Callable[[], torch.Tensor]], torch.Tensor]:
-    """A `constant(key, make)` for `gather_weights`: make() moved to `device`, kept in `store`."""
+    """A `constant(key, make)`: make() moved to `device` once, kept in `store` (the supernet's and
+    the evaluation cells' device constants: index tensors, made per step, would copy from host)."""
     def constant(key: tuple, make: Callable[[], torch.Tensor]) -> torch.Tensor:
         full = (*key, str(device))
         if full not in store:
@@ -557,9 +558,9 @@ def _eager(mods: list[nn.Module], src: _Source, units: Units, scale: None, ws: I
 
 
 # kind(modules, source, units, scale, weights) -> (B, n or 1, C, H', W'); the kinds in SCALED
-# multiply unit u's output by its α weight themselves (scale (n, C): the affine scale of their
-# last BN), the others get scale None
-KindFn = Callable[[list[nn.Module], _Source, Units, torch.Tensor | None, Iterator[torch.Tensor]], torch.Tensor]
+# multiply unit u's output by its α weight themselves (`Scale`: folded into their last BN), the
+# others get scale None
+KindFn = Callable[[list[nn.Module], _Source, Units, Scale, Iterator[torch.Tensor]], torch.Tensor]
 KINDS: dict[str, KindFn | None] = {
     "zero": None,                 # contributes exactly nothing: not computed
     "noise": _noise, "identity": _identity, "pool": _pool, "pool_bn": _pool_bn, "dil": _dil,

@@ -282,11 +282,7 @@ class Supernet(nn.Module):
 
     def _index(self, key: tuple, make: Callable[[], torch.Tensor], device: torch.device) -> torch.Tensor:
         """A small constant tensor on `device`, made once (creating it per step would copy from host)."""
-        full = (*key, str(device))
-        t = self._index_cache.get(full)
-        if t is None:
-            t = self._index_cache[full] = make().to(device)
-        return t
+        return fused.cached_on(self._index_cache, device)(key, make)
 
     def column_names(self, cell_type: str, edge: int, columns: Sequence[int]) -> list[str]:
         return [self.edge_ops[cell_type][edge][c] for c in columns]
