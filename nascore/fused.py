@@ -19,7 +19,10 @@ states), so here every op of every edge leaving a state is computed in one pass 
 - partial channels (PC-DARTS): the ops see the state's first C/K channels; the bypassed channels
   (max-pooled once per state on stride-2 edges) are summed per node with the β weights, and
   concatenation and channel shuffle are one copy per node;
-- S4's `noise` is drawn per edge in the eager loop's order, so both paths see the same numbers.
+- S4's `noise` is drawn per edge in the eager loop's order, so both paths see the same numbers;
+- `fused_dense` only: a separable conv (depthwise k×k, then 1×1) is linear, so it runs as ONE dense
+  k×k conv whose weight is the two weights' product (`_compose`): more multiply-adds, on tensor
+  cores, for half the conv launches, no depthwise kernel and no intermediate activation.
 
 Nothing is re-parameterised: the fused forward gathers the eager modules' own weights at
 call time, so checkpoints, `functional_call` (second order), random-feature freezing and the
@@ -42,7 +45,9 @@ from torch import nn
 
 from .ops import DilConv, FactorizedReduce, Identity, Noise, ReLUConvBN, SepConv, Zero
 
-BACKENDS = ("eager", "fused")   # a network's training-mode forward: plain, or this module's
+# a network's training-mode forward: plain, or this module's; `fused_dense` also computes every
+# separable conv (depthwise k×k → 1×1) as ONE dense k×k conv whose weight is the two's product
+BACKENDS = ("eager", "fused", "fused_dense")
 Units = tuple[tuple[int, int], ...]           # (edge, column) pairs
 
 
@@ -203,13 +208,20 @@ def _layout(kind: str, parts: list[torch.Tensor]) -> torch.Tensor:
     - dense: n 1×1 weights (D, C, 1, 1) as one dense 1×1 conv reading that (c, u) order, zero
       outside each unit's block (ZERO positions);
     - factorized: FactorizedReduce's two offset 1×1 stride-2 convs, per unit (conv_1, conv_2, ...),
-      as one 2×2 stride-2 conv: conv_1 at tap (0, 0), conv_2 at tap (1, 1), zero elsewhere.
+      as one 2×2 stride-2 conv: conv_1 at tap (0, 0), conv_2 at tap (1, 1), zero elsewhere;
+    - taps_last: n depthwise weights (C, 1, kh, kw) as (n, kh·kw, C), for a channels_last product
+      (`_compose`; the piece comes out shaped as "cat" would and is viewed there).
+
+    ("separable" requests are not layouts of positions: `gather_weights` gathers their parts
+    ("cat" or "taps_last", and "cat") and multiplies them, see `_compose`.)
     """
     if kind == "cat":
         return torch.cat(parts) if len(parts) > 1 else parts[0]
     n = len(parts)
     if kind == "interleave":
         return torch.cat(parts).unflatten(0, (n, -1)).transpose(0, 1).flatten(0, 1)
+    if kind == "taps_last":
+        return torch.cat(parts).unflatten(0, (n, -1)).flatten(2).transpose(1, 2)
     if kind == "dense":
         p = torch.stack([q.flatten(1) for q in parts])                      # (u, d, c)
         out = torch.full((*p.shape, n), ZERO, dtype=p.dtype)
@@ -299,10 +311,61 @@ def _gather_index(requests: Sequence[Request]) -> tuple[torch.Tensor, torch.Tens
     return index, inverse[:base]
 
 
+SEPARABLE = ("separable", "separable_nhwc")
+
+
+def _compose(requests: Sequence[Request], gathered: Callable[[list[Request]], list[torch.Tensor]]
+             ) -> list[torch.Tensor]:
+    """The requested tensors, where some are "separable": n separable convs' weights, parts
+    (dw_1..dw_n, pw_1..pw_n) with dw_u (C, 1, k, k) and pw_u (C', C, 1, 1), as ONE dense conv
+    weight (n·C', C, k, k), unit-major: W_u[o, i] = pw_u[o, i] · dw_u[i] ("separable_nhwc": the
+    same values laid out channels_last). A depthwise k×k conv followed by a 1×1 conv is one k×k
+    conv with that weight: C× the multiply-adds, on tensor cores, in one kernel, with no
+    intermediate activation to write, keep for backward and read back.
+
+    The products of every separable request with one (taps, C', C) shape are ONE multiply (a cell
+    has about two such shapes: 3×3 and 5×5), whose backward is two small reductions: gathering
+    each request's parts side by side makes their weights consecutive."""
+    others = [r for r in requests if r[0] not in SEPARABLE]
+    by_shape: dict[tuple, list[int]] = {}
+    for i, (kind, ps) in enumerate(requests):
+        if kind in SEPARABLE:
+            dw, pw = ps[0], ps[len(ps) // 2]
+            by_shape.setdefault((kind, tuple(dw.shape[2:]), pw.shape[0], pw.shape[1]), []).append(i)
+    expanded = list(others)
+    for (kind, *_), members in by_shape.items():
+        expanded.append(("cat" if kind == "separable" else "taps_last",
+                         [p for i in members for p in requests[i][1][:len(requests[i][1]) // 2]]))
+        expanded.append(("cat", [p for i in members for p in requests[i][1][len(requests[i][1]) // 2:]]))
+    pieces = gathered(expanded)
+    out: list[torch.Tensor | None] = [None] * len(requests)
+    rest = iter(pieces[:len(others)])
+    for i, (kind, _) in enumerate(requests):
+        if kind not in SEPARABLE:
+            out[i] = next(rest)
+    composed = iter(pieces[len(others):])
+    for (kind, (kh, kw), c_out, c_in), members in by_shape.items():
+        dw = next(composed)
+        pw = next(composed).view(-1, c_out, c_in)                           # (U, C', C)
+        if kind == "separable":                                             # (U, C', C, taps)
+            w = pw.unsqueeze(3) * dw.view(-1, c_in, kh * kw).unsqueeze(1)
+        else:                                                               # (U, C', taps, C)
+            w = pw.unsqueeze(2) * dw.view(-1, kh * kw, c_in).unsqueeze(1)
+        units = [len(requests[i][1]) // 2 for i in members]
+        for i, part in zip(members, w.split(units)):
+            if kind == "separable":
+                out[i] = part.view(-1, c_in, kh, kw)
+            else:
+                out[i] = part.view(-1, kh, kw, c_in).permute(0, 3, 1, 2)
+    return out                                                              # type: ignore[return-value]
+
+
 def gather_weights(requests: Sequence[Request],
                    constant: Callable[[tuple, Callable[[], torch.Tensor]], torch.Tensor]) -> list[torch.Tensor]:
     """The requested tensors, in request order. `constant(key, make)` caches the index on the
     parameters' device (built once per cell structure, not per forward)."""
+    if any(kind in SEPARABLE for kind, _ in requests):
+        return _compose(requests, lambda rs: gather_weights(rs, constant))
     params = [p for _, ps in requests for p in ps]
     if not params:
         return []
@@ -452,6 +515,7 @@ class _Source:
     x: torch.Tensor
     sink: BatchNormSink
     noise: dict[tuple[int, int], torch.Tensor]
+    dense: bool = False                       # separable convs as one dense conv (`fused_dense`)
     _relu: torch.Tensor | None = None
 
     def relu(self) -> torch.Tensor:
@@ -460,8 +524,11 @@ class _Source:
         return self._relu
 
 
-# Each kind with weights has a request function (its modules -> the tensors it needs, `Request`s)
-# and takes them, in that order, from the iterator `ws`.
+# Each kind with weights has a request function (its modules and `Dense` -> the tensors it needs,
+# `Request`s) and takes them, in that order, from the iterator `ws`.
+Dense = str | None        # separable convs: None (depthwise, then 1×1) or a SEPARABLE layout (one conv)
+
+
 def _identity(mods: list[nn.Module], src: _Source, units: Units, scale: None, ws: Iterator) -> torch.Tensor:
     return src.x.unsqueeze(1)
 
@@ -470,7 +537,7 @@ def _pool(mods: list[nn.Module], src: _Source, units: Units, scale: None, ws: It
     return mods[0](src.x).unsqueeze(1)          # parameter-free: one pooling serves every edge
 
 
-def _pool_bn_requests(mods: list[nn.Module]) -> list[Request]:
+def _pool_bn_requests(mods: list[nn.Module], dense: Dense) -> list[Request]:
     return _bn_requests([m[1] for m in mods])
 
 
@@ -478,14 +545,18 @@ def _pool_bn(mods: list[nn.Module], src: _Source, units: Units, scale: None, ws:
     return _bn_shared(mods[0][0](src.x), [m[1] for m in mods], src.sink, ws)
 
 
-def _dil_requests(blocks: Sequence[nn.Sequential], shared_input: bool) -> list[Request]:
+def _dil_requests(blocks: Sequence[nn.Sequential], shared_input: bool, dense: Dense) -> list[Request]:
     dw, pw = [b[1].weight for b in blocks], [b[2].weight for b in blocks]
-    return ([("interleave", dw), ("dense", pw)] if shared_input else [("cat", dw), ("cat", pw)]) + \
-        _bn_requests([b[3] for b in blocks])
+    if dense is not None:
+        convs = [(dense, dw + pw)]
+    else:
+        convs = [("interleave", dw), ("dense", pw)] if shared_input else [("cat", dw), ("cat", pw)]
+    return convs + _bn_requests([b[3] for b in blocks])
 
 
 def _dil_blocks(blocks: Sequence[nn.Sequential], r: torch.Tensor, sink: BatchNormSink,
-                shared_input: bool, ws: Iterator[torch.Tensor], scale: Scale = None) -> torch.Tensor:
+                shared_input: bool, ws: Iterator[torch.Tensor], scale: Scale = None,
+                dense: bool = False) -> torch.Tensor:
     """[depthwise conv → 1×1 conv → BN] of n `DilConv`-shaped blocks whose ReLU `r` already is.
 
     Shared input (every block reads the same C channels): one depthwise conv with channel
@@ -493,29 +564,34 @@ def _dil_blocks(blocks: Sequence[nn.Sequential], r: torch.Tensor, sink: BatchNor
     1×1 conv whose columns undo that order. It does n× the block-diagonal multiply-adds, which is
     free where the 1×1 conv is memory-bound (small C on a GPU), and saves a transpose copy of
     the activations. Separate inputs (a SepConv's second block): grouped convs, unit-major.
+    `dense`: both convs as one k×k conv (`_compose`), dense over the C input channels (shared
+    input) or grouped by unit.
     """
     n, d0 = len(blocks), blocks[0][1]
-    y = F.conv2d(r, next(ws), None, d0.stride, d0.padding, d0.dilation,
-                 d0.in_channels if shared_input else n * d0.in_channels)
-    y = F.conv2d(y, next(ws), None, 1, 0, 1, 1 if shared_input else n)
+    if dense:
+        y = F.conv2d(r, next(ws), None, d0.stride, d0.padding, d0.dilation, 1 if shared_input else n)
+    else:
+        y = F.conv2d(r, next(ws), None, d0.stride, d0.padding, d0.dilation,
+                     d0.in_channels if shared_input else n * d0.in_channels)
+        y = F.conv2d(y, next(ws), None, 1, 0, 1, 1 if shared_input else n)
     return _bn_blocks(y, [b[3] for b in blocks], sink, ws, scale)
 
 
 def _dil(mods: list[nn.Module], src: _Source, units: Units, scale: Scale, ws: Iterator) -> torch.Tensor:
-    return _dil_blocks(mods, src.relu(), src.sink, True, ws, scale).unflatten(1, (len(mods), -1))
+    return _dil_blocks(mods, src.relu(), src.sink, True, ws, scale, src.dense).unflatten(1, (len(mods), -1))
 
 
-def _sep_requests(mods: list[nn.Module]) -> list[Request]:
-    return _dil_requests([m[0] for m in mods], True) + _dil_requests([m[1] for m in mods], False)
+def _sep_requests(mods: list[nn.Module], dense: Dense) -> list[Request]:
+    return _dil_requests([m[0] for m in mods], True, dense) + _dil_requests([m[1] for m in mods], False, dense)
 
 
 def _sep(mods: list[nn.Module], src: _Source, units: Units, scale: Scale, ws: Iterator) -> torch.Tensor:
-    y = _dil_blocks([m[0] for m in mods], src.relu(), src.sink, True, ws)
-    y = _dil_blocks([m[1] for m in mods], F.relu(y), src.sink, False, ws, scale)
+    y = _dil_blocks([m[0] for m in mods], src.relu(), src.sink, True, ws, dense=src.dense)
+    y = _dil_blocks([m[1] for m in mods], F.relu(y), src.sink, False, ws, scale, src.dense)
     return y.unflatten(1, (len(mods), -1))
 
 
-def _relu_conv_bn_requests(mods: list[nn.Module]) -> list[Request]:
+def _relu_conv_bn_requests(mods: list[nn.Module], dense: Dense) -> list[Request]:
     convs = [m[1] for m in mods]
     bias = [("cat", [c.bias for c in convs])] if convs[0].bias is not None else []
     return [("cat", [c.weight for c in convs])] + bias + _bn_requests([m[2] for m in mods])
@@ -529,7 +605,7 @@ def _relu_conv_bn(mods: list[nn.Module], src: _Source, units: Units, scale: Scal
     return _bn_blocks(y, [m[2] for m in mods], src.sink, ws, scale).unflatten(1, (len(mods), -1))
 
 
-def _factorized_reduce_requests(mods: list[nn.Module]) -> list[Request]:
+def _factorized_reduce_requests(mods: list[nn.Module], dense: Dense) -> list[Request]:
     return [("factorized", [w for m in mods for w in (m.conv_1.weight, m.conv_2.weight)])] + \
         _bn_requests([m.bn for m in mods])
 
@@ -567,9 +643,10 @@ KINDS: dict[str, KindFn | None] = {
     "sep": _sep, "relu_conv_bn": _relu_conv_bn, "factorized_reduce": _factorized_reduce,
     "eager": _eager,
 }
-# the weight tensors a kind takes from `ws`, gathered for the whole cell before it runs
-REQUESTS: dict[str, Callable[[list[nn.Module]], list[Request]]] = {
-    "pool_bn": _pool_bn_requests, "dil": lambda mods: _dil_requests(mods, True), "sep": _sep_requests,
+# the weight tensors a kind takes from `ws` (given its modules and `Dense`), gathered for the whole
+# cell before it runs
+REQUESTS: dict[str, Callable[[list[nn.Module], Dense], list[Request]]] = {
+    "pool_bn": _pool_bn_requests, "dil": lambda mods, dense: _dil_requests(mods, True, dense), "sep": _sep_requests,
     "relu_conv_bn": _relu_conv_bn_requests, "factorized_reduce": _factorized_reduce_requests,
 }
 # batch-norm channels (in op channels) a group of n units normalises through the sink
@@ -598,6 +675,7 @@ class FusedArch:
     sink: BatchNormSink
     constant: Callable[[tuple, Callable[[], torch.Tensor]], torch.Tensor]
     autocast: torch.dtype | None              # the ops' output dtype under autocast
+    dense: bool = False                       # separable convs as one dense conv (`fused_dense`)
     _groups: dict[tuple, list[list[torch.Tensor | None]]] = field(default_factory=dict)
     _scaled: dict[tuple, torch.Tensor | None] = field(default_factory=dict)
 
@@ -655,7 +733,7 @@ class FusedArch:
 def prepare_arch(plan: ArchPlan, op_weights: torch.Tensor,
                  edge_weights: torch.Tensor | None, partial: bool,
                  constant: Callable[[tuple, Callable[[], torch.Tensor]], torch.Tensor],
-                 sink: BatchNormSink) -> FusedArch:
+                 sink: BatchNormSink, dense: bool = False) -> FusedArch:
     """α weights with β folded in; the β weights of PC-DARTS' bypassed channels, per source.
 
     `constant(key, make)` returns `make()` on the weights' device, made once per key and cached by
@@ -677,7 +755,7 @@ def prepare_arch(plan: ArchPlan, op_weights: torch.Tensor,
     for sp in plan.sources:
         positions.append([index(g.positions) if g.positions is not None else None for g in sp.groups])
         bypass_weights.append(next(edge_parts).view(1, -1, 1, 1, 1) if bypass is not None else None)
-    return FusedArch(plan, w.reshape(-1), bypass_weights, positions, sink, constant, autocast)
+    return FusedArch(plan, w.reshape(-1), bypass_weights, positions, sink, constant, autocast, dense)
 
 
 # --- the cell ----------------------------------------------------------------------------------
@@ -690,6 +768,14 @@ class CellShape:
     partial: int                              # K (1: every channel goes through the ops)
     shuffle: bool
     output: str                               # "concat" | "last"
+
+
+def _dense_layout(dense: bool, x: torch.Tensor) -> Dense:
+    """The separable convs' weight layout for activations like `x` (channels_last or not)."""
+    if not dense:
+        return None
+    nhwc = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+    return "separable_nhwc" if nhwc else "separable"
 
 
 def _flat(t: torch.Tensor) -> torch.Tensor | None:
@@ -800,10 +886,11 @@ def cell_forward(op_module: Callable[[int, int], nn.Module], shape: CellShape, p
         arch.sink.begin_cell(plan.bn_channels * c_op, bn.running_mean)
     noise = _draw_noise(plan, shape, inputs, ap.num_inputs)
     modules = [[[op_module(e, c) for e, c in g.units] for g in sp.groups] for sp in ap.sources]
+    dense = _dense_layout(arch.dense, inputs[0])
     requests, last = [], []
     for mods_s, kinds in zip(modules, plan.kinds):
         for mods, kind in zip(mods_s, kinds):
-            rs = REQUESTS[kind](mods) if kind in REQUESTS else []
+            rs = REQUESTS[kind](mods, dense) if kind in REQUESTS else []
             if plan.scaled_affine and kind in SCALED:
                 *rs, gamma, beta = rs                       # the last BN's γ, β: see below
                 last.append((gamma[1], beta[1]))
@@ -831,7 +918,7 @@ def cell_forward(op_module: Callable[[int, int], nn.Module], shape: CellShape, p
         # partial channels: the ops' channels and the bypassed ones by one split, whose backward
         # is one cat (two slices would each zero-fill a full-size gradient, then be added)
         xa, xb = x.split([c_op, x.shape[1] - c_op], dim=1) if k > 1 else (x, None)
-        src = _Source(xa, arch.sink, noise)
+        src = _Source(xa, arch.sink, noise, arch.dense)
         acc = carry
         for g, mods, kind, w, pos in zip(sp.groups, mods_s, kinds, weights_s, positions):
             fn = KINDS[kind]
@@ -920,10 +1007,10 @@ def build_eval_plan(ops: Sequence[nn.Module], names: Sequence[str], inputs: Sequ
 
 def eval_cell_forward(plan: EvalCellPlan, ops: Sequence[nn.Module], inputs: Sequence[torch.Tensor],
                       channels: int, drop_prob: float, sink: BatchNormSink,
-                      constants: dict[tuple, torch.Tensor]) -> list[torch.Tensor]:
+                      constants: dict[tuple, torch.Tensor], dense: bool = False) -> list[torch.Tensor]:
     """A derived cell's nodes in training mode, state by state: every op reading a state in one
-    pass. Outputs, gradients and BN buffers are the eager cell's (summation order aside); with
-    drop-path the masks are drawn once per cell, so they are other random numbers than the eager
+    pass (`dense`: separable convs as one dense conv each). Outputs, gradients and BN buffers are
+    the eager cell's (summation order aside); with drop-path the masks are drawn once per cell, so they are other random numbers than the eager
     cell's per-op draws, from the same distribution."""
     if plan.bn_op is not None:
         bn = next(m for m in ops[plan.bn_op].modules() if isinstance(m, nn.BatchNorm2d))
@@ -934,15 +1021,16 @@ def eval_cell_forward(plan: EvalCellPlan, ops: Sequence[nn.Module], inputs: Sequ
         keep = 1.0 - drop_prob
         mask = torch.full((x0.shape[0], plan.droppable), keep, dtype=x0.dtype, device=x0.device)
         mask = torch.bernoulli(mask).div_(keep)
+    layout = _dense_layout(dense, x0)
     ws = iter(gather_weights([r for groups in plan.sources for g in groups if g.kind in REQUESTS
-                              for r in REQUESTS[g.kind]([ops[k] for k in g.ops])],
+                              for r in REQUESTS[g.kind]([ops[k] for k in g.ops], layout)],
                              cached_on(constants, x0.device)))
     states = list(inputs)
     totals: list[torch.Tensor | None] = [None] * plan.num_nodes
     for state, groups in enumerate(plan.sources):
         if state >= plan.num_inputs:
             states.append(totals[state - plan.num_inputs])   # complete: no later state feeds it
-        src = _Source(states[state], sink, {})
+        src = _Source(states[state], sink, {}, dense)
         for g in groups:
             out = KINDS[g.kind]([ops[k] for k in g.ops], src, (), None, ws)   # (B, n or 1, C, H, W)
             if mask is not None and g.drop is not None:

@@ -37,7 +37,8 @@ Output = tuple[torch.Tensor, Optional[torch.Tensor]]
 class _DropPathMixin:
     """`drop_path_prob` with a range check: p = 1 would divide by zero in `drop_path`; and the
     training-mode backend (`set_backend`): eager, or fused (`nascore.fused`: the ops of a cell that
-    read one state in one pass; evaluation mode always runs eagerly)."""
+    read one state in one pass; fused_dense: also each separable conv as one dense conv; evaluation
+    mode always runs eagerly)."""
 
     _drop_path_prob: float = 0.0
     backend: str = "eager"
@@ -49,7 +50,7 @@ class _DropPathMixin:
 
     def _sink(self) -> "fused.BatchNormSink | None":
         """The fused forward's grouped-BN scratch, or None for the eager forward."""
-        return fused.BatchNormSink() if self.backend == "fused" and self.training else None
+        return fused.BatchNormSink() if self.backend != "eager" and self.training else None
 
     @property
     def drop_path_prob(self) -> float:
@@ -102,12 +103,13 @@ class DartsEvalCell(nn.Module):
         self._fused_constants: dict[tuple, torch.Tensor] = {}     # the fused forward's weight gather index
 
     def forward(self, s0: torch.Tensor, s1: torch.Tensor, drop_prob: float = 0.0,
-                sink: "fused.BatchNormSink | None" = None) -> torch.Tensor:
-        """`sink` (training only): the fused forward, whose grouped BNs the caller flushes."""
+                sink: "fused.BatchNormSink | None" = None, dense: bool = False) -> torch.Tensor:
+        """`sink` (training only): the fused forward, whose grouped BNs the caller flushes; `dense`:
+        its separable convs as dense convs."""
         states = [self.preprocess0(s0), self.preprocess1(s1)]
         if sink is not None:
             nodes = fused.eval_cell_forward(self.fused_plan, self.ops, states, self.C, drop_prob, sink,
-                                            self._fused_constants)
+                                            self._fused_constants, dense)
             return torch.cat([(states + nodes)[i] for i in self.concat], dim=1)
         apply_drop = self.training and drop_prob > 0.0
         for node in range(len(self.ops) // 2):
@@ -217,7 +219,7 @@ class _DartsEvalNetwork(_DropPathMixin, nn.Module):
         p = self.drop_path_prob
         sink = self._sink()
         for i, cell in enumerate(self.cells):
-            s0, s1 = s1, cell(s0, s1, p, sink)
+            s0, s1 = s1, cell(s0, s1, p, sink, self.backend == "fused_dense")
             if i == self.aux_index and self.auxiliary_head is not None and self.training:
                 aux_logits = self.auxiliary_head(s1)
         if sink is not None:
@@ -295,11 +297,12 @@ class NB201Cell(nn.Module):
         self._fused_constants: dict[tuple, torch.Tensor] = {}     # the fused forward's weight gather index
 
     def forward(self, x: torch.Tensor, drop_prob: float = 0.0,
-                sink: "fused.BatchNormSink | None" = None) -> torch.Tensor:
-        """`sink` (training only): the fused forward, whose grouped BNs the caller flushes."""
+                sink: "fused.BatchNormSink | None" = None, dense: bool = False) -> torch.Tensor:
+        """`sink` (training only): the fused forward, whose grouped BNs the caller flushes; `dense`:
+        its separable convs as dense convs."""
         if sink is not None:
             return fused.eval_cell_forward(self.fused_plan, self.ops, [x], self.C, drop_prob, sink,
-                                           self._fused_constants)[-1]
+                                           self._fused_constants, dense)[-1]
         nodes: list[torch.Tensor | None] = [x] + [None] * (self.num_nodes - 1)
         apply_drop = self.training and drop_prob > 0.0
         for op, droppable, (i, j) in zip(self.ops, self.droppable, self.edges):
@@ -334,7 +337,7 @@ class NB201Network(_DropPathMixin, nn.Module):
         p = self.drop_path_prob
         sink = self._sink()
         for block in self.blocks:
-            h = block(h, p, sink) if isinstance(block, NB201Cell) else block(h)
+            h = block(h, p, sink, self.backend == "fused_dense") if isinstance(block, NB201Cell) else block(h)
         if sink is not None:
             sink.flush()
         return self.classifier(self.global_pooling(self.lastact(h)).flatten(1)), None

@@ -90,7 +90,7 @@ class SearchConfig:
     nonfinite: str = "stop"                # stop | skip
     # speed (issue 4, README "Speed"): how a step is computed, not what — bf16 aside, which rounds.
     # Defaults are the plain eager path; the GPU figures that would justify others are unmeasured.
-    backend: str = "eager"                 # eager | fused: same numbers in fewer kernels (nascore.fused)
+    backend: str = "eager"                 # eager | fused | fused_dense: same numbers in fewer kernels
     compile: bool = False                  # torch.compile the supernet's forward
     cuda_graph: bool = False               # capture the whole search step in one CUDA graph (CUDA only)
     amp: str = "none"                      # none | bf16 autocast of the forward passes
@@ -117,7 +117,7 @@ def speed_option_problems(cfg: SearchConfig, device_type: str | None) -> list[st
     """What is wrong with the speed options (`device_type` None: the device is not known yet)."""
     problems = [f"search.{name}={getattr(cfg, name)!r}; allowed: {', '.join(allowed)}"
                 for name, allowed in SPEED_CHOICES.items() if getattr(cfg, name) not in allowed]
-    if cfg.backend == "fused" and cfg.drop_path > 0:
+    if cfg.backend != "eager" and cfg.drop_path > 0:
         problems.append("search.drop_path > 0 runs on search.backend: eager only (the fused path "
                         "computes an op for all edges at once and has no per-op drop-path yet)")
     if cfg.cuda_graph:

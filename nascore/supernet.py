@@ -201,7 +201,7 @@ class Supernet(nn.Module):
 
     space: "SearchSpace"
     cfg: SupernetConfig
-    backend: str = "eager"           # set_backend("fused"): same modules, fewer kernels (training)
+    backend: str = "eager"           # set_backend("fused" | "fused_dense"): same modules, fewer kernels
 
     def init_arch(self, edge_ops: dict[str, Sequence[Sequence[str]]],
                   edges_per_node: Sequence[int]) -> None:
@@ -353,7 +353,7 @@ class Supernet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         columns = self.active_columns()
-        if self.backend == "fused" and self.training:
+        if self.backend != "eager" and self.training:
             return self._forward_fused(x, columns)
         weights = {ct: self.op_weights(ct, columns) for ct in self.cell_types}
         edge_weights = {ct: self.edge_weights(ct) for ct in self.cell_types}
@@ -371,7 +371,7 @@ class Supernet(nn.Module):
             device = self.alphas[ct].device
             arch[ct] = fused.prepare_arch(
                 plan, self.op_weights(ct, columns), self.edge_weights(ct), self.cfg.partial_channels > 1,
-                lambda key, make: self._index(key, make, device), sink)
+                lambda key, make: self._index(key, make, device), sink, self.backend == "fused_dense")
         out = self.forward_cells(x, arch, {ct: None for ct in self.cell_types}, columns)
         sink.flush()
         return out

@@ -94,7 +94,8 @@ class TrainConfig:
     eval_every: int = 1               # evaluate every n epochs and always after the last
     compile: bool = False             # torch.compile the network
     cuda_graph: bool = False          # capture the training step in a CUDA graph (one GPU, no compile)
-    backend: str = "eager"            # fused: a cell's ops that read one state in one pass (same numbers)
+    backend: str = "eager"            # fused: a cell's ops that read one state in one pass (same numbers);
+                                      # fused_dense: and each separable conv as one dense conv
     nonfinite: str = "stop"           # non-finite loss: stop with an error, or skip that batch
     progress: str = "auto"            # auto: bar on a terminal, else one log line per epoch
 

@@ -56,10 +56,10 @@ def forward_backward(net, backend, x, channels_last=False):
     return out, net
 
 
-def assert_same(net, **kw):
+def assert_same(net, backend="fused", **kw):
     x = torch.randn(3, 3, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     out_e, eager = forward_backward(net, "eager", x)
-    out_f, fused = forward_backward(net, "fused", x, **kw)
+    out_f, fused = forward_backward(net, backend, x, **kw)
     torch.testing.assert_close(out_f, out_e, rtol=1e-9, atol=1e-12)
     grads_f = dict(fused.named_parameters())
     for name, p in eager.named_parameters():
@@ -84,19 +84,21 @@ CASES = [(space, {}) for space in SPACES.names()] + [
 ]
 
 
+@pytest.mark.parametrize("backend", ["fused", "fused_dense"])
 @pytest.mark.parametrize("space,switches", CASES, ids=[f"{s}-{'-'.join(k) or 'plain'}" for s, k in CASES])
-def test_fused_forward_gradients_and_bn_buffers_equal_eager(space, switches):
-    eager, _ = assert_same(build(space, **switches))
+def test_fused_forward_gradients_and_bn_buffers_equal_eager(space, switches, backend):
+    eager, _ = assert_same(build(space, **switches), backend)
     if switches.get("random_features"):        # frozen convs stay frozen: no gradient reaches them
         assert all(p.grad is None for m in eager.modules() if isinstance(m, nn.Conv2d)
                    for p in m.parameters())
 
 
+@pytest.mark.parametrize("backend", ["fused", "fused_dense"])
 @pytest.mark.parametrize("space,columns", [("darts", [4]), ("darts", [5, 0, 3, 1]), ("nb201", [3, 0]),
                                            ("s3", [2, 0])])
-def test_progressive_op_sets_match_and_leave_inactive_ops_untouched(space, columns):
+def test_progressive_op_sets_match_and_leave_inactive_ops_untouched(space, columns, backend):
     net = build(space, columns=columns)
-    _, fused = assert_same(net)
+    _, fused = assert_same(net, backend)
     active = set(columns)
     for edge in fused.mixed_ops():
         for c, op in enumerate(edge.ops):
@@ -107,12 +109,13 @@ def test_progressive_op_sets_match_and_leave_inactive_ops_untouched(space, colum
 def test_fused_is_layout_independent_and_leaves_evaluation_eager():
     net = build("darts", partial_channels=2, edge_normalization=True)
     assert_same(net, channels_last=True)
+    assert_same(net, "fused_dense", channels_last=True)
     fused = copy.deepcopy(net)
     fused.set_backend("fused")
     x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
     net.eval(), fused.eval()
     torch.testing.assert_close(fused(x), net(x), rtol=0, atol=0)
-    with pytest.raises(ValueError, match="allowed: eager, fused"):
+    with pytest.raises(ValueError, match="allowed: eager, fused, fused_dense"):
         net.set_backend("triton")
 
 
@@ -237,6 +240,91 @@ def test_gathered_weights_are_the_layouts_and_their_gradients(channels_last, flo
     assert torch.equal(index[inverse], torch.arange(total))
 
 
+@pytest.mark.parametrize("nhwc", [False, True])
+def test_separable_weights_compose_into_one_dense_conv(nhwc, float64):
+    """`fused_dense`: the weights of n separable convs (depthwise k×k, then 1×1) gather into ONE
+    dense k×k conv weight whose conv is the two convs, over a shared input (groups 1) and over each
+    unit's own input (groups n), with dilation and stride; channels_last in, channels_last out;
+    all requests of one shape in a cell take one multiply; gradcheck on the parameters."""
+    from nascore.fused import gather_weights
+    F = torch.nn.functional
+    g = torch.Generator().manual_seed(0)
+    c_in, c_out = 3, 4
+
+    def param(*shape):
+        t = torch.randn(*shape, generator=g)
+        if nhwc and t.dim() == 4:
+            t = t.contiguous(memory_format=torch.channels_last)
+        return t.requires_grad_()
+    layout = "separable_nhwc" if nhwc else "separable"
+    shared3 = [param(c_in, 1, 3, 3) for _ in range(2)] + [param(c_out, c_in, 1, 1) for _ in range(2)]
+    other = [param(5) for _ in range(2)]
+    own3 = [param(c_in, 1, 3, 3) for _ in range(3)] + [param(c_out, c_in, 1, 1) for _ in range(3)]
+    shared5 = [param(c_in, 1, 5, 5)] + [param(c_out, c_in, 1, 1)]
+    requests = [(layout, shared3), ("cat", other), (layout, own3), (layout, shared5)]
+    store = {}
+
+    def gather(*flat):
+        it = iter(flat)
+        rebuilt = [(kind, [next(it) for _ in ps]) for kind, ps in requests]
+        return tuple(gather_weights(rebuilt, lambda key, make: store.setdefault(key, make())))
+    flat = [p for _, ps in requests for p in ps]
+    gather(*flat)                                            # builds the gather index
+    with CountOps() as counted:
+        w_shared3, cat, w_own3, w_shared5 = gather(*flat)
+    assert counted.count["mul"] == 2, counted.count          # one per (taps, C', C): 3×3 and 5×5
+    torch.testing.assert_close(cat, torch.cat(other), rtol=0, atol=0)
+    fmt = torch.channels_last if nhwc else torch.contiguous_format
+    x = torch.randn(2, 3 * c_in, 9, 9, generator=g).contiguous(memory_format=fmt)
+    xs = x[:, :c_in]
+
+    def separable(x, dw, pw, **conv):
+        return F.conv2d(F.conv2d(x, dw, groups=c_in, **conv), pw)
+    for w, ps, conv in [(w_shared3, shared3, dict(padding=2, dilation=2)),
+                        (w_shared5, shared5, dict(padding=2, stride=2))]:
+        assert w.shape == (len(ps) // 2 * c_out, c_in, *ps[0].shape[2:])
+        assert w.is_contiguous(memory_format=fmt)
+        n = len(ps) // 2
+        expected = torch.cat([separable(xs, ps[u], ps[n + u], **conv) for u in range(n)], 1)
+        torch.testing.assert_close(F.conv2d(xs, w, **conv), expected)
+    expected = torch.cat([separable(x[:, c_in * u:c_in * (u + 1)], own3[u], own3[3 + u], padding=1)
+                          for u in range(3)], 1)
+    torch.testing.assert_close(F.conv2d(x, w_own3, padding=1, groups=3), expected)
+    assert w_own3.is_contiguous(memory_format=fmt)
+    torch.autograd.gradcheck(gather, flat)
+
+
+def test_the_dense_backend_runs_no_depthwise_conv():
+    """`fused_dense` computes every separable conv of a search cell as one dense conv: no depthwise
+    conv is dispatched (`fused` runs them), and one conv per separable block group is saved."""
+    net = build("darts", columns=[4, 5, 6, 7])               # sep 3×3, 5×5, dil 3×3, 5×5
+    x = torch.randn(5, 3, 4, 4, dtype=torch.float64)
+
+    class Convs(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.depthwise = self.total = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket.__name__ == "convolution":
+                self.total += 1
+                self.depthwise += args[-1] > 1 and args[-1] == args[0].shape[1]
+            return func(*args, **(kwargs or {}))
+    counts = {}
+    for backend in ("fused", "fused_dense"):
+        m = copy.deepcopy(net)
+        m.set_backend(backend)
+        m(x)
+        with Convs() as c:
+            m(x)
+        counts[backend] = c
+    assert counts["fused"].depthwise > 0 and counts["fused_dense"].depthwise == 0
+    # per cell: every state's sep 3×3 and 5×5 (two blocks each) and dil 3×3 and 5×5 (one block)
+    sources = sum(len(cell.fused_shape.strides) - 1 for cell in net.cells)   # the last node feeds no edge
+    groups = 6 * sources
+    assert counts["fused"].total - counts["fused_dense"].total == groups
+
+
 @pytest.mark.parametrize("n_out,with_acc,channels_last", [(1, True, False), (1, False, False), (3, True, False),
                                                          (1, True, True), (1, True, None)])
 def test_weighted_add_is_addcmul_with_a_leaner_backward(n_out, with_acc, channels_last, float64):
@@ -324,13 +412,14 @@ def assert_same_search(a, b, rtol=1e-7):
         assert rb["genotype"] == ra["genotype"]
 
 
-@pytest.mark.parametrize("method,space", [("darts", "darts"), ("darts_v2", "nb201"), ("pc_darts", "darts"),
-                                          ("rf_darts", "darts"), ("opp_darts", "s3"),
-                                          ("single_darts", "s3")])
-def test_a_fused_search_follows_the_eager_search(method, space, float64):
+@pytest.mark.parametrize("method,space,backend", [
+    ("darts", "darts", "fused"), ("darts_v2", "nb201", "fused"), ("pc_darts", "darts", "fused"),
+    ("rf_darts", "darts", "fused"), ("opp_darts", "s3", "fused"), ("single_darts", "s3", "fused"),
+    ("darts_v2", "darts", "fused_dense"), ("pc_darts", "darts", "fused_dense")])
+def test_a_fused_search_follows_the_eager_search(method, space, backend, float64):
     cfg = tiny_search_config(method, space)
     runs = [search(get_space(space), tiny_search_config(method, space, backend=b), tiny_data(n=4),
-                   log=lambda s: None) for b in ("eager", "fused")]
+                   log=lambda s: None) for b in ("eager", backend)]
     assert_same_search(*runs)
     assert cfg.backend == "eager"
 
@@ -354,17 +443,18 @@ def test_a_fused_search_resumes_an_eager_checkpoint(tmp_path, float64):
 
 
 # --- no host sync in a step ----------------------------------------------------------------------
-@pytest.mark.parametrize("method,overrides", [
-    ("darts", {"backend": "eager"}), ("darts", {}), ("darts_v2", {}), ("single_darts", {}),
-    ("rf_pcdarts", {"arch_grad_clip": 5.0}), ("opp_darts", {}),
-    ("darts", {"channels_last": True, "optimizer_impl": "foreach"}),
+@pytest.mark.parametrize("method,space,overrides", [
+    ("darts", "nb201", {"backend": "eager"}), ("darts", "nb201", {}), ("darts_v2", "nb201", {}),
+    ("single_darts", "nb201", {}), ("rf_pcdarts", "nb201", {"arch_grad_clip": 5.0}), ("opp_darts", "nb201", {}),
+    ("darts", "nb201", {"channels_last": True, "optimizer_impl": "foreach"}),
+    ("darts_v2", "darts", {"backend": "fused_dense"}), ("pc_darts", "darts", {"backend": "fused_dense"}),
 ])
-def test_a_search_step_reads_nothing_on_the_host(method, overrides):
+def test_a_search_step_reads_nothing_on_the_host(method, space, overrides):
     """On the meta device tensors have no values: `.item()`, `.tolist()`, `bool()` would raise."""
-    cfg = tiny_search_config(method, "nb201", **{"backend": "fused", **overrides})
+    cfg = tiny_search_config(method, space, **{"backend": "fused", **overrides})
     x = torch.empty(4, 3, 8, 8, device="meta")
     y = torch.empty(4, dtype=torch.long, device="meta")
-    run = SearchRun(get_space("nb201"), cfg, SearchData(None, None, 4), device="meta", log=lambda s: None)
+    run = SearchRun(get_space(space), cfg, SearchData(None, None, 4), device="meta", log=lambda s: None)
     if cfg.op_schedule == "progressive":
         run.model.set_active_columns([3, 0])       # a progressive search's op set mid-way
         run.reset_optimisers(0, restart_schedule=False)

@@ -425,10 +425,12 @@ def _train_step(net, backend, x, drop_prob=0.0):
     return (logits, aux), net
 
 
-def test_the_fused_training_forward_equals_the_eager_one() -> None:
+@pytest.mark.parametrize("backend", ["fused", "fused_dense"])
+def test_the_fused_training_forward_equals_the_eager_one(backend: str) -> None:
+    """`fused_dense` also: each separable conv of a derived cell as one dense conv."""
     for net, x in _eval_networks():
         (out_e, aux_e), eager = _train_step(net, "eager", x)
-        (out_f, aux_f), fused = _train_step(net, "fused", x)
+        (out_f, aux_f), fused = _train_step(net, backend, x)
         name = type(net).__name__
         torch.testing.assert_close(out_f, out_e, rtol=1e-10, atol=1e-12, msg=name)
         if aux_e is not None:
@@ -441,7 +443,7 @@ def test_the_fused_training_forward_equals_the_eager_one() -> None:
             torch.testing.assert_close(buffers[n], b, rtol=1e-10, atol=1e-12, msg=f"{name} {n}")
         fused.eval(), eager.eval()                     # evaluation runs the eager forward
         torch.testing.assert_close(fused(x)[0], eager(x)[0], rtol=1e-10, atol=1e-12)
-    with pytest.raises(ValueError, match="allowed: eager, fused"):
+    with pytest.raises(ValueError, match="allowed: eager, fused, fused_dense"):
         net.set_backend("triton")
 
 
