@@ -2,7 +2,7 @@
 # One lent GPU session, in steps that each fit a 10-minute command (the device tool's limit):
 #
 #   bash bench/gpu.sh bench           # bench/search_step.py at the spec's sizes -> $OUT/bench.json
-#   bash bench/gpu.sh profile         # GPU time per kernel of one step (reference, fused) -> $OUT/profile.json
+#   bash bench/gpu.sh profile         # GPU time per kernel of one step (reference, fused, fused_dense)
 #   bash bench/gpu.sh sweep-start     # the NB201 comparison in the background, sized to the budget
 #   bash bench/gpu.sh wait SECONDS    # until the sweep ends or SECONDS pass; results -> $OUT
 #
@@ -13,6 +13,8 @@
 # which does not travel to the device machine).
 #
 # Settings (environment): SWEEP_SECONDS (GPU time the sweep may take, 1000), METHODS, SEEDS,
+# EAGER_SEEDS (the plain eager fp32 DARTS runs the fast ones are compared with, 1,2,3: issue 4's
+# "within noise" needs the eager path's own seed spread),
 # EPOCHS (default: as many as fit SWEEP_SECONDS at the step time the bench measured), JOBS (6),
 # EXTRA (more --set flags for every experiment).
 set -uo pipefail
@@ -22,6 +24,7 @@ OUT=${OUT:-out}; mkdir -p "$OUT"
 DATA_DIR=$(realpath "${DATA_DIR:-.gpu}")
 METHODS=${METHODS:-darts,rf_darts,single_darts,opp_darts}
 SEEDS=${SEEDS:-1,2,3}
+EAGER_SEEDS=${EAGER_SEEDS:-1,2,3}
 JOBS=${JOBS:-6}
 LOG=/tmp/nascore-sweep
 
@@ -34,11 +37,11 @@ common() {
 case "${1:-}" in
 bench)
   nvidia-smi -L; python3 -c 'import torch; print("torch", torch.__version__, torch.cuda.get_device_name())'
-  timeout 390 python3 bench/search_step.py --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log"
+  timeout 560 python3 bench/search_step.py --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log"
   ;;
 profile)
   nvidia-smi -L
-  timeout 390 python3 bench/search_step.py --variants reference,fused --steps 3 --profile \
+  timeout 390 python3 bench/search_step.py --variants reference,fused,fused_dense --steps 3 --profile \
       --json "$OUT/profile.json" 2>&1 | tee "$OUT/profile.log"
   ;;
 sweep-start)
@@ -57,7 +60,8 @@ n = len(os.environ.get("METHODS", "darts,rf_darts,single_darts,opp_darts").split
     len(os.environ.get("SEEDS", "1,2,3").split(","))
 steps = 390                                  # 25,000 images / batch 64 per epoch
 budget = float(os.environ.get("SWEEP_SECONDS", 1000))
-per_epoch = steps * 1.5 / 1000 * (n * figs[variant] + figs.get("eager", figs[variant]))   # + the eager run
+n_eager = len(os.environ.get("EAGER_SEEDS", "1,2,3").split(","))
+per_epoch = steps * 1.5 / 1000 * (n * figs[variant] + n_eager * figs.get("eager", figs[variant]))
 epochs = int(os.environ.get("EPOCHS") or max(4, min(50, budget // per_epoch)))
 print(epochs, max(1, round(2 * epochs / 50)), round(12 * epochs / 50), variant)
 EOF
@@ -74,14 +78,14 @@ EOF
   python3 sweeps/plain.py --name nb201_methods --stages prepare $(common $E $STAGE $SKIP) \
       --set "method=$METHODS" --set "seed=$SEEDS" > $LOG/prepare.log 2>&1 || { tail -30 $LOG/prepare.log; exit 1; }
   python3 sweeps/plain.py --name nb201_eager --stages prepare $(common $E $STAGE $SKIP) $EAGER \
-      --set method=darts --set seed=1 >> $LOG/prepare.log 2>&1
+      --set method=darts --set seed=$EAGER_SEEDS >> $LOG/prepare.log 2>&1
   setsid bash -c "python3 sweeps/plain.py --name nb201_methods --stages search,derive --jobs $JOBS \
       $(common $E $STAGE $SKIP) $FAST --set method=$METHODS --set seed=$SEEDS > $LOG/fast.log 2>&1;
     python3 sweeps/plain.py --name nb201_methods --stages search,derive --jobs $JOBS \
       $(common $E $STAGE $SKIP) $EAGER --set method=$METHODS --set seed=$SEEDS > $LOG/fallback.log 2>&1;
     touch $LOG/methods.done" < /dev/null > /dev/null 2>&1 &
-  setsid bash -c "python3 sweeps/plain.py --name nb201_eager --stages search,derive \
-      $(common $E $STAGE $SKIP) $EAGER --set method=darts --set seed=1 > $LOG/eager.log 2>&1;
+  setsid bash -c "python3 sweeps/plain.py --name nb201_eager --stages search,derive --jobs 3 \
+      $(common $E $STAGE $SKIP) $EAGER --set method=darts --set seed=$EAGER_SEEDS > $LOG/eager.log 2>&1;
     touch $LOG/eager.done" < /dev/null > /dev/null 2>&1 &
   sleep 45
   tail -n 4 runs/nb201_methods/*/log.txt

@@ -6,8 +6,10 @@
     python bench/search_step.py --json out.json    # also write every figure as JSON
 
 Per method × space (DARTS first order, second order, PC-DARTS, NB201 DARTS-V1) and per variant
-(`reference`: bench/reference.py; `eager`; `fused`; on CUDA also `fused+graph` and
-`fused+graph+bf16`), one search step on random data resident on the device:
+(`reference`: bench/reference.py; `eager`; `fused`; `fused_dense`; on CUDA also `+graph` and
+`+graph+bf16` of both fused backends), one search step on random data resident on the device.
+A variant is a backend (eager | fused | fused_dense) and modifiers joined by "+": graph (a CUDA
+graph), bf16 (autocast and channels_last), cl (channels_last), compile (torch.compile).
 - always: ms per step (median on CPU; CUDA events over a fixed number of steps on a GPU), images/s;
 - on CUDA: peak memory;
 - with counting (default on CPU): aten ops dispatched, writing ops (≈ kernels), bytes written and
@@ -82,6 +84,22 @@ CASES = {
     "rf_darts": ("darts", "rf_darts", 64),
 }
 DEFAULT_CASES = ("darts_first", "darts_second", "pc_darts", "nb201")
+BACKEND_NAMES = ("eager", "fused", "fused_dense")
+MODIFIERS = {"graph": {"cuda_graph": True}, "bf16": {"amp": "bf16", "channels_last": True},
+             "cl": {"channels_last": True}, "compile": {"compile": True}}
+
+
+def speed_options(variant: str) -> dict[str, object]:
+    """A nascore variant's speed settings: "fused_dense+graph+bf16" -> backend, cuda_graph, amp, ..."""
+    backend, *modifiers = variant.split("+")
+    unknown = [m for m in modifiers if m not in MODIFIERS]
+    if backend not in BACKEND_NAMES or unknown:
+        raise ValueError(f"unknown variant {variant!r}: a backend ({', '.join(BACKEND_NAMES)}) then "
+                         f"modifiers among {', '.join(MODIFIERS)} joined by '+', or 'reference'")
+    speed: dict[str, object] = {} if backend == "eager" else {"backend": backend}
+    for m in modifiers:
+        speed.update(MODIFIERS[m])
+    return speed
 
 
 @dataclass
@@ -308,10 +326,15 @@ def retrain_figures(size: Size, device: torch.device, warmup: int, steps: int, c
             return (data[i % 4] for i in range(self.n))
 
     for variant in variants:
-        amp, channels_last = ("bf16", True) if "bf16" in variant else ("none", False)
+        # "nascore[+backend][+modifiers]": "nascore+graph" is the eager backend in a CUDA graph
+        tokens = variant.split("+")[1:]
+        backend = tokens.pop(0) if tokens and tokens[0] in BACKEND_NAMES else "eager"
+        speed = speed_options("+".join([backend] + tokens))
         # drop-path 0: the reference step above has none either; 2 epochs: the first warms up
-        cfg = TrainConfig(epochs=2, drop_path=0.0, amp=amp, channels_last=channels_last, progress="none",
-                          cuda_graph="graph" in variant, backend="fused" if "fused" in variant else "eager")
+        cfg = TrainConfig(epochs=2, drop_path=0.0, amp=str(speed.get("amp", "none")),
+                          channels_last=bool(speed.get("channels_last", False)), progress="none",
+                          cuda_graph=bool(speed.get("cuda_graph", False)), compile=bool(speed.get("compile", False)),
+                          backend=str(speed.get("backend", "eager")))
         with tempfile.TemporaryDirectory() as tmp:
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
@@ -344,14 +367,15 @@ def retrain_figures(size: Size, device: torch.device, warmup: int, steps: int, c
 
 # --- report ---------------------------------------------------------------------------------------
 def table(figures: list[Figure]) -> str:
-    head = f"{'case':<13} {'variant':<17} {'batch':>5} {'ms/step':>9} {'img/s':>8} {'peak MB':>8} {'rsrvd MB':>8} " \
+    v = max([17] + [len(x.variant) for x in figures])
+    head = f"{'case':<13} {'variant':<{v}} {'batch':>5} {'ms/step':>9} {'img/s':>8} {'peak MB':>8} {'rsrvd MB':>8} " \
            f"{'ops':>7} {'writing':>7} {'MB written':>10} {'syncs':>5}"
     rows = [head, "-" * len(head)]
 
     def f(v: float | int | None, spec: str) -> str:
         return "-" if v is None else format(v, spec)
     for x in figures:
-        rows.append(f"{x.case:<13} {x.variant:<17} {x.batch:>5} {f(x.ms_per_step, '9.1f')} "
+        rows.append(f"{x.case:<13} {x.variant:<{v}} {x.batch:>5} {f(x.ms_per_step, '9.1f')} "
                     f"{f(x.images_per_s, '8.1f')} {f(x.peak_memory_mb, '8.0f')} {f(x.peak_reserved_mb, '8.0f')} "
                     f"{f(x.ops, '7d')} "
                     f"{f(x.writing_ops, '7d')} {f(x.mb_written, '10.1f')} {f(x.syncs, '5d')}")
@@ -360,7 +384,8 @@ def table(figures: list[Figure]) -> str:
 
 def ratio_table(figures: list[Figure]) -> str:
     """reference figure / variant figure: > 1 means the variant needs less."""
-    head = f"{'case':<13} {'variant':<17} {'time':>6} {'writing ops':>11} {'bytes':>6} {'reserved':>8}"
+    v = max([17] + [len(x.variant) for x in figures])
+    head = f"{'case':<13} {'variant':<{v}} {'time':>6} {'writing ops':>11} {'bytes':>6} {'reserved':>8}"
     rows = ["ratio reference / variant (higher is better)", head, "-" * len(head)]
     ref = {x.case: x for x in figures if x.variant == "reference"}
 
@@ -370,7 +395,7 @@ def ratio_table(figures: list[Figure]) -> str:
         if x.variant == "reference" or x.case not in ref:
             continue
         base = ref[x.case]
-        rows.append(f"{x.case:<13} {x.variant:<17} {r(base.ms_per_step, x.ms_per_step):>6} "
+        rows.append(f"{x.case:<13} {x.variant:<{v}} {r(base.ms_per_step, x.ms_per_step):>6} "
                     f"{r(base.writing_ops, x.writing_ops):>11} {r(base.mb_written, x.mb_written):>6} "
                     f"{r(base.peak_reserved_mb, x.peak_reserved_mb):>8}")
     return "\n".join(rows)
@@ -383,7 +408,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--cases", default=",".join(DEFAULT_CASES),
                    help=f"comma-separated among {', '.join(CASES)} (default: {', '.join(DEFAULT_CASES)})")
     p.add_argument("--variants", default=None,
-                   help="comma-separated; default: reference,eager,fused (+ fused+graph,fused+graph+bf16 on CUDA)")
+                   help="comma-separated; default: reference,eager,fused,fused_dense (+ fused+graph, "
+                        "fused+graph+bf16, fused_dense+graph, fused_dense+graph+bf16 on CUDA)")
     p.add_argument("--steps", type=int, default=None, help="timed steps (default: 10 on CUDA, 3 on CPU)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 3: graph capture)")
     p.add_argument("--count", action=argparse.BooleanOptionalAction, default=None,
@@ -404,23 +430,35 @@ def main(argv: list[str] | None = None) -> None:
     warmup = args.warmup if args.warmup is not None else 3
     count = (not cuda) if args.count is None else args.count
     variants = (args.variants.split(",") if args.variants else
-                ["reference", "eager", "fused"] + (["fused+graph", "fused+graph+bf16"] if cuda else []))
-    speed = {"eager": {}, "fused": {"backend": "fused"},
-             "fused+graph": {"backend": "fused", "cuda_graph": True},
-             "fused+graph+bf16": {"backend": "fused", "cuda_graph": True, "amp": "bf16", "channels_last": True},
-             "fused+compile": {"backend": "fused", "compile": True}}
+                ["reference", "eager", "fused", "fused_dense"] + (
+                    ["fused+graph", "fused+graph+bf16", "fused_dense+graph", "fused_dense+graph+bf16"]
+                    if cuda else []))
+    for v in variants:                 # a typo fails here, not after minutes of other variants
+        if v != "reference":
+            try:
+                speed_options(v)
+            except ValueError as e:
+                p.error(str(e))
     info = machine(device)
     print(f"# search step on {info.device} ({info.gpu or info.cpu}, {info.cores} cores, {info.threads} threads, "
           f"torch {info.torch}), "
           f"{info.date}; size {args.size or ('full' if cuda else 'small')}: {asdict(size)}", flush=True)
     figures: list[Figure] = []
     failures: list[str] = []
+
+    def save() -> None:
+        if args.json:                  # atomically: a reader never sees half a file
+            tmp = args.json.with_suffix(args.json.suffix + ".tmp")
+            tmp.write_text(json.dumps({"machine": asdict(info), "size": asdict(size),
+                                       "steps": steps, "warmup": warmup, "failures": failures,
+                                       "figures": [asdict(f) for f in figures]}, indent=1))
+            tmp.replace(args.json)
     for case in args.cases.split(","):
         for variant in variants:
             if variant == "reference":
                 make = lambda: reference_step(case, size, device)  # noqa: E731
             else:
-                make = lambda: nascore_step(case, size, device, **speed[variant])  # noqa: E731
+                make = lambda: nascore_step(case, size, device, **speed_options(variant))  # noqa: E731
             try:
                 fig = measure(case, variant, make, device, warmup, steps, count,
                               args.profile and "graph" not in variant)
@@ -432,10 +470,12 @@ def main(argv: list[str] | None = None) -> None:
             finally:
                 free(device)
             figures.append(fig)
+            save()               # a run cut short by a time limit keeps what it measured
             print(f"  {case} {variant}: {fig.ms_per_step:.1f} ms/step", flush=True)
     if not args.no_retrain:
-        retrain_variants = ["nascore", "nascore+fused"] + (
-            ["nascore+graph", "nascore+fused+graph", "nascore+fused+graph+bf16"] if cuda else [])
+        retrain_variants = ["nascore", "nascore+fused", "nascore+fused_dense"] + (
+            ["nascore+graph", "nascore+fused+graph", "nascore+fused+graph+bf16", "nascore+fused_dense+graph",
+             "nascore+fused_dense+graph+bf16"] if cuda else [])
         try:
             figures += retrain_figures(size, device, warmup, steps, count, retrain_variants, args.profile)
         except Exception as e:
@@ -453,10 +493,7 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"  {ms:8.2f} ms {ms / x.profile['total_ms']:6.1%} {calls:6d} calls  {name[:90]}")
     for failure in failures:
         print(f"FAILED {failure}")
-    if args.json:
-        args.json.write_text(json.dumps({"machine": asdict(info), "size": asdict(size),
-                                         "steps": steps, "warmup": warmup, "failures": failures,
-                                         "figures": [asdict(f) for f in figures]}, indent=1))
+    save()
     if failures:
         sys.exit(1)
 

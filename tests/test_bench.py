@@ -4,6 +4,8 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCH = Path(__file__).resolve().parent.parent / "bench" / "search_step.py"
 
 
@@ -32,6 +34,21 @@ def test_the_bench_runs_at_tiny_sizes_and_prints_the_ratio_table(capsys, tmp_pat
     times = [ms for _, ms, _ in profile["top"]]
     assert times == sorted(times, reverse=True) and 0 < sum(times) <= profile["total_ms"] + 1e-6
     assert "profile nb201 fused:" in out and by["retrain", "reference"]["profile"]["top"]
+
+
+def test_bench_variants_name_a_backend_and_modifiers():
+    spec = importlib.util.spec_from_file_location("search_step", BENCH)
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules["search_step"] = bench
+    spec.loader.exec_module(bench)
+    assert bench.speed_options("eager") == {}
+    assert bench.speed_options("fused_dense+graph+bf16") == {
+        "backend": "fused_dense", "cuda_graph": True, "amp": "bf16", "channels_last": True}
+    for bad in ("fused+grpah", "dense", "fused+"):
+        with pytest.raises(ValueError, match="unknown variant"):
+            bench.speed_options(bad)
+    with pytest.raises(SystemExit):              # refused before any variant is measured
+        bench.main(["--device", "cpu", "--size", "tiny", "--variants", "fused,fused+grpah"])
 
 
 def test_agreement_finds_the_fused_path_equal_to_eager_and_bf16_off_by_rounding(capsys):
