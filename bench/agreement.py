@@ -3,6 +3,9 @@ unchanged").
 
     python bench/agreement.py                  # on the GPU if there is one
     python bench/agreement.py --device cpu --variants eager,fused --steps 5 --size tiny
+    python bench/agreement.py --case darts_first --variants eager,fused,fused_dense   # separable convs
+
+Variants are named as in bench/search_step.py (a backend, then "+"-joined modifiers).
 
 Every variant starts from the same supernet (same seed) and steps through the same fixed batches
 with the function the search loop runs (`EpochSteps`). Printed per variant: the training loss of
@@ -22,24 +25,16 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from search_step import SIZES, batches, search_settings  # noqa: E402
+from search_step import SIZES, batches, search_settings, speed_options  # noqa: E402
 
 from nascore.search import EpochSteps, SearchData, SearchRun  # noqa: E402
 from nascore.spaces import get_space  # noqa: E402
 
-SPEED = {
-    "eager": {},
-    "eager+bf16": {"amp": "bf16"},
-    "fused": {"backend": "fused"},
-    "fused+cl": {"backend": "fused", "channels_last": True},
-    "fused+graph": {"backend": "fused", "cuda_graph": True},
-    "fused+graph+bf16": {"backend": "fused", "cuda_graph": True, "amp": "bf16", "channels_last": True},
-}
 
 
 def run_variant(case: str, variant: str, size_name: str, steps: int, device: torch.device,
                 data: list) -> dict:
-    space, cfg, _ = search_settings(case, SIZES[size_name], **SPEED[variant])
+    space, cfg, _ = search_settings(case, SIZES[size_name], **speed_options(variant))
     run = SearchRun(get_space(space), cfg, SearchData(None, None, 10), device=device, seed=3,
                     log=lambda s: None)
     run.model.train()

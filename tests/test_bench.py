@@ -57,12 +57,13 @@ def test_agreement_finds_the_fused_path_equal_to_eager_and_bf16_off_by_rounding(
     spec = importlib.util.spec_from_file_location("agreement", BENCH.parent / "agreement.py")
     agreement = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(agreement)
-    agreement.main(["--device", "cpu", "--size", "tiny", "--variants", "eager,fused,eager+bf16",
-                    "--steps", "2", "--batches", "2"])
+    agreement.main(["--device", "cpu", "--size", "tiny", "--case", "darts_first", "--variants",
+                    "eager,fused,fused_dense,eager+bf16", "--steps", "2", "--batches", "2"])
     out = capsys.readouterr().out
 
     def weight_diff(variant: str) -> float:
         line = next(x for x in out.splitlines() if x.startswith(variant + " "))
         return float(re.search(r"after 1 step: w (\S+)", line).group(1))
     assert weight_diff("fused") < 1e-5                 # the same function, summed in another order
+    assert weight_diff("fused_dense") < 1e-5
     assert 1e-4 < weight_diff("eager+bf16") < 1e-1     # bf16 rounds: visibly, but not wildly
