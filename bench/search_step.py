@@ -9,7 +9,8 @@ Per method × space (DARTS first order, second order, PC-DARTS, NB201 DARTS-V1) 
 (`reference`: bench/reference.py; `eager`; `fused`; `fused_dense`; on CUDA also `+graph` and
 `+graph+bf16` of both fused backends), one search step on random data resident on the device.
 A variant is a backend (eager | fused | fused_dense) and modifiers joined by "+": graph (a CUDA
-graph), bf16 (autocast and channels_last), cl (channels_last), compile (torch.compile).
+graph), bf16 (autocast and channels_last), cl (channels_last), compile (torch.compile), tuned
+(cuDNN autotuning: search.cudnn_benchmark).
 - always: ms per step (median on CPU; CUDA events over a fixed number of steps on a GPU), images/s;
 - on CUDA: peak memory;
 - with counting (default on CPU): aten ops dispatched, writing ops (≈ kernels), bytes written and
@@ -86,7 +87,7 @@ CASES = {
 DEFAULT_CASES = ("darts_first", "darts_second", "pc_darts", "nb201")
 BACKEND_NAMES = ("eager", "fused", "fused_dense")
 MODIFIERS = {"graph": {"cuda_graph": True}, "bf16": {"amp": "bf16", "channels_last": True},
-             "cl": {"channels_last": True}, "compile": {"compile": True}}
+             "cl": {"channels_last": True}, "compile": {"compile": True}, "tuned": {"cudnn_benchmark": True}}
 
 
 def speed_options(variant: str) -> dict[str, object]:
@@ -175,6 +176,8 @@ def nascore_step(case: str, size: Size, device: torch.device, **speed: object) -
     if device.type == "cpu":
         speed = {"optimizer_impl": "foreach", **speed}      # what torch picks on CUDA (see cuda_like)
     space, cfg, batch = search_settings(case, size, **speed)
+    # what SearchRun.run() holds for a whole search (`free` puts it back after the variant)
+    torch.backends.cudnn.benchmark = cfg.cudnn_benchmark
     run = SearchRun(get_space(space), cfg, SearchData(None, None, 10), device=device, log=lambda s: None)
     run.model.train()
     steps = EpochSteps(run, run.step_context(0), update_arch=True)
@@ -291,6 +294,7 @@ def measure(case: str, variant: str, make: Callable[[], Step], device: torch.dev
 def free(device: torch.device) -> None:
     """Drop the last variant's model, graphs and cached blocks before the next one is measured."""
     gc.collect()
+    torch.backends.cudnn.benchmark = False
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.empty_cache()
@@ -409,7 +413,7 @@ def main(argv: list[str] | None = None) -> None:
                    help=f"comma-separated among {', '.join(CASES)} (default: {', '.join(DEFAULT_CASES)})")
     p.add_argument("--variants", default=None,
                    help="comma-separated; default: reference,eager,fused,fused_dense (+ fused+graph, "
-                        "fused+graph+bf16, fused_dense+graph, fused_dense+graph+bf16 on CUDA)")
+                        "fused+graph+bf16, fused+graph+tuned and the same of fused_dense on CUDA)")
     p.add_argument("--steps", type=int, default=None, help="timed steps (default: 10 on CUDA, 3 on CPU)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 3: graph capture)")
     p.add_argument("--count", action=argparse.BooleanOptionalAction, default=None,
@@ -431,7 +435,8 @@ def main(argv: list[str] | None = None) -> None:
     count = (not cuda) if args.count is None else args.count
     variants = (args.variants.split(",") if args.variants else
                 ["reference", "eager", "fused", "fused_dense"] + (
-                    ["fused+graph", "fused+graph+bf16", "fused_dense+graph", "fused_dense+graph+bf16"]
+                    ["fused+graph", "fused+graph+bf16", "fused+graph+tuned", "fused_dense+graph",
+                     "fused_dense+graph+bf16", "fused_dense+graph+tuned"]
                     if cuda else []))
     for v in variants:                 # a typo fails here, not after minutes of other variants
         if v != "reference":

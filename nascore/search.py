@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import random
+from contextlib import contextmanager
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -96,6 +97,7 @@ class SearchConfig:
     amp: str = "none"                      # none | bf16 autocast of the forward passes
     channels_last: bool = False            # NHWC activations (tensor-core GPUs)
     optimizer_impl: str = "default"        # default (torch's choice) | for_loop | foreach | fused
+    cudnn_benchmark: bool = False          # cuDNN autotunes each conv shape once (CUDA; the shapes never change)
     rf: RandomFeaturesConfig = field(default_factory=RandomFeaturesConfig)
     opp: ProgressiveConfig = field(default_factory=ProgressiveConfig)
 
@@ -312,6 +314,10 @@ class SearchRun:
 
     # --- the loop -------------------------------------------------------------------------------
     def run(self) -> SearchResult:
+        with cudnn_benchmark(self.cfg.cudnn_benchmark):
+            return self._run()
+
+    def _run(self) -> SearchResult:
         resumed = self._try_resume()
         start = self.epoch
         if not resumed:
@@ -541,6 +547,20 @@ def _clone_state(state: Any) -> Any:
     if isinstance(state, list):
         return [_clone_state(v) for v in state]
     return state
+
+
+@contextmanager
+def cudnn_benchmark(enabled: bool) -> Iterator[None]:
+    """cuDNN's autotuning for the duration of a search, the caller's setting restored after. A
+    search's conv shapes are fixed, so each is timed once (in the first steps, before a CUDA graph
+    captures them); the chosen algorithms may differ between runs, so results are not bitwise
+    repeatable across runs on a GPU with it on."""
+    before = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = before
 
 
 def search(space: SearchSpace, cfg: SearchConfig, data: SearchData, **kwargs: Any) -> SearchResult:

@@ -535,6 +535,20 @@ def test_speed_options_are_checked():
                   log=lambda s: None)
 
 
+@pytest.mark.parametrize("enabled", [False, True])
+def test_cudnn_benchmark_holds_for_the_search_and_is_restored(enabled, float64):
+    seen = []
+    before = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = not enabled                 # the caller's setting
+    try:
+        search(get_space("nb201"), tiny_search_config("darts", "nb201", cudnn_benchmark=enabled), tiny_data(),
+               log=lambda s: seen.append(torch.backends.cudnn.benchmark))
+        assert seen and set(seen) == {enabled}
+        assert torch.backends.cudnn.benchmark == (not enabled)
+    finally:
+        torch.backends.cudnn.benchmark = before
+
+
 def test_bf16_and_fused_optimisers_run_on_cpu():
     cfg = tiny_search_config("darts", "nb201", backend="fused", amp="bf16", optimizer_impl="fused",
                              channels_last=True, epochs=1)
