@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import math
 import random
-from contextlib import contextmanager
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Protocol
