@@ -196,31 +196,44 @@ def test_a_cell_reads_its_op_weights_with_one_gather():
     assert every.count["slice_backward"] == 2 * sum(isinstance(m, FactorizedReduce) for m in net.preprocess.modules())
 
 
-@pytest.mark.parametrize("channels_last", [False, True])
-def test_gathered_weights_are_the_layouts_and_their_gradients(channels_last, float64):
-    """`gather_weights` gives what torch.cat & co. would build, for every layout, with parameters
-    in either memory format; gradcheck on its backward; each element is gathered exactly once."""
-    from nascore.fused import _gather_index, gather_weights
-    g = torch.Generator().manual_seed(0)
+def parameters(seed: int, channels_last: bool):
+    """Parameter factory: random tensors that require grad; 4-d ones channels_last if asked."""
+    g = torch.Generator().manual_seed(seed)
 
     def param(*shape):
         t = torch.randn(*shape, generator=g)
         if channels_last and t.dim() == 4:
             t = t.contiguous(memory_format=torch.channels_last)
         return t.requires_grad_()
-    dw = [param(4, 1, 3, 3) for _ in range(3)]
-    pw = [param(5, 4, 1, 1) for _ in range(3)]
-    dense_conv = [param(2, 4, 3, 3) for _ in range(2)]
-    bn = [param(5) for _ in range(3)]
-    fr = [param(3, 4, 1, 1) for _ in range(4)]               # conv_1, conv_2 of two units
-    requests = [("interleave", dw), ("dense", pw), ("cat", dense_conv), ("cat", bn), ("factorized", fr)]
+    return param, g
+
+
+def gatherer(requests):
+    """`gather_weights` over `requests` as a function of their flattened parameters (gradcheck's
+    form), with the index cache of one cell; and those parameters."""
+    from nascore.fused import gather_weights
     store = {}
 
     def gather(*flat):
         it = iter(flat)
         rebuilt = [(kind, [next(it) for _ in ps]) for kind, ps in requests]
         return tuple(gather_weights(rebuilt, lambda key, make: store.setdefault(key, make())))
-    flat = [p for _, ps in requests for p in ps]
+    return gather, [p for _, ps in requests for p in ps]
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_gathered_weights_are_the_layouts_and_their_gradients(channels_last, float64):
+    """`gather_weights` gives what torch.cat & co. would build, for every layout, with parameters
+    in either memory format; gradcheck on its backward; each element is gathered exactly once."""
+    from nascore.fused import _gather_index
+    param, g = parameters(0, channels_last)
+    dw = [param(4, 1, 3, 3) for _ in range(3)]
+    pw = [param(5, 4, 1, 1) for _ in range(3)]
+    dense_conv = [param(2, 4, 3, 3) for _ in range(2)]
+    bn = [param(5) for _ in range(3)]
+    fr = [param(3, 4, 1, 1) for _ in range(4)]               # conv_1, conv_2 of two units
+    requests = [("interleave", dw), ("dense", pw), ("cat", dense_conv), ("cat", bn), ("factorized", fr)]
+    gather, flat = gatherer(requests)
     interleaved, dense, cat, bn_cat, factorized = gather(*flat)
     x = torch.randn(2, 4, 6, 6, generator=g)
     torch.testing.assert_close(torch.nn.functional.conv2d(x, factorized, stride=2), torch.cat(
@@ -246,29 +259,15 @@ def test_separable_weights_compose_into_one_dense_conv(nhwc, float64):
     dense k×k conv weight whose conv is the two convs, over a shared input (groups 1) and over each
     unit's own input (groups n), with dilation and stride; channels_last in, channels_last out;
     all requests of one shape in a cell take one multiply; gradcheck on the parameters."""
-    from nascore.fused import gather_weights
     F = torch.nn.functional
-    g = torch.Generator().manual_seed(0)
+    param, g = parameters(0, nhwc)
     c_in, c_out = 3, 4
-
-    def param(*shape):
-        t = torch.randn(*shape, generator=g)
-        if nhwc and t.dim() == 4:
-            t = t.contiguous(memory_format=torch.channels_last)
-        return t.requires_grad_()
     layout = "separable_nhwc" if nhwc else "separable"
     shared3 = [param(c_in, 1, 3, 3) for _ in range(2)] + [param(c_out, c_in, 1, 1) for _ in range(2)]
     other = [param(5) for _ in range(2)]
     own3 = [param(c_in, 1, 3, 3) for _ in range(3)] + [param(c_out, c_in, 1, 1) for _ in range(3)]
     shared5 = [param(c_in, 1, 5, 5)] + [param(c_out, c_in, 1, 1)]
-    requests = [(layout, shared3), ("cat", other), (layout, own3), (layout, shared5)]
-    store = {}
-
-    def gather(*flat):
-        it = iter(flat)
-        rebuilt = [(kind, [next(it) for _ in ps]) for kind, ps in requests]
-        return tuple(gather_weights(rebuilt, lambda key, make: store.setdefault(key, make())))
-    flat = [p for _, ps in requests for p in ps]
+    gather, flat = gatherer([(layout, shared3), ("cat", other), (layout, own3), (layout, shared5)])
     gather(*flat)                                            # builds the gather index
     with CountOps() as counted:
         w_shared3, cat, w_own3, w_shared5 = gather(*flat)
