@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -351,7 +351,35 @@ class Supernet(nn.Module):
             raise ValueError(f"supernet backend {backend!r} is unknown; allowed: {', '.join(BACKENDS)}")
         self.backend = backend
 
+    def compile(self, *args: Any, **kwargs: Any) -> None:
+        """`torch.compile` the forward (`search.compile`); arguments as for `torch.compile`.
+
+        Each kind of call (train or eval mode, grad on or off, op set) runs eagerly the first
+        time. That call fills the plan and index caches which the forward builds lazily, so the
+        compiled code is traced once, with the caches full. Traced while they were still empty,
+        dynamo would guard on their emptiness and trace the whole network again on the next
+        call: a second compile of minutes. A copy (`copy.deepcopy`) runs eagerly, as a copy of
+        an `nn.Module.compile`d module does.
+        """
+        self._compiled_forward = torch.compile(self._forward, *args, **kwargs)
+        self._warm_calls: set[tuple] = set()
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state.pop("_compiled_forward", None)        # bound to this module, not to a copy
+        state.pop("_warm_calls", None)
+        return state
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        compiled = self.__dict__.get("_compiled_forward")
+        if compiled is not None:
+            call = (self.training, torch.is_grad_enabled(), self._columns)
+            if call in self._warm_calls:
+                return compiled(x)
+            self._warm_calls.add(call)
+        return self._forward(x)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         columns = self.active_columns()
         if self.backend != "eager" and self.training:
             return self._forward_fused(x, columns)

@@ -423,6 +423,32 @@ def test_a_fused_search_follows_the_eager_search(method, space, backend, float64
     assert cfg.backend == "eager"
 
 
+def test_a_compiled_search_traces_each_kind_of_call_once_and_follows_the_plain_search(float64):
+    """`search.compile`: the supernet's first call of each kind (train with grad, eval without)
+    runs eagerly and fills the lazy plan and index caches, so dynamo traces each kind once. A
+    trace with the caches still empty would be guarded on their emptiness and traced again."""
+    traces, calls = [], []
+
+    def backend(gm, example_inputs):          # dynamo's trace, run as traced (no inductor: fast)
+        traces.append(gm)
+
+        def run(*args):
+            calls.append(len(traces))
+            return gm.forward(*args)
+        return run
+    torch._dynamo.reset()
+    space, cfg = get_space("nb201"), tiny_search_config("darts", "nb201", backend="fused", epochs=2)
+    plain = search(space, cfg, tiny_data(n=8), log=lambda s: None)
+    run = SearchRun(space, cfg, tiny_data(n=8), log=lambda s: None)
+    run.model.compile(backend=backend)
+    compiled = run.run()
+    assert len(traces) == 2, [type(t) for t in traces]      # train + grad, eval + no grad
+    assert len(calls) >= 2 * 2 * 2                           # the compiled code ran: 2 epochs × 2 batches × (α, w)
+    assert_same_search(plain, compiled)
+    copy.deepcopy(run.model)(torch.randn(2, 3, 4, 4))         # a copy runs eagerly: no new trace
+    assert len(traces) == 2
+
+
 def test_a_fused_search_resumes_an_eager_checkpoint(tmp_path, float64):
     space = get_space("darts")
     full = search(space, tiny_search_config("pc_darts", "darts"), tiny_data(), log=lambda s: None)
