@@ -3,6 +3,9 @@
 #
 #   bash bench/gpu.sh bench           # bench/search_step.py at the spec's sizes -> $OUT/bench.json
 #   bash bench/gpu.sh profile         # GPU time per kernel of one step (reference, fused, fused_dense)
+#   bash bench/gpu.sh compile         # torch.compile'd steps: compile time (warm-up s) and ms/step
+#                                     (the first compiled variant of a case pays the compile; the
+#                                     next finds it in inductor's cache)
 #   bash bench/gpu.sh sweep-start     # the NB201 comparison in the background, sized to the budget
 #   bash bench/gpu.sh wait SECONDS    # until the sweep ends or SECONDS pass; results -> $OUT
 #
@@ -43,6 +46,12 @@ profile)
   nvidia-smi -L
   timeout 390 python3 bench/search_step.py --variants reference,fused,fused_dense --steps 3 --profile \
       --json "$OUT/profile.json" 2>&1 | tee "$OUT/profile.log"
+  ;;
+compile)
+  # NB201 first: the smaller graph; a compile that outlives the limit still leaves NB201's figures
+  timeout 560 python3 bench/search_step.py --cases nb201,darts_first --no-retrain \
+      --variants fused+graph,fused+compile,fused+graph+compile \
+      --json "$OUT/compile.json" 2>&1 | tee "$OUT/compile.log"
   ;;
 sweep-start)
   mkdir -p $LOG
@@ -99,5 +108,5 @@ wait)
   ls -la "$OUT"
   ;;
 *)
-  echo "usage: bash bench/gpu.sh bench | profile | sweep-start | wait SECONDS" >&2; exit 2;;
+  echo "usage: bash bench/gpu.sh bench | profile | compile | sweep-start | wait SECONDS" >&2; exit 2;;
 esac

@@ -11,10 +11,11 @@ Per method × space (DARTS first order, second order, PC-DARTS, NB201 DARTS-V1) 
 A variant is a backend (eager | fused | fused_dense) and modifiers joined by "+": graph (a CUDA
 graph), bf16 (autocast and channels_last), cl (channels_last), compile (torch.compile), tuned
 (cuDNN autotuning: search.cudnn_benchmark).
-- always: ms per step (median on CPU; CUDA events over a fixed number of steps on a GPU), images/s;
+- always: ms per step (median on CPU; CUDA events over a fixed number of steps on a GPU), images/s,
+  and the wall time of the warm-up steps (where a compile, a graph capture or autotuning is paid);
 - on CUDA: peak memory;
 - with counting (default on CPU): aten ops dispatched, writing ops (≈ kernels), bytes written and
-  host syncs for one step (bench/opcount.py).
+  host syncs for one step (bench/opcount.py); not for a `compile` variant (see `countable`).
 Then the retrain step (DARTS_V2 network). The ratio table divides the reference's figure by each
 variant's. nascore variants step through `EpochSteps`, the function the search loop runs.
 """
@@ -103,6 +104,13 @@ def speed_options(variant: str) -> dict[str, object]:
     return speed
 
 
+def countable(variant: str) -> bool:
+    """Whether `CountOps` counts what the variant runs. Not for a compiled variant: while a
+    TorchDispatchMode is active, torch.compile's code does not run and the eager ops run in its
+    place, so the counts would be the uncompiled variant's, under the compiled one's name."""
+    return variant == "reference" or not speed_options(variant).get("compile")
+
+
 @dataclass
 class Figure:
     case: str
@@ -117,6 +125,7 @@ class Figure:
     mb_written: float | None = None
     syncs: int | None = None
     profile: dict | None = None                # --profile: where one step's time goes (profile_step)
+    warmup_s: float | None = None              # wall time of the warm-up steps: compile, capture, autotuning
 
 
 @dataclass
@@ -255,10 +264,13 @@ def profile_step(run: Callable[[], None], device: torch.device, top: int = 15) -
 def measure(case: str, variant: str, make: Callable[[], Step], device: torch.device, warmup: int,
             steps: int, count: bool, profile: bool = False) -> Figure:
     step, batch, host_scalars = make()
+    t0 = time.perf_counter()
     for i in range(warmup):
         step(i)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+    warmup_s = time.perf_counter() - t0      # what a run pays before its first timed step
+    if device.type == "cuda":
         # reserved after the reset = what is held from here on, the warm-up's blocks and the
         # graph's private pool included: the figure to compare with the reference's
         torch.cuda.reset_peak_memory_stats(device)
@@ -278,7 +290,7 @@ def measure(case: str, variant: str, make: Callable[[], Step], device: torch.dev
             step(warmup + i)
             times.append(time.perf_counter() - t0)
         ms, peak, reserved = 1000 * statistics.median(times), None, None
-    fig = Figure(case, variant, batch, ms, 1000 * batch / ms, peak, reserved)
+    fig = Figure(case, variant, batch, ms, 1000 * batch / ms, peak, reserved, warmup_s=warmup_s)
     if count:
         with CountOps(host_scalars()) as counter:
             step(warmup + steps)
@@ -373,16 +385,16 @@ def retrain_figures(size: Size, device: torch.device, warmup: int, steps: int, c
 def table(figures: list[Figure]) -> str:
     v = max([17] + [len(x.variant) for x in figures])
     head = f"{'case':<13} {'variant':<{v}} {'batch':>5} {'ms/step':>9} {'img/s':>8} {'peak MB':>8} {'rsrvd MB':>8} " \
-           f"{'ops':>7} {'writing':>7} {'MB written':>10} {'syncs':>5}"
+           f"{'ops':>7} {'writing':>7} {'MB written':>10} {'syncs':>5} {'warm-up s':>9}"
     rows = [head, "-" * len(head)]
 
     def f(v: float | int | None, spec: str) -> str:
-        return "-" if v is None else format(v, spec)
+        return "-".rjust(len(format(0, spec))) if v is None else format(v, spec)
     for x in figures:
         rows.append(f"{x.case:<13} {x.variant:<{v}} {x.batch:>5} {f(x.ms_per_step, '9.1f')} "
                     f"{f(x.images_per_s, '8.1f')} {f(x.peak_memory_mb, '8.0f')} {f(x.peak_reserved_mb, '8.0f')} "
                     f"{f(x.ops, '7d')} "
-                    f"{f(x.writing_ops, '7d')} {f(x.mb_written, '10.1f')} {f(x.syncs, '5d')}")
+                    f"{f(x.writing_ops, '7d')} {f(x.mb_written, '10.1f')} {f(x.syncs, '5d')} {f(x.warmup_s, '9.1f')}")
     return "\n".join(rows)
 
 
@@ -465,7 +477,7 @@ def main(argv: list[str] | None = None) -> None:
             else:
                 make = lambda: nascore_step(case, size, device, **speed_options(variant))  # noqa: E731
             try:
-                fig = measure(case, variant, make, device, warmup, steps, count,
+                fig = measure(case, variant, make, device, warmup, steps, count and countable(variant),
                               args.profile and "graph" not in variant)
             except Exception as e:     # one broken variant must not cost the others' figures
                 failures.append(f"{case} {variant}: {type(e).__name__}: {e}")

@@ -47,6 +47,9 @@ def test_bench_variants_name_a_backend_and_modifiers():
     for bad in ("fused+grpah", "dense", "fused+"):
         with pytest.raises(ValueError, match="unknown variant"):
             bench.speed_options(bad)
+    # a dispatch-mode counter sees the eager ops of a compiled variant: its counts are withheld
+    assert bench.countable("reference") and bench.countable("fused_dense+graph+bf16")
+    assert not bench.countable("fused+compile") and not bench.countable("eager+graph+compile")
     with pytest.raises(SystemExit):              # refused before any variant is measured
         bench.main(["--device", "cpu", "--size", "tiny", "--variants", "fused,fused+grpah"])
 
