@@ -1,9 +1,11 @@
 """Count what a piece of PyTorch code dispatches: aten ops, the ops that write memory, the bytes
-they write and the host syncs they force. Device-independent, so a CPU run measures the kernel
-count a GPU would launch (one kernel per writing op, give or take: see RESULTS.md)."""
+they write and read, and the host syncs they force. Device-independent, so a CPU run measures the
+kernel count a GPU would launch (one kernel per writing op, give or take: see RESULTS.md) and the
+bytes those kernels move, which bound a memory-bound step's time from below."""
 from __future__ import annotations
 
 import collections
+import math
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
@@ -14,6 +16,12 @@ from torch.utils._pytree import tree_flatten
 # Ops that allocate without writing, and the op every `.item()` / `bool(tensor)` reads through.
 ALLOCATING = frozenset({"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided"})
 SYNC = frozenset({"_local_scalar_dense", "nonzero", "masked_select", "unique", "_unique2"})
+# Ops that take a tensor for its shape, dtype and device only, or overwrite it without reading it.
+NOT_READ = frozenset({"new_zeros", "new_ones", "new_full", "zeros_like", "ones_like", "full_like",
+                      "rand_like", "randn_like", "randint_like", "copy_", "fill_", "zero_", "uniform_",
+                      "normal_", "bernoulli_", "random_", "exponential_"})
+# Gathers read the elements they fetch (as many as they write) and their index, not the whole source.
+GATHERS = frozenset({"index_select", "gather", "index", "embedding"})
 
 
 @dataclass
@@ -23,12 +31,35 @@ class OpCount:
     ops: int = 0                      # aten ops dispatched (views and metadata ops included)
     writing_ops: int = 0              # ops that write at least one tensor: ~ kernels on a GPU
     bytes_written: int = 0            # bytes of the tensors those ops write
+    bytes_read: int = 0               # distinct bytes of the tensors those ops read (see `_read`)
     syncs: int = 0                    # ops whose result the host must wait for (.item(), ...)
     by_op: collections.Counter = field(default_factory=collections.Counter)
 
 
 def _tensors(x: Any) -> list[torch.Tensor]:
     return [t for t in tree_flatten(x)[0] if isinstance(t, torch.Tensor)]
+
+
+def _distinct_bytes(t: torch.Tensor) -> int:
+    """Bytes of the distinct elements a (possibly broadcast) view covers: an expanded dim (stride
+    0) is read once, not once per repeat."""
+    return math.prod(n for n, s in zip(t.shape, t.stride()) if s != 0) * t.element_size() if t.numel() else 0
+
+
+def _read(name: str, schema: Any, args: tuple, kwargs: dict, out: Any) -> int:
+    """Bytes a writing op reads, by the usual kernel's accounting: each input once (broadcast dims
+    once), an in-place op's own input too; not `out=` tensors nor what `NOT_READ` ops take for
+    its metadata or overwrite; a gather the elements it fetches, not the whole source."""
+    if name in GATHERS:
+        index = [t for t in _tensors((args, kwargs)) if not t.is_floating_point()]
+        return sum(_distinct_bytes(t) for t in index + _tensors(out))
+    inputs = []
+    for i, arg in enumerate(schema.arguments):
+        value = args[i] if i < len(args) else kwargs.get(arg.name)
+        if value is None or arg.name == "out" or (name in NOT_READ and i == 0):
+            continue
+        inputs += _tensors(value)
+    return sum(_distinct_bytes(t) for t in {id(t): t for t in inputs}.values())
 
 
 class CountOps(TorchDispatchMode):
@@ -71,4 +102,5 @@ class CountOps(TorchDispatchMode):
         if written:
             c.writing_ops += 1
             c.bytes_written += sum(t.numel() * t.element_size() for t in {id(t): t for t in written}.values())
+            c.bytes_read += _read(name, schema, args, kwargs, out)
         return out

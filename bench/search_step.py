@@ -14,8 +14,8 @@ graph), bf16 (autocast and channels_last), cl (channels_last), compile (torch.co
 - always: ms per step (median on CPU; CUDA events over a fixed number of steps on a GPU), images/s,
   and the wall time of the warm-up steps (where a compile, a graph capture or autotuning is paid);
 - on CUDA: peak memory;
-- with counting (default on CPU): aten ops dispatched, writing ops (≈ kernels), bytes written and
-  host syncs for one step (bench/opcount.py); not for a `compile` variant (see `countable`).
+- with counting (default on CPU): aten ops dispatched, writing ops (≈ kernels), bytes written,
+  bytes read and host syncs for one step (bench/opcount.py); not for a `compile` variant (see `countable`).
 Then the retrain step (DARTS_V2 network). The ratio table divides the reference's figure by each
 variant's. nascore variants step through `EpochSteps`, the function the search loop runs.
 """
@@ -123,6 +123,7 @@ class Figure:
     ops: int | None = None
     writing_ops: int | None = None
     mb_written: float | None = None
+    mb_read: float | None = None               # what the writing ops read (opcount._read)
     syncs: int | None = None
     profile: dict | None = None                # --profile: where one step's time goes (profile_step)
     warmup_s: float | None = None              # wall time of the warm-up steps: compile, capture, autotuning
@@ -296,6 +297,7 @@ def measure(case: str, variant: str, make: Callable[[], Step], device: torch.dev
             step(warmup + steps)
         c = counter.count
         fig.ops, fig.writing_ops, fig.mb_written, fig.syncs = c.ops, c.writing_ops, c.bytes_written / 2**20, c.syncs
+        fig.mb_read = c.bytes_read / 2**20
     if profile:
         # a replayed CUDA graph is one opaque launch to the profiler: profile the variant without
         # the graph for its kernels (they are the same kernels)
@@ -376,6 +378,7 @@ def retrain_figures(size: Size, device: torch.device, warmup: int, steps: int, c
             fig.ops = (more.ops - one.ops) // steps
             fig.writing_ops = (more.writing_ops - one.writing_ops) // steps
             fig.mb_written = (more.bytes_written - one.bytes_written) / 2**20 / steps
+            fig.mb_read = (more.bytes_read - one.bytes_read) / 2**20 / steps
             fig.syncs = (more.syncs - one.syncs) // steps
         figures.append(fig)
     return figures
@@ -385,7 +388,7 @@ def retrain_figures(size: Size, device: torch.device, warmup: int, steps: int, c
 def table(figures: list[Figure]) -> str:
     v = max([17] + [len(x.variant) for x in figures])
     head = f"{'case':<13} {'variant':<{v}} {'batch':>5} {'ms/step':>9} {'img/s':>8} {'peak MB':>8} {'rsrvd MB':>8} " \
-           f"{'ops':>7} {'writing':>7} {'MB written':>10} {'syncs':>5} {'warm-up s':>9}"
+           f"{'ops':>7} {'writing':>7} {'MB written':>10} {'MB read':>9} {'syncs':>5} {'warm-up s':>9}"
     rows = [head, "-" * len(head)]
 
     def f(v: float | int | None, spec: str) -> str:
@@ -394,25 +397,30 @@ def table(figures: list[Figure]) -> str:
         rows.append(f"{x.case:<13} {x.variant:<{v}} {x.batch:>5} {f(x.ms_per_step, '9.1f')} "
                     f"{f(x.images_per_s, '8.1f')} {f(x.peak_memory_mb, '8.0f')} {f(x.peak_reserved_mb, '8.0f')} "
                     f"{f(x.ops, '7d')} "
-                    f"{f(x.writing_ops, '7d')} {f(x.mb_written, '10.1f')} {f(x.syncs, '5d')} {f(x.warmup_s, '9.1f')}")
+                    f"{f(x.writing_ops, '7d')} {f(x.mb_written, '10.1f')} {f(x.mb_read, '9.1f')} "
+                    f"{f(x.syncs, '5d')} {f(x.warmup_s, '9.1f')}")
     return "\n".join(rows)
 
 
 def ratio_table(figures: list[Figure]) -> str:
     """reference figure / variant figure: > 1 means the variant needs less."""
     v = max([17] + [len(x.variant) for x in figures])
-    head = f"{'case':<13} {'variant':<{v}} {'time':>6} {'writing ops':>11} {'bytes':>6} {'reserved':>8}"
+    head = f"{'case':<13} {'variant':<{v}} {'time':>6} {'writing ops':>11} {'bytes':>6} {'moved':>6} {'reserved':>8}"
     rows = ["ratio reference / variant (higher is better)", head, "-" * len(head)]
     ref = {x.case: x for x in figures if x.variant == "reference"}
 
     def r(a: float | int | None, b: float | int | None) -> str:
         return "-" if a is None or b is None or not b else f"{a / b:.2f}x"
+
+    def moved(x: Figure) -> float | None:
+        return None if x.mb_written is None or x.mb_read is None else x.mb_written + x.mb_read
     for x in figures:
         if x.variant == "reference" or x.case not in ref:
             continue
         base = ref[x.case]
         rows.append(f"{x.case:<13} {x.variant:<{v}} {r(base.ms_per_step, x.ms_per_step):>6} "
                     f"{r(base.writing_ops, x.writing_ops):>11} {r(base.mb_written, x.mb_written):>6} "
+                    f"{r(moved(base), moved(x)):>6} "
                     f"{r(base.peak_reserved_mb, x.peak_reserved_mb):>8}")
     return "\n".join(rows)
 

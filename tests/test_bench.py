@@ -25,6 +25,7 @@ def test_the_bench_runs_at_tiny_sizes_and_prints_the_ratio_table(capsys, tmp_pat
     # what the CPU run can vouch for: fewer kernels than the reference, no host sync in a step
     assert by["nb201", "fused"]["writing_ops"] < by["nb201", "eager"]["writing_ops"] < \
         by["nb201", "reference"]["writing_ops"]
+    assert 0 < by["nb201", "fused"]["mb_read"] < by["nb201", "reference"]["mb_read"]
     assert by["nb201", "reference"]["syncs"] > 0
     assert by["nb201", "eager"]["syncs"] == by["nb201", "fused"]["syncs"] == 0
     # --profile: where a step's time goes, per aten op on the CPU, largest first
@@ -70,3 +71,26 @@ def test_agreement_finds_the_fused_path_equal_to_eager_and_bf16_off_by_rounding(
     assert weight_diff("fused") < 1e-5                 # the same function, summed in another order
     assert weight_diff("fused_dense") < 1e-5
     assert 1e-4 < weight_diff("eager+bf16") < 1e-1     # bf16 rounds: visibly, but not wildly
+
+
+def test_the_op_counter_counts_what_each_kernel_writes_and_reads():
+    sys.path.insert(0, str(BENCH.parent))
+    import torch
+    from opcount import CountOps
+
+    a, b, idx = torch.randn(4, 8), torch.randn(8), torch.tensor([1, 2])
+
+    def counted(f):
+        with CountOps() as c:
+            f()
+        return c.count.writing_ops, c.count.bytes_written, c.count.bytes_read
+    f32 = 4
+    assert counted(lambda: a + b) == (1, 32 * f32, (32 + 8) * f32)      # b broadcast: read once
+    assert counted(lambda: a.view(32).t()) == (0, 0, 0)                  # views launch nothing
+    c = a.clone()
+    assert counted(lambda: c.add_(b)) == (1, 32 * f32, (32 + 8) * f32)   # in place: self is read too
+    assert counted(lambda: c.copy_(a)) == (1, 32 * f32, 32 * f32)        # ... but not overwritten
+    assert counted(lambda: b.expand(4, 8).sum()) == (1, f32, 8 * f32)
+    assert counted(lambda: a.new_zeros(3)) == (1, 3 * f32, 0)            # `a` for its dtype only
+    # a gather reads the rows it fetches and its index, not the whole source
+    assert counted(lambda: a.index_select(0, idx)) == (1, 16 * f32, 16 * f32 + 2 * 8)
