@@ -82,7 +82,8 @@ def _correct(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 def weight_step(ctx: StepContext, batch: Batch) -> StepStats:
     """One SGD step on w from a train batch: CE, backward into w only, clip, step."""
     ctx.w_opt.zero_grad(set_to_none=True)
-    loss, logits = _forward_loss(ctx, batch)
+    with ctx.model.arch_constant():          # no α gradient is computed only to be dropped
+        loss, logits = _forward_loss(ctx, batch)
     loss.backward(inputs=ctx.weights)
     if ctx.grad_clip:
         nn.utils.clip_grad_norm_(ctx.weights, ctx.grad_clip)

@@ -202,6 +202,7 @@ class Supernet(nn.Module):
     space: "SearchSpace"
     cfg: SupernetConfig
     backend: str = "eager"           # set_backend("fused" | "fused_dense"): same modules, fewer kernels
+    _arch_constant: bool = False     # inside `arch_constant()`: α and β enter the forward detached
 
     def init_arch(self, edge_ops: dict[str, Sequence[Sequence[str]]],
                   edges_per_node: Sequence[int]) -> None:
@@ -280,6 +281,21 @@ class Supernet(nn.Module):
             for a, s in zip(alphas, saved):
                 a.copy_(torch.where(inactive, s, a))
 
+    @contextmanager
+    def arch_constant(self) -> Iterator[None]:
+        """Forwards inside take α and β as constants (the same values, detached): for a weight step.
+
+        `backward(inputs=weights)` already leaves α's `.grad` alone and skips autograd's own
+        nodes that lead only to α, but a custom autograd function (the fused backend's
+        `WeightedAdd`) computes every gradient its inputs require: α's, in a weight step, is two
+        kernels per parameter-free op kind per state that nothing reads.
+        """
+        saved, self._arch_constant = self._arch_constant, True
+        try:
+            yield
+        finally:
+            self._arch_constant = saved
+
     def _index(self, key: tuple, make: Callable[[], torch.Tensor], device: torch.device) -> torch.Tensor:
         """A small constant tensor on `device`, made once (creating it per step would copy from host)."""
         return fused.cached_on(self._index_cache, device)(key, make)
@@ -313,7 +329,7 @@ class Supernet(nn.Module):
     def op_weights(self, cell_type: str, columns: Sequence[int] | None = None) -> torch.Tensor:
         """softmax(α) over the active columns: (edges, len(columns))."""
         columns = tuple(self._columns if columns is None else columns)
-        alpha = self.alphas[cell_type]
+        alpha = self.alphas[cell_type].detach() if self._arch_constant else self.alphas[cell_type]
         if columns != tuple(range(self.num_ops)):
             alpha = alpha.index_select(1, self._index(("columns", columns), lambda: torch.tensor(
                 columns, dtype=torch.long), alpha.device))
@@ -323,7 +339,8 @@ class Supernet(nn.Module):
         """Edge normalisation: softmax of β over each node's incoming edges, or None."""
         if self.betas is None:
             return None
-        return edge_softmax(self.betas[cell_type], self.edges_per_node)
+        beta = self.betas[cell_type].detach() if self._arch_constant else self.betas[cell_type]
+        return edge_softmax(beta, self.edges_per_node)
 
     def derivation_weights(self) -> dict[str, tuple[list[list[float]], list[list[str]]]]:
         """Per cell type: (weights, op names) over active columns, in order of entry.
@@ -354,9 +371,9 @@ class Supernet(nn.Module):
     def compile(self, *args: Any, **kwargs: Any) -> None:
         """`torch.compile` the forward (`search.compile`); arguments as for `torch.compile`.
 
-        Each kind of call (train or eval mode, grad on or off, op set) runs eagerly the first
-        time. That call fills the plan and index caches which the forward builds lazily, so the
-        compiled code is traced once, with the caches full. Traced while they were still empty,
+        Each kind of call (train or eval mode, grad on or off, α constant or not, op set) runs
+        eagerly the first time. That call fills the plan and index caches which the forward builds
+        lazily, so the compiled code is traced once, with the caches full. Traced while they were still empty,
         dynamo would guard on their emptiness and trace the whole network again on the next
         call: a second compile of minutes. A copy (`copy.deepcopy`) runs eagerly, as a copy of
         an `nn.Module.compile`d module does.
@@ -373,7 +390,7 @@ class Supernet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         compiled = self.__dict__.get("_compiled_forward")
         if compiled is not None:
-            call = (self.training, torch.is_grad_enabled(), self._columns)
+            call = (self.training, torch.is_grad_enabled(), self._arch_constant, self._columns)
             if call in self._warm_calls:
                 return compiled(x)
             self._warm_calls.add(call)

@@ -424,9 +424,10 @@ def test_a_fused_search_follows_the_eager_search(method, space, backend, float64
 
 
 def test_a_compiled_search_traces_each_kind_of_call_once_and_follows_the_plain_search(float64):
-    """`search.compile`: the supernet's first call of each kind (train with grad, eval without)
-    runs eagerly and fills the lazy plan and index caches, so dynamo traces each kind once. A
-    trace with the caches still empty would be guarded on their emptiness and traced again."""
+    """`search.compile`: the supernet's first call of each kind (the α step's train forward, the
+    weight step's with α constant, eval without grad) runs eagerly and fills the lazy plan and
+    index caches, so dynamo traces each kind once. A trace with the caches still empty would be
+    guarded on their emptiness and traced again."""
     traces, calls = [], []
 
     def backend(gm, example_inputs):          # dynamo's trace, run as traced (no inductor: fast)
@@ -442,11 +443,11 @@ def test_a_compiled_search_traces_each_kind_of_call_once_and_follows_the_plain_s
     run = SearchRun(space, cfg, tiny_data(n=8), log=lambda s: None)
     run.model.compile(backend=backend)
     compiled = run.run()
-    assert len(traces) == 2                                  # train + grad, eval + no grad
+    assert len(traces) == 3                                  # train (α step, w step), eval
     assert len(calls) >= 2 * 2 * 2                           # the compiled code ran: 2 epochs × 2 batches × (α, w)
     assert_same_search(plain, compiled)
     copy.deepcopy(run.model)(torch.randn(2, 3, 4, 4))         # a copy runs eagerly: no new trace
-    assert len(traces) == 2
+    assert len(traces) == 3
 
 
 def test_a_fused_search_resumes_an_eager_checkpoint(tmp_path, float64):

@@ -1,4 +1,5 @@
 """The update rules: the second-order hypergradient against brute force, single-level data flow."""
+import pytest
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call
@@ -128,3 +129,39 @@ def test_no_arch_update_in_warm_up():
         UPDATE_RULES.get(name)().step(ctx, train, val, update_arch=False)
     assert torch.equal(net.alphas["cell"], before)
     assert net.alphas["cell"].grad is None
+
+
+def _leaves(grad_fn) -> set[int]:
+    """ids of the leaf tensors (parameters) a backward from `grad_fn` would reach."""
+    seen, stack, leaves = set(), [grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if hasattr(node, "variable"):
+            leaves.add(id(node.variable))
+        stack += [n for n, _ in node.next_functions]
+    return leaves
+
+
+@pytest.mark.parametrize("backend", ["eager", "fused"])
+def test_a_weight_step_takes_alpha_and_beta_as_constants(backend):
+    """No α gradient is computed in a weight step only to be dropped: its forward graph does not
+    reach α or β (the fused backend's custom functions would compute their gradients otherwise),
+    while the α step's does, and both reach the weights."""
+    torch.manual_seed(0)
+    net = get_space("nb201").build_supernet(SupernetConfig(init_channels=2, layers=1, num_classes=3,
+                                                           edge_normalization=True)).double()
+    net.set_backend(backend)
+    ctx = context(net)
+    train, val = batches()
+    graphs = []
+    net.register_forward_hook(lambda module, args, out: graphs.append(out.grad_fn))
+    rule = UPDATE_RULES.get("first_order")()
+    rule.step(ctx, train, val, update_arch=True)           # α step (val), then the weight step (train)
+    arch_graph, weight_graph = map(_leaves, graphs)
+    arch, weights = {id(p) for p in ctx.arch}, {id(p) for p in ctx.weights}
+    assert len(ctx.arch) == 2 and arch <= arch_graph and weights & arch_graph
+    assert not arch & weight_graph and weights & weight_graph
+    assert not net._arch_constant                            # the next forward takes α as a parameter
