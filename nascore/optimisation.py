@@ -8,7 +8,8 @@ Three update rules (methods.md §2.1, §2.4), each a small object with one `step
 - `single_level` one forward/backward of L_train on one batch gives both gradients (Single-DARTS).
 
 Every backward names its `inputs`, so a weight step never writes α's `.grad` and an α step never
-computes weight gradients (fewer kernels too). Step statistics stay on the device, and nothing in
+computes weight gradients (fewer kernels too); the passes that differentiate only w (the weight
+step, second order's virtual step) take α as a constant (`Supernet.arch_constant`). Step statistics stay on the device, and nothing in
 a step reads a tensor's value on the host: a step can be captured whole in a CUDA graph
 (`search.cuda_graph`), and tests run every rule on the meta device, where any such read fails.
 """
@@ -176,7 +177,8 @@ def unrolled_arch_gradient(ctx: StepContext, train: Batch, val: Batch
         return _logits(ctx, x, lambda xx: functional_call(model, {**buffers, **dict(zip(names, params))}, (xx,)))
 
     # 1. virtual step w' = w − ξ(μ m + ∇_w L_train + λ w); weights without a gradient stay put
-    loss_t = F.cross_entropy(call(w, train[0]), train[1])
+    with model.arch_constant():                  # ∇_w only: no α gradient computed for nothing
+        loss_t = F.cross_entropy(call(w, train[0]), train[1])
     g_train = torch.autograd.grad(loss_t, w, allow_unused=True)
     with torch.no_grad():
         w_prime = [p.detach() for p in w]          # read only: no copy for weights that stay put

@@ -283,7 +283,8 @@ class Supernet(nn.Module):
 
     @contextmanager
     def arch_constant(self) -> Iterator[None]:
-        """Forwards inside take α and β as constants (the same values, detached): for a weight step.
+        """Forwards inside take α and β as constants (the same values, detached): for the passes
+        that differentiate only w (a weight step, second order's virtual step).
 
         `backward(inputs=weights)` already leaves α's `.grad` alone and skips autograd's own
         nodes that lead only to α, but a custom autograd function (the fused backend's

@@ -146,10 +146,11 @@ def _leaves(grad_fn) -> set[int]:
 
 
 @pytest.mark.parametrize("backend", ["eager", "fused"])
-def test_a_weight_step_takes_alpha_and_beta_as_constants(backend):
-    """No α gradient is computed in a weight step only to be dropped: its forward graph does not
-    reach α or β (the fused backend's custom functions would compute their gradients otherwise),
-    while the α step's does, and both reach the weights."""
+@pytest.mark.parametrize("rule", ["first_order", "second_order"])
+def test_passes_that_need_no_alpha_gradient_take_alpha_and_beta_as_constants(rule, backend):
+    """No α gradient is computed only to be dropped: the forward graphs of the weight step and of
+    the second order's virtual step do not reach α or β (the fused backend's custom functions
+    would compute their gradients otherwise); the passes that differentiate α do reach them."""
     torch.manual_seed(0)
     net = get_space("nb201").build_supernet(SupernetConfig(init_channels=2, layers=1, num_classes=3,
                                                            edge_normalization=True)).double()
@@ -158,10 +159,14 @@ def test_a_weight_step_takes_alpha_and_beta_as_constants(backend):
     train, val = batches()
     graphs = []
     net.register_forward_hook(lambda module, args, out: graphs.append(out.grad_fn))
-    rule = UPDATE_RULES.get("first_order")()
-    rule.step(ctx, train, val, update_arch=True)           # α step (val), then the weight step (train)
-    arch_graph, weight_graph = map(_leaves, graphs)
+    UPDATE_RULES.get(rule)().step(ctx, train, val, update_arch=True)
     arch, weights = {id(p) for p in ctx.arch}, {id(p) for p in ctx.weights}
-    assert len(ctx.arch) == 2 and arch <= arch_graph and weights & arch_graph
-    assert not arch & weight_graph and weights & weight_graph
+    assert len(arch) == 2
+    reached = [_leaves(g) for g in graphs]
+    # first order: α step (val), weight step (train); second order: virtual step (train), unrolled
+    # pass (val, at w'), the two finite-difference passes (train, at w ± εv), weight step (train)
+    expected = {"first_order": [True, False], "second_order": [False, True, True, True, False]}[rule]
+    assert [arch <= leaves for leaves in reached] == expected
+    assert not any(arch & leaves for leaves, e in zip(reached, expected) if not e)
+    assert weights & reached[-1] and (rule == "second_order" or weights & reached[0])
     assert not net._arch_constant                            # the next forward takes α as a parameter
