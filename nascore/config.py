@@ -391,7 +391,7 @@ def check_combinations(run: RunConfig, wanted: set[str]) -> None:
             if getattr(s, name) not in allowed:
                 raise ConfigError(f"params.yaml: search.{name}={getattr(s, name)!r}; allowed: "
                                   f"{', '.join(allowed)}")
-        for name in ("epochs", "batch_size", "init_channels", "layers", "partial_channels"):
+        for name in ("epochs", "batch_size", "init_channels", "layers", "partial_channels", "valid_batch_size"):
             _positive(f"search.{name}", getattr(s, name))
         for name in ("lr", "arch_lr"):
             if getattr(s, name) <= 0:

@@ -85,6 +85,7 @@ class SearchConfig:
     unrolled_eps: float = 0.01
     # monitoring and safety
     valid_every: int = 1                   # supernet validation accuracy every N epochs (0 = never)
+    valid_batch_size: int = 512            # images per validation forward (see `SearchRun.validate`)
     hessian_eigenvalue: bool = False
     hessian_batches: int = 2
     hessian_iters: int = 20
@@ -184,6 +185,24 @@ def _set_rng_state(state: Mapping[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def merged_batches(batches: Iterable[tuple[torch.Tensor, torch.Tensor]], images: int
+                   ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Consecutive (x, y) batches concatenated into batches of at least `images` images (the last
+    may be smaller); a batch already that large passes through uncopied."""
+    xs: list[torch.Tensor] = []
+    ys: list[torch.Tensor] = []
+    n = 0
+    for x, y in batches:
+        xs.append(x)
+        ys.append(y)
+        n += len(y)
+        if n >= images:
+            yield (torch.cat(xs), torch.cat(ys)) if len(xs) > 1 else (xs[0], ys[0])
+            xs, ys, n = [], [], 0
+    if xs:
+        yield (torch.cat(xs), torch.cat(ys)) if len(xs) > 1 else (xs[0], ys[0])
 
 
 class SearchRun:
@@ -408,14 +427,21 @@ class SearchRun:
         return record
 
     def validate(self) -> dict[str, float]:
-        """Supernet loss/accuracy on the α half in eval mode (BN running statistics)."""
+        """Supernet loss/accuracy on the α half in eval mode (BN running statistics).
+
+        The loader's batches are merged into forwards of up to `valid_batch_size` images. In eval
+        mode an image's logits do not depend on the rest of its batch, so the figures are those of
+        batch-by-batch validation (the loss sum's rounding aside), and a pass over the α half
+        launches several times fewer kernels: it runs eagerly, outside any CUDA graph, once per
+        epoch, over as many images as the epoch's α steps see.
+        """
         model = self.model
         model.eval()
         self.data.val.set_epoch(-3)
         total = torch.zeros(2, device=self.device)
         n = 0
         with torch.no_grad():
-            for x, y in self.data.val:
+            for x, y in merged_batches(self.data.val, self.cfg.valid_batch_size):
                 logits = model(x)
                 total[0] += F.cross_entropy(logits, y, reduction="sum")
                 total[1] += (logits.argmax(1) == y).sum()

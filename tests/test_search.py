@@ -165,3 +165,28 @@ def test_regularised_search_ramps_drop_path_and_takes_cutout():
     with pytest.raises(ValueError, match="backend: eager only"):
         SearchRun(get_space("nb201"), tiny_config(space="nb201", drop_path=0.2, backend="fused"),
                   tiny_data(), log=lambda s: None)
+
+
+def test_merged_batches_concatenate_consecutive_batches_in_order():
+    from nascore.search import merged_batches
+    x, y = torch.arange(10.0).view(10, 1), torch.arange(10)
+    batches = [(x[i:i + 3], y[i:i + 3]) for i in range(0, 10, 3)]       # 3, 3, 3, 1 images
+    merged = list(merged_batches(batches, 5))
+    assert [len(b[1]) for b in merged] == [6, 4]
+    assert torch.equal(torch.cat([b[0] for b in merged]), x) and torch.equal(torch.cat([b[1] for b in merged]), y)
+    assert all(m[0] is b[0] for m, b in zip(merged_batches(batches, 3), batches))   # large enough: no copy
+
+
+def test_validation_in_merged_batches_gives_the_batch_by_batch_figures_in_fewer_forwards():
+    x, y = learnable_images(2 * 24, 4, 8)
+    figures, forwards = [], []
+    for valid_batch in (4, 512):
+        run = SearchRun(get_space("darts"), tiny_config(valid_batch_size=valid_batch),
+                        tiny_data(n=24, x=x, y=y), log=lambda s: None)
+        calls = []
+        run.model.register_forward_hook(lambda m, args, out: calls.append(len(args[0])))
+        figures.append(run.validate())
+        forwards.append(calls)
+    assert forwards == [[4] * 6, [24]]
+    assert figures[0]["valid_acc"] == figures[1]["valid_acc"]
+    assert figures[0]["valid_loss"] == pytest.approx(figures[1]["valid_loss"], rel=1e-5)
