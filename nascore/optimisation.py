@@ -9,9 +9,10 @@ Three update rules (methods.md §2.1, §2.4), each a small object with one `step
 
 Every backward names its `inputs`, so a weight step never writes α's `.grad` and an α step never
 computes weight gradients (fewer kernels too); the passes that differentiate only w (the weight
-step, second order's virtual step) take α as a constant (`Supernet.arch_constant`). Step statistics stay on the device, and nothing in
-a step reads a tensor's value on the host: a step can be captured whole in a CUDA graph
-(`search.cuda_graph`), and tests run every rule on the meta device, where any such read fails.
+step, second order's virtual step) take α as a constant (`Supernet.arch_constant`). Step
+statistics stay on the device, and nothing in a step reads a tensor's value on the host: a step
+can be captured whole in a CUDA graph (`search.cuda_graph`), and tests run every rule on the meta
+device, where any such read fails.
 """
 from __future__ import annotations
 

@@ -429,11 +429,12 @@ class SearchRun:
     def validate(self) -> dict[str, float]:
         """Supernet loss/accuracy on the α half in eval mode (BN running statistics).
 
-        The loader's batches are merged into forwards of up to `valid_batch_size` images. In eval
-        mode an image's logits do not depend on the rest of its batch, so the figures are those of
-        batch-by-batch validation (the loss sum's rounding aside), and a pass over the α half
-        launches several times fewer kernels: it runs eagerly, outside any CUDA graph, once per
-        epoch, over as many images as the epoch's α steps see.
+        The loader's batches are merged into forwards of about `valid_batch_size` images (whole
+        loader batches: at least that many, the last fewer). In eval mode an image's logits do
+        not depend on the rest of its batch, so the figures are those of batch-by-batch
+        validation (the loss sum's rounding aside), and a pass over the α half launches several
+        times fewer kernels: it runs eagerly, outside any CUDA graph, once per epoch, over as many
+        images as the epoch's α steps see.
         """
         model = self.model
         model.eval()
