@@ -45,7 +45,7 @@ from torch import nn
 
 from .ops import DilConv, FactorizedReduce, Identity, Noise, ReLUConvBN, SepConv, Zero
 
-# a network's training-mode forward: plain, or this module's; `fused_dense` also computes every
+# a network's forward (training and evaluation mode): plain, or this module's; `fused_dense` also computes every
 # separable conv (depthwise k×k → 1×1) as ONE dense k×k conv whose weight is the two's product
 BACKENDS = ("eager", "fused", "fused_dense")
 Units = tuple[tuple[int, int], ...]           # (edge, column) pairs
@@ -424,19 +424,48 @@ class BatchNormSink:
     does: running ← (1 − m)·running + m·batch, num_batches_tracked += 1.
     """
 
+    training: bool = True                     # False: evaluation mode (running statistics)
     updates: list[_BNUpdate] = field(default_factory=list)
     _buffer: torch.Tensor | None = None
     _used: int = 0
+    _affine: tuple[torch.Tensor, torch.Tensor] | None = None   # eval: (1/σ, −μ/σ) of the buffer
+    _eps: list[tuple[float, int]] = field(default_factory=list)  # eval: (eps, channels) per BN
 
     def begin_cell(self, channels: int, like: torch.Tensor) -> None:
         """One zeroed buffer per cell for every grouped BN in it (one kernel, not one per group)."""
         self._buffer = like.new_zeros((2, channels)) if channels else None
         self._used = 0
 
+    def begin_eval_cell(self, bns: Sequence[nn.BatchNorm2d]) -> None:
+        """Evaluation mode: the running statistics of the cell's grouped BNs, in the order their
+        blocks are taken (`BN_CALLS`), side by side in one buffer (one cat per cell)."""
+        self._buffer = (torch.cat([b.running_mean for b in bns] + [b.running_var for b in bns]).view(2, -1)
+                        if bns else None)
+        self._eps = [(b.eps, b.num_features) for b in bns]
+        self._used, self._affine = 0, None
+
     def take(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next n channels' statistics: zeroed scratch (training) or running mean and var."""
         assert self._buffer is not None and self._used + n <= self._buffer.shape[1]
         u, self._used = self._used, self._used + n
         return self._buffer[0, u:u + n], self._buffer[1, u:u + n]
+
+    def take_affine(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Evaluation mode: the next n channels' normalisation as an affine map, x̂ = x·s + t with
+        s = 1/√(var + eps), t = −mean·s. Computed for the whole cell at its first use (a few
+        kernels per cell, not per group)."""
+        assert not self.training and self._buffer is not None and self._used + n <= self._buffer.shape[1]
+        if self._affine is None:
+            mean, var = self._buffer.unbind(0)
+            eps = {e for e, _ in self._eps}
+            if len(eps) == 1:
+                inv = torch.rsqrt(var + eps.pop())
+            else:                 # BNs with other eps in one cell: one eps per channel
+                inv = torch.rsqrt(var + torch.tensor([e for e, c in self._eps for _ in range(c)],
+                                                     dtype=var.dtype, device=var.device))
+            self._affine = (inv, torch.mul(mean, inv).neg_())
+        u, self._used = self._used, self._used + n
+        return self._affine[0][u:u + n], self._affine[1][u:u + n]
 
     def flush(self) -> None:
         by_momentum: dict[float, tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]] = {}
@@ -488,15 +517,27 @@ def _bn_blocks(y: torch.Tensor, bns: Sequence[nn.BatchNorm2d], sink: BatchNormSi
         # flatten(), and torch's CPU batch-norm backward then gets the input's gradient wrong at
         # 1×1 spatial size (seen with torch 2.14; the tests' reduction cells run at 1×1)
         weight = scale.flatten()
-    out = F.batch_norm(y, mean, var, weight, bias, True, 1.0, bns[0].eps)
-    sink.updates.append(_BNUpdate(bns, mean, var, shared=False))
+    out = F.batch_norm(y, mean, var, weight, bias, sink.training, 1.0, bns[0].eps)
+    if sink.training:
+        sink.updates.append(_BNUpdate(bns, mean, var, shared=False))
     return out
 
 
 def _bn_shared(y: torch.Tensor, bns: Sequence[nn.BatchNorm2d], sink: BatchNormSink,
                ws: Iterator[torch.Tensor]) -> torch.Tensor:
-    """Every module in `bns` normalises the same `y`: (B, 1, C, H, W), or (B, n, C, H, W) with γ/β."""
+    """Every module in `bns` normalises the same `y`: (B, 1, C, H, W), or (B, n, C, H, W) with γ/β
+    (training: the same batch statistics for all) or in evaluation mode (each its own running
+    statistics: one affine map per module, applied in one `addcmul`)."""
     bns = list(bns)
+    if not sink.training:
+        n, c = len(bns), y.shape[1]
+        scale, shift = sink.take_affine(n * c)
+        if bns[0].affine:                     # γ·(x·s + t) + β
+            gamma = next(ws)
+            scale, shift = scale * gamma, torch.addcmul(next(ws), shift, gamma)
+        if n == 1:
+            return torch.addcmul(shift.view(-1, 1, 1), y, scale.view(-1, 1, 1)).unsqueeze(1)
+        return torch.addcmul(shift.view(1, n, c, 1, 1), y.unsqueeze(1), scale.view(1, n, c, 1, 1))
     mean, var = sink.take(y.shape[1])
     out = F.batch_norm(y, mean, var, None, None, True, 1.0, bns[0].eps).unsqueeze(1)
     sink.updates.append(_BNUpdate(bns, mean, var, shared=True))
@@ -655,6 +696,27 @@ BN_CHANNELS: dict[str, Callable[[int], int]] = {
     "pool_bn": lambda n: 1, "dil": lambda n: n, "sep": lambda n: 2 * n, "relu_conv_bn": lambda n: n,
     "factorized_reduce": lambda n: n, "eager": lambda n: 0,
 }
+# the BNs of a group's modules, per BN block in the order the kind takes its statistics from the
+# sink (evaluation mode gathers their running statistics in that order)
+BN_CALLS: dict[str, Callable[[list[nn.Module]], list[list[nn.BatchNorm2d]]]] = {
+    "pool_bn": lambda mods: [[m[1] for m in mods]], "dil": lambda mods: [[m[3] for m in mods]],
+    "sep": lambda mods: [[m[0][3] for m in mods], [m[1][3] for m in mods]],
+    "relu_conv_bn": lambda mods: [[m[2] for m in mods]], "factorized_reduce": lambda mods: [[m.bn for m in mods]],
+}
+
+
+def _begin_bn(sink: BatchNormSink, bn_channels: int, like: "nn.BatchNorm2d | None",
+              groups: Iterator[tuple[str, list[nn.Module]]]) -> None:
+    """A cell's grouped-BN buffer: zeroed scratch for `bn_channels` channels (training), or the
+    running statistics of the BNs of `groups` (kind, modules), in the order they are taken."""
+    if sink.training:
+        if like is not None:
+            sink.begin_cell(bn_channels, like.running_mean)
+    else:
+        sink.begin_eval_cell([bn for kind, mods in groups if kind in BN_CALLS
+                              for block in BN_CALLS[kind](mods) for bn in block])
+
+
 SCALED = frozenset({"dil", "sep", "relu_conv_bn", "factorized_reduce"})
 # a SCALED kind's last BN (the one α is folded into), from one of its modules
 LAST_BN: dict[str, Callable[[nn.Module], nn.BatchNorm2d]] = {
@@ -881,11 +943,12 @@ def cell_forward(op_module: Callable[[int, int], nn.Module], shape: CellShape, p
                  arch: FusedArch, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
     """A search cell's output, state by state: every edge leaving a state in one pass."""
     ap, k, c_op = arch.plan, shape.partial, shape.op_channels
-    if plan.bn_unit is not None:
-        bn = next(m for m in op_module(*plan.bn_unit).modules() if isinstance(m, nn.BatchNorm2d))
-        arch.sink.begin_cell(plan.bn_channels * c_op, bn.running_mean)
-    noise = _draw_noise(plan, shape, inputs, ap.num_inputs)
     modules = [[[op_module(e, c) for e, c in g.units] for g in sp.groups] for sp in ap.sources]
+    bn = (next(m for m in op_module(*plan.bn_unit).modules() if isinstance(m, nn.BatchNorm2d))
+          if plan.bn_unit is not None else None)
+    _begin_bn(arch.sink, plan.bn_channels * c_op, bn,
+              ((kind, mods) for mods_s, kinds in zip(modules, plan.kinds) for mods, kind in zip(mods_s, kinds)))
+    noise = _draw_noise(plan, shape, inputs, ap.num_inputs)
     dense = _dense_layout(arch.dense, inputs[0])
     requests, last = [], []
     for mods_s, kinds in zip(modules, plan.kinds):
@@ -1008,16 +1071,18 @@ def build_eval_plan(ops: Sequence[nn.Module], names: Sequence[str], inputs: Sequ
 def eval_cell_forward(plan: EvalCellPlan, ops: Sequence[nn.Module], inputs: Sequence[torch.Tensor],
                       channels: int, drop_prob: float, sink: BatchNormSink,
                       constants: dict[tuple, torch.Tensor], dense: bool = False) -> list[torch.Tensor]:
-    """A derived cell's nodes in training mode, state by state: every op reading a state in one
-    pass (`dense`: separable convs as one dense conv each). Outputs, gradients and BN buffers are
-    the eager cell's (summation order aside); with drop-path the masks are drawn once per cell, so they are other random numbers than the eager
-    cell's per-op draws, from the same distribution."""
-    if plan.bn_op is not None:
-        bn = next(m for m in ops[plan.bn_op].modules() if isinstance(m, nn.BatchNorm2d))
-        sink.begin_cell(plan.bn_channels * channels, bn.running_mean)
+    """A derived cell's nodes, state by state: every op reading a state in one pass (`dense`:
+    separable convs as one dense conv each), in training or evaluation mode (`sink.training`).
+    Outputs, gradients and BN buffers are the eager cell's (summation order aside); with
+    drop-path (training only) the masks are drawn once per cell, so they are other random numbers
+    than the eager cell's per-op draws, from the same distribution."""
+    bn = (next(m for m in ops[plan.bn_op].modules() if isinstance(m, nn.BatchNorm2d))
+          if plan.bn_op is not None else None)
+    _begin_bn(sink, plan.bn_channels * channels, bn,
+              ((g.kind, [ops[k] for k in g.ops]) for groups in plan.sources for g in groups))
     x0 = inputs[-1]
     mask = None
-    if drop_prob > 0.0 and plan.droppable:
+    if drop_prob > 0.0 and plan.droppable and sink.training:
         keep = 1.0 - drop_prob
         mask = torch.full((x0.shape[0], plan.droppable), keep, dtype=x0.dtype, device=x0.device)
         mask = torch.bernoulli(mask).div_(keep)

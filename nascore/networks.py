@@ -36,9 +36,9 @@ Output = tuple[torch.Tensor, Optional[torch.Tensor]]
 # ------------------------------------------------------------------------------------------------
 class _DropPathMixin:
     """`drop_path_prob` with a range check: p = 1 would divide by zero in `drop_path`; and the
-    training-mode backend (`set_backend`): eager, or fused (`nascore.fused`: the ops of a cell that
-    read one state in one pass; fused_dense: also each separable conv as one dense conv; evaluation
-    mode always runs eagerly)."""
+    backend (`set_backend`): eager, or fused (`nascore.fused`: the ops of a cell that read one
+    state in one pass, in training and evaluation mode; fused_dense: also each separable conv as
+    one dense conv)."""
 
     _drop_path_prob: float = 0.0
     backend: str = "eager"
@@ -50,7 +50,7 @@ class _DropPathMixin:
 
     def _sink(self) -> "fused.BatchNormSink | None":
         """The fused forward's grouped-BN scratch, or None for the eager forward."""
-        return fused.BatchNormSink() if self.backend != "eager" and self.training else None
+        return fused.BatchNormSink(training=self.training) if self.backend != "eager" else None
 
     @property
     def drop_path_prob(self) -> float:
@@ -104,7 +104,7 @@ class DartsEvalCell(nn.Module):
 
     def forward(self, s0: torch.Tensor, s1: torch.Tensor, drop_prob: float = 0.0,
                 sink: "fused.BatchNormSink | None" = None, dense: bool = False) -> torch.Tensor:
-        """`sink` (training only): the fused forward, whose grouped BNs the caller flushes; `dense`:
+        """`sink`: the fused forward, whose grouped BNs the caller flushes (training); `dense`:
         its separable convs as dense convs."""
         states = [self.preprocess0(s0), self.preprocess1(s1)]
         if sink is not None:
@@ -223,7 +223,7 @@ class _DartsEvalNetwork(_DropPathMixin, nn.Module):
             if i == self.aux_index and self.auxiliary_head is not None and self.training:
                 aux_logits = self.auxiliary_head(s1)
         if sink is not None:
-            sink.flush()             # the grouped BNs' running statistics, one update for all cells
+            sink.flush()             # the grouped BNs' running statistics, one update for all cells (training)
         logits = self.classifier(self.global_pooling(s1).flatten(1))
         return logits, aux_logits
 
@@ -298,7 +298,7 @@ class NB201Cell(nn.Module):
 
     def forward(self, x: torch.Tensor, drop_prob: float = 0.0,
                 sink: "fused.BatchNormSink | None" = None, dense: bool = False) -> torch.Tensor:
-        """`sink` (training only): the fused forward, whose grouped BNs the caller flushes; `dense`:
+        """`sink`: the fused forward, whose grouped BNs the caller flushes (training); `dense`:
         its separable convs as dense convs."""
         if sink is not None:
             return fused.eval_cell_forward(self.fused_plan, self.ops, [x], self.C, drop_prob, sink,

@@ -10,7 +10,7 @@ Parts that the methods combine, each independent of the search space:
   records the order in which they entered (the derivation reads ops in that order).
 - two forward backends over the same modules: `eager` (the per-edge loop below, the reference
   for debugging) and `fused` (`nascore.fused`: the edges leaving a state in one pass, the same
-  numbers in fewer kernels; used in training mode only, evaluation stays eager).
+  numbers in fewer kernels, in training and evaluation mode).
 
 A search space (``nascore.spaces``) assembles a macro network from `SearchCell`s and subclasses
 `Supernet`; methods never see which space they run on.
@@ -399,14 +399,14 @@ class Supernet(nn.Module):
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         columns = self.active_columns()
-        if self.backend != "eager" and self.training:
+        if self.backend != "eager":
             return self._forward_fused(x, columns)
         weights = {ct: self.op_weights(ct, columns) for ct in self.cell_types}
         edge_weights = {ct: self.edge_weights(ct) for ct in self.cell_types}
         return self.forward_cells(x, weights, edge_weights, columns)
 
     def _forward_fused(self, x: torch.Tensor, columns: list[int]) -> torch.Tensor:
-        sink = fused.BatchNormSink()
+        sink = fused.BatchNormSink(training=self.training)
         arch = {}
         for ct in self.cell_types:
             key = (ct, tuple(columns))

@@ -1,9 +1,10 @@
-"""Tiny in-memory data for fast CPU tests of the search and training loops."""
+"""Tiny in-memory data for fast CPU tests of the search and training loops, and test helpers."""
 from __future__ import annotations
 
 from typing import Iterator
 
 import torch
+from torch import nn
 
 
 def learnable_images(n: int, num_classes: int = 4, size: int = 16, seed: int = 0
@@ -39,3 +40,16 @@ class TensorLoader:
         for i in range(len(self)):
             idx = order[i * self.batch_size:(i + 1) * self.batch_size]
             yield self.x[idx], self.y[idx]
+
+
+def scramble_bn_statistics(net: nn.Module, seed: int = 0) -> None:
+    """Give every BatchNorm its own running statistics (N(0, 1) means, variances in [0.5, 2]), the
+    same for copies of one network: evaluation-mode tests then catch statistics read from the
+    wrong module, which one training step would leave hidden (a state's pooling units all see the
+    same batch statistics)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm2d) and m.running_mean is not None:
+                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g))
+                m.running_var.copy_(0.5 + 1.5 * torch.rand(m.running_var.shape, generator=g))

@@ -16,12 +16,13 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from nascore import fused
 from nascore.config import ConfigError
 from nascore.methods import get_method
 from nascore.search import EpochSteps, SearchConfig, SearchData, SearchRun, search
 from nascore.spaces import SPACES, get_space
 from nascore.supernet import SupernetConfig
-from tests._tiny import TensorLoader, learnable_images
+from tests._tiny import TensorLoader, learnable_images, scramble_bn_statistics
 
 
 @pytest.fixture
@@ -70,7 +71,25 @@ def assert_same(net, backend="fused", **kw):
     buffers_f = dict(fused.named_buffers())
     for name, b in eager.named_buffers():                     # BN running statistics and counts
         torch.testing.assert_close(buffers_f[name], b, rtol=1e-9, atol=1e-12, msg=name)
+    assert_same_evaluation(net, backend, x, **kw)
     return eager, fused
+
+
+def assert_same_evaluation(net, backend, x, channels_last=False):
+    """Evaluation mode (running statistics, every BN its own) gives the eager outputs."""
+    outs = []
+    for b in ("eager", backend):
+        copy_ = copy.deepcopy(net)
+        copy_.set_backend(b)
+        scramble_bn_statistics(copy_)
+        copy_.eval()
+        xb = x
+        if channels_last and b != "eager":
+            copy_, xb = copy_.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+        torch.manual_seed(1)                      # S4's noise: drawn in evaluation mode too
+        with torch.no_grad():
+            outs.append(copy_(xb))
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-9, atol=1e-12)
 
 
 CASES = [(space, {}) for space in SPACES.names()] + [
@@ -106,15 +125,10 @@ def test_progressive_op_sets_match_and_leave_inactive_ops_untouched(space, colum
                 assert (p.grad is not None) == (c in active and p.requires_grad)
 
 
-def test_fused_is_layout_independent_and_leaves_evaluation_eager():
+def test_fused_is_layout_independent():
     net = build("darts", partial_channels=2, edge_normalization=True)
     assert_same(net, channels_last=True)
     assert_same(net, "fused_dense", channels_last=True)
-    fused = copy.deepcopy(net)
-    fused.set_backend("fused")
-    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
-    net.eval(), fused.eval()
-    torch.testing.assert_close(fused(x), net(x), rtol=0, atol=0)
     with pytest.raises(ValueError, match="allowed: eager, fused, fused_dense"):
         net.set_backend("triton")
 
@@ -134,6 +148,42 @@ class CountOps(TorchDispatchMode):
         if self.batch is None or any(t.dim() >= 4 and t.shape[0] == self.batch for t in tensors):
             self.count[func.overloadpacket.__name__] += 1
         return out
+
+
+def test_evaluation_runs_the_fused_cells_with_running_statistics():
+    """Evaluation mode runs the training mode's grouped convs, poolings and ReLUs; a grouped BN
+    normalises with its units' running statistics, and a pooling's BN, shared in training, becomes
+    one `addcmul` of its units' own affine maps. Nothing is written to the BN buffers."""
+    net = build("darts")
+    x = torch.randn(3, 3, 8, 8, dtype=torch.float64)
+    counts = {}
+    for backend, training in (("eager", False), ("fused", True), ("fused", False)):
+        net.set_backend(backend)
+        net.train(training)
+        buffers = [b.clone() for b in net.buffers()]
+        with torch.no_grad(), CountOps(batch=3) as c:
+            net(x)
+        counts[backend, training] = c.count
+        if not training:
+            assert all(torch.equal(a, b) for a, b in zip(buffers, net.buffers()))
+    eager, train, evaluation = counts["eager", False], counts["fused", True], counts["fused", False]
+    for op in ("convolution", "max_pool2d_with_indices", "avg_pool2d", "relu"):
+        assert evaluation[op] == train[op] < eager[op], op
+    pool_groups = train["max_pool2d_with_indices"] + train["avg_pool2d"]   # one BN each in training
+    assert evaluation["native_batch_norm"] == train["native_batch_norm"] - pool_groups
+    assert evaluation["addcmul"] == train["addcmul"] + pool_groups
+
+
+@pytest.mark.parametrize("eps", [(1e-5, 1e-5), (1e-5, 0.1)])
+def test_evaluation_statistics_as_affine_maps_are_each_bns_own(eps, float64):
+    bns = [nn.BatchNorm2d(3, eps=e) for e in eps]
+    scramble_bn_statistics(nn.Sequential(*bns))
+    sink = fused.BatchNormSink(training=False)
+    sink.begin_eval_cell(bns)
+    x = torch.randn(2, 3, 4, 4)
+    for bn in bns:
+        scale, shift = sink.take_affine(3)
+        torch.testing.assert_close(x * scale.view(-1, 1, 1) + shift.view(-1, 1, 1), bn.eval()(x))
 
 
 def test_the_fused_forward_weights_ops_inside_their_batch_norm():
