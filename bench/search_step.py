@@ -5,7 +5,8 @@
     python bench/search_step.py --size tiny        # seconds; what tests/test_bench.py runs
     python bench/search_step.py --json out.json    # also write every figure as JSON
 
-Per method × space (DARTS first order, second order, PC-DARTS, NB201 DARTS-V1) and per variant
+Per method × space (DARTS first order, second order, PC-DARTS, NB201 DARTS-V1; and the search's
+validation forward, `*_valid`: eval mode, no grad, 512 images at the spec size) and per variant
 (`reference`: bench/reference.py; `eager`; `fused`; `fused_dense`; on CUDA also `+graph` and
 `+graph+bf16` of both fused backends), one search step on random data resident on the device.
 A variant is a backend (eager | fused | fused_dense) and modifiers joined by "+": graph (a CUDA
@@ -84,8 +85,13 @@ CASES = {
     # not in issue 4's list, so not run by default (--cases rf_darts --variants eager,fused):
     # random features' affine BNs take their own fused path; the reference has no RF variant
     "rf_darts": ("darts", "rf_darts", 64),
+    # a search epoch's validation forward (eval mode, no grad) at search.valid_batch_size, the
+    # reference's as its DARTS `infer` runs it (F.cross_entropy, accuracy, `.item()`)
+    "darts_valid": ("darts", "darts", 512),
+    "nb201_valid": ("nb201", "darts", 512),
 }
-DEFAULT_CASES = ("darts_first", "darts_second", "pc_darts", "nb201")
+VALIDATION_CASES = ("darts_valid", "nb201_valid")
+DEFAULT_CASES = ("darts_first", "darts_second", "pc_darts", "nb201", "darts_valid", "nb201_valid")
 BACKEND_NAMES = ("eager", "fused", "fused_dense")
 MODIFIERS = {"graph": {"cuda_graph": True}, "bf16": {"amp": "bf16", "channels_last": True},
              "cl": {"channels_last": True}, "compile": {"compile": True}, "tuned": {"cudnn_benchmark": True}}
@@ -102,6 +108,14 @@ def speed_options(variant: str) -> dict[str, object]:
     for m in modifiers:
         speed.update(MODIFIERS[m])
     return speed
+
+
+def validates_differently(variant: str) -> bool:
+    """Whether the search's validation pass runs as the variant says. It runs eagerly, in fp32, in
+    the loader's memory format: a CUDA graph, bf16 or channels_last variant would repeat the
+    plain backend's figure under another name."""
+    return variant == "reference" or not any(speed_options(variant).get(k) for k in
+                                             ("cuda_graph", "amp", "channels_last"))
 
 
 def countable(variant: str) -> bool:
@@ -182,6 +196,19 @@ def step_counters(*optimizers: torch.optim.Optimizer) -> Callable[[], list[torch
                     if isinstance(s.get("step"), torch.Tensor) and s["step"].device.type == "cpu"]
 
 
+class OneBatch:
+    """A validation loader of one fixed batch (what `SearchRun.validate` iterates)."""
+
+    def __init__(self, batch: tuple[torch.Tensor, torch.Tensor]) -> None:
+        self.batch = batch
+
+    def set_epoch(self, epoch: int) -> None:
+        pass
+
+    def __iter__(self):
+        return iter([self.batch])
+
+
 def nascore_step(case: str, size: Size, device: torch.device, **speed: object) -> Step:
     if device.type == "cpu":
         speed = {"optimizer_impl": "foreach", **speed}      # what torch picks on CUDA (see cuda_like)
@@ -189,6 +216,9 @@ def nascore_step(case: str, size: Size, device: torch.device, **speed: object) -
     # what SearchRun.run() holds for a whole search (`free` puts it back after the variant)
     torch.backends.cudnn.benchmark = cfg.cudnn_benchmark
     run = SearchRun(get_space(space), cfg, SearchData(None, None, 10), device=device, log=lambda s: None)
+    if case in VALIDATION_CASES:           # the search's own validation pass over one batch
+        run.data.val = OneBatch(batches(1, batch, size.image, 10, device)[0])
+        return (lambda i: run.validate()), batch, list
     run.model.train()
     steps = EpochSteps(run, run.step_context(0), update_arch=True)
     data = batches(4, batch, size.image, 10, device)
@@ -215,6 +245,17 @@ def reference_step(case: str, size: Size, device: torch.device) -> Step:
                                        cfg.arch_weight_decay, unrolled=cfg.optimisation == "second_order")
         counters = step_counters(search.optimizer, search.architect.optimizer)
     data = batches(4, batch, size.image, 10, device)
+    if case in VALIDATION_CASES:
+        def infer(i: int) -> None:         # DARTS' `infer`: eval mode, no grad, host reads per batch
+            x, y = data[i % 4]
+            model.eval()
+            with torch.no_grad():
+                logits = model(x)
+                loss = torch.nn.functional.cross_entropy(logits, y)
+                correct = (logits.argmax(1) == y).float().sum()
+                loss.item(), correct.item()
+            model.train()
+        return infer, batch, list
     optimizers = ((search.w_optimizer, search.a_optimizer) if space == "nb201"
                   else (search.optimizer, search.architect.optimizer))
     cuda_like(device, *optimizers)
@@ -480,6 +521,8 @@ def main(argv: list[str] | None = None) -> None:
             tmp.replace(args.json)
     for case in args.cases.split(","):
         for variant in variants:
+            if case in VALIDATION_CASES and not validates_differently(variant):
+                continue
             if variant == "reference":
                 make = lambda: reference_step(case, size, device)  # noqa: E731
             else:

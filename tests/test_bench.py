@@ -14,7 +14,7 @@ def test_the_bench_runs_at_tiny_sizes_and_prints_the_ratio_table(capsys, tmp_pat
     bench = importlib.util.module_from_spec(spec)
     sys.modules["search_step"] = bench          # dataclasses look their module up there
     spec.loader.exec_module(bench)
-    bench.main(["--device", "cpu", "--size", "tiny", "--cases", "nb201", "--steps", "1", "--warmup", "1",
+    bench.main(["--device", "cpu", "--size", "tiny", "--cases", "nb201,nb201_valid", "--steps", "1", "--warmup", "1",
                 "--profile", "--json", str(tmp_path / "figures.json")])
     out = capsys.readouterr().out
     assert "ratio reference / variant" in out
@@ -28,6 +28,8 @@ def test_the_bench_runs_at_tiny_sizes_and_prints_the_ratio_table(capsys, tmp_pat
     assert 0 < by["nb201", "fused"]["mb_read"] < by["nb201", "reference"]["mb_read"]
     assert by["nb201", "reference"]["syncs"] > 0
     assert by["nb201", "eager"]["syncs"] == by["nb201", "fused"]["syncs"] == 0
+    # the validation pass: the fused cells in eval mode too
+    assert by["nb201_valid", "fused"]["writing_ops"] < by["nb201_valid", "eager"]["writing_ops"] / 2
     # --profile: where a step's time goes, per aten op on the CPU, largest first
     profile = by["nb201", "fused"]["profile"]
     names = [name for name, _, _ in profile["top"]]
@@ -49,6 +51,9 @@ def test_bench_variants_name_a_backend_and_modifiers():
         with pytest.raises(ValueError, match="unknown variant"):
             bench.speed_options(bad)
     # a dispatch-mode counter sees the eager ops of a compiled variant: its counts are withheld
+    # the search's validation runs eagerly in fp32: no graph, bf16 or channels_last figure for it
+    assert bench.validates_differently("fused_dense") and bench.validates_differently("fused+compile")
+    assert not bench.validates_differently("fused+graph") and not bench.validates_differently("eager+cl")
     assert bench.countable("reference") and bench.countable("fused_dense+graph+bf16")
     assert not bench.countable("fused+compile") and not bench.countable("eager+graph+compile")
     with pytest.raises(SystemExit):              # refused before any variant is measured
