@@ -535,6 +535,8 @@ def _bn_shared(y: torch.Tensor, bns: Sequence[nn.BatchNorm2d], sink: BatchNormSi
         if bns[0].affine:                     # γ·(x·s + t) + β
             gamma = next(ws)
             scale, shift = scale * gamma, torch.addcmul(next(ws), shift, gamma)
+        if scale.dtype != y.dtype:            # autocast: the activations' dtype, as BN keeps it
+            scale, shift = scale.to(y.dtype), shift.to(y.dtype)
         if n == 1:
             return torch.addcmul(shift.view(-1, 1, 1), y, scale.view(-1, 1, 1)).unsqueeze(1)
         return torch.addcmul(shift.view(1, n, c, 1, 1), y.unsqueeze(1), scale.view(1, n, c, 1, 1))

@@ -174,6 +174,35 @@ def test_evaluation_runs_the_fused_cells_with_running_statistics():
     assert evaluation["addcmul"] == train["addcmul"] + pool_groups
 
 
+class ActivationDtypes(TorchDispatchMode):
+    """The dtypes of the float activations (4+ dims, first dim `batch`) that ops write."""
+
+    def __init__(self, batch: int) -> None:
+        super().__init__()
+        self.batch, self.dtypes = batch, set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.dtypes |= {t.dtype for t in tree_flatten(out)[0]
+                        if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dim() >= 4
+                        and t.shape[0] == self.batch}
+        return out
+
+
+def test_evaluation_under_bf16_autocast_keeps_activations_in_bf16():
+    net = build("darts").float()
+    x = torch.randn(3, 3, 8, 8)
+    outs, dtypes = {}, {}
+    for backend in ("eager", "fused"):
+        net.set_backend(backend)
+        net.eval()
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), ActivationDtypes(3) as seen:
+            outs[backend] = net(x).float()
+        dtypes[backend] = seen.dtypes
+    assert dtypes["fused"] == dtypes["eager"] == {torch.bfloat16}
+    torch.testing.assert_close(outs["fused"], outs["eager"], rtol=0.05, atol=0.01)
+
+
 @pytest.mark.parametrize("eps", [(1e-5, 1e-5), (1e-5, 0.1)])
 def test_evaluation_statistics_as_affine_maps_are_each_bns_own(eps, float64):
     bns = [nn.BatchNorm2d(3, eps=e) for e in eps]
