@@ -28,6 +28,9 @@ Nothing is re-parameterised: the fused forward gathers the eager modules' own we
 call time, so checkpoints, `functional_call` (second order), random-feature freezing and the
 progressive op set work unchanged, and gradients reach the same parameters. Running statistics of
 the grouped BNs are written back to each module's buffers (one `_foreach_lerp_` per forward).
+Evaluation mode runs the same grouping: a grouped BN normalises with its units' running
+statistics (one `cat` per cell), and a pooling's BN, whose batch statistics a state's edges share
+in training, becomes one `addcmul` of the edges' own affine maps.
 Ops the fused forward does not recognise run their own eager module per edge ("eager" kind).
 
 Numbers differ from the eager path only by float rounding (summation order); tests check outputs,
