@@ -471,7 +471,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--size", choices=SIZES, default=None, help="default: full on CUDA, small on CPU")
     p.add_argument("--cases", default=",".join(DEFAULT_CASES),
-                   help=f"comma-separated among {', '.join(CASES)} (default: {', '.join(DEFAULT_CASES)})")
+                   help=f"comma-separated among {', '.join(CASES)} (default: {', '.join(DEFAULT_CASES)}; "
+                        f"'' for none: the retrain step alone)")
     p.add_argument("--variants", default=None,
                    help="comma-separated; default: reference,eager,fused,fused_dense (+ fused+graph, "
                         "fused+graph+bf16, fused+graph+tuned and the same of fused_dense on CUDA)")
@@ -499,6 +500,10 @@ def main(argv: list[str] | None = None) -> None:
                     ["fused+graph", "fused+graph+bf16", "fused+graph+tuned", "fused_dense+graph",
                      "fused_dense+graph+bf16", "fused_dense+graph+tuned"]
                     if cuda else []))
+    cases = [c for c in args.cases.split(",") if c]
+    for c in cases:                    # a typo fails here, not after minutes of other cases
+        if c not in CASES:
+            p.error(f"unknown case {c!r}: the cases are {', '.join(CASES)}")
     for v in variants:                 # a typo fails here, not after minutes of other variants
         if v != "reference":
             try:
@@ -519,7 +524,7 @@ def main(argv: list[str] | None = None) -> None:
                                        "steps": steps, "warmup": warmup, "failures": failures,
                                        "figures": [asdict(f) for f in figures]}, indent=1))
             tmp.replace(args.json)
-    for case in args.cases.split(","):
+    for case in cases:
         for variant in variants:
             if case in VALIDATION_CASES and not validates_differently(variant):
                 continue

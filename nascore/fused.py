@@ -5,6 +5,10 @@ The eager cell runs every candidate op of every edge on its own and sums `w · o
 14 edges of a DARTS cell read only 5 states (c_{k-2}, c_{k-1}, n0, n1, n2; NB201: 6 edges, 3
 states), so here every op of every edge leaving a state is computed in one pass over that state:
 
+- a DARTS cell's two inputs feed every node through the same op set, so they run as ONE pass over
+  their concatenated channels (`pairable`): one ReLU, one pooling, one BN per op kind for both, and
+  each conv reading its own input's channels as one group of a grouped conv (4 passes per cell,
+  not 5); the paired terms are summed once per cell (`SumStates`);
 - one ReLU per state, shared by every op that starts with one (all convs and FactorizedReduce);
 - parameter-free ops once per state: identity, and pooling (its batch statistics are then the same
   for every edge's BN, only the running buffers and, with random features, γ/β differ);
@@ -121,10 +125,37 @@ class CellPlan:
     bn_channels: int                          # batch-norm channels per op channel (temp statistics)
     bn_unit: tuple[int, int] | None           # a unit with a grouped BN: its buffers' dtype/device
     scaled_affine: bool = False               # every SCALED group ends in an affine BN (random features)
+    paired: bool = False                      # the two inputs run as one pass (`pairable`)
+
+    def passes(self, plan: ArchPlan) -> list[tuple[int, ...]]:
+        """The sources each pass of `cell_forward` reads side by side: ((0, 1), (2,), ...) paired."""
+        n = len(plan.sources)
+        return [(0, 1)] + [(i,) for i in range(2, n)] if self.paired else [(i,) for i in range(n)]
+
+
+# kinds whose units can read two states side by side (channels concatenated): each op is
+# channel-wise (ReLU, pooling, BN, identity) or becomes a conv with one group per state
+PAIRABLE = frozenset({"zero", "identity", "pool", "pool_bn", "dil", "sep", "relu_conv_bn", "factorized_reduce"})
+
+
+def pairable(plan: ArchPlan, kinds: Sequence[Sequence[str]]) -> bool:
+    """Whether a cell's two inputs have the same groups (op names, unit counts, every target) of
+    PAIRABLE kinds: then every op leaving either input runs in ONE pass over both, their channels
+    side by side (a DARTS cell: 4 passes instead of 5, each input's convs one group of the same
+    convs). Not with per-edge op sets (S1), noise (S4) or unrecognised ops."""
+    if plan.num_inputs != 2 or len(plan.sources) < 2:
+        return False
+    a, b = plan.sources[0], plan.sources[1]
+    return (len(a.edges) == len(b.edges) and tuple(kinds[0]) == tuple(kinds[1])
+            and all(k in PAIRABLE for k in kinds[0])
+            and [(g.op, len(g.units)) for g in a.groups] == [(g.op, len(g.units)) for g in b.groups]
+            and all(g.positions is None for g in a.groups + b.groups))
 
 
 def build_cell_plan(op_module: Callable[[int, int], nn.Module], plan: ArchPlan,
-                    columns: Sequence[int]) -> CellPlan:
+                    columns: Sequence[int], pair_inputs: bool = False) -> CellPlan:
+    """`pair_inputs`: the cell's two inputs have one shape and their edges one stride; the inputs
+    then run as one pass where `pairable`."""
     kinds = tuple(tuple(classify(op_module(*g.units[0])) for g in sp.groups) for sp in plan.sources)
     noise = []
     bn, bn_unit = 0, None
@@ -141,7 +172,8 @@ def build_cell_plan(op_module: Callable[[int, int], nn.Module], plan: ArchPlan,
     noise.sort(key=lambda u: (u[0], order[u[1]]))
     last_bns = [LAST_BN[kind](op_module(*g.units[0])) for sp, ks in zip(plan.sources, kinds)
                 for g, kind in zip(sp.groups, ks) if kind in SCALED]
-    return CellPlan(kinds, tuple(noise), bn, bn_unit, bool(last_bns) and all(b.affine for b in last_bns))
+    return CellPlan(kinds, tuple(noise), bn, bn_unit, bool(last_bns) and all(b.affine for b in last_bns),
+                    pair_inputs and pairable(plan, kinds))
 
 
 def classify(m: nn.Module) -> str:
@@ -215,9 +247,17 @@ def _layout(kind: str, parts: list[torch.Tensor]) -> torch.Tensor:
     - taps_last: n depthwise weights (C, 1, kh, kw) as (n, kh·kw, C), for a channels_last product
       (`_compose`; the piece comes out shaped as "cat" would and is viewed there).
 
+    A "/S" suffix ("interleave/2", "dense/2") lays out the parts of S states read side by side
+    (the paired inputs of `cell_forward`): each state's n/S parts as the plain layout does, one
+    state after the other, for a conv with S groups.
+
     ("separable" requests are not layouts of positions: `gather_weights` gathers their parts
     ("cat" or "taps_last", and "cat") and multiplies them, see `_compose`.)
     """
+    kind, _, states = kind.partition("/")
+    if states:
+        per = len(parts) // int(states)
+        return torch.cat([_layout(kind, parts[i:i + per]) for i in range(0, len(parts), per)])
     if kind == "cat":
         return torch.cat(parts) if len(parts) > 1 else parts[0]
     n = len(parts)
@@ -280,8 +320,9 @@ class GatherWeights(torch.autograd.Function):
 def _layout_shape(kind: str, ps: Sequence[torch.Tensor]) -> tuple[int, ...]:
     """The shape `_layout(kind, ...)` gives for parameters `ps`."""
     rows = sum(p.shape[0] for p in ps)
+    kind, _, states = kind.partition("/")
     if kind == "dense":
-        return (rows, ps[0].shape[1] * len(ps), 1, 1)
+        return (rows, ps[0].shape[1] * len(ps) // int(states or 1), 1, 1)
     if kind == "factorized":
         return (rows, ps[0].shape[1], 2, 2)
     return (rows, *ps[0].shape[1:])
@@ -527,29 +568,40 @@ def _bn_blocks(y: torch.Tensor, bns: Sequence[nn.BatchNorm2d], sink: BatchNormSi
 
 
 def _bn_shared(y: torch.Tensor, bns: Sequence[nn.BatchNorm2d], sink: BatchNormSink,
-               ws: Iterator[torch.Tensor]) -> torch.Tensor:
+               ws: Iterator[torch.Tensor], states: int = 1) -> torch.Tensor:
     """Every module in `bns` normalises the same `y`: (B, 1, C, H, W), or (B, n, C, H, W) with γ/β
     (training: the same batch statistics for all) or in evaluation mode (each its own running
-    statistics: one affine map per module, applied in one `addcmul`)."""
+    statistics: one affine map per module, applied in one `addcmul`).
+
+    `states` > 1: y holds that many states' channels side by side and `bns` are state-major, the
+    first n/states normalising the first state's channels, ...; the result is (B, states, 1 or
+    n/states, C, H, W)."""
     bns = list(bns)
+    n, c = len(bns) // states, y.shape[1] // states       # per state
+    # (B, [states,] units, C, H, W) shapes of y and of per-unit (C,) vectors
+    y_shape = (y.shape[0], states, 1, c, *y.shape[2:]) if states > 1 else (y.shape[0], 1, c, *y.shape[2:])
+    unit_shape = (1, states, n, c, 1, 1) if states > 1 else (1, n, c, 1, 1)
     if not sink.training:
-        n, c = len(bns), y.shape[1]
-        scale, shift = sink.take_affine(n * c)
+        scale, shift = sink.take_affine(len(bns) * c)
         if bns[0].affine:                     # γ·(x·s + t) + β
             gamma = next(ws)
             scale, shift = scale * gamma, torch.addcmul(next(ws), shift, gamma)
         if scale.dtype != y.dtype:            # autocast: the activations' dtype, as BN keeps it
             scale, shift = scale.to(y.dtype), shift.to(y.dtype)
-        if n == 1:
+        if len(bns) == 1:
             return torch.addcmul(shift.view(-1, 1, 1), y, scale.view(-1, 1, 1)).unsqueeze(1)
-        return torch.addcmul(shift.view(1, n, c, 1, 1), y.unsqueeze(1), scale.view(1, n, c, 1, 1))
+        return torch.addcmul(shift.view(unit_shape), y.view(y_shape), scale.view(unit_shape))
     mean, var = sink.take(y.shape[1])
-    out = F.batch_norm(y, mean, var, None, None, True, 1.0, bns[0].eps).unsqueeze(1)
-    sink.updates.append(_BNUpdate(bns, mean, var, shared=True))
+    out = F.batch_norm(y, mean, var, None, None, True, 1.0, bns[0].eps).view(y_shape)
+    if states == 1:
+        sink.updates.append(_BNUpdate(bns, mean, var, shared=True))
+    else:                                     # per state: its BNs saw its channels' statistics
+        for s in range(states):
+            sink.updates.append(_BNUpdate(bns[s * n:(s + 1) * n], mean[s * c:(s + 1) * c],
+                                          var[s * c:(s + 1) * c], shared=True))
     if not bns[0].affine:
         return out
-    gamma = next(ws).view(1, len(bns), -1, 1, 1)
-    beta = next(ws).view(1, len(bns), -1, 1, 1)
+    gamma, beta = next(ws).view(unit_shape), next(ws).view(unit_shape)
     return torch.addcmul(beta, out, gamma)
 
 
@@ -562,12 +614,20 @@ class _Source:
     sink: BatchNormSink
     noise: dict[tuple[int, int], torch.Tensor]
     dense: bool = False                       # separable convs as one dense conv (`fused_dense`)
+    states: int = 1                           # states side by side in x's channels (paired inputs: 2)
     _relu: torch.Tensor | None = None
 
     def relu(self) -> torch.Tensor:
         if self._relu is None:
             self._relu = F.relu(self.x)
         return self._relu
+
+    def per_state(self, y: torch.Tensor, units: int) -> torch.Tensor:
+        """(B, units·C, H, W), state-major with `states` > 1, as (B, units, C, H, W), or as
+        (B, states, units / states, C, H, W)."""
+        if self.states == 1:
+            return y.unflatten(1, (units, -1))
+        return y.unflatten(1, (self.states, units // self.states, -1))
 
 
 # Each kind with weights has a request function (its modules and `Dense` -> the tensors it needs,
@@ -576,33 +636,38 @@ Dense = str | None        # separable convs: None (depthwise, then 1×1) or a SE
 
 
 def _identity(mods: list[nn.Module], src: _Source, units: Units, scale: None, ws: Iterator) -> torch.Tensor:
-    return src.x.unsqueeze(1)
+    return src.per_state(src.x, src.states)
 
 
 def _pool(mods: list[nn.Module], src: _Source, units: Units, scale: None, ws: Iterator) -> torch.Tensor:
-    return mods[0](src.x).unsqueeze(1)          # parameter-free: one pooling serves every edge
+    # parameter-free: one pooling serves every edge (and both paired inputs)
+    return src.per_state(mods[0](src.x), src.states)
 
 
-def _pool_bn_requests(mods: list[nn.Module], dense: Dense) -> list[Request]:
+def _pool_bn_requests(mods: list[nn.Module], dense: Dense, states: int = 1) -> list[Request]:
     return _bn_requests([m[1] for m in mods])
 
 
 def _pool_bn(mods: list[nn.Module], src: _Source, units: Units, scale: None, ws: Iterator) -> torch.Tensor:
-    return _bn_shared(mods[0][0](src.x), [m[1] for m in mods], src.sink, ws)
+    return _bn_shared(mods[0][0](src.x), [m[1] for m in mods], src.sink, ws, src.states)
 
 
-def _dil_requests(blocks: Sequence[nn.Sequential], shared_input: bool, dense: Dense) -> list[Request]:
+def _dil_requests(blocks: Sequence[nn.Sequential], shared_input: bool, dense: Dense,
+                  states: int = 1) -> list[Request]:
     dw, pw = [b[1].weight for b in blocks], [b[2].weight for b in blocks]
+    per_state = f"/{states}" if states > 1 else ""
     if dense is not None:
         convs = [(dense, dw + pw)]
+    elif shared_input:
+        convs = [("interleave" + per_state, dw), ("dense" + per_state, pw)]
     else:
-        convs = [("interleave", dw), ("dense", pw)] if shared_input else [("cat", dw), ("cat", pw)]
+        convs = [("cat", dw), ("cat", pw)]
     return convs + _bn_requests([b[3] for b in blocks])
 
 
 def _dil_blocks(blocks: Sequence[nn.Sequential], r: torch.Tensor, sink: BatchNormSink,
                 shared_input: bool, ws: Iterator[torch.Tensor], scale: Scale = None,
-                dense: bool = False) -> torch.Tensor:
+                dense: bool = False, states: int = 1) -> torch.Tensor:
     """[depthwise conv → 1×1 conv → BN] of n `DilConv`-shaped blocks whose ReLU `r` already is.
 
     Shared input (every block reads the same C channels): one depthwise conv with channel
@@ -611,33 +676,36 @@ def _dil_blocks(blocks: Sequence[nn.Sequential], r: torch.Tensor, sink: BatchNor
     free where the 1×1 conv is memory-bound (small C on a GPU), and saves a transpose copy of
     the activations. Separate inputs (a SepConv's second block): grouped convs, unit-major.
     `dense`: both convs as one k×k conv (`_compose`), dense over the C input channels (shared
-    input) or grouped by unit.
+    input) or grouped by unit. `states` > 1: r holds that many states' channels side by side,
+    blocks state-major; each state's shared-input convs are one group of the same convs.
     """
     n, d0 = len(blocks), blocks[0][1]
     if dense:
-        y = F.conv2d(r, next(ws), None, d0.stride, d0.padding, d0.dilation, 1 if shared_input else n)
+        y = F.conv2d(r, next(ws), None, d0.stride, d0.padding, d0.dilation, states if shared_input else n)
     else:
         y = F.conv2d(r, next(ws), None, d0.stride, d0.padding, d0.dilation,
-                     d0.in_channels if shared_input else n * d0.in_channels)
-        y = F.conv2d(y, next(ws), None, 1, 0, 1, 1 if shared_input else n)
+                     states * d0.in_channels if shared_input else n * d0.in_channels)
+        y = F.conv2d(y, next(ws), None, 1, 0, 1, states if shared_input else n)
     return _bn_blocks(y, [b[3] for b in blocks], sink, ws, scale)
 
 
 def _dil(mods: list[nn.Module], src: _Source, units: Units, scale: Scale, ws: Iterator) -> torch.Tensor:
-    return _dil_blocks(mods, src.relu(), src.sink, True, ws, scale, src.dense).unflatten(1, (len(mods), -1))
+    y = _dil_blocks(mods, src.relu(), src.sink, True, ws, scale, src.dense, src.states)
+    return src.per_state(y, len(mods))
 
 
-def _sep_requests(mods: list[nn.Module], dense: Dense) -> list[Request]:
-    return _dil_requests([m[0] for m in mods], True, dense) + _dil_requests([m[1] for m in mods], False, dense)
+def _sep_requests(mods: list[nn.Module], dense: Dense, states: int = 1) -> list[Request]:
+    return _dil_requests([m[0] for m in mods], True, dense, states) + \
+        _dil_requests([m[1] for m in mods], False, dense)
 
 
 def _sep(mods: list[nn.Module], src: _Source, units: Units, scale: Scale, ws: Iterator) -> torch.Tensor:
-    y = _dil_blocks([m[0] for m in mods], src.relu(), src.sink, True, ws, dense=src.dense)
+    y = _dil_blocks([m[0] for m in mods], src.relu(), src.sink, True, ws, dense=src.dense, states=src.states)
     y = _dil_blocks([m[1] for m in mods], F.relu(y), src.sink, False, ws, scale, src.dense)
-    return y.unflatten(1, (len(mods), -1))
+    return src.per_state(y, len(mods))
 
 
-def _relu_conv_bn_requests(mods: list[nn.Module], dense: Dense) -> list[Request]:
+def _relu_conv_bn_requests(mods: list[nn.Module], dense: Dense, states: int = 1) -> list[Request]:
     convs = [m[1] for m in mods]
     bias = [("cat", [c.bias for c in convs])] if convs[0].bias is not None else []
     return [("cat", [c.weight for c in convs])] + bias + _bn_requests([m[2] for m in mods])
@@ -647,11 +715,11 @@ def _relu_conv_bn(mods: list[nn.Module], src: _Source, units: Units, scale: Scal
     c0 = mods[0][1]
     weight = next(ws)
     bias = next(ws) if c0.bias is not None else None
-    y = F.conv2d(src.relu(), weight, bias, c0.stride, c0.padding, c0.dilation)
-    return _bn_blocks(y, [m[2] for m in mods], src.sink, ws, scale).unflatten(1, (len(mods), -1))
+    y = F.conv2d(src.relu(), weight, bias, c0.stride, c0.padding, c0.dilation, src.states)
+    return src.per_state(_bn_blocks(y, [m[2] for m in mods], src.sink, ws, scale), len(mods))
 
 
-def _factorized_reduce_requests(mods: list[nn.Module], dense: Dense) -> list[Request]:
+def _factorized_reduce_requests(mods: list[nn.Module], dense: Dense, states: int = 1) -> list[Request]:
     return [("factorized", [w for m in mods for w in (m.conv_1.weight, m.conv_2.weight)])] + \
         _bn_requests([m.bn for m in mods])
 
@@ -665,8 +733,8 @@ def _factorized_reduce(mods: list[nn.Module], src: _Source, units: Units, scale:
     r = src.relu()
     if r.shape[2] % 2 or r.shape[3] % 2:
         raise ValueError(f"FactorizedReduce needs an even height and width, got {tuple(r.shape[2:])}")
-    y = F.conv2d(r, next(ws), None, 2)
-    return _bn_blocks(y, [m.bn for m in mods], src.sink, ws, scale).unflatten(1, (len(mods), -1))
+    y = F.conv2d(r, next(ws), None, 2, groups=src.states)
+    return src.per_state(_bn_blocks(y, [m.bn for m in mods], src.sink, ws, scale), len(mods))
 
 
 def _noise(mods: list[nn.Module], src: _Source, units: Units, scale: None, ws: Iterator) -> torch.Tensor:
@@ -689,10 +757,11 @@ KINDS: dict[str, KindFn | None] = {
     "sep": _sep, "relu_conv_bn": _relu_conv_bn, "factorized_reduce": _factorized_reduce,
     "eager": _eager,
 }
-# the weight tensors a kind takes from `ws` (given its modules and `Dense`), gathered for the whole
-# cell before it runs
-REQUESTS: dict[str, Callable[[list[nn.Module], Dense], list[Request]]] = {
-    "pool_bn": _pool_bn_requests, "dil": lambda mods, dense: _dil_requests(mods, True, dense), "sep": _sep_requests,
+# the weight tensors a kind takes from `ws` (given its modules, `Dense` and how many states it reads
+# side by side), gathered for the whole cell before it runs
+REQUESTS: dict[str, Callable[[list[nn.Module], Dense, int], list[Request]]] = {
+    "pool_bn": _pool_bn_requests, "dil": lambda mods, dense, states=1: _dil_requests(mods, True, dense, states),
+    "sep": _sep_requests,
     "relu_conv_bn": _relu_conv_bn_requests, "factorized_reduce": _factorized_reduce_requests,
 }
 # batch-norm channels (in op channels) a group of n units normalises through the sink
@@ -747,45 +816,53 @@ class FusedArch:
     _scaled: dict[tuple, torch.Tensor | None] = field(default_factory=dict)
 
     def group_weights(self, cell: CellPlan, channels: int) -> list[list[torch.Tensor | None]]:
-        """Per source, per group of `cell`, the units' α weights as the group's kind takes them:
-        SCALED kinds (n, channels), each unit's weight repeated over its channels as the affine
-        scale of their last BN, in α's dtype; the others (1, n, 1, 1, 1) in the autocast dtype;
-        `none` None. All in one gather per kinds and channel count: only the weights some op
-        uses are gathered, so the backward materialises no zero gradient for the rest."""
-        key = (cell.kinds, channels)
+        """Per pass (`CellPlan.passes`), per group of `cell`, the units' α weights as the group's
+        kind takes them: SCALED kinds (n, channels), each unit's weight repeated over its channels
+        as the affine scale of their last BN, in α's dtype; the others (1, n, 1, 1, 1), or (1, S,
+        n/S, 1, 1, 1) for S states side by side, in the autocast dtype; `none` None. A pass over
+        paired inputs has the units of both, state-major. All in one gather per kinds and channel
+        count: only the weights some op uses are gathered, so the backward materialises no zero
+        gradient for the rest."""
+        key = (cell.kinds, cell.paired, channels)
         if key in self._groups:
             return self._groups[key]
-        layout = [("none" if KINDS[kind] is None else "scaled" if kind in SCALED else "plain", len(g.units))
-                  for sp, kinds in zip(self.plan.sources, cell.kinds) for g, kind in zip(sp.groups, kinds)]
+        units = iter(self.plan.op_index)
+        op_index = [[[next(units) for _ in g.units] for g in sp.groups] for sp in self.plan.sources]
+        passes = cell.passes(self.plan)
+        # (type, the units' flat α indices, states side by side) per group, pass by pass
+        layout = [("none" if KINDS[kind] is None else "scaled" if kind in SCALED else "plain",
+                   [i for s in p for i in op_index[s][gi]], len(p))
+                  for p in passes for gi, kind in enumerate(cell.kinds[p[0]])]
 
         def gather_index() -> torch.Tensor:
             parts: dict[str, list[int]] = {"none": [], "plain": [], "scaled": []}
-            units = iter(self.plan.op_index)
-            for k, n in layout:
-                parts[k] += [next(units) for _ in range(n)]
+            for k, index, _ in layout:
+                parts[k] += index
             return torch.tensor(parts["plain"] + [i for i in parts["scaled"] for _ in range(channels)])
         # the index is a device constant: made once, not per forward
         gathered = self.weights.index_select(
-            0, self.constant(("gather", self.plan, cell.kinds, channels), gather_index))
-        n_plain = sum(n for k, n in layout if k == "plain")
-        n_scaled = sum(n for k, n in layout if k == "scaled") * channels
+            0, self.constant(("gather", self.plan, cell.kinds, cell.paired, channels), gather_index))
+        n_plain = sum(len(i) for k, i, _ in layout if k == "plain")
+        n_scaled = sum(len(i) for k, i, _ in layout if k == "scaled") * channels
         plain_w, scaled_w = gathered.split([n_plain, n_scaled]) if n_plain and n_scaled else (
             (gathered, None) if n_plain else (None, gathered))
         if plain_w is not None and self.autocast is not None:
             # the ops' outputs are in the autocast dtype; float32 weights would promote every sum
             plain_w = plain_w.to(self.autocast)
         # one split per part, not a slice per group: its backward is one cat
-        plain_parts = iter(plain_w.split([n for k, n in layout if k == "plain"]) if plain_w is not None else ())
-        scaled_parts = iter(scaled_w.split([n * channels for k, n in layout if k == "scaled"])
+        plain_parts = iter(plain_w.split([len(i) for k, i, _ in layout if k == "plain"])
+                           if plain_w is not None else ())
+        scaled_parts = iter(scaled_w.split([len(i) * channels for k, i, _ in layout if k == "scaled"])
                             if scaled_w is not None else ())
         groups: list[list[torch.Tensor | None]] = []
         it = iter(layout)
-        for sp in self.plan.sources:
+        for p in passes:
             row: list[torch.Tensor | None] = []
-            for _ in sp.groups:
-                k, _n = next(it)
-                row.append(None if k == "none" else next(plain_parts).view(1, -1, 1, 1, 1) if k == "plain"
-                           else next(scaled_parts).view(-1, channels))
+            for _ in self.plan.sources[p[0]].groups:
+                k, _i, states = next(it)
+                row.append(None if k == "none" else next(scaled_parts).view(-1, channels) if k == "scaled"
+                           else next(plain_parts).view(1, -1, 1, 1, 1) if states == 1
+                           else next(plain_parts).view(1, states, -1, 1, 1, 1))
             groups.append(row)
         self._groups[key] = groups
         self._scaled[key] = scaled_w
@@ -794,7 +871,7 @@ class FusedArch:
     def scaled_weights(self, cell: CellPlan, channels: int) -> torch.Tensor | None:
         """Every SCALED group's weights of `group_weights`, concatenated (one tensor)."""
         self.group_weights(cell, channels)
-        return self._scaled[(cell.kinds, channels)]
+        return self._scaled[(cell.kinds, cell.paired, channels)]
 
 
 def prepare_arch(plan: ArchPlan, op_weights: torch.Tensor,
@@ -846,22 +923,24 @@ def _dense_layout(dense: bool, x: torch.Tensor) -> Dense:
 
 
 def _flat(t: torch.Tensor) -> torch.Tensor | None:
-    """(B, n, C, H, W) as a (B, n, C·H·W) view, or None where C, H, W are not laid out as one
-    contiguous block (channels_last)."""
-    b, n, c, h, w = t.shape
-    if t.stride()[2:] == (h * w, w, 1) or c * h * w == 1:
-        return t.view(b, n, c * h * w)
+    """(B, [S,] n, C, H, W) as a (B, [S,] n, C·H·W) view, or None where C, H, W are not laid out as
+    one contiguous block (channels_last)."""
+    c, h, w = t.shape[-3:]
+    if t.stride()[-3:] == (h * w, w, 1) or c * h * w == 1:
+        return t.view(*t.shape[:-3], c * h * w)
     return None
 
 
 class WeightedAdd(torch.autograd.Function):
     """acc + w·out, as `torch.addcmul` computes it, with a leaner backward.
 
-    `out` (B, 1 or n, C, H, W), `w` (1, n, 1, 1, 1), `acc` (B, n, C, H, W) or None. Where `out` is
-    broadcast over the n targets (identity and pooling: one output serves every edge leaving a
-    state), autograd's addcmul backward writes two (B, n, C, H, W) products, grad·w and grad·out,
-    and reduces each. Here out's gradient Σ_t w_t·grad_t is one batched matrix product and w's
-    gradient one batched dot product: no temporary of the full size is written.
+    `out` (B, 1 or n, C, H, W), `w` (1, n, 1, 1, 1), `acc` (B, n, C, H, W) or None; or, for states
+    read side by side (paired inputs), each with an S dim after B: out (B, S, 1 or n, C, H, W), w
+    (1, S, n, 1, 1, 1). Where `out` is broadcast over the n targets (identity and pooling: one
+    output serves every edge leaving a state), autograd's addcmul backward writes two (B, n, C, H,
+    W) products, grad·w and grad·out, and reduces each. Here out's gradient Σ_t w_t·grad_t is one
+    batched matrix product and w's gradient one batched dot product: no temporary of the full
+    size is written.
     """
 
     @staticmethod
@@ -873,27 +952,33 @@ class WeightedAdd(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         out, w = ctx.saved_tensors
         needs_acc, needs_out, needs_w = ctx.needs_input_grad
+        t = w.dim() - 4                       # the targets' dim (2 with a states dim)
         g, o = _flat(grad), _flat(out)
-        flat = out.shape[1] == 1 and g is not None and o is not None
-        broadcast = flat and grad.shape[1] > 1
+        flat = out.shape[t] == 1 and g is not None and o is not None
+        broadcast = flat and grad.shape[t] > 1
         grad_out = grad_w = None
         if needs_out:
-            if broadcast:
+            if broadcast and t == 1:
                 # (B, 1, n) @ (B, n, N) -> (B, 1, N); bmm, not matmul, which would fold the
                 # batch into one mm and copy its transposed result
                 wb = w.view(1, 1, -1).to(grad.dtype).expand(g.shape[0], 1, -1)
                 grad_out = torch.bmm(wb, g).view(out.shape)
+            elif broadcast:
+                # (1, S, 1, n) @ (B, S, n, N) -> (B, S, 1, N): one bmm over B·S
+                grad_out = torch.matmul(w.view(1, w.shape[1], 1, -1).to(grad.dtype), g).view(out.shape)
             else:
                 grad_out = grad * w
-                if out.shape[1] == 1 and grad.shape[1] > 1:
-                    grad_out = grad_out.sum(1, keepdim=True)
+                if out.shape[t] == 1 and grad.shape[t] > 1:
+                    grad_out = grad_out.sum(t, keepdim=True)
             grad_out = grad_out.to(out.dtype)
         if needs_w:
             if flat:
-                # (B, n, N) @ (B, N, 1) -> (B, n, 1), summed over the batch
-                grad_w = torch.bmm(g, o.transpose(1, 2).to(grad.dtype)).sum(0).view(w.shape)
+                # (B, [S,] n, N) @ (B, [S,] N, 1) -> (B, [S,] n, 1), summed over the batch; bmm
+                # where it can (matmul dispatches a few more view ops on the way to it)
+                prod = torch.bmm if t == 1 else torch.matmul
+                grad_w = prod(g, o.transpose(-1, -2).to(grad.dtype)).sum(0).view(w.shape)
             else:
-                grad_w = (grad * out).sum((0, 2, 3, 4), keepdim=True)
+                grad_w = (grad * out).sum([d for d in range(grad.dim()) if w.shape[d] == 1], keepdim=True)
             grad_w = grad_w.to(w.dtype)
         return (grad if needs_acc else None), grad_out, grad_w
 
@@ -915,6 +1000,27 @@ def _weighted_add(acc: torch.Tensor | None, out: torch.Tensor, w: torch.Tensor |
     if acc is None:
         acc = term.new_zeros((term.shape[0], targets, *term.shape[2:]))
     return acc.index_add(1, positions, term)
+
+
+class SumStates(torch.autograd.Function):
+    """x.sum(1) over the states dim of a paired pass's (B, S, targets, C, H, W) accumulator.
+
+    Every op of the pass outputs all S states' units as one tensor, so each needs the gradient of
+    the node sums repeated S times, laid out as its output is. Autograd's sum backward hands on an
+    expanded view (stride 0 over S), which each op's reshape would copy in turn; here it is
+    written once, in x's layout, for all of them."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        ctx.layout = (x.shape, x.stride(), x.dtype)     # not x itself: no activation kept for this
+        return x.sum(1)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        shape, stride, dtype = ctx.layout
+        g = torch.empty_strided(shape, stride, dtype=dtype, device=grad.device)
+        g.copy_(grad.unsqueeze(1).expand(shape))
+        return g
 
 
 def _join_partial(a: torch.Tensor, b: torch.Tensor, k: int, shuffle: bool) -> torch.Tensor:
@@ -946,19 +1052,24 @@ def _draw_noise(plan: CellPlan, shape: CellShape, inputs: Sequence[torch.Tensor]
 
 def cell_forward(op_module: Callable[[int, int], nn.Module], shape: CellShape, plan: CellPlan,
                  arch: FusedArch, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
-    """A search cell's output, state by state: every edge leaving a state in one pass."""
+    """A search cell's output, state by state: every edge leaving a state in one pass (the two
+    inputs of a paired plan in one pass over both: `pairable`)."""
     ap, k, c_op = arch.plan, shape.partial, shape.op_channels
-    modules = [[[op_module(e, c) for e, c in g.units] for g in sp.groups] for sp in ap.sources]
+    passes = plan.passes(ap)
+    # per pass, per group: the modules of its units (paired: the first input's, then the second's)
+    modules = [[[op_module(e, c) for s in p for e, c in ap.sources[s].groups[gi].units]
+                for gi in range(len(ap.sources[p[0]].groups))] for p in passes]
+    kinds_p = [plan.kinds[p[0]] for p in passes]
     bn = (next(m for m in op_module(*plan.bn_unit).modules() if isinstance(m, nn.BatchNorm2d))
           if plan.bn_unit is not None else None)
     _begin_bn(arch.sink, plan.bn_channels * c_op, bn,
-              ((kind, mods) for mods_s, kinds in zip(modules, plan.kinds) for mods, kind in zip(mods_s, kinds)))
+              ((kind, mods) for mods_s, kinds in zip(modules, kinds_p) for mods, kind in zip(mods_s, kinds)))
     noise = _draw_noise(plan, shape, inputs, ap.num_inputs)
     dense = _dense_layout(arch.dense, inputs[0])
     requests, last = [], []
-    for mods_s, kinds in zip(modules, plan.kinds):
+    for p, mods_s, kinds in zip(passes, modules, kinds_p):
         for mods, kind in zip(mods_s, kinds):
-            rs = REQUESTS[kind](mods, dense) if kind in REQUESTS else []
+            rs = REQUESTS[kind](mods, dense, len(p)) if kind in REQUESTS else []
             if plan.scaled_affine and kind in SCALED:
                 *rs, gamma, beta = rs                       # the last BN's γ, β: see below
                 last.append((gamma[1], beta[1]))
@@ -975,35 +1086,50 @@ def cell_forward(op_module: Callable[[int, int], nn.Module], shape: CellShape, p
         sizes = [sum(p.numel() for p in gs) for gs, _ in last]
         pairs = iter(zip(*(t.split(sizes) for t in scaled.unbind(0))))
         weights = [[next(pairs) if kind in SCALED else w for kind, w in zip(kinds, row)]
-                   for kinds, row in zip(plan.kinds, weights)]
+                   for kinds, row in zip(kinds_p, weights)]
     ws = iter(gathered)
     states = list(inputs)
     carry = carry_b = None           # partial sums of the nodes not complete yet
-    for sp, mods_s, kinds, weights_s, positions, bw in zip(ap.sources, modules, plan.kinds, weights,
-                                                           arch.positions, arch.bypass_weights):
-        x = states[sp.state]
+    for p, mods_s, kinds, weights_s in zip(passes, modules, kinds_p, weights):
+        sp, positions = ap.sources[p[-1]], arch.positions[p[0]]
         stride, targets = shape.strides[sp.state], len(sp.edges)
         # partial channels: the ops' channels and the bypassed ones by one split, whose backward
         # is one cat (two slices would each zero-fill a full-size gradient, then be added)
-        xa, xb = x.split([c_op, x.shape[1] - c_op], dim=1) if k > 1 else (x, None)
-        src = _Source(xa, arch.sink, noise, arch.dense)
+        parts = []
+        for s in p:
+            x = states[ap.sources[s].state]
+            parts.append(x.split([c_op, x.shape[1] - c_op], dim=1) if k > 1 else (x, None))
+        if len(p) == 1:
+            xa = parts[0][0]
+        else:
+            # paired inputs: their (ops') channels side by side (one copy), so that every op of
+            # both runs once; the sums over the two come out of one reduction below
+            if states[0].shape != states[1].shape:
+                raise ValueError(f"a paired cell's inputs must have one shape, got {tuple(states[0].shape)} "
+                                 f"and {tuple(states[1].shape)}")
+            xa = torch.cat([a for a, _ in parts], dim=1)
+        src = _Source(xa, arch.sink, noise, arch.dense, len(p))
         acc = carry
-        for g, mods, kind, w, pos in zip(sp.groups, mods_s, kinds, weights_s, positions):
+        for g, mods, kind, w, pos in zip(ap.sources[p[0]].groups, mods_s, kinds, weights_s, positions):
             fn = KINDS[kind]
             if fn is None:
                 continue
             scaled = kind in SCALED
             out = fn(mods, src, g.units, w if scaled else None, ws)
             acc = _weighted_add(acc, out, None if scaled else w, pos, targets)
+        if acc is not None and len(p) > 1:
+            acc = SumStates.apply(acc)   # (B, S, targets, C, H, W): the paired inputs' terms summed
         if acc is None:              # only `none` ops leave this state
-            acc = x.new_zeros((x.shape[0], targets, c_op, *_out_hw(x, stride)))
-        acc_b = None
-        if k > 1:
-            xb = (xb if stride == 1 else F.max_pool2d(xb, 2, 2)).unsqueeze(1)
+            acc = xa.new_zeros((xa.shape[0], targets, c_op, *_out_hw(xa, stride)))
+        acc_b = carry_b
+        for s, (_, xb) in zip(p, parts):         # PC-DARTS' bypassed channels, state by state
+            if xb is None:
+                continue
+            xb, bw = (xb if stride == 1 else F.max_pool2d(xb, 2, 2)).unsqueeze(1), arch.bypass_weights[s]
             if bw is None:
-                acc_b = xb.expand(-1, targets, -1, -1, -1) if carry_b is None else carry_b + xb
+                acc_b = xb.expand(-1, targets, -1, -1, -1) if acc_b is None else acc_b + xb
             else:
-                acc_b = weighted_add(carry_b, xb, bw)
+                acc_b = weighted_add(acc_b, xb, bw)
         if sp.state >= ap.num_inputs - 1:    # every edge into the next node is summed now
             # split, not acc[:, 0] and acc[:, 1:]: its backward is one cat, not two zero-filled
             # full-size gradients and their sum

@@ -171,8 +171,11 @@ class SearchCell(nn.Module):
         if isinstance(weights, fused.FusedArch):
             plan = self._fused_plans.get(weights.plan)
             if plan is None:
+                # the inputs can run as one pass when their edges are alike: both stride 1 or
+                # both 2 (a reduction cell)
+                pair = self.num_inputs == 2 and self.fused_shape.strides[0] == self.fused_shape.strides[1]
                 plan = self._fused_plans[weights.plan] = fused.build_cell_plan(
-                    self.op_module, weights.plan, columns)
+                    self.op_module, weights.plan, columns, pair_inputs=pair)
             return fused.cell_forward(self.op_module, self.fused_shape, plan, weights, inputs)
         states = list(inputs)
         e = 0

@@ -58,6 +58,8 @@ def test_bench_variants_name_a_backend_and_modifiers():
     assert not bench.countable("fused+compile") and not bench.countable("eager+graph+compile")
     with pytest.raises(SystemExit):              # refused before any variant is measured
         bench.main(["--device", "cpu", "--size", "tiny", "--variants", "fused,fused+grpah"])
+    with pytest.raises(SystemExit):
+        bench.main(["--device", "cpu", "--size", "tiny", "--cases", "nb201,darts_frist"])
 
 
 def test_agreement_finds_the_fused_path_equal_to_eager_and_bf16_off_by_rounding(capsys):

@@ -21,7 +21,7 @@ from nascore.config import ConfigError
 from nascore.methods import get_method
 from nascore.search import EpochSteps, SearchConfig, SearchData, SearchRun, search
 from nascore.spaces import SPACES, get_space
-from nascore.supernet import SupernetConfig
+from nascore.supernet import SearchCell, SupernetConfig
 from tests._tiny import TensorLoader, learnable_images, scramble_bn_statistics
 
 
@@ -126,11 +126,34 @@ def test_progressive_op_sets_match_and_leave_inactive_ops_untouched(space, colum
 
 
 def test_fused_is_layout_independent():
-    net = build("darts", partial_channels=2, edge_normalization=True)
-    assert_same(net, channels_last=True)
-    assert_same(net, "fused_dense", channels_last=True)
+    for net in (build("darts"), build("darts", partial_channels=2, edge_normalization=True)):   # paired, not
+        assert_same(net, channels_last=True)
+        assert_same(net, "fused_dense", channels_last=True)
     with pytest.raises(ValueError, match="allowed: eager, fused, fused_dense"):
         net.set_backend("triton")
+
+
+@pytest.mark.parametrize("space,switches,paired", [
+    ("darts", {}, True), ("darts", {"random_features": True}, True), ("s3", {}, True),
+    ("darts", {"partial_channels": 2, "edge_normalization": True}, True),      # PC-DARTS
+    ("s1", {}, False),                             # each edge its own op set
+    ("s4", {}, False),                             # noise, drawn per edge
+    ("nb201", {}, False),                          # one input
+])
+def test_a_cells_two_inputs_run_as_one_pass_where_their_ops_match(space, switches, paired):
+    """In a DARTS-space cell both inputs feed every node through the same op set: the ops leaving
+    both run as one pass over their concatenated channels (4 passes per cell, not 5), in normal and
+    reduction cells alike; everywhere else each state is its own pass. The values are eager's
+    (test_fused_forward_gradients_and_bn_buffers_equal_eager)."""
+    net = build(space, **switches)
+    net.set_backend("fused")
+    net(torch.randn(2, 3, 4, 4, dtype=torch.float64))
+    cells = [m for m in net.modules() if isinstance(m, SearchCell)]
+    plans = [plan for cell in cells for plan in cell._fused_plans.values()]
+    assert len(plans) == len(cells) > 0
+    assert {plan.paired for plan in plans} == {paired}
+    if space == "darts":                           # normal and reduction cells
+        assert {cell.fused_shape.strides[0] for cell in cells} == {1, 2}
 
 
 class CountOps(TorchDispatchMode):
@@ -262,13 +285,25 @@ def test_a_cell_reads_its_op_weights_with_one_gather():
                 self.small_products += 1
             return out
 
+    class Clones(TorchDispatchMode):             # the elements each clone copies
+        def __init__(self):
+            super().__init__()
+            self.sizes = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket.__name__ == "clone":
+                self.sizes.append(args[0].numel())
+            return func(*args, **(kwargs or {}))
+
     x = torch.randn(7, 3, 4, 4)
     net(x).sum().backward()                       # the first forward builds the gather indices
-    with ParamReads() as reads, CountOps() as every:
+    with ParamReads() as reads, CountOps() as every, Clones() as clones:
         net(x).sum().backward()
     assert dict(reads.count) == {"cat": len(net.cells)}, reads.count
-    for name in ("clone", "eye"):
-        assert every.count[name] == 0, (name, every.count)
+    assert every.count["eye"] == 0, every.count
+    # the one clone a paired pass may make: its broadcast α weights, (batch, 2 inputs, 1, targets),
+    # for the identity's batched gradient; never an activation or a weight
+    assert all(n <= 7 * 2 * 4 for n in clones.sizes), clones.sizes
     # affine BNs (random features): α·(γ, β) is one product per cell, not two per op kind
     assert reads.small_products == len(net.cells), reads.small_products
     from nascore.ops import FactorizedReduce           # only the eager preprocessing slices (rows, columns)
@@ -311,9 +346,16 @@ def test_gathered_weights_are_the_layouts_and_their_gradients(channels_last, flo
     dense_conv = [param(2, 4, 3, 3) for _ in range(2)]
     bn = [param(5) for _ in range(3)]
     fr = [param(3, 4, 1, 1) for _ in range(4)]               # conv_1, conv_2 of two units
-    requests = [("interleave", dw), ("dense", pw), ("cat", dense_conv), ("cat", bn), ("factorized", fr)]
+    requests = [("interleave", dw), ("dense", pw), ("cat", dense_conv), ("cat", bn), ("factorized", fr),
+                ("interleave/2", dw[:2] + dw[:2]), ("dense/2", pw[:2] + pw[1:])]       # two states' units
     gather, flat = gatherer(requests)
-    interleaved, dense, cat, bn_cat, factorized = gather(*flat)
+    interleaved, dense, cat, bn_cat, factorized, interleaved2, dense2 = gather(*flat)
+    # "/2": each state's units laid out on their own, one state after the other (a conv with 2 groups)
+    torch.testing.assert_close(interleaved2, torch.stack(dw[:2], 1).flatten(0, 1).repeat(2, 1, 1, 1), rtol=0, atol=0)
+    expected_dense2 = torch.zeros(20, 8, 1, 1)
+    for u, w in enumerate(pw[:2] + pw[1:]):        # a state's unit u reads its own columns c·2 + u
+        expected_dense2[5 * u:5 * u + 5, u % 2::2] = w
+    torch.testing.assert_close(dense2, expected_dense2, rtol=0, atol=0)
     x = torch.randn(2, 4, 6, 6, generator=g)
     torch.testing.assert_close(torch.nn.functional.conv2d(x, factorized, stride=2), torch.cat(
         [torch.nn.functional.conv2d(x if k % 2 == 0 else x[:, :, 1:, 1:], w, stride=2) for k, w in enumerate(fr)], 1))
@@ -397,28 +439,32 @@ def test_the_dense_backend_runs_no_depthwise_conv():
             m(x)
         counts[backend] = c
     assert counts["fused"].depthwise > 0 and counts["fused_dense"].depthwise == 0
-    # per cell: every state's sep 3×3 and 5×5 (two blocks each) and dil 3×3 and 5×5 (one block)
-    sources = sum(len(cell.fused_shape.strides) - 1 for cell in net.cells)   # the last node feeds no edge
-    groups = 6 * sources
+    # per pass: sep 3×3 and 5×5 (two blocks each) and dil 3×3 and 5×5 (one block); a pass per state
+    # but the last node (it feeds no edge), the two inputs read side by side in one pass
+    passes = sum(len(cell.fused_shape.strides) - 2 for cell in net.cells)
+    groups = 6 * passes
     assert counts["fused"].total - counts["fused_dense"].total == groups
 
 
-@pytest.mark.parametrize("n_out,with_acc,channels_last", [(1, True, False), (1, False, False), (3, True, False),
-                                                         (1, True, True), (1, True, None)])
-def test_weighted_add_is_addcmul_with_a_leaner_backward(n_out, with_acc, channels_last, float64):
+@pytest.mark.parametrize("n_out,with_acc,channels_last,states", [
+    (1, True, False, 0), (1, False, False, 0), (3, True, False, 0), (1, True, True, 0), (1, True, None, 0),
+    (1, True, False, 2), (1, False, False, 2), (3, True, False, 2), (1, True, None, 2)])
+def test_weighted_add_is_addcmul_with_a_leaner_backward(n_out, with_acc, channels_last, states, float64):
     """`WeightedAdd` computes addcmul's value and gradients (gradcheck), for a broadcast `out`
     (identity, pooling), a per-target `out`, no accumulator, and layouts that cannot be flattened
-    (channels_last; a sliced-channel view, as PC-DARTS' bypass is)."""
+    (channels_last; a sliced-channel view, as PC-DARTS' bypass is); and with a states dim (paired
+    inputs: each state its own weights)."""
     from nascore.fused import WeightedAdd
     g = torch.Generator().manual_seed(0)
-    acc = torch.randn(2, 3, 4, 3, 3, generator=g, requires_grad=True) if with_acc else None
-    out = torch.randn(2, n_out, 6 if channels_last is None else 4, 3, 3, generator=g)
+    s = (states,) if states else ()
+    acc = torch.randn(2, *s, 3, 4, 3, 3, generator=g, requires_grad=True) if with_acc else None
+    out = torch.randn(2, *s, n_out, 6 if channels_last is None else 4, 3, 3, generator=g)
     if channels_last is None:
-        out = out[:, :, 2:]                       # channels 2..5 of 6: a strided view
+        out = out[..., 2:, :, :]                  # channels 2..5 of 6: a strided view
     elif channels_last:
         out = out[:, 0].contiguous(memory_format=torch.channels_last).unsqueeze(1)
     out.requires_grad_()
-    w = torch.randn(1, 3, 1, 1, 1, generator=g, requires_grad=True)
+    w = torch.randn(1, *s, 3, 1, 1, 1, generator=g, requires_grad=True)
     inputs = (acc, out, w)
     torch.autograd.gradcheck(WeightedAdd.apply, inputs)
     expected = out * w if acc is None else torch.addcmul(acc, out, w)
