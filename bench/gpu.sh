@@ -6,6 +6,8 @@
 #   bash bench/gpu.sh compile         # torch.compile'd steps: compile time (warm-up s) and ms/step
 #                                     (the first compiled variant of a case pays the compile; the
 #                                     next finds it in inductor's cache)
+#   bash bench/gpu.sh dtype           # why bf16 was slower (DARTS b64, retrain): autocast alone (NCHW),
+#                                     channels_last alone (fp32) and both, under the graph
 #   bash bench/gpu.sh sweep-start     # the NB201 comparison in the background, sized to the budget
 #   bash bench/gpu.sh wait SECONDS    # until the sweep ends or SECONDS pass; results -> $OUT
 #
@@ -52,6 +54,12 @@ compile)
   timeout 560 python3 bench/search_step.py --cases nb201,darts_first --no-retrain \
       --variants fused+graph,fused+compile,fused+graph+compile \
       --json "$OUT/compile.json" 2>&1 | tee "$OUT/compile.log"
+  ;;
+dtype)
+  timeout 560 python3 bench/search_step.py --cases darts_first,nb201,pc_darts \
+      --variants fused+graph,fused+graph+amp,fused+graph+cl,fused+graph+bf16 \
+      --retrain-variants nascore+fused+graph,nascore+fused+graph+amp,nascore+fused+graph+cl,nascore+fused+graph+bf16 \
+      --json "$OUT/dtype.json" 2>&1 | tee "$OUT/dtype.log"
   ;;
 sweep-start)
   mkdir -p $LOG
@@ -108,5 +116,5 @@ wait)
   ls -la "$OUT"
   ;;
 *)
-  echo "usage: bash bench/gpu.sh bench | profile | compile | sweep-start | wait SECONDS" >&2; exit 2;;
+  echo "usage: bash bench/gpu.sh bench | profile | compile | dtype | sweep-start | wait SECONDS" >&2; exit 2;;
 esac

@@ -10,7 +10,8 @@ validation forward, `*_valid`: eval mode, no grad, 512 images at the spec size) 
 (`reference`: bench/reference.py; `eager`; `fused`; `fused_dense`; on CUDA also `+graph` and
 `+graph+bf16` of both fused backends), one search step on random data resident on the device.
 A variant is a backend (eager | fused | fused_dense) and modifiers joined by "+": graph (a CUDA
-graph), bf16 (autocast and channels_last), cl (channels_last), compile (torch.compile), tuned
+graph), bf16 (autocast and channels_last), amp (bf16 autocast alone, NCHW), cl (channels_last
+alone, fp32), compile (torch.compile), tuned
 (cuDNN autotuning: search.cudnn_benchmark).
 - always: ms per step (median on CPU; CUDA events over a fixed number of steps on a GPU), images/s,
   and the wall time of the warm-up steps (where a compile, a graph capture or autotuning is paid);
@@ -94,7 +95,7 @@ VALIDATION_CASES = ("darts_valid", "nb201_valid")
 DEFAULT_CASES = ("darts_first", "darts_second", "pc_darts", "nb201", "darts_valid", "nb201_valid")
 BACKEND_NAMES = ("eager", "fused", "fused_dense")
 MODIFIERS = {"graph": {"cuda_graph": True}, "bf16": {"amp": "bf16", "channels_last": True},
-             "cl": {"channels_last": True}, "compile": {"compile": True}, "tuned": {"cudnn_benchmark": True}}
+             "amp": {"amp": "bf16"}, "cl": {"channels_last": True}, "compile": {"compile": True}, "tuned": {"cudnn_benchmark": True}}
 
 
 def speed_options(variant: str) -> dict[str, object]:
@@ -355,6 +356,14 @@ def free(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
+def retrain_speed(variant: str) -> str:
+    """A retrain variant "nascore[+backend][+modifiers]" as a search variant: "nascore+graph" is
+    "eager+graph" (the eager backend in a CUDA graph)."""
+    tokens = variant.split("+")[1:]
+    backend = tokens.pop(0) if tokens and tokens[0] in BACKEND_NAMES else "eager"
+    return "+".join([backend] + tokens)
+
+
 def retrain_figures(size: Size, device: torch.device, warmup: int, steps: int, count: bool,
                     variants: list[str], profile: bool = False) -> list[Figure]:
     """The DARTS_V2 network's training step: the reference-style loop and nascore's `train`."""
@@ -385,10 +394,7 @@ def retrain_figures(size: Size, device: torch.device, warmup: int, steps: int, c
             return (data[i % 4] for i in range(self.n))
 
     for variant in variants:
-        # "nascore[+backend][+modifiers]": "nascore+graph" is the eager backend in a CUDA graph
-        tokens = variant.split("+")[1:]
-        backend = tokens.pop(0) if tokens and tokens[0] in BACKEND_NAMES else "eager"
-        speed = speed_options("+".join([backend] + tokens))
+        speed = speed_options(retrain_speed(variant))
         # drop-path 0: the reference step above has none either; 2 epochs: the first warms up
         cfg = TrainConfig(epochs=2, drop_path=0.0, amp=str(speed.get("amp", "none")),
                           channels_last=bool(speed.get("channels_last", False)), progress="none",
@@ -481,6 +487,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--count", action=argparse.BooleanOptionalAction, default=None,
                    help="count ops/bytes/syncs of one step (default: on CPU only)")
     p.add_argument("--no-retrain", action="store_true")
+    p.add_argument("--retrain-variants", default=None,
+                   help="comma-separated, each 'nascore' then modifiers as for --variants (nascore+fused+graph+amp); "
+                        "default: nascore, nascore+fused, nascore+fused_dense (+ graph and bf16 ones on CUDA)")
     p.add_argument("--profile", action="store_true",
                    help="also profile one step of each variant without a CUDA graph (the retrain: the "
                         "reference step): GPU time per kernel on CUDA, self time per aten op on the CPU")
@@ -504,12 +513,25 @@ def main(argv: list[str] | None = None) -> None:
     for c in cases:                    # a typo fails here, not after minutes of other cases
         if c not in CASES:
             p.error(f"unknown case {c!r}: the cases are {', '.join(CASES)}")
-    for v in variants:                 # a typo fails here, not after minutes of other variants
-        if v != "reference":
-            try:
+    retrain_variants = (args.retrain_variants.split(",") if args.retrain_variants else
+                        ["nascore", "nascore+fused", "nascore+fused_dense"] + (
+                            ["nascore+graph", "nascore+fused+graph", "nascore+fused+graph+bf16",
+                             "nascore+fused_dense+graph", "nascore+fused_dense+graph+bf16"] if cuda else []))
+    # a typo fails here, not after minutes of other variants
+    for v in variants:
+        try:
+            if v != "reference":
                 speed_options(v)
-            except ValueError as e:
-                p.error(str(e))
+        except ValueError as e:
+            p.error(str(e))
+    for v in retrain_variants:
+        try:
+            if v.split("+")[0] != "nascore":
+                raise ValueError(f"unknown retrain variant {v!r}: 'nascore', then a backend and modifiers "
+                                 f"joined by '+'")
+            speed_options(retrain_speed(v))
+        except ValueError as e:
+            p.error(str(e))
     info = machine(device)
     print(f"# search step on {info.device} ({info.gpu or info.cpu}, {info.cores} cores, {info.threads} threads, "
           f"torch {info.torch}), "
@@ -546,9 +568,6 @@ def main(argv: list[str] | None = None) -> None:
             save()               # a run cut short by a time limit keeps what it measured
             print(f"  {case} {variant}: {fig.ms_per_step:.1f} ms/step", flush=True)
     if not args.no_retrain:
-        retrain_variants = ["nascore", "nascore+fused", "nascore+fused_dense"] + (
-            ["nascore+graph", "nascore+fused+graph", "nascore+fused+graph+bf16", "nascore+fused_dense+graph",
-             "nascore+fused_dense+graph+bf16"] if cuda else [])
         try:
             figures += retrain_figures(size, device, warmup, steps, count, retrain_variants, args.profile)
         except Exception as e:

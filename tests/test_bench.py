@@ -15,11 +15,12 @@ def test_the_bench_runs_at_tiny_sizes_and_prints_the_ratio_table(capsys, tmp_pat
     sys.modules["search_step"] = bench          # dataclasses look their module up there
     spec.loader.exec_module(bench)
     bench.main(["--device", "cpu", "--size", "tiny", "--cases", "nb201,nb201_valid", "--steps", "1", "--warmup", "1",
-                "--profile", "--json", str(tmp_path / "figures.json")])
+                "--retrain-variants", "nascore,nascore+fused", "--profile", "--json", str(tmp_path / "figures.json")])
     out = capsys.readouterr().out
     assert "ratio reference / variant" in out
-    for row in ("nb201         eager", "nb201         fused", "retrain       nascore"):
+    for row in ("nb201         eager", "nb201         fused", "retrain       nascore", "retrain       nascore+fused"):
         assert row in out
+    assert "nascore+fused_dense" not in out
     figures = json.loads((tmp_path / "figures.json").read_text())["figures"]
     by = {(f["case"], f["variant"]): f for f in figures}
     # what the CPU run can vouch for: fewer kernels than the reference, no host sync in a step
@@ -47,6 +48,9 @@ def test_bench_variants_name_a_backend_and_modifiers():
     assert bench.speed_options("eager") == {}
     assert bench.speed_options("fused_dense+graph+bf16") == {
         "backend": "fused_dense", "cuda_graph": True, "amp": "bf16", "channels_last": True}
+    # bf16's two halves on their own: autocast in NCHW, channels_last in fp32
+    assert bench.speed_options("fused+graph+amp") == {"backend": "fused", "cuda_graph": True, "amp": "bf16"}
+    assert bench.speed_options("eager+cl") == {"channels_last": True}
     for bad in ("fused+grpah", "dense", "fused+"):
         with pytest.raises(ValueError, match="unknown variant"):
             bench.speed_options(bad)
@@ -60,6 +64,11 @@ def test_bench_variants_name_a_backend_and_modifiers():
         bench.main(["--device", "cpu", "--size", "tiny", "--variants", "fused,fused+grpah"])
     with pytest.raises(SystemExit):
         bench.main(["--device", "cpu", "--size", "tiny", "--cases", "nb201,darts_frist"])
+    for bad in ("fused", "nascore+fused+amps"):
+        with pytest.raises(SystemExit):
+            bench.main(["--device", "cpu", "--size", "tiny", "--retrain-variants", f"nascore,{bad}"])
+    assert bench.retrain_speed("nascore+graph") == "eager+graph"
+    assert bench.retrain_speed("nascore+fused_dense+graph+amp") == "fused_dense+graph+amp"
 
 
 def test_agreement_finds_the_fused_path_equal_to_eager_and_bf16_off_by_rounding(capsys):
