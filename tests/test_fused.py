@@ -500,13 +500,21 @@ def test_parameter_free_ops_are_weighted_without_full_size_products():
     assert every.count["bmm"] > 0
 
 
-def test_fused_forward_traces_under_torch_compile():
-    net = build("nb201", partial_channels=2, edge_normalization=True)
+@pytest.mark.parametrize("space,switches", [("nb201", {"partial_channels": 2, "edge_normalization": True}),
+                                            ("darts", {})])                 # DARTS: paired inputs
+def test_fused_forward_traces_under_torch_compile(space, switches):
+    net = build(space, **switches)
     net.set_backend("fused")
     x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
-    expected = copy.deepcopy(net)(x)
+    reference = copy.deepcopy(net)
+    expected = reference(x)
+    expected.sum().backward()
     compiled = torch.compile(net, backend="eager", fullgraph=True)   # no graph break in the cells
-    torch.testing.assert_close(compiled(x), expected)
+    out = compiled(x)
+    torch.testing.assert_close(out, expected)
+    out.sum().backward()
+    for (name, p), q in zip(net.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, msg=name)
 
 
 # --- whole searches ------------------------------------------------------------------------------
