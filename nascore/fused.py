@@ -1091,6 +1091,8 @@ def cell_forward(op_module: Callable[[int, int], nn.Module], shape: CellShape, p
     states = list(inputs)
     carry = carry_b = None           # partial sums of the nodes not complete yet
     for p, mods_s, kinds, weights_s in zip(passes, modules, kinds_p, weights):
+        # a paired pass's two inputs have one stride and one set of targets; its last state
+        # says whether the next node is complete after it
         sp, positions = ap.sources[p[-1]], arch.positions[p[0]]
         stride, targets = shape.strides[sp.state], len(sp.edges)
         # partial channels: the ops' channels and the bypassed ones by one split, whose backward
