@@ -630,8 +630,8 @@ class _Source:
         return y.unflatten(1, (self.states, units // self.states, -1))
 
 
-# Each kind with weights has a request function (its modules and `Dense` -> the tensors it needs,
-# `Request`s) and takes them, in that order, from the iterator `ws`.
+# Each kind with weights has a request function (its modules, `Dense` and how many states it reads
+# side by side -> the tensors it needs, `Request`s) and takes them, in that order, from `ws`.
 Dense = str | None        # separable convs: None (depthwise, then 1×1) or a SEPARABLE layout (one conv)
 
 
@@ -644,7 +644,7 @@ def _pool(mods: list[nn.Module], src: _Source, units: Units, scale: None, ws: It
     return src.per_state(mods[0](src.x), src.states)
 
 
-def _pool_bn_requests(mods: list[nn.Module], dense: Dense, states: int = 1) -> list[Request]:
+def _pool_bn_requests(mods: list[nn.Module], dense: Dense, states: int) -> list[Request]:
     return _bn_requests([m[1] for m in mods])
 
 
@@ -694,7 +694,7 @@ def _dil(mods: list[nn.Module], src: _Source, units: Units, scale: Scale, ws: It
     return src.per_state(y, len(mods))
 
 
-def _sep_requests(mods: list[nn.Module], dense: Dense, states: int = 1) -> list[Request]:
+def _sep_requests(mods: list[nn.Module], dense: Dense, states: int) -> list[Request]:
     return _dil_requests([m[0] for m in mods], True, dense, states) + \
         _dil_requests([m[1] for m in mods], False, dense)
 
@@ -705,7 +705,7 @@ def _sep(mods: list[nn.Module], src: _Source, units: Units, scale: Scale, ws: It
     return src.per_state(y, len(mods))
 
 
-def _relu_conv_bn_requests(mods: list[nn.Module], dense: Dense, states: int = 1) -> list[Request]:
+def _relu_conv_bn_requests(mods: list[nn.Module], dense: Dense, states: int) -> list[Request]:
     convs = [m[1] for m in mods]
     bias = [("cat", [c.bias for c in convs])] if convs[0].bias is not None else []
     return [("cat", [c.weight for c in convs])] + bias + _bn_requests([m[2] for m in mods])
@@ -719,7 +719,7 @@ def _relu_conv_bn(mods: list[nn.Module], src: _Source, units: Units, scale: Scal
     return src.per_state(_bn_blocks(y, [m[2] for m in mods], src.sink, ws, scale), len(mods))
 
 
-def _factorized_reduce_requests(mods: list[nn.Module], dense: Dense, states: int = 1) -> list[Request]:
+def _factorized_reduce_requests(mods: list[nn.Module], dense: Dense, states: int) -> list[Request]:
     return [("factorized", [w for m in mods for w in (m.conv_1.weight, m.conv_2.weight)])] + \
         _bn_requests([m.bn for m in mods])
 
@@ -760,7 +760,7 @@ KINDS: dict[str, KindFn | None] = {
 # the weight tensors a kind takes from `ws` (given its modules, `Dense` and how many states it reads
 # side by side), gathered for the whole cell before it runs
 REQUESTS: dict[str, Callable[[list[nn.Module], Dense, int], list[Request]]] = {
-    "pool_bn": _pool_bn_requests, "dil": lambda mods, dense, states=1: _dil_requests(mods, True, dense, states),
+    "pool_bn": _pool_bn_requests, "dil": lambda mods, dense, states: _dil_requests(mods, True, dense, states),
     "sep": _sep_requests,
     "relu_conv_bn": _relu_conv_bn_requests, "factorized_reduce": _factorized_reduce_requests,
 }
@@ -1221,7 +1221,7 @@ def eval_cell_forward(plan: EvalCellPlan, ops: Sequence[nn.Module], inputs: Sequ
         mask = torch.bernoulli(mask).div_(keep)
     layout = _dense_layout(dense, x0)
     ws = iter(gather_weights([r for groups in plan.sources for g in groups if g.kind in REQUESTS
-                              for r in REQUESTS[g.kind]([ops[k] for k in g.ops], layout)],
+                              for r in REQUESTS[g.kind]([ops[k] for k in g.ops], layout, 1)],
                              cached_on(constants, x0.device)))
     states = list(inputs)
     totals: list[torch.Tensor | None] = [None] * plan.num_nodes

@@ -500,8 +500,10 @@ def test_parameter_free_ops_are_weighted_without_full_size_products():
     assert every.count["bmm"] > 0
 
 
-@pytest.mark.parametrize("space,switches", [("nb201", {"partial_channels": 2, "edge_normalization": True}),
-                                            ("darts", {})])                 # DARTS: paired inputs
+@pytest.mark.parametrize("space,switches", [
+    ("nb201", {"partial_channels": 2, "edge_normalization": True}),
+    ("darts", {"columns": [1, 3, 4]}),     # paired inputs: pooling + BN, skip (FactorizedReduce), sep conv
+])
 def test_fused_forward_traces_under_torch_compile(space, switches):
     net = build(space, **switches)
     net.set_backend("fused")
@@ -515,6 +517,8 @@ def test_fused_forward_traces_under_torch_compile(space, switches):
     out.sum().backward()
     for (name, p), q in zip(net.named_parameters(), reference.parameters()):
         torch.testing.assert_close(p.grad, q.grad, msg=name)
+    plans = [plan for m in reference.modules() if isinstance(m, SearchCell) for plan in m._fused_plans.values()]
+    assert {plan.paired for plan in plans} == {space == "darts"}
 
 
 # --- whole searches ------------------------------------------------------------------------------
