@@ -22,7 +22,7 @@ import contextlib
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 
@@ -30,10 +30,13 @@ from . import config as C
 from .benchmarks import NB201Table
 from .data import (DATASETS, ImageArrays, ResidentLoader, image_files, load_prepared,
                    load_split, save_prepared, save_split, search_split, synthetic_dataset, FolderLoader,
-                   load_image_dataset)
+                   load_image_dataset, SearchSplit)
 from .genotype import AnyGenotype, NB201Genotype, genotype_from_json, resolve_genotype
 from .io import OutputError, save_torch, write_json, write_text
 from .tracking import Tracker, file_sha256, project_root
+
+if TYPE_CHECKING:
+    from .search import SearchConfig, SearchData
 
 SHARED_CIFAR10 = Path("..") / "shared" / "data" / "cifar10-jpeg.tar.gz"
 SHARED_NB201 = Path("..") / "shared" / "data" / "nb201-accuracy.csv"
@@ -231,26 +234,25 @@ SEARCH_LOG_COLUMNS = ("epoch", "lr", "train_loss", "train_acc", "arch_loss", "ar
                       "skipped_batches")
 
 
-def search_loaders(run: C.RunConfig, paths: Paths, device: torch.device):
+def search_data(cfg: SearchConfig, train: ImageArrays, split: SearchSplit, seed: int,
+                device: torch.device) -> SearchData:
+    """The search's loaders over `train`: w batches from the weight half (both halves for
+    single-level on all images), α batches from the arch half, each seeded from `seed`."""
     from .search import SearchData
 
-    prepared = paths.out("prepare") / "data"
-    train = load_prepared(prepared, "train")
-    split = load_split(paths.out("prepare") / "split.json", len(train))
-    cfg = run.search
     w_indices = split.weights if cfg.single_level_data == "half" else list(split.weights) + list(split.arch)
     # Both halves get the training augmentation (crop + flip; cutout only in RobustDARTS'
     # regularised search), as in DARTS; full batches only (drop_last), every step one shape.
     w_loader = ResidentLoader(train, batch_size=cfg.batch_size, indices=w_indices, drop_last=True,
-                              cutout=cfg.cutout, seed=run.seed, device=device,
+                              cutout=cfg.cutout, seed=seed, device=device,
                               channels_last=cfg.channels_last)
     a_loader = ResidentLoader(train, batch_size=cfg.batch_size, indices=split.arch, drop_last=True,
-                              cutout=cfg.cutout, seed=run.seed + 7919, device=device,
+                              cutout=cfg.cutout, seed=seed + 7919, device=device,
                               channels_last=cfg.channels_last)
     score_batches = max(1, round(len(w_loader) * cfg.opp.score_fraction))
     uses_val = cfg.optimisation != "single_level"
     return SearchData(w_loader, a_loader if uses_val or cfg.valid_every else None,
-                      num_classes=len(train.classes), score_fraction_batches=score_batches), train
+                      num_classes=len(train.classes), score_fraction_batches=score_batches)
 
 
 def search(run: C.RunConfig, paths: Paths, tracker: Tracker) -> dict[str, Any]:
@@ -258,7 +260,9 @@ def search(run: C.RunConfig, paths: Paths, tracker: Tracker) -> dict[str, Any]:
     from .spaces import get_space
 
     device = pick_device()
-    data, train = search_loaders(run, paths, device)
+    train = load_prepared(paths.out("prepare") / "data", "train")
+    split = load_split(paths.out("prepare") / "split.json", len(train))
+    data = search_data(run.search, train, split, run.seed, device)
     key = C.config_hash({"params": stage_params(run, "search"),
                          "split": file_sha256(paths.out("prepare") / "split.json"),
                          "data": file_sha256(paths.out("prepare") / "data" / "meta.json")})

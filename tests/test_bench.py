@@ -110,3 +110,70 @@ def test_the_op_counter_counts_what_each_kernel_writes_and_reads():
     assert counted(lambda: a.new_zeros(3)) == (1, 3 * f32, 0)            # `a` for its dtype only
     # a gather reads the rows it fetches and its index, not the whole source
     assert counted(lambda: a.index_select(0, idx)) == (1, 16 * f32, 16 * f32 + 2 * 8)
+
+
+def _science():
+    sys.path.insert(0, str(BENCH.parent))
+    spec = importlib.util.spec_from_file_location("science", BENCH.parent / "science.py")
+    science = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(science)
+    return science
+
+
+def _run(variant, seed, losses, cell="|skip_connect~0|+|none~0|none~1|+|none~0|none~1|none~2|"):
+    return {"variant": variant, "seed": seed, "epochs": [{"epoch": e + 1, "train_loss": x} for e, x in enumerate(losses)],
+            "genotype_str": cell, "param_free_ops": cell.count("skip") + cell.count("none"),
+            "skip_share": cell.count("skip") / 6}
+
+
+def test_science_compare_tells_a_shifted_variant_from_rounding():
+    science = _science()
+    eager = [[2.0 + 0.1 * s, 1.5 + 0.1 * s] for s in range(4)]            # seeds spread by 0.1
+    conv = "|nor_conv_3x3~0|+|nor_conv_3x3~0|none~1|+|nor_conv_3x3~0|none~1|none~2|"
+    runs = [_run("eager", s, eager[s]) for s in range(4)]
+    runs += [_run("same", s, [x + 1e-6 * (-1) ** s for x in eager[s]]) for s in range(4)]
+    runs += [_run("shifted", s, [x + 0.05 + 1e-3 * (-1) ** s for x in eager[s]], cell=conv) for s in range(3)]
+    report = science.compare(runs, metrics=("train_loss",))
+    same, shifted = report["same"], report["shifted"]
+    assert [r["agrees"] for r in same["metrics"]["train_loss"]] == [True, True]
+    assert same["cells"]["same_cell"] == 4 and same["cells"]["collapsed"] == {"eager": 0, "same": 0}
+    # a shift half the seeds' own spread, on every seed: found, although each run is within the spread
+    rows = shifted["metrics"]["train_loss"]
+    assert shifted["seeds"] == [0, 1, 2] and not any(r["agrees"] for r in rows)
+    assert rows[-1]["diff"] == pytest.approx(0.05, abs=2e-3) and rows[-1]["eager_sd"] == pytest.approx(0.1)
+    assert shifted["cells"]["same_cell"] == 0 and not shifted["cells"]["param_free_ops"]["agrees"]
+    mean, half = science.t_interval([1.0, 3.0])          # t(0.975, 1) = 12.706, sd √2, n 2
+    assert mean == 2.0 and half == pytest.approx(12.706 * 2 ** 0.5 / 2 ** 0.5, rel=1e-4)
+
+
+def test_science_runs_paired_searches_on_an_image_tree_and_resumes(tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+    science = _science()
+    rng = np.random.default_rng(0)
+    for c in ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"):
+        (tmp_path / "tree" / "train" / c).mkdir(parents=True)
+        for k in range(13):                 # 130 images: 65 + 65, one batch of 64 per half
+            Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(
+                tmp_path / "tree" / "train" / c / f"{k}.png")
+    out = tmp_path / "science.json"
+    args = ["--data", str(tmp_path / "tree"), "--cache", str(tmp_path / "cache"), "--variants", "fused",
+            "--seeds", "1,2", "--images", "0", "--epochs", "2", "--channels", "4", "--device", "cpu",
+            "--json", str(out)]
+    science.main(args)
+    saved = json.loads(out.read_text())
+    assert sorted((r["variant"], r["seed"]) for r in saved["runs"]) == \
+        [("eager", 1), ("eager", 2), ("fused", 1), ("fused", 2)]
+    by = {(r["variant"], r["seed"]): r for r in saved["runs"]}
+    for s in (1, 2):           # the same search, steps computed another way: equal to fp32 rounding
+        assert len(by["fused", s]["epochs"]) == 2
+        assert by["fused", s]["epochs"][-1]["train_loss"] == pytest.approx(by["eager", s]["epochs"][-1]["train_loss"],
+                                                                           abs=1e-4)
+        assert by["fused", s]["genotype_str"] == by["eager", s]["genotype_str"]
+    assert by["eager", 1]["epochs"][0]["train_loss"] != by["eager", 2]["epochs"][0]["train_loss"]   # seeds differ
+    assert all(r["agrees"] for r in saved["report"]["fused"]["metrics"]["train_loss"])
+    capsys.readouterr()
+    science.main(args)                      # resumed: every run is there, none is searched again
+    assert "seed 1: train loss" not in capsys.readouterr().out
+    with pytest.raises(SystemExit):         # other settings never mix into the same file
+        science.main([*args, "--epochs", "1"])
