@@ -26,7 +26,9 @@ states), so here every op of every edge leaving a state is computed in one pass 
 - S4's `noise` is drawn per edge in the eager loop's order, so both paths see the same numbers;
 - `fused_dense` only: a separable conv (depthwise k×k, then 1×1) is linear, so it runs as ONE dense
   k×k conv whose weight is the two weights' product (`_compose`): more multiply-adds, on tensor
-  cores, for half the conv launches, no depthwise kernel and no intermediate activation.
+  cores, for half the conv launches, no depthwise kernel and no intermediate activation; and the
+  ReLU-conv-BN ops of a state that differ only in kernel size (NB201's nor_conv_1x1 and 3×3) run
+  as one conv, the smaller kernels zero-padded to the largest, and one BN (`merge_conv_groups`).
 
 Nothing is re-parameterised: the fused forward gathers the eager modules' own weights at
 call time, so checkpoints, `functional_call` (second order), random-feature freezing and the
@@ -66,6 +68,9 @@ class GroupPlan:
     op: str
     units: Units                              # in target-node order
     positions: tuple[int, ...] | None         # target slot of each unit; None: one per target, in order
+    # >1: op names computed as one group (`merge_conv_groups`): `repeats` blocks of units, each
+    # one unit per target in order ("+"-joined names)
+    repeats: int = 1
 
 
 @dataclass(frozen=True)
@@ -126,6 +131,7 @@ class CellPlan:
     bn_unit: tuple[int, int] | None           # a unit with a grouped BN: its buffers' dtype/device
     scaled_affine: bool = False               # every SCALED group ends in an affine BN (random features)
     paired: bool = False                      # the two inputs run as one pass (`pairable`)
+    arch: ArchPlan | None = None              # the groups the cell runs: the type's, or merged (dense)
 
     def passes(self, plan: ArchPlan) -> list[tuple[int, ...]]:
         """The sources each pass of `cell_forward` reads side by side: ((0, 1), (2,), ...) paired."""
@@ -152,10 +158,56 @@ def pairable(plan: ArchPlan, kinds: Sequence[Sequence[str]]) -> bool:
             and all(g.positions is None for g in a.groups + b.groups))
 
 
+def _conv_merge_key(m: nn.Module) -> tuple | None:
+    """What ReLU-conv-BN ops must share to run as one conv: all but an odd square kernel size,
+    padded so that every size gives one output size (k//2·dilation: "same" padding)."""
+    if classify(m) != "relu_conv_bn":
+        return None
+    conv, bn = m[1], m[2]
+    (kh, kw), (ph, pw), (dh, dw) = conv.kernel_size, conv.padding, conv.dilation
+    if kh != kw or kh % 2 == 0 or (ph, pw) != (kh // 2 * dh, kw // 2 * dw) or dh != dw:
+        return None
+    return (conv.in_channels, conv.out_channels, conv.stride, dh, conv.bias is not None,
+            bn.affine, bn.eps, bn.momentum)
+
+
+def merge_conv_groups(plan: ArchPlan, op_module: Callable[[int, int], nn.Module],
+                      columns: Sequence[int]) -> ArchPlan:
+    """`plan` with the ReLU-conv-BN groups of a state that differ only in kernel size (NB201's
+    nor_conv_1x1 and nor_conv_3x3) as ONE group: one conv whose smaller kernels are zero-padded
+    to the largest (centred), one BN. Fewer kernels, more multiply-adds (NB201: a 1×1 conv at 3×3
+    cost, 1.8× the cell's conv FLOPs): a `fused_dense` trade. Groups with target positions of
+    their own (not every target) are left alone."""
+    k_of = {c: k for k, c in enumerate(columns)}
+    sources, op_index = [], []
+    for sp in plan.sources:
+        by_key: dict[tuple, list[GroupPlan]] = {}
+        for g in sp.groups:
+            key = _conv_merge_key(op_module(*g.units[0])) if g.positions is None and g.repeats == 1 else None
+            if key is not None:
+                by_key.setdefault(key, []).append(g)
+        merged = {id(gs[0]): gs for gs in by_key.values() if len(gs) > 1}
+        skip = {id(g) for gs in merged.values() for g in gs[1:]}
+        groups = []
+        for g in sp.groups:
+            if id(g) in skip:
+                continue
+            if id(g) in merged:
+                gs = merged[id(g)]
+                g = GroupPlan("+".join(x.op for x in gs), tuple(u for x in gs for u in x.units), None, len(gs))
+            groups.append(g)
+            op_index += [e * len(columns) + k_of[c] for e, c in g.units]
+        sources.append(SourcePlan(sp.state, sp.edges, tuple(groups)))
+    return ArchPlan(plan.num_inputs, plan.num_nodes, tuple(sources), tuple(op_index), plan.edge_index)
+
+
 def build_cell_plan(op_module: Callable[[int, int], nn.Module], plan: ArchPlan,
-                    columns: Sequence[int], pair_inputs: bool = False) -> CellPlan:
+                    columns: Sequence[int], pair_inputs: bool = False, dense: bool = False) -> CellPlan:
     """`pair_inputs`: the cell's two inputs have one shape and their edges one stride; the inputs
-    then run as one pass where `pairable`."""
+    then run as one pass where `pairable`. `dense` (`fused_dense`): convs that differ only in
+    kernel size run as one (`merge_conv_groups`)."""
+    if dense:
+        plan = merge_conv_groups(plan, op_module, columns)
     kinds = tuple(tuple(classify(op_module(*g.units[0])) for g in sp.groups) for sp in plan.sources)
     noise = []
     bn, bn_unit = 0, None
@@ -173,7 +225,7 @@ def build_cell_plan(op_module: Callable[[int, int], nn.Module], plan: ArchPlan,
     last_bns = [LAST_BN[kind](op_module(*g.units[0])) for sp, ks in zip(plan.sources, kinds)
                 for g, kind in zip(sp.groups, ks) if kind in SCALED]
     return CellPlan(kinds, tuple(noise), bn, bn_unit, bool(last_bns) and all(b.affine for b in last_bns),
-                    pair_inputs and pairable(plan, kinds))
+                    pair_inputs and pairable(plan, kinds), plan)
 
 
 def classify(m: nn.Module) -> str:
@@ -245,7 +297,9 @@ def _layout(kind: str, parts: list[torch.Tensor]) -> torch.Tensor:
     - factorized: FactorizedReduce's two offset 1×1 stride-2 convs, per unit (conv_1, conv_2, ...),
       as one 2×2 stride-2 conv: conv_1 at tap (0, 0), conv_2 at tap (1, 1), zero elsewhere;
     - taps_last: n depthwise weights (C, 1, kh, kw) as (n, kh·kw, C), for a channels_last product
-      (`_compose`; the piece comes out shaped as "cat" would and is viewed there).
+      (`_compose`; the piece comes out shaped as "cat" would and is viewed there);
+    - centred: conv weights of odd square kernels of several sizes as "cat" of them, each
+      zero-padded to the largest size around its centre (`merge_conv_groups`).
 
     A "/S" suffix ("interleave/2", "dense/2") lays out the parts of S states read side by side
     (the paired inputs of `cell_forward`): each state's n/S parts as the plain layout does, one
@@ -260,6 +314,9 @@ def _layout(kind: str, parts: list[torch.Tensor]) -> torch.Tensor:
         return torch.cat([_layout(kind, parts[i:i + per]) for i in range(0, len(parts), per)])
     if kind == "cat":
         return torch.cat(parts) if len(parts) > 1 else parts[0]
+    if kind == "centred":
+        k = max(q.shape[-1] for q in parts)
+        return torch.cat([F.pad(q, [(k - q.shape[-1]) // 2] * 4, value=ZERO) for q in parts])
     n = len(parts)
     if kind == "interleave":
         return torch.cat(parts).unflatten(0, (n, -1)).transpose(0, 1).flatten(0, 1)
@@ -325,6 +382,8 @@ def _layout_shape(kind: str, ps: Sequence[torch.Tensor]) -> tuple[int, ...]:
         return (rows, ps[0].shape[1] * len(ps) // int(states or 1), 1, 1)
     if kind == "factorized":
         return (rows, ps[0].shape[1], 2, 2)
+    if kind == "centred":
+        return (rows, ps[0].shape[1], *max((p.shape[2:] for p in ps), key=lambda hw: hw[0]))
     return (rows, *ps[0].shape[1:])
 
 
@@ -708,11 +767,13 @@ def _sep(mods: list[nn.Module], src: _Source, units: Units, scale: Scale, ws: It
 def _relu_conv_bn_requests(mods: list[nn.Module], dense: Dense, states: int) -> list[Request]:
     convs = [m[1] for m in mods]
     bias = [("cat", [c.bias for c in convs])] if convs[0].bias is not None else []
-    return [("cat", [c.weight for c in convs])] + bias + _bn_requests([m[2] for m in mods])
+    # kernels of several sizes: a merged group (`merge_conv_groups`)
+    layout = "cat" if len({c.kernel_size for c in convs}) == 1 else "centred"
+    return [(layout, [c.weight for c in convs])] + bias + _bn_requests([m[2] for m in mods])
 
 
 def _relu_conv_bn(mods: list[nn.Module], src: _Source, units: Units, scale: Scale, ws: Iterator) -> torch.Tensor:
-    c0 = mods[0][1]
+    c0 = max((m[1] for m in mods), key=lambda c: c.kernel_size[0])    # a merged group: the largest kernel
     weight = next(ws)
     bias = next(ws) if c0.bias is not None else None
     y = F.conv2d(src.relu(), weight, bias, c0.stride, c0.padding, c0.dilation, src.states)
@@ -807,7 +868,6 @@ class FusedArch:
     plan: ArchPlan
     weights: torch.Tensor                     # (edges × active columns,) α weights, β folded in
     bypass_weights: list[torch.Tensor | None]  # per source: (1, targets, 1, 1, 1) β weights (PC)
-    positions: list[list[torch.Tensor | None]]  # per source, per group: device index or None
     sink: BatchNormSink
     constant: Callable[[tuple, Callable[[], torch.Tensor]], torch.Tensor]
     autocast: torch.dtype | None              # the ops' output dtype under autocast
@@ -823,12 +883,13 @@ class FusedArch:
         paired inputs has the units of both, state-major. All in one gather per kinds and channel
         count: only the weights some op uses are gathered, so the backward materialises no zero
         gradient for the rest."""
-        key = (cell.kinds, cell.paired, channels)
+        ap = cell.arch or self.plan           # the cell's groups (merged ones: `merge_conv_groups`)
+        key = (id(ap), cell.kinds, cell.paired, channels)
         if key in self._groups:
             return self._groups[key]
-        units = iter(self.plan.op_index)
-        op_index = [[[next(units) for _ in g.units] for g in sp.groups] for sp in self.plan.sources]
-        passes = cell.passes(self.plan)
+        units = iter(ap.op_index)
+        op_index = [[[next(units) for _ in g.units] for g in sp.groups] for sp in ap.sources]
+        passes = cell.passes(ap)
         # (type, the units' flat α indices, states side by side) per group, pass by pass
         layout = [("none" if KINDS[kind] is None else "scaled" if kind in SCALED else "plain",
                    [i for s in p for i in op_index[s][gi]], len(p))
@@ -841,7 +902,7 @@ class FusedArch:
             return torch.tensor(parts["plain"] + [i for i in parts["scaled"] for _ in range(channels)])
         # the index is a device constant: made once, not per forward
         gathered = self.weights.index_select(
-            0, self.constant(("gather", self.plan, cell.kinds, cell.paired, channels), gather_index))
+            0, self.constant(("gather", ap, cell.kinds, cell.paired, channels), gather_index))
         n_plain = sum(len(i) for k, i, _ in layout if k == "plain")
         n_scaled = sum(len(i) for k, i, _ in layout if k == "scaled") * channels
         plain_w, scaled_w = gathered.split([n_plain, n_scaled]) if n_plain and n_scaled else (
@@ -858,7 +919,7 @@ class FusedArch:
         it = iter(layout)
         for p in passes:
             row: list[torch.Tensor | None] = []
-            for _ in self.plan.sources[p[0]].groups:
+            for _ in ap.sources[p[0]].groups:
                 k, _i, states = next(it)
                 row.append(None if k == "none" else next(scaled_parts).view(-1, channels) if k == "scaled"
                            else next(plain_parts).view(1, -1, 1, 1, 1) if states == 1
@@ -871,7 +932,7 @@ class FusedArch:
     def scaled_weights(self, cell: CellPlan, channels: int) -> torch.Tensor | None:
         """Every SCALED group's weights of `group_weights`, concatenated (one tensor)."""
         self.group_weights(cell, channels)
-        return self._scaled[(cell.kinds, cell.paired, channels)]
+        return self._scaled[(id(cell.arch or self.plan), cell.kinds, cell.paired, channels)]
 
 
 def prepare_arch(plan: ArchPlan, op_weights: torch.Tensor,
@@ -895,11 +956,8 @@ def prepare_arch(plan: ArchPlan, op_weights: torch.Tensor,
         autocast = torch.get_autocast_dtype(device_type)
         bypass = bypass.to(autocast) if bypass is not None else None
     edge_parts = iter(bypass.split([len(sp.edges) for sp in plan.sources]) if bypass is not None else ())
-    bypass_weights, positions = [], []
-    for sp in plan.sources:
-        positions.append([index(g.positions) if g.positions is not None else None for g in sp.groups])
-        bypass_weights.append(next(edge_parts).view(1, -1, 1, 1, 1) if bypass is not None else None)
-    return FusedArch(plan, w.reshape(-1), bypass_weights, positions, sink, constant, autocast, dense)
+    bypass_weights = [next(edge_parts).view(1, -1, 1, 1, 1) if bypass is not None else None for _ in plan.sources]
+    return FusedArch(plan, w.reshape(-1), bypass_weights, sink, constant, autocast, dense)
 
 
 # --- the cell ----------------------------------------------------------------------------------
@@ -989,9 +1047,13 @@ def weighted_add(acc: torch.Tensor | None, out: torch.Tensor, w: torch.Tensor) -
 
 
 def _weighted_add(acc: torch.Tensor | None, out: torch.Tensor, w: torch.Tensor | None,
-                  positions: torch.Tensor | None, targets: int) -> torch.Tensor:
+                  positions: torch.Tensor | None, targets: int, repeats: int = 1) -> torch.Tensor:
     """acc + w·out (w None: `out` is weighted already) into the accumulator's target slots (all,
-    or the units' own)."""
+    or the units' own; `repeats` > 1: out holds that many weighted units per target, one block of
+    targets after the other, summed first)."""
+    if repeats > 1:
+        assert w is None and positions is None
+        out = SumStates.apply(out.unflatten(1, (repeats, -1)))
     if positions is None:
         if w is None:
             return out if acc is None else acc + out
@@ -1003,7 +1065,8 @@ def _weighted_add(acc: torch.Tensor | None, out: torch.Tensor, w: torch.Tensor |
 
 
 class SumStates(torch.autograd.Function):
-    """x.sum(1) over the states dim of a paired pass's (B, S, targets, C, H, W) accumulator.
+    """x.sum(1) over the states dim of a paired pass's (B, S, targets, C, H, W) accumulator (or
+    over the blocks of a merged conv group's output, `_weighted_add`).
 
     Every op of the pass outputs all S states' units as one tensor, so each needs the gradient of
     the node sums repeated S times, laid out as its output is. Autograd's sum backward hands on an
@@ -1054,7 +1117,7 @@ def cell_forward(op_module: Callable[[int, int], nn.Module], shape: CellShape, p
                  arch: FusedArch, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
     """A search cell's output, state by state: every edge leaving a state in one pass (the two
     inputs of a paired plan in one pass over both: `pairable`)."""
-    ap, k, c_op = arch.plan, shape.partial, shape.op_channels
+    ap, k, c_op = plan.arch or arch.plan, shape.partial, shape.op_channels
     passes = plan.passes(ap)
     # per pass, per group: the modules of its units (paired: the first input's, then the second's)
     modules = [[[op_module(e, c) for s in p for e, c in ap.sources[s].groups[gi].units]
@@ -1093,7 +1156,7 @@ def cell_forward(op_module: Callable[[int, int], nn.Module], shape: CellShape, p
     for p, mods_s, kinds, weights_s in zip(passes, modules, kinds_p, weights):
         # a paired pass's two inputs have one stride and one set of targets; its last state
         # says whether the next node is complete after it
-        sp, positions = ap.sources[p[-1]], arch.positions[p[0]]
+        sp = ap.sources[p[-1]]
         stride, targets = shape.strides[sp.state], len(sp.edges)
         # partial channels: the ops' channels and the bypassed ones by one split, whose backward
         # is one cat (two slices would each zero-fill a full-size gradient, then be added)
@@ -1112,13 +1175,15 @@ def cell_forward(op_module: Callable[[int, int], nn.Module], shape: CellShape, p
             xa = torch.cat([a for a, _ in parts], dim=1)
         src = _Source(xa, arch.sink, noise, arch.dense, len(p))
         acc = carry
-        for g, mods, kind, w, pos in zip(ap.sources[p[0]].groups, mods_s, kinds, weights_s, positions):
+        for g, mods, kind, w in zip(ap.sources[p[0]].groups, mods_s, kinds, weights_s):
             fn = KINDS[kind]
             if fn is None:
                 continue
             scaled = kind in SCALED
             out = fn(mods, src, g.units, w if scaled else None, ws)
-            acc = _weighted_add(acc, out, None if scaled else w, pos, targets)
+            pos = (arch.constant(("index", g.positions), lambda: torch.tensor(g.positions))
+                   if g.positions is not None else None)
+            acc = _weighted_add(acc, out, None if scaled else w, pos, targets, g.repeats)
         if acc is not None and len(p) > 1:
             acc = SumStates.apply(acc)   # (B, S, targets, C, H, W): the paired inputs' terms summed
         if acc is None:              # only `none` ops leave this state

@@ -159,7 +159,7 @@ class SearchCell(nn.Module):
                                    for ops, (_, j) in zip(edge_ops, self.edge_list))
         k = cfg.partial_channels
         self.fused_shape = fused.CellShape(strides, C // k, k, cfg.channel_shuffle and k > 1, output)
-        self._fused_plans: dict[fused.ArchPlan, fused.CellPlan] = {}   # pure data: safe to deepcopy
+        self._fused_plans: dict[tuple[fused.ArchPlan, bool], fused.CellPlan] = {}   # pure data: safe to deepcopy
 
     def op_module(self, edge: int, column: int) -> nn.Module:
         return self.edges[edge].ops[column]
@@ -169,13 +169,13 @@ class SearchCell(nn.Module):
         """`weights`: softmax(α) over `columns` (edges × columns), or a `FusedArch` (fused backend,
         β already folded in)."""
         if isinstance(weights, fused.FusedArch):
-            plan = self._fused_plans.get(weights.plan)
+            plan = self._fused_plans.get((weights.plan, weights.dense))
             if plan is None:
                 # the inputs can run as one pass when their edges are alike: both stride 1 or
                 # both 2 (a reduction cell)
                 pair = self.num_inputs == 2 and self.fused_shape.strides[0] == self.fused_shape.strides[1]
-                plan = self._fused_plans[weights.plan] = fused.build_cell_plan(
-                    self.op_module, weights.plan, columns, pair_inputs=pair)
+                plan = self._fused_plans[weights.plan, weights.dense] = fused.build_cell_plan(
+                    self.op_module, weights.plan, columns, pair_inputs=pair, dense=weights.dense)
             return fused.cell_forward(self.op_module, self.fused_shape, plan, weights, inputs)
         states = list(inputs)
         e = 0

@@ -346,10 +346,17 @@ def test_gathered_weights_are_the_layouts_and_their_gradients(channels_last, flo
     dense_conv = [param(2, 4, 3, 3) for _ in range(2)]
     bn = [param(5) for _ in range(3)]
     fr = [param(3, 4, 1, 1) for _ in range(4)]               # conv_1, conv_2 of two units
+    sizes = [param(2, 4, 1, 1), param(3, 4, 5, 5), param(2, 4, 3, 3)]   # merged convs' kernels
     requests = [("interleave", dw), ("dense", pw), ("cat", dense_conv), ("cat", bn), ("factorized", fr),
-                ("interleave/2", dw[:2] + dw[:2]), ("dense/2", pw[:2] + pw[1:])]       # two states' units
+                ("interleave/2", dw[:2] + dw[:2]), ("dense/2", pw[:2] + pw[1:]),       # two states' units
+                ("centred", sizes)]
     gather, flat = gatherer(requests)
-    interleaved, dense, cat, bn_cat, factorized, interleaved2, dense2 = gather(*flat)
+    interleaved, dense, cat, bn_cat, factorized, interleaved2, dense2, centred = gather(*flat)
+    # each kernel zero-padded around its centre to the largest: a "same"-padded conv of each
+    x5 = torch.randn(2, 4, 5, 5, generator=g)
+    torch.testing.assert_close(torch.nn.functional.conv2d(x5, centred, padding=2), torch.cat(
+        [torch.nn.functional.conv2d(x5, w, padding=w.shape[-1] // 2) for w in sizes], 1))
+    assert centred.shape == (7, 4, 5, 5) and centred[:2, :, 2, 2].equal(sizes[0][:, :, 0, 0])
     # "/2": each state's units laid out on their own, one state after the other (a conv with 2 groups)
     torch.testing.assert_close(interleaved2, torch.stack(dw[:2], 1).flatten(0, 1).repeat(2, 1, 1, 1), rtol=0, atol=0)
     expected_dense2 = torch.zeros(20, 8, 1, 1)
@@ -446,6 +453,44 @@ def test_the_dense_backend_runs_no_depthwise_conv():
     assert counts["fused"].total - counts["fused_dense"].total == groups
 
 
+def test_the_dense_backend_runs_a_states_convs_of_several_kernel_sizes_as_one():
+    """`fused_dense` on NB201: nor_conv_1x1 and nor_conv_3x3 leaving a state are one 3×3 conv (the
+    1×1 kernel zero-padded) and one BN; convs that would not give the same output are not merged.
+    (The numbers: `test_fused_forward_gradients_and_bn_buffers_equal_eager`, nb201 cases.)"""
+    from nascore.fused import _conv_merge_key
+    from nascore.ops import ReLUConvBN
+    net = build("nb201")
+    x = torch.randn(5, 3, 4, 4, dtype=torch.float64)
+
+    class Convs(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.kernels = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket.__name__ == "convolution":
+                self.kernels.append(args[1].shape[-1])
+            return func(*args, **(kwargs or {}))
+    counts = {}
+    for backend in ("fused", "fused_dense"):
+        m = copy.deepcopy(net)
+        m.set_backend(backend)
+        m(x)
+        with Convs() as c:
+            m(x)
+        counts[backend] = c.kernels
+    cells = [b for b in net.blocks if isinstance(b, SearchCell)]
+    passes = sum(len(c.fused_shape.strides) - 1 for c in cells)     # the last node feeds no edge
+    assert len(counts["fused"]) - len(counts["fused_dense"]) == passes
+    # what is left at 1×1: the residual blocks' shortcuts, no cell conv
+    assert counts["fused_dense"].count(1) == counts["fused"].count(1) - passes
+    conv = {k: ReLUConvBN(4, 4, k, 1, k // 2, affine=False) for k in (1, 3, 5)}
+    assert _conv_merge_key(conv[1]) == _conv_merge_key(conv[3]) == _conv_merge_key(conv[5]) is not None
+    assert _conv_merge_key(ReLUConvBN(4, 4, 3, 1, 0, affine=False)) is None          # "valid" padding
+    assert _conv_merge_key(ReLUConvBN(4, 4, 3, 2, 1, affine=False)) != _conv_merge_key(conv[3])   # stride
+    assert _conv_merge_key(ReLUConvBN(4, 4, 3, 1, 1, affine=True)) != _conv_merge_key(conv[3])    # BN affine
+
+
 @pytest.mark.parametrize("n_out,with_acc,channels_last,states", [
     (1, True, False, 0), (1, False, False, 0), (3, True, False, 0), (1, True, True, 0), (1, True, None, 0),
     (1, True, False, 2), (1, False, False, 2), (3, True, False, 2), (1, True, None, 2)])
@@ -500,13 +545,14 @@ def test_parameter_free_ops_are_weighted_without_full_size_products():
     assert every.count["bmm"] > 0
 
 
-@pytest.mark.parametrize("space,switches", [
-    ("nb201", {"partial_channels": 2, "edge_normalization": True}),
-    ("darts", {"columns": [1, 3, 4]}),     # paired inputs: pooling + BN, skip (FactorizedReduce), sep conv
+@pytest.mark.parametrize("space,switches,backend", [
+    # nor_conv_1x1 and 3×3 as one conv
+    ("nb201", {"partial_channels": 2, "edge_normalization": True}, "fused_dense"),
+    ("darts", {"columns": [1, 3, 4]}, "fused"),     # paired inputs: pooling + BN, skip (FactorizedReduce), sep conv
 ])
-def test_fused_forward_traces_under_torch_compile(space, switches):
+def test_fused_forward_traces_under_torch_compile(space, switches, backend):
     net = build(space, **switches)
-    net.set_backend("fused")
+    net.set_backend(backend)
     x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
     reference = copy.deepcopy(net)
     expected = reference(x)
@@ -519,6 +565,8 @@ def test_fused_forward_traces_under_torch_compile(space, switches):
         torch.testing.assert_close(p.grad, q.grad, msg=name)
     plans = [plan for m in reference.modules() if isinstance(m, SearchCell) for plan in m._fused_plans.values()]
     assert {plan.paired for plan in plans} == {space == "darts"}
+    merged = {g.repeats > 1 for plan in plans for sp in plan.arch.sources for g in sp.groups}
+    assert (True in merged) == (backend == "fused_dense")
 
 
 # --- whole searches ------------------------------------------------------------------------------
