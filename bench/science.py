@@ -212,13 +212,13 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(a.threads)
     settings = {"images": a.images, "epochs": a.epochs, "channels": a.channels, "cells": a.cells,
                 "data": str(a.data)}
-    runs: list[dict[str, Any]] = []
+    runs: list[dict[str, Any]] = []       # every run in the file, this call's variants and seeds or not
     if a.json is not None and a.json.is_file():
         saved = json.loads(a.json.read_text())
         if saved.get("settings") != settings:
             p.error(f"{a.json} holds runs with other settings ({saved.get('settings')}); "
                     f"pass another --json or the same settings")
-        runs = [r for r in saved["runs"] if r["variant"] in variants and r["seed"] in seeds]
+        runs = saved["runs"]
     table = NB201Table.load(a.nb201_table) if a.nb201_table else None
     train = subset(load_image_dataset("cifar10", a.data, train=True, cache_dir=a.cache), a.images)
     print(f"NB201 darts searches: {len(train)} images, {a.epochs} epochs, {a.channels} ch x {a.cells} "
@@ -236,8 +236,9 @@ def main(argv: list[str] | None = None) -> None:
             if a.json is not None:
                 write_json(a.json, {"settings": settings, "device": str(device), "torch": torch.__version__,
                                     "runs": runs})
-    report = compare(runs)
-    print_report(runs, report)
+    wanted = [r for r in runs if r["variant"] in variants and r["seed"] in seeds]
+    report = compare(wanted)
+    print_report(wanted, report)
     if a.json is not None:
         write_json(a.json, {"settings": settings, "device": str(device), "torch": torch.__version__,
                             "runs": runs, "report": report})

@@ -175,5 +175,8 @@ def test_science_runs_paired_searches_on_an_image_tree_and_resumes(tmp_path, cap
     capsys.readouterr()
     science.main(args)                      # resumed: every run is there, none is searched again
     assert "seed 1: train loss" not in capsys.readouterr().out
+    science.main([*args, "--seeds", "1"])   # a report on fewer seeds keeps the others' runs in the file
+    assert "seeds [1]" in capsys.readouterr().out
+    assert len(json.loads(out.read_text())["runs"]) == 4
     with pytest.raises(SystemExit):         # other settings never mix into the same file
         science.main([*args, "--epochs", "1"])
