@@ -9,7 +9,10 @@
 #   bash bench/gpu.sh dtype           # why bf16 was slower (DARTS b64, retrain): autocast alone (NCHW),
 #                                     channels_last alone (fp32) and both, under the graph
 #   bash bench/gpu.sh sweep-start     # the NB201 comparison in the background, sized to the budget
-#   bash bench/gpu.sh wait SECONDS    # until the sweep ends or SECONDS pass; results -> $OUT
+#   bash bench/gpu.sh science-start   # bench/science.py in the background: NB201 searches on real
+#                                     # images, eager fp32 against the fast paths, seed by seed
+#                                     # (~4 min of H100 per seed at the defaults below; resumable)
+#   bash bench/gpu.sh wait SECONDS    # until what was started ends or SECONDS pass; results -> $OUT
 #
 # The machine has torch but neither DVC nor MLflow: the sweep runs the stages as plain commands
 # (sweeps/plain.py; tracking degrades to a warning) and the report is built afterwards with
@@ -21,7 +24,9 @@
 # EAGER_SEEDS (the plain eager fp32 DARTS runs the fast ones are compared with, 1,2,3: issue 4's
 # "within noise" needs the eager path's own seed spread),
 # EPOCHS (default: as many as fit SWEEP_SECONDS at the step time the bench measured), JOBS (6),
-# EXTRA (more --set flags for every experiment).
+# EXTRA (more --set flags for every experiment); for science-start: SCIENCE_VARIANTS
+# (fused+graph,fused+graph+bf16,fused_dense+graph+bf16), SCIENCE_SEEDS (1,2,3,4), SCIENCE_IMAGES
+# (10000), SCIENCE_EPOCHS (8), SCIENCE_CHANNELS (16), SCIENCE_CELLS (5: the spec's network).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1
@@ -96,6 +101,7 @@ EOF
       --set "method=$METHODS" --set "seed=$SEEDS" > $LOG/prepare.log 2>&1 || { tail -30 $LOG/prepare.log; exit 1; }
   python3 sweeps/plain.py --name nb201_eager --stages prepare $(common $E $STAGE $SKIP) $EAGER \
       --set method=darts --set seed=$EAGER_SEEDS >> $LOG/prepare.log 2>&1
+  touch $LOG/methods.started $LOG/eager.started
   setsid bash -c "python3 sweeps/plain.py --name nb201_methods --stages search,derive --jobs $JOBS \
       $(common $E $STAGE $SKIP) $FAST --set method=$METHODS --set seed=$SEEDS > $LOG/fast.log 2>&1;
     python3 sweeps/plain.py --name nb201_methods --stages search,derive --jobs $JOBS \
@@ -107,14 +113,26 @@ EOF
   sleep 45
   tail -n 4 runs/nb201_methods/*/log.txt
   ;;
+science-start)
+  mkdir -p $LOG && touch $LOG/science.started
+  setsid bash -c "python3 bench/science.py --data $DATA_DIR/cifar10-jpeg.tar.gz \
+      --nb201-table $DATA_DIR/nb201-accuracy.csv \
+      --variants ${SCIENCE_VARIANTS:-fused+graph,fused+graph+bf16,fused_dense+graph+bf16} \
+      --seeds ${SCIENCE_SEEDS:-1,2,3,4} --images ${SCIENCE_IMAGES:-10000} --epochs ${SCIENCE_EPOCHS:-8} \
+      --channels ${SCIENCE_CHANNELS:-16} --cells ${SCIENCE_CELLS:-5} --json $LOG/science.json \
+      > $LOG/science.log 2>&1; touch $LOG/science.done" < /dev/null > /dev/null 2>&1 &
+  sleep 30
+  tail -n 5 $LOG/science.log
+  ;;
 wait)
   end=$((SECONDS + ${2:-540}))
-  while [ $SECONDS -lt $end ] && ! { [ -e $LOG/methods.done ] && [ -e $LOG/eager.done ]; }; do sleep 10; done
+  running() { for f in $LOG/*.started; do [ -e "$f" ] && [ ! -e "${f%.started}.done" ] && return 0; done; return 1; }
+  while [ $SECONDS -lt $end ] && running; do sleep 10; done
   cat $LOG/plan.txt $LOG/*.log 2>/dev/null | tail -40
   for f in runs/nb201_*/*/log.txt; do echo "$f: $(grep -c 'search epoch' "$f") epochs; $(tail -1 "$f")"; done
   tar czf "$OUT/runs.tgz" --exclude='*.pt' --exclude='outputs/prepare/data' runs/nb201_* $LOG 2>/dev/null
   ls -la "$OUT"
   ;;
 *)
-  echo "usage: bash bench/gpu.sh bench | profile | compile | dtype | sweep-start | wait SECONDS" >&2; exit 2;;
+  echo "usage: bash bench/gpu.sh bench | profile | compile | dtype | sweep-start | science-start | wait SECONDS" >&2; exit 2;;
 esac
