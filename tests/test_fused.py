@@ -114,6 +114,7 @@ def test_fused_forward_gradients_and_bn_buffers_equal_eager(space, switches, bac
 
 @pytest.mark.parametrize("backend", ["fused", "fused_dense"])
 @pytest.mark.parametrize("space,columns", [("darts", [4]), ("darts", [5, 0, 3, 1]), ("nb201", [3, 0]),
+                                           ("nb201", [3, 1, 2]),      # fused_dense: 3×3 and 1×1 merged, in that order
                                            ("s3", [2, 0])])
 def test_progressive_op_sets_match_and_leave_inactive_ops_untouched(space, columns, backend):
     net = build(space, columns=columns)
