@@ -17,6 +17,7 @@ Sources for a dataset root, detected from what is there: torchvision's own files
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import math
 import multiprocessing as mp
@@ -262,7 +263,8 @@ def extract_archive(archive: str | Path, cache_dir: str | Path) -> Path:
     A marker written after the last file records which archive (path, size, mtime) was extracted:
     an interrupted extraction, or a changed archive, is redone from scratch. Only regular files and
     folders are written, by nascore itself; absolute paths, `..` and links are refused, so nothing
-    can land outside the folder.
+    can land outside the folder. Processes sharing a cache (parallel runs) extract one at a time:
+    the others wait for it and find the files there.
     """
     archive = Path(archive)
     st = archive.stat()
@@ -272,20 +274,29 @@ def extract_archive(archive: str | Path, cache_dir: str | Path) -> Path:
         name = name.removesuffix(suffix)
     dest = Path(cache_dir) / name
     marker = dest / _MARKER
-    if marker.is_file() and json.loads(marker.read_text()) == stamp:
+
+    def extracted() -> bool:
+        return marker.is_file() and json.loads(marker.read_text()) == stamp
+    if extracted():
         return dest
-    if dest.exists():
-        shutil.rmtree(dest)
-    dest.mkdir(parents=True)
-    try:
-        if zipfile.is_zipfile(archive):
-            _extract_zip(archive, dest)
-        else:
-            _extract_tar(archive, dest)
-    except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError) as e:
-        raise DatasetError(f"cannot extract {archive} ({type(e).__name__}: {e}); the archive is "
-                           f"damaged or truncated: fetch it again") from None
-    write_json(marker, stamp)
+    Path(cache_dir).mkdir(parents=True, exist_ok=True)
+    # without the lock a second process would delete the first one's half-written folder
+    with open(Path(cache_dir) / f".{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if extracted():                   # another process did it while this one waited
+            return dest
+        if dest.exists():
+            shutil.rmtree(dest)
+        dest.mkdir(parents=True)
+        try:
+            if zipfile.is_zipfile(archive):
+                _extract_zip(archive, dest)
+            else:
+                _extract_tar(archive, dest)
+        except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError) as e:
+            raise DatasetError(f"cannot extract {archive} ({type(e).__name__}: {e}); the archive is "
+                               f"damaged or truncated: fetch it again") from None
+        write_json(marker, stamp)
     return dest
 
 

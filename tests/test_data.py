@@ -259,6 +259,37 @@ def test_archives_extract_once_into_the_cache(data_tree, tmp_path: Path, kind: s
     assert len(D.load_image_dataset("cifar10", archive, train=False, cache_dir=cache, workers=1)) == 20
 
 
+def test_parallel_runs_sharing_a_cache_extract_an_archive_once(data_tree, tmp_path: Path, monkeypatch) -> None:
+    """A second process arriving mid-extraction waits for the first, then reads its files (it used
+    to delete the half-written folder and extract again under the first one's feet)."""
+    import threading
+    import time
+    archive = _tar(data_tree[0], tmp_path / "c10.tgz", top=None)
+    real, calls = D._extract_tar, []
+
+    def slow_extract(src, dest):
+        calls.append(dest)
+        real(src, dest)
+        time.sleep(0.5)                   # the marker is not written yet: the others must wait
+
+    monkeypatch.setattr(D, "_extract_tar", slow_extract)
+    results, errors = [], []
+
+    def load():
+        try:
+            results.append(len(D.load_image_dataset("cifar10", archive, train=True, cache_dir=tmp_path / "cache",
+                                                    workers=1)))
+        except Exception as e:            # noqa: BLE001 - reported below
+            errors.append(e)
+    threads = [threading.Thread(target=load) for _ in range(3)]   # flock: each open() its own lock
+    for t in threads:
+        t.start()
+        time.sleep(0.1)
+    for t in threads:
+        t.join()
+    assert not errors and results == [20, 20, 20] and len(calls) == 1
+
+
 def test_interrupted_extraction_is_redone(data_tree, tmp_path: Path) -> None:
     archive = _tar(data_tree[0], tmp_path / "c10.tgz", top=None)
     cache = tmp_path / "cache"
