@@ -167,6 +167,10 @@ def print_report(runs: Sequence[dict[str, Any]], report: dict[str, Any]) -> None
                 sd = f"{last['eager_sd']:.3g}" if last["eager_sd"] is not None else "n/a"
                 print(f"  {m:<15} last epoch {last['diff']:+.4g} ± {last['half_width']:.3g} (eager sd {sd}): "
                       f"{verdict}; epochs that agree: {sum(r['agrees'] for r in rows)} of {len(rows)}")
+        checks = [r["agrees"] for rows in rep["metrics"].values() for r in rows]
+        # many intervals: at 95% about one in twenty misses 0 with no shift at all
+        print(f"  all epochs and metrics: {checks.count(False)} of {len(checks)} intervals miss 0 "
+              f"(by chance alone about {len(checks) / 20:.1f} would)")
         cells = rep["cells"]
         for key in ("param_free_ops", "skip_share", "nb201_cifar10"):
             if key in cells:
