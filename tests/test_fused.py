@@ -422,36 +422,45 @@ def test_separable_weights_compose_into_one_dense_conv(nhwc, float64):
     torch.autograd.gradcheck(gather, flat)
 
 
+class ConvCalls(TorchDispatchMode):
+    """Records each dispatched convolution as (kernel size, depthwise?)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket.__name__ == "convolution":
+            groups, x, w = args[-1], args[0], args[1]
+            self.calls.append((w.shape[-1], groups > 1 and groups == x.shape[1]))
+        return func(*args, **(kwargs or {}))
+
+
+def conv_calls(net, x, backends=("fused", "fused_dense")):
+    """Per backend, the convolutions of one forward (after a first one has filled the caches)."""
+    out = {}
+    for backend in backends:
+        m = copy.deepcopy(net)
+        m.set_backend(backend)
+        m(x)
+        with ConvCalls() as c:
+            m(x)
+        out[backend] = c.calls
+    return out
+
+
 def test_the_dense_backend_runs_no_depthwise_conv():
     """`fused_dense` computes every separable conv of a search cell as one dense conv: no depthwise
     conv is dispatched (`fused` runs them), and one conv per separable block group is saved."""
     net = build("darts", columns=[4, 5, 6, 7])               # sep 3×3, 5×5, dil 3×3, 5×5
-    x = torch.randn(5, 3, 4, 4, dtype=torch.float64)
-
-    class Convs(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.depthwise = self.total = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func.overloadpacket.__name__ == "convolution":
-                self.total += 1
-                self.depthwise += args[-1] > 1 and args[-1] == args[0].shape[1]
-            return func(*args, **(kwargs or {}))
-    counts = {}
-    for backend in ("fused", "fused_dense"):
-        m = copy.deepcopy(net)
-        m.set_backend(backend)
-        m(x)
-        with Convs() as c:
-            m(x)
-        counts[backend] = c
-    assert counts["fused"].depthwise > 0 and counts["fused_dense"].depthwise == 0
+    calls = conv_calls(net, torch.randn(5, 3, 4, 4, dtype=torch.float64))
+    depthwise = {b: sum(dw for _, dw in c) for b, c in calls.items()}
+    assert depthwise["fused"] > 0 and depthwise["fused_dense"] == 0
     # per pass: sep 3×3 and 5×5 (two blocks each) and dil 3×3 and 5×5 (one block); a pass per state
     # but the last node (it feeds no edge), the two inputs read side by side in one pass
     passes = sum(len(cell.fused_shape.strides) - 2 for cell in net.cells)
     groups = 6 * passes
-    assert counts["fused"].total - counts["fused_dense"].total == groups
+    assert len(calls["fused"]) - len(calls["fused_dense"]) == groups
 
 
 def test_the_dense_backend_runs_a_states_convs_of_several_kernel_sizes_as_one():
@@ -461,25 +470,7 @@ def test_the_dense_backend_runs_a_states_convs_of_several_kernel_sizes_as_one():
     from nascore.fused import _conv_merge_key
     from nascore.ops import ReLUConvBN
     net = build("nb201")
-    x = torch.randn(5, 3, 4, 4, dtype=torch.float64)
-
-    class Convs(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.kernels = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func.overloadpacket.__name__ == "convolution":
-                self.kernels.append(args[1].shape[-1])
-            return func(*args, **(kwargs or {}))
-    counts = {}
-    for backend in ("fused", "fused_dense"):
-        m = copy.deepcopy(net)
-        m.set_backend(backend)
-        m(x)
-        with Convs() as c:
-            m(x)
-        counts[backend] = c.kernels
+    counts = {b: [k for k, _ in c] for b, c in conv_calls(net, torch.randn(5, 3, 4, 4, dtype=torch.float64)).items()}
     cells = [b for b in net.blocks if isinstance(b, SearchCell)]
     passes = sum(len(c.fused_shape.strides) - 1 for c in cells)     # the last node feeds no edge
     assert len(counts["fused"]) - len(counts["fused_dense"]) == passes
