@@ -172,12 +172,13 @@ def _conv_merge_key(m: nn.Module) -> tuple | None:
 
 
 def merge_conv_groups(plan: ArchPlan, op_module: Callable[[int, int], nn.Module],
-                      columns: Sequence[int]) -> ArchPlan:
+                      columns: Sequence[int], shared: dict | None = None) -> ArchPlan:
     """`plan` with the ReLU-conv-BN groups of a state that differ only in kernel size (NB201's
     nor_conv_1x1 and nor_conv_3x3) as ONE group: one conv whose smaller kernels are zero-padded
     to the largest (centred), one BN. Fewer kernels, more multiply-adds (NB201: a 1×1 conv at 3×3
     cost, 1.8× the cell's conv FLOPs): a `fused_dense` trade. Groups with target positions of
-    their own (not every target) are left alone."""
+    their own (not every target) are left alone. `shared` (the supernet's) keeps one merged plan
+    for every cell of a type, so that they share one α gather per forward (`FusedArch`)."""
     k_of = {c: k for k, c in enumerate(columns)}
     sources, op_index = [], []
     for sp in plan.sources:
@@ -198,16 +199,20 @@ def merge_conv_groups(plan: ArchPlan, op_module: Callable[[int, int], nn.Module]
             groups.append(g)
             op_index += [e * len(columns) + k_of[c] for e, c in g.units]
         sources.append(SourcePlan(sp.state, sp.edges, tuple(groups)))
-    return ArchPlan(plan.num_inputs, plan.num_nodes, tuple(sources), tuple(op_index), plan.edge_index)
+    if tuple(sources) == plan.sources:
+        return plan
+    merged = ArchPlan(plan.num_inputs, plan.num_nodes, tuple(sources), tuple(op_index), plan.edge_index)
+    return merged if shared is None else shared.setdefault((plan, tuple(sources)), merged)
 
 
 def build_cell_plan(op_module: Callable[[int, int], nn.Module], plan: ArchPlan,
-                    columns: Sequence[int], pair_inputs: bool = False, dense: bool = False) -> CellPlan:
+                    columns: Sequence[int], pair_inputs: bool = False, dense: bool = False,
+                    shared: dict | None = None) -> CellPlan:
     """`pair_inputs`: the cell's two inputs have one shape and their edges one stride; the inputs
     then run as one pass where `pairable`. `dense` (`fused_dense`): convs that differ only in
     kernel size run as one (`merge_conv_groups`)."""
     if dense:
-        plan = merge_conv_groups(plan, op_module, columns)
+        plan = merge_conv_groups(plan, op_module, columns, shared)
     kinds = tuple(tuple(classify(op_module(*g.units[0])) for g in sp.groups) for sp in plan.sources)
     noise = []
     bn, bn_unit = 0, None
@@ -872,6 +877,7 @@ class FusedArch:
     constant: Callable[[tuple, Callable[[], torch.Tensor]], torch.Tensor]
     autocast: torch.dtype | None              # the ops' output dtype under autocast
     dense: bool = False                       # separable convs as one dense conv (`fused_dense`)
+    merged_plans: dict = field(default_factory=dict)   # the supernet's `merge_conv_groups` results
     _groups: dict[tuple, list[list[torch.Tensor | None]]] = field(default_factory=dict)
     _scaled: dict[tuple, torch.Tensor | None] = field(default_factory=dict)
 
@@ -938,7 +944,7 @@ class FusedArch:
 def prepare_arch(plan: ArchPlan, op_weights: torch.Tensor,
                  edge_weights: torch.Tensor | None, partial: bool,
                  constant: Callable[[tuple, Callable[[], torch.Tensor]], torch.Tensor],
-                 sink: BatchNormSink, dense: bool = False) -> FusedArch:
+                 sink: BatchNormSink, dense: bool = False, merged_plans: dict | None = None) -> FusedArch:
     """α weights with β folded in; the β weights of PC-DARTS' bypassed channels, per source.
 
     `constant(key, make)` returns `make()` on the weights' device, made once per key and cached by
@@ -957,7 +963,8 @@ def prepare_arch(plan: ArchPlan, op_weights: torch.Tensor,
         bypass = bypass.to(autocast) if bypass is not None else None
     edge_parts = iter(bypass.split([len(sp.edges) for sp in plan.sources]) if bypass is not None else ())
     bypass_weights = [next(edge_parts).view(1, -1, 1, 1, 1) if bypass is not None else None for _ in plan.sources]
-    return FusedArch(plan, w.reshape(-1), bypass_weights, sink, constant, autocast, dense)
+    return FusedArch(plan, w.reshape(-1), bypass_weights, sink, constant, autocast, dense,
+                     {} if merged_plans is None else merged_plans)
 
 
 # --- the cell ----------------------------------------------------------------------------------

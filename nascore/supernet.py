@@ -175,7 +175,8 @@ class SearchCell(nn.Module):
                 # both 2 (a reduction cell)
                 pair = self.num_inputs == 2 and self.fused_shape.strides[0] == self.fused_shape.strides[1]
                 plan = self._fused_plans[weights.plan, weights.dense] = fused.build_cell_plan(
-                    self.op_module, weights.plan, columns, pair_inputs=pair, dense=weights.dense)
+                    self.op_module, weights.plan, columns, pair_inputs=pair, dense=weights.dense,
+                    shared=weights.merged_plans)
             return fused.cell_forward(self.op_module, self.fused_shape, plan, weights, inputs)
         states = list(inputs)
         e = 0
@@ -232,6 +233,7 @@ class Supernet(nn.Module):
         # device index tensors (fused plans, column gathers), built once: no host→device copy per step
         self._index_cache: dict[tuple, torch.Tensor] = {}
         self._plan_cache: dict[tuple, fused.ArchPlan] = {}
+        self._merged_plans: dict[tuple, fused.ArchPlan] = {}     # fused_dense: one per cell type
 
     # --- architecture state -------------------------------------------------------------------
     @property
@@ -420,7 +422,8 @@ class Supernet(nn.Module):
             device = self.alphas[ct].device
             arch[ct] = fused.prepare_arch(
                 plan, self.op_weights(ct, columns), self.edge_weights(ct), self.cfg.partial_channels > 1,
-                lambda key, make: self._index(key, make, device), sink, self.backend == "fused_dense")
+                lambda key, make: self._index(key, make, device), sink, self.backend == "fused_dense",
+                self._merged_plans)
         out = self.forward_cells(x, arch, {ct: None for ct in self.cell_types}, columns)
         sink.flush()
         return out

@@ -476,6 +476,12 @@ def test_the_dense_backend_runs_a_states_convs_of_several_kernel_sizes_as_one():
     assert len(counts["fused"]) - len(counts["fused_dense"]) == passes
     # what is left at 1×1: the residual blocks' shortcuts, no cell conv
     assert counts["fused_dense"].count(1) == counts["fused"].count(1) - passes
+    dense = copy.deepcopy(net)
+    dense.set_backend("fused_dense")
+    dense(torch.randn(5, 3, 4, 4, dtype=torch.float64))
+    # every cell runs the same merged plan: one α gather per forward, as unmerged cells share theirs
+    merged = {id(plan.arch) for b in dense.blocks if isinstance(b, SearchCell) for plan in b._fused_plans.values()}
+    assert len(merged) == 1
     conv = {k: ReLUConvBN(4, 4, k, 1, k // 2, affine=False) for k in (1, 3, 5)}
     assert _conv_merge_key(conv[1]) == _conv_merge_key(conv[3]) == _conv_merge_key(conv[5]) is not None
     assert _conv_merge_key(ReLUConvBN(4, 4, 3, 1, 0, affine=False)) is None          # "valid" padding
