@@ -59,7 +59,7 @@ SUBSET_SEED = 0            # the image subset and its split: the same for every 
 
 def search_config(variant: str, seed: int, channels: int, cells: int, epochs: int) -> C.RunConfig:
     """The pipeline's resolved params for a darts search on NB201, scaled, with a variant's speed."""
-    speed = {k: v for k, v in speed_options(variant).items() if k != "optimizer_impl"}
+    speed = speed_options(variant)
     params = {"method": "darts", "space": "nb201", "dataset": "cifar10", "seed": seed,
               "search": {"init_channels": channels, "layers": cells, "epochs": epochs, "valid_every": 1,
                          **speed}}
