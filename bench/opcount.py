@@ -1,11 +1,16 @@
 """Count what a piece of PyTorch code dispatches: aten ops, the ops that write memory, the bytes
-they write and read, and the host syncs they force. Device-independent, so a CPU run measures the
-kernel count a GPU would launch (one kernel per writing op, give or take: see RESULTS.md) and the
-bytes those kernels move, which bound a memory-bound step's time from below."""
+they write and read, the host syncs they force, and the peak of the bytes held by live tensors.
+Device-independent, so a CPU run measures the kernel count a GPU would launch (one kernel per
+writing op, give or take: see RESULTS.md), the bytes those kernels move, which bound a
+memory-bound step's time from below, and the tensor memory a GPU's caching allocator would have
+to hold at the step's peak (its `max_memory_allocated`, less kernels' workspaces and rounding)."""
 from __future__ import annotations
 
 import collections
+import gc
 import math
+import warnings
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
@@ -33,6 +38,8 @@ class OpCount:
     bytes_written: int = 0            # bytes of the tensors those ops write
     bytes_read: int = 0               # distinct bytes of the tensors those ops read (see `_read`)
     syncs: int = 0                    # ops whose result the host must wait for (.item(), ...)
+    start_bytes: int = 0              # bytes of the live tensors' storages when counting began
+    peak_bytes: int = 0               # their peak while counting: those alive at the start included
     by_op: collections.Counter = field(default_factory=collections.Counter)
 
 
@@ -68,14 +75,50 @@ class CountOps(TorchDispatchMode):
     A tensor counts as written when the op's schema marks it mutated (in-place and out= ops) or
     when it is a returned tensor whose storage no input shares (a fresh result). Views, and
     results that alias an input without a write annotation (`_unsafe_view`), write nothing.
+
+    Live bytes: every storage alive on entry (found through the garbage collector, after a collection: parameters,
+    optimiser state, data) and every storage an op returns is held until Python frees it (a weak
+    reference's callback); `peak_bytes` is the most they held together at any op's return.
+    Tensors made outside any op, and ops' internal workspaces, are not seen.
     """
 
-    def __init__(self, host_scalars: Iterable[torch.Tensor] = ()) -> None:
+    def __init__(self, host_scalars: Iterable[torch.Tensor] = (), device: str | None = None) -> None:
         """`host_scalars`: tensors whose value reads are no device sync (the optimisers' step
-        counters, which torch keeps on the host even when the parameters are on a GPU)."""
+        counters, which torch keeps on the host even when the parameters are on a GPU).
+        `device`: the device type whose live bytes are counted (None: every device)."""
         super().__init__()
         self.count = OpCount()
         self._host = {t.data_ptr() for t in host_scalars}
+        self._device = device
+        self._live: dict[int, int] = {}       # storage address -> bytes, while it is alive
+        self._live_bytes = 0
+
+    def __enter__(self) -> "CountOps":
+        gc.collect()                          # what only a collection would free is not alive
+        with warnings.catch_warnings():      # isinstance() wakes deprecated modules' attributes
+            warnings.simplefilter("ignore")
+            alive = [o for o in gc.get_objects() if isinstance(o, torch.Tensor)]
+        for t in alive:
+            self._hold(t)
+        self.count.start_bytes = self.count.peak_bytes = self._live_bytes
+        return super().__enter__()
+
+    def _hold(self, t: torch.Tensor) -> None:
+        if t.device.type == "meta" or (self._device is not None and t.device.type != self._device) \
+                or t.is_sparse or t.layout != torch.strided:
+            return
+        try:
+            storage = t.untyped_storage()
+        except (RuntimeError, NotImplementedError):       # a tensor without one (a subclass's)
+            return
+        address, n = storage.data_ptr(), storage.nbytes()
+        if n and address not in self._live:
+            self._live[address] = n
+            self._live_bytes += n
+            weakref.finalize(storage, self._release, address)
+
+    def _release(self, address: int) -> None:
+        self._live_bytes -= self._live.pop(address, 0)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -99,6 +142,9 @@ class CountOps(TorchDispatchMode):
                       if t.device.type != "meta"}
             written += [t for t in _tensors(out) if t.device.type == "meta"
                         or t.untyped_storage().data_ptr() not in inputs]
+        for t in _tensors(out):
+            self._hold(t)
+        c.peak_bytes = max(c.peak_bytes, self._live_bytes)
         if written:
             c.writing_ops += 1
             c.bytes_written += sum(t.numel() * t.element_size() for t in {id(t): t for t in written}.values())

@@ -17,7 +17,9 @@ alone, fp32), compile (torch.compile), tuned
   and the wall time of the warm-up steps (where a compile, a graph capture or autotuning is paid);
 - on CUDA: peak memory;
 - with counting (default on CPU): aten ops dispatched, writing ops (≈ kernels), bytes written,
-  bytes read and host syncs for one step (bench/opcount.py); not for a `compile` variant (see `countable`).
+  bytes read, host syncs and the peak of the bytes live tensors hold (`live MB`: a GPU's `peak
+  MB` less cuDNN's workspaces; what a CUDA graph's pool must hold) for one step
+  (bench/opcount.py); not for a `compile` variant (see `countable`).
 Then the retrain step (DARTS_V2 network). The ratio table divides the reference's figure by each
 variant's. nascore variants step through `EpochSteps`, the function the search loop runs.
 """
@@ -140,6 +142,7 @@ class Figure:
     mb_written: float | None = None
     mb_read: float | None = None               # what the writing ops read (opcount._read)
     syncs: int | None = None
+    live_mb: float | None = None               # peak bytes of live tensors in the step, counted (opcount)
     profile: dict | None = None                # --profile: where one step's time goes (profile_step)
     warmup_s: float | None = None              # wall time of the warm-up steps: compile, capture, autotuning
 
@@ -335,11 +338,11 @@ def measure(case: str, variant: str, make: Callable[[], Step], device: torch.dev
         ms, peak, reserved = 1000 * statistics.median(times), None, None
     fig = Figure(case, variant, batch, ms, 1000 * batch / ms, peak, reserved, warmup_s=warmup_s)
     if count:
-        with CountOps(host_scalars()) as counter:
+        with CountOps(host_scalars(), device=device.type) as counter:
             step(warmup + steps)
         c = counter.count
         fig.ops, fig.writing_ops, fig.mb_written, fig.syncs = c.ops, c.writing_ops, c.bytes_written / 2**20, c.syncs
-        fig.mb_read = c.bytes_read / 2**20
+        fig.mb_read, fig.live_mb = c.bytes_read / 2**20, c.peak_bytes / 2**20
     if profile:
         # a replayed CUDA graph is one opaque launch to the profiler: profile the variant without
         # the graph for its kernels (they are the same kernels)
@@ -417,7 +420,7 @@ def retrain_figures(size: Size, device: torch.device, warmup: int, steps: int, c
             # one of 1 step is `steps` steps without the per-run and per-epoch work around them
             counts = []
             for n in (1, 1 + steps):
-                with tempfile.TemporaryDirectory() as tmp, CountOps() as counter:
+                with tempfile.TemporaryDirectory() as tmp, CountOps(device=device.type) as counter:
                     train(network(), Batches(n), None, dataclasses.replace(cfg, epochs=1),
                           checkpoint_path=Path(tmp) / "ckpt.pt", device=device)
                 counts.append(counter.count)
@@ -427,6 +430,7 @@ def retrain_figures(size: Size, device: torch.device, warmup: int, steps: int, c
             fig.mb_written = (more.bytes_written - one.bytes_written) / 2**20 / steps
             fig.mb_read = (more.bytes_read - one.bytes_read) / 2**20 / steps
             fig.syncs = (more.syncs - one.syncs) // steps
+            fig.live_mb = more.peak_bytes / 2**20        # the peak of a run: the network built in it included
         figures.append(fig)
     return figures
 
@@ -434,7 +438,7 @@ def retrain_figures(size: Size, device: torch.device, warmup: int, steps: int, c
 # --- report ---------------------------------------------------------------------------------------
 def table(figures: list[Figure]) -> str:
     v = max([17] + [len(x.variant) for x in figures])
-    head = f"{'case':<13} {'variant':<{v}} {'batch':>5} {'ms/step':>9} {'img/s':>8} {'peak MB':>8} {'rsrvd MB':>8} " \
+    head = f"{'case':<13} {'variant':<{v}} {'batch':>5} {'ms/step':>9} {'img/s':>8} {'peak MB':>8} {'rsrvd MB':>8} {'live MB':>8} " \
            f"{'ops':>7} {'writing':>7} {'MB written':>10} {'MB read':>9} {'syncs':>5} {'warm-up s':>9}"
     rows = [head, "-" * len(head)]
 
@@ -443,6 +447,7 @@ def table(figures: list[Figure]) -> str:
     for x in figures:
         rows.append(f"{x.case:<13} {x.variant:<{v}} {x.batch:>5} {f(x.ms_per_step, '9.1f')} "
                     f"{f(x.images_per_s, '8.1f')} {f(x.peak_memory_mb, '8.0f')} {f(x.peak_reserved_mb, '8.0f')} "
+                    f"{f(x.live_mb, '8.0f')} "
                     f"{f(x.ops, '7d')} "
                     f"{f(x.writing_ops, '7d')} {f(x.mb_written, '10.1f')} {f(x.mb_read, '9.1f')} "
                     f"{f(x.syncs, '5d')} {f(x.warmup_s, '9.1f')}")
@@ -452,7 +457,7 @@ def table(figures: list[Figure]) -> str:
 def ratio_table(figures: list[Figure]) -> str:
     """reference figure / variant figure: > 1 means the variant needs less."""
     v = max([17] + [len(x.variant) for x in figures])
-    head = f"{'case':<13} {'variant':<{v}} {'time':>6} {'writing ops':>11} {'bytes':>6} {'moved':>6} {'reserved':>8}"
+    head = f"{'case':<13} {'variant':<{v}} {'time':>6} {'writing ops':>11} {'bytes':>6} {'moved':>6} {'reserved':>8} {'live':>6}"
     rows = ["ratio reference / variant (higher is better)", head, "-" * len(head)]
     ref = {x.case: x for x in figures if x.variant == "reference"}
 
@@ -468,7 +473,7 @@ def ratio_table(figures: list[Figure]) -> str:
         rows.append(f"{x.case:<13} {x.variant:<{v}} {r(base.ms_per_step, x.ms_per_step):>6} "
                     f"{r(base.writing_ops, x.writing_ops):>11} {r(base.mb_written, x.mb_written):>6} "
                     f"{r(moved(base), moved(x)):>6} "
-                    f"{r(base.peak_reserved_mb, x.peak_reserved_mb):>8}")
+                    f"{r(base.peak_reserved_mb, x.peak_reserved_mb):>8} {r(base.live_mb, x.live_mb):>6}")
     return "\n".join(rows)
 
 
