@@ -2,7 +2,8 @@
 # One lent GPU session, in steps that each fit a 10-minute command (the device tool's limit):
 #
 #   bash bench/gpu.sh bench           # bench/search_step.py at the spec's sizes -> $OUT/bench.json
-#   bash bench/gpu.sh profile         # GPU time per kernel of one step (reference, fused, fused_dense)
+#   bash bench/gpu.sh profile         # GPU time per kernel of one step (reference, fused, fused_dense);
+#                                     # with the counts, so `live MB` (counted) stands beside `peak MB`
 #   bash bench/gpu.sh compile         # torch.compile'd steps: compile time (warm-up s) and ms/step
 #                                     (the first compiled variant of a case pays the compile; the
 #                                     next finds it in inductor's cache)
@@ -51,7 +52,7 @@ bench)
   ;;
 profile)
   nvidia-smi -L
-  timeout 390 python3 bench/search_step.py --variants reference,fused,fused_dense --steps 3 --profile \
+  timeout 560 python3 bench/search_step.py --variants reference,fused,fused_dense --steps 3 --profile --count \
       --json "$OUT/profile.json" 2>&1 | tee "$OUT/profile.log"
   ;;
 compile)

@@ -121,11 +121,16 @@ def validates_differently(variant: str) -> bool:
                                              ("cuda_graph", "amp", "channels_last"))
 
 
-def countable(variant: str) -> bool:
+def countable(variant: str, device: str = "cpu") -> bool:
     """Whether `CountOps` counts what the variant runs. Not for a compiled variant: while a
     TorchDispatchMode is active, torch.compile's code does not run and the eager ops run in its
-    place, so the counts would be the uncompiled variant's, under the compiled one's name."""
-    return variant == "reference" or not speed_options(variant).get("compile")
+    place, so the counts would be the uncompiled variant's, under the compiled one's name. Not for
+    a CUDA graph on a GPU: a replay dispatches no op (on a CPU the graph is off: the plain
+    variant's counts)."""
+    if variant == "reference":
+        return True
+    speed = speed_options(variant)
+    return not speed.get("compile") and not (speed.get("cuda_graph") and device == "cuda")
 
 
 @dataclass
@@ -560,7 +565,7 @@ def main(argv: list[str] | None = None) -> None:
             else:
                 make = lambda: nascore_step(case, size, device, **speed_options(variant))  # noqa: E731
             try:
-                fig = measure(case, variant, make, device, warmup, steps, count and countable(variant),
+                fig = measure(case, variant, make, device, warmup, steps, count and countable(variant, device.type),
                               args.profile and "graph" not in variant)
             except Exception as e:     # one broken variant must not cost the others' figures
                 failures.append(f"{case} {variant}: {type(e).__name__}: {e}")

@@ -64,6 +64,8 @@ def test_bench_variants_name_a_backend_and_modifiers():
     assert bench.validates_differently("fused_dense") and bench.validates_differently("fused+compile")
     assert not bench.validates_differently("fused+graph") and not bench.validates_differently("eager+cl")
     assert bench.countable("reference") and bench.countable("fused_dense+graph+bf16")
+    # a replayed CUDA graph dispatches nothing to count
+    assert not bench.countable("fused+graph", "cuda") and bench.countable("fused+bf16", "cuda")
     assert not bench.countable("fused+compile") and not bench.countable("eager+graph+compile")
     with pytest.raises(SystemExit):              # refused before any variant is measured
         bench.main(["--device", "cpu", "--size", "tiny", "--variants", "fused,fused+grpah"])
