@@ -136,8 +136,10 @@ def test_the_op_counter_follows_the_bytes_live_tensors_hold():
         del t
 
     def loop():
+        last = None
         for _ in range(5):            # each product replaces the last: never more than two alive
-            v = big * 3  # noqa: F841
+            last = big * 3
+        return last
     assert peak_above_start(chain) == 2 * n
     assert peak_above_start(loop) == 2 * n
     assert peak_above_start(lambda: big.view(10, 100).t()) == 0        # views hold no new bytes
