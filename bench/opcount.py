@@ -91,6 +91,7 @@ class CountOps(TorchDispatchMode):
         self._host = {t.data_ptr() for t in host_scalars}
         self._device = device
         self._live: dict[int, int] = {}       # storage address -> bytes, while it is alive
+        self._watches: dict[int, weakref.finalize] = {}
         self._live_bytes = 0
 
     def __enter__(self) -> "CountOps":
@@ -102,6 +103,12 @@ class CountOps(TorchDispatchMode):
             self._hold(t)
         self.count.start_bytes = self.count.peak_bytes = self._live_bytes
         return super().__enter__()
+
+    def __exit__(self, *exc: Any) -> None:
+        super().__exit__(*exc)
+        for watch in self._watches.values():  # the storages that outlive the count keep no callback
+            watch.detach()
+        self._watches.clear()
 
     def _hold(self, t: torch.Tensor) -> None:
         if t.device.type == "meta" or (self._device is not None and t.device.type != self._device) \
@@ -115,10 +122,11 @@ class CountOps(TorchDispatchMode):
         if n and address not in self._live:
             self._live[address] = n
             self._live_bytes += n
-            weakref.finalize(storage, self._release, address)
+            self._watches[address] = weakref.finalize(storage, self._release, address)
 
     def _release(self, address: int) -> None:
         self._live_bytes -= self._live.pop(address, 0)
+        self._watches.pop(address, None)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
