@@ -103,6 +103,7 @@ METRICS: dict[str, Metric] = {
     "search_seconds": Metric("search wall time", 1, "lower"),
     "search_gpu_days": Metric("search cost (days, one device)", 3, "lower"),
     "search_epochs": Metric("search epochs", 0),
+    "search_memory_gb": Metric("search peak GPU memory (GB)", 2, "lower"),
     "search_valid_acc": Metric("supernet valid acc. (fraction)", 3, "higher"),
     "params_m": Metric("params (M)", 3),
     "macs_m": Metric("MACs (M)", 1),
@@ -287,6 +288,8 @@ def normalise_metrics(stages: Mapping[str, Mapping[str, Any]]) -> dict[str, floa
     if out["search_seconds"] is not None:
         out["search_gpu_days"] = out["search_seconds"] / 86400
     out["search_epochs"] = _num(search.get("epochs"))
+    memory = _num(search.get("peak_memory_mb", evaluate.get("search_peak_memory_mb")))
+    out["search_memory_gb"] = None if memory is None else memory / 1024
     out["search_valid_acc"] = _num(search.get("valid_acc", evaluate.get("search_valid_acc")))
     for k in ("param_free_ops", "param_free_ops_normal", "param_free_ops_reduce"):
         out[k] = _num(derive.get(k, evaluate.get(k)))

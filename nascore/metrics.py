@@ -1,4 +1,5 @@
-"""Model size and cost: parameter counts and FLOPs as NAS papers report them (methods.md §1.1).
+"""Model size and cost: parameter counts and FLOPs as NAS papers report them (methods.md §1.1),
+and the GPU memory a run holds (`peak_memory`).
 
 Parameters: papers exclude the auxiliary head (it is dropped at test time), so
 `count_parameters` does too by default.
@@ -104,3 +105,27 @@ def count_flops(model: nn.Module, input_size: Sequence[int] = (1, 3, 32, 32)) ->
              for op, n in counter.get_flop_counts().get("Global", {}).items()}
     return FlopReport(input_size=tuple(input_size), flops=int(counter.get_total_flops()),
                       by_op=by_op)
+
+
+# --- GPU memory of a run --------------------------------------------------------------------------
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a new span (an epoch) for `peak_memory`; nothing off CUDA."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory(device: torch.device) -> dict[str, float]:
+    """The device's peak memory since `reset_peak_memory`, in MiB: `peak_memory_mb`, what tensors
+    held at most (the figure papers compare: PC-DARTS' partial channels exist to lower it), and
+    `peak_reserved_mb`, what the caching allocator held, CUDA graph pools included (a captured
+    step's intermediates live there, out of the first figure). Empty off CUDA, where torch keeps
+    no such statistics."""
+    if device.type != "cuda":
+        return {}
+    return {"peak_memory_mb": torch.cuda.max_memory_allocated(device) / 2**20,
+            "peak_reserved_mb": torch.cuda.max_memory_reserved(device) / 2**20}
+
+
+def run_peak_memory(history: Sequence[dict]) -> float | None:
+    """The largest `peak_memory_mb` of a run's epochs; None where none was measured (CPU)."""
+    return max((r["peak_memory_mb"] for r in history if r.get("peak_memory_mb") is not None), default=None)

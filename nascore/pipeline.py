@@ -33,6 +33,7 @@ from .data import (DATASETS, ImageArrays, ResidentLoader, image_files, load_prep
                    load_image_dataset, SearchSplit)
 from .genotype import AnyGenotype, NB201Genotype, genotype_from_json, resolve_genotype
 from .io import OutputError, save_torch, write_json, write_text
+from .metrics import run_peak_memory
 from .tracking import Tracker, file_sha256, project_root
 
 if TYPE_CHECKING:
@@ -231,7 +232,7 @@ def prepare(run: C.RunConfig, paths: Paths, tracker: Tracker) -> None:
 SEARCH_LOG_COLUMNS = ("epoch", "lr", "train_loss", "train_acc", "arch_loss", "arch_acc", "valid_loss",
                       "valid_acc", "param_free_ops", "param_free_ops_normal", "param_free_ops_reduce",
                       "alpha_entropy", "active_ops", "hessian_eigenvalue", "epoch_seconds", "images_per_s",
-                      "skipped_batches")
+                      "skipped_batches", "peak_memory_mb", "peak_reserved_mb")
 
 
 def search_data(cfg: SearchConfig, train: ImageArrays, split: SearchSplit, seed: int,
@@ -301,7 +302,8 @@ def search(run: C.RunConfig, paths: Paths, tracker: Tracker) -> dict[str, Any]:
     metrics = {"valid_acc": final.get("valid_acc"), "train_loss": final["train_loss"],
                "param_free_ops": final["param_free_ops"], "alpha_entropy": final["alpha_entropy"],
                "epochs": len(result.history), "search_seconds": round(
-                   sum(r["epoch_seconds"] for r in result.history), 3)}
+                   sum(r["epoch_seconds"] for r in result.history), 3),
+               "peak_memory_mb": run_peak_memory(result.history)}
     tracker.log_artifact(paths.out("search") / "genotype.json")
     tracker.log_artifact(paths.out("search") / "alphas.json")
     tracker.log_artifact(paths.out("search") / "log.csv")
@@ -368,7 +370,8 @@ def derivation_weights(saved: Mapping[str, Any]) -> dict[str, tuple[list[list[fl
 
 # --- retrain and transfer ------------------------------------------------------------------------
 TRAIN_LOG_COLUMNS = ("epoch", "lr", "drop_path_prob", "train_loss", "train_acc", "eval_loss", "eval_top1",
-                     "eval_top5", "skipped_batches", "epoch_seconds", "images_per_s")
+                     "eval_top5", "skipped_batches", "epoch_seconds", "images_per_s", "peak_memory_mb",
+                     "peak_reserved_mb")
 
 
 def stage_genotype(ref: str, paths: Paths) -> AnyGenotype:
@@ -408,7 +411,7 @@ def _train_network(stage: str, run: C.RunConfig, sec: C.NetworkTrainConfig, mode
                "error": None if final["eval_top1"] is None else round(100 * (1 - final["eval_top1"]), 4),
                "epochs": len(result.history),
                "train_seconds": round(sum(r["epoch_seconds"] for r in result.history), 3),
-               **extra_metrics}
+               "peak_memory_mb": run_peak_memory(result.history), **extra_metrics}
     if D.rank() == 0:
         with publish_dir(paths.out(stage)) as out:
             save_torch(out / "model.pt", {k: v.cpu() for k, v in model.state_dict().items()})
@@ -532,6 +535,7 @@ def evaluate(run: C.RunConfig, paths: Paths, tracker: Tracker) -> dict[str, Any]
         "param_free_ops": genotype.num_parameter_free(),
         "search_valid_acc": summary["search"].get("valid_acc"),
         "search_seconds": summary["search"].get("search_seconds"),
+        "search_peak_memory_mb": summary["search"].get("peak_memory_mb"),
         "retrain_top1": summary["retrain"].get("top1"),
         "retrain_error": summary["retrain"].get("error"),
         "params_m": summary["retrain"].get("params_m"),

@@ -34,6 +34,7 @@ from .diagnostics import collapse_diagnostics, hessian_eigenvalue
 from .genotype import AnyGenotype
 from .graphs import StepGraph, cuda_graph, side_stream
 from .io import load_checkpoint, save_checkpoint
+from .metrics import peak_memory, reset_peak_memory
 from .op_schedules import OP_SCHEDULES, ProgressiveConfig
 from .optimisation import UPDATE_RULES, Batch, StepContext, StepStats
 from .spaces import SearchSpace
@@ -389,6 +390,7 @@ class SearchRun:
         model.set_drop_path(cfg.drop_path * epoch / cfg.epochs)
         self.data.train.set_epoch(epoch)
         steps = EpochSteps(self, ctx, update_arch)
+        reset_peak_memory(self.device)
         t0 = time.perf_counter()
         # a step bar in a terminal; logs (CI, dvc queue) get the one line per epoch only
         bar = tqdm(self.data.train, total=len(self.data.train), desc=f"search epoch {epoch + 1}",
@@ -420,6 +422,7 @@ class SearchRun:
             self.data.val.set_epoch(-2)
             batches = [b for _, b in zip(range(cfg.hessian_batches), self.data.val)]
             record["hessian_eigenvalue"] = hessian_eigenvalue(model, batches, cfg.hessian_iters)
+        record.update(peak_memory(self.device))     # the epoch's steps and validation (CUDA only)
         self.log(f"search epoch {epoch + 1}/{cfg.epochs}: loss {record['train_loss']:.4f} "
                  f"acc {record['train_acc']:.3f}"
                  + (f" valid {record['valid_acc']:.3f}" if "valid_acc" in record else "")

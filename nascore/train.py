@@ -35,6 +35,7 @@ from . import distributed as D
 from .fused import BACKENDS
 from .graphs import StepGraph, cuda_graph, side_stream
 from .io import CheckpointError, load_checkpoint, save_checkpoint
+from .metrics import peak_memory, reset_peak_memory
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 Output = Union[torch.Tensor, tuple[torch.Tensor, Optional[torch.Tensor]]]
@@ -279,6 +280,7 @@ def train(model: nn.Module, train_loader: Loader, eval_loader: Loader | None, cf
     with _backend_flags(cfg.deterministic, device), \
             tqdm(total=cfg.epochs, initial=start, unit="epoch", disable=mode != "bar") as epoch_bar:
         for epoch in range(start, cfg.epochs):
+            reset_peak_memory(device)
             t0 = time.perf_counter()
             lr = lr_at(cfg, epoch)
             for group in optimizer.param_groups:
@@ -365,6 +367,7 @@ def train(model: nn.Module, train_loader: Loader, eval_loader: Loader | None, cf
                 "skipped_batches": bad_steps,
                 "epoch_seconds": time.perf_counter() - t0,
                 "images_per_s": seen / train_seconds,
+                **peak_memory(device),            # this rank's, evaluation included (CUDA only)
             }
             history.append(record)
             _save(path, model, optimizer, cfg, meta, history, device, rank)

@@ -101,13 +101,17 @@ def test_mean_std_is_the_sample_std_and_skips_missing_values():
 
 def test_normalise_metrics_puts_the_pipeline_metrics_in_the_papers_units():
     m = normalise_metrics({
-        "search": {"search_seconds": 8640.0, "epochs": 50, "valid_acc": 0.8},
+        "search": {"search_seconds": 8640.0, "epochs": 50, "valid_acc": 0.8, "peak_memory_mb": 5632.0},
         "derive": {"param_free_ops": 3, "arch": "|…|"},
         "retrain": {"top1": 0.9724, "error": 2.76, "epochs": 600, "params_m": 3.349342, "macs_m": 530.1},
         "transfer_imagenet": {"top1": 0.733, "top5": 0.913, "params_m": 4.72, "macs_m": 574.0},
         "evaluate": {"nb201_cifar10": 54.3}})
     assert m["retrain_acc"] == pytest.approx(97.24) and m["retrain_error"] == 2.76
     assert m["search_gpu_days"] == pytest.approx(0.1) and m["search_epochs"] == 50
+    assert m["search_memory_gb"] == 5.5
+    # the evaluate stage's copy (MLflow's final metrics); a CPU run measured none
+    assert normalise_metrics({"evaluate": {"search_peak_memory_mb": 2048}})["search_memory_gb"] == 2.0
+    assert "search_memory_gb" not in normalise_metrics({"search": {"peak_memory_mb": None}})
     assert m["imagenet_top1_error"] == pytest.approx(26.7) and m["imagenet_top5_error"] == pytest.approx(8.7)
     assert m["imagenet_params_m"] == 4.72 and m["nb201_cifar10"] == 54.3 and m["param_free_ops"] == 3
     # a skipped transfer stage and missing stages give no numbers, not zeros

@@ -190,3 +190,21 @@ def test_validation_in_merged_batches_gives_the_batch_by_batch_figures_in_fewer_
     assert forwards == [[4] * 6, [24]]
     assert figures[0]["valid_acc"] == figures[1]["valid_acc"]
     assert figures[0]["valid_loss"] == pytest.approx(figures[1]["valid_loss"], rel=1e-5)
+
+
+def test_a_cpu_search_records_no_gpu_memory():
+    history = search(get_space("nb201"), tiny_config(space="nb201", epochs=1), tiny_data(), log=lambda s: None).history
+    assert "peak_memory_mb" not in history[0] and "peak_reserved_mb" not in history[0]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_a_gpu_search_records_each_epochs_peak_memory():
+    x, y = learnable_images(16, 4, 8)
+    data = SearchData(TensorLoader(x.cuda(), y.cuda(), 4), TensorLoader(x.cuda(), y.cuda(), 4), 4)
+    small = search(get_space("nb201"), tiny_config(space="nb201", epochs=2), data, device="cuda",
+                   log=lambda s: None).history
+    wide = search(get_space("nb201"), tiny_config(space="nb201", epochs=1, init_channels=32), data,
+                  device="cuda", log=lambda s: None).history
+    for r in small + wide:
+        assert 0 < r["peak_memory_mb"] <= r["peak_reserved_mb"]
+    assert wide[0]["peak_memory_mb"] > small[-1]["peak_memory_mb"]     # 4x the channels: more memory

@@ -113,6 +113,7 @@ def test_learns_a_learnable_problem(tmp_path: Path) -> None:
     assert h[-1]["eval_top1"] > 0.6                     # chance is 0.25
     assert h[-1]["eval_top5"] == 1.0                    # 4 classes: top-5 is every class
     assert all(r["images_per_s"] > 0 and r["skipped_batches"] == 0 for r in h)
+    assert not any("peak_memory_mb" in r for r in h)  # no memory statistics on the CPU
     ck = load_checkpoint(tmp_path / "ck.pt", kind="train", meta={"genotype": "tiny"})
     assert ck["epoch"] == 3 and without_timing(ck["history"]) == without_timing(h)
 
@@ -458,3 +459,10 @@ def test_the_fused_backend_trains_a_darts_network_as_the_eager_one_does(tmp_path
     with pytest.raises(ValueError, match="TinyNet has only the eager forward"):
         train(fresh_model(), *loaders(n_train=64), cfg(epochs=1, backend="fused"),
               checkpoint_path=tmp_path / "tiny.pt", device="cpu")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_a_gpu_run_records_each_epochs_peak_memory(tmp_path: Path) -> None:
+    tr, ev = loaders()
+    h = train(fresh_model(), tr, ev, cfg(epochs=2), checkpoint_path=tmp_path / "ck.pt", device="cuda").history
+    assert all(0 < r["peak_memory_mb"] <= r["peak_reserved_mb"] for r in h)
