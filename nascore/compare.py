@@ -1256,12 +1256,13 @@ EXPERIMENT_COLUMNS = (
     "param_free_ops", "param_free_ops_normal", "param_free_ops_reduce", "collapse_op", "collapse_share",
     "nb201_cifar10", "nb201_cifar100", "nb201_imagenet16", "retrain_acc", "retrain_error",
     "retrain_epochs", "params_m", "macs_m", "imagenet_top1_error", "imagenet_top5_error",
-    "imagenet_params_m", "imagenet_flops_m", "search_seconds", "search_epochs", "search_valid_acc",
-    "paper_metric", "paper_value", "paper_std", "paper_unconfirmed", "paper_source", "rev",
+    "imagenet_params_m", "imagenet_flops_m", "search_seconds", "search_epochs", "search_memory_gb",
+    "search_valid_acc", "paper_metric", "paper_value", "paper_std", "paper_unconfirmed", "paper_source", "rev",
     "mlflow_run_id")
 SUMMARY_METRICS = ("nb201_cifar10", "nb201_cifar100", "nb201_imagenet16", "retrain_acc", "retrain_error",
                    "param_free_ops", "param_free_ops_normal", "collapse_share", "search_seconds",
-                   "search_epochs", "params_m", "macs_m", "imagenet_top1_error", "imagenet_top5_error")
+                   "search_epochs", "search_memory_gb", "params_m", "macs_m", "imagenet_top1_error",
+                   "imagenet_top5_error")
 CLAIM_COLUMNS = ("method", "space", "dataset", "profile", "variant", "seeds", "metric", "stat", "ours",
                  "ours_std", "paper_method", "paper_value", "paper_std", "unconfirmed", "delta", "source",
                  "note")

@@ -304,7 +304,7 @@ def test_a_method_drifted_when_most_of_its_seeds_did():
 def test_report_folder_has_the_tables_and_figures(tmp_path):
     table = nb201_table(tmp_path / "nb201.csv")
     exps = [nb201_exp(m, s, arch, metrics={"search_seconds": 100.0 * s, "retrain_acc": 90.0 + s,
-                                           "params_m": 1.0, "macs_m": 100.0})
+                                           "params_m": 1.0, "macs_m": 100.0, "search_memory_gb": 2.0 + s})
             for m, arch in (("darts", ALL_SKIP), ("single_darts", BEST)) for s in (1, 2)]
     for e in exps:
         e.alpha_history = [{"alphas": {"cell": [[0.2] * 5] * 6},
@@ -321,6 +321,9 @@ def test_report_folder_has_the_tables_and_figures(tmp_path):
                     "## Derived cells, per seed", "## Figures"):
         assert heading in md
     assert "91.50 ± 0.71" in md                 # retrained accuracy over the two seeds
+    summary = list(csv.DictReader(open(tmp_path / "r" / "summary.csv")))
+    assert [float(r["search_memory_gb_mean"]) for r in summary] == [3.5, 3.5]     # GPU runs: their memory
+    assert rows[0]["search_memory_gb"] in ("3.0", "4.0")
     assert "plain DARTS drifted to skip_connect" in md       # all-skip NB201 cells
     figures = sorted(p.name for p in (tmp_path / "r").glob("*.png"))
     assert figures == ["alpha_darts_nb201_cifar10_full.png", "alpha_single_darts_nb201_cifar10_full.png",
