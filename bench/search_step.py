@@ -50,6 +50,7 @@ from opcount import CountOps  # noqa: E402
 
 from nascore.genotype import DARTS_V2  # noqa: E402
 from nascore.methods import get_method  # noqa: E402
+from nascore.metrics import run_peak_memory  # noqa: E402
 from nascore.networks import NetworkCIFAR  # noqa: E402
 from nascore.search import EpochSteps, SearchConfig, SearchData, SearchRun  # noqa: E402
 from nascore.spaces import get_space  # noqa: E402
@@ -409,16 +410,15 @@ def retrain_figures(size: Size, device: torch.device, warmup: int, steps: int, c
                           cuda_graph=bool(speed.get("cuda_graph", False)), compile=bool(speed.get("compile", False)),
                           backend=str(speed.get("backend", "eager")))
         with tempfile.TemporaryDirectory() as tmp:
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
             # a graphed epoch spends its first steps warming up and capturing: give it more steps
             n = max(warmup, steps) * (5 if cfg.cuda_graph else 1)
             result = train(network(), Batches(n), None, cfg,
                            checkpoint_path=Path(tmp) / "ckpt.pt", device=device)
         ips = result.history[-1]["images_per_s"]
-        cuda = device.type == "cuda"
-        peak = torch.cuda.max_memory_allocated(device) / 2**20 if cuda else None
-        reserved = torch.cuda.max_memory_reserved(device) / 2**20 if cuda else None
+        # `train` records each epoch's peak itself (resetting the statistics per epoch): the run's
+        # is the largest
+        peak = run_peak_memory(result.history)
+        reserved = run_peak_memory(result.history, "peak_reserved_mb")
         fig = Figure("retrain", variant, size.retrain_batch, 1000 * size.retrain_batch / ips, ips, peak, reserved)
         if count:
             # `train` runs whole epochs: the difference between an epoch of 1 + `steps` steps and

@@ -126,6 +126,7 @@ def peak_memory(device: torch.device) -> dict[str, float]:
             "peak_reserved_mb": torch.cuda.max_memory_reserved(device) / 2**20}
 
 
-def run_peak_memory(history: Sequence[dict]) -> float | None:
-    """The largest `peak_memory_mb` of a run's epochs; None where none was measured (CPU)."""
-    return max((r["peak_memory_mb"] for r in history if r.get("peak_memory_mb") is not None), default=None)
+def run_peak_memory(history: Sequence[dict], key: str = "peak_memory_mb") -> float | None:
+    """The largest `key` (a `peak_memory` figure) of a run's epochs; None where none was measured
+    (CPU)."""
+    return max((r[key] for r in history if r.get(key) is not None), default=None)

@@ -501,3 +501,11 @@ def test_the_fused_retrain_cell_launches_fewer_kernels() -> None:
     assert e["max_pool2d_with_indices"] == 10 and f["max_pool2d_with_indices"] == 4, (e, f)
     # normal cell: sep convs 5 × 4 convs -> 2 × 4, dil_conv 2 -> 2; preprocess and stem unchanged
     assert f["convolution"] == e["convolution"] - 12, (e["convolution"], f["convolution"])
+
+
+def test_a_runs_peak_memory_is_its_largest_epoch_and_none_off_a_gpu():
+    from nascore.metrics import peak_memory, run_peak_memory
+    history = [{"peak_memory_mb": 10.0, "peak_reserved_mb": 30.0}, {"peak_memory_mb": 12.0, "peak_reserved_mb": 20.0}]
+    assert run_peak_memory(history) == 12.0 and run_peak_memory(history, "peak_reserved_mb") == 30.0
+    assert run_peak_memory([{"epoch": 1}]) is None          # a CPU run measured none
+    assert peak_memory(torch.device("cpu")) == {}
