@@ -116,9 +116,12 @@ class CountOps(TorchDispatchMode):
             return
         try:
             storage = t.untyped_storage()
-        except (RuntimeError, NotImplementedError):       # a tensor without one (a subclass's)
+            # a FakeTensor (left alive by a trace's caches) says "cpu" but its storage is on meta
+            if storage.device.type == "meta":
+                return
+            address, n = storage.data_ptr(), storage.nbytes()
+        except (RuntimeError, NotImplementedError):       # a tensor without a storage (a subclass's)
             return
-        address, n = storage.data_ptr(), storage.nbytes()
         if n and address not in self._live:
             self._live[address] = n
             self._live_bytes += n
