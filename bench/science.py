@@ -88,6 +88,8 @@ def run_search(variant: str, seed: int, train: ImageArrays, args: argparse.Names
         "genotype": genotype.to_json(), "genotype_str": str(genotype),
         "param_free_ops": genotype.num_parameter_free(),
         "skip_share": sum(op == "skip_connect" for op in genotype.ops) / len(genotype.ops),
+        # a CPU's reductions split by thread count: two runs at different counts round differently
+        "threads": torch.get_num_threads(),
     }
     if table is not None:
         out["nb201_cifar10"] = table.lookup(genotype).accuracy["cifar10"]

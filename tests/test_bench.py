@@ -237,6 +237,8 @@ def test_science_runs_paired_searches_on_an_image_tree_and_resumes(tmp_path, cap
                                                                            abs=1e-4)
         assert by["fused", s]["genotype_str"] == by["eager", s]["genotype_str"]
     assert by["eager", 1]["epochs"][0]["train_loss"] != by["eager", 2]["epochs"][0]["train_loss"]   # seeds differ
+    import torch
+    assert by["eager", 1]["threads"] == torch.get_num_threads()     # what the rounding depends on
     assert all(r["agrees"] for r in saved["report"]["fused"]["metrics"]["train_loss"])
     capsys.readouterr()
     science.main(args)                      # resumed: every run is there, none is searched again
