@@ -22,6 +22,12 @@ found; the interval's half-width says how large a shift could have gone unseen).
 cells are compared by family: parameter-free ops, collapse (at least half of the cell
 `skip_connect`), and with `--nb201-table` the benchmark's CIFAR-10 accuracy.
 
+Seed by seed the searches part after a few steps, so any perturbation, even rounding alone, gives
+other cells. `--control FILE` tells a fast path's shift from that: FILE holds eager runs of the same
+settings made another way (e.g. `--variants eager --threads` at another count: the same math,
+rounded otherwise), reported as the variant "control", and every variant is then paired against
+the control as well as against eager.
+
 Runs are written to `--json` one by one (atomically) and a rerun with the same settings skips
 those already there, so a stopped study resumes. Slow on a CPU: bf16 autocast there is several
 times slower than fp32 (no bf16 convolution units), nothing like a GPU.
@@ -112,46 +118,52 @@ def spread(values: Sequence[float]) -> str:
     return f"{mean:.4g} ± {statistics.stdev(values):.2g}" if len(values) > 1 else f"{mean:.4g}"
 
 
-def compare(runs: Sequence[dict[str, Any]], metrics: Sequence[str] = METRICS) -> dict[str, Any]:
-    """Per fast variant, metric and epoch: the mean paired difference to eager over the seeds both
-    ran, its 95% half-width, and eager's own seed standard deviation; plus the cells' family."""
+def compare(runs: Sequence[dict[str, Any]], metrics: Sequence[str] = METRICS,
+            baseline: str = "eager") -> dict[str, Any]:
+    """Per other variant, metric and epoch: the mean paired difference to `baseline` over the
+    seeds both ran, its 95% half-width, and the baseline's own seed standard deviation; plus the
+    cells' family."""
     by = {(r["variant"], r["seed"]): r for r in runs}
     variants = list(dict.fromkeys(r["variant"] for r in runs))
     report: dict[str, Any] = {}
     for v in variants:
-        if v == "eager":
+        if v == baseline:
             continue
-        seeds = sorted(s for (w, s) in by if w == v and ("eager", s) in by)
+        seeds = sorted(s for (w, s) in by if w == v and (baseline, s) in by)
         if not seeds:
             continue
         per_metric: dict[str, list[dict[str, Any]]] = {}
         for m in metrics:
             rows = []
             for e in range(min(len(by[v, s]["epochs"]) for s in seeds)):
-                pairs = [(by["eager", s]["epochs"][e].get(m), by[v, s]["epochs"][e].get(m)) for s in seeds]
+                pairs = [(by[baseline, s]["epochs"][e].get(m), by[v, s]["epochs"][e].get(m)) for s in seeds]
                 if any(a is None or b is None for a, b in pairs):
                     continue
                 mean, half = t_interval([b - a for a, b in pairs])
                 eager = [a for a, _ in pairs]
                 rows.append({"epoch": e + 1, "diff": mean, "half_width": half,
-                             "eager_sd": statistics.stdev(eager) if len(eager) > 1 else None,
+                             "baseline_sd": statistics.stdev(eager) if len(eager) > 1 else None,
                              "agrees": abs(mean) <= half})
             per_metric[m] = rows
         cells = {}
         for key in ("param_free_ops", "skip_share", "nb201_cifar10"):
-            if all(key in by[w, s] for w in ("eager", v) for s in seeds):
-                mean, half = t_interval([by[v, s][key] - by["eager", s][key] for s in seeds])
+            if all(key in by[w, s] for w in (baseline, v) for s in seeds):
+                mean, half = t_interval([by[v, s][key] - by[baseline, s][key] for s in seeds])
                 cells[key] = {"diff": mean, "half_width": half, "agrees": abs(mean) <= half}
-        cells["same_cell"] = sum(by[v, s]["genotype_str"] == by["eager", s]["genotype_str"] for s in seeds)
-        cells["collapsed"] = {w: sum(by[w, s]["skip_share"] >= 0.5 for s in seeds) for w in ("eager", v)}
+        cells["same_cell"] = sum(by[v, s]["genotype_str"] == by[baseline, s]["genotype_str"] for s in seeds)
+        cells["collapsed"] = {w: sum(by[w, s]["skip_share"] >= 0.5 for s in seeds) for w in (baseline, v)}
         report[v] = {"seeds": seeds, "metrics": per_metric, "cells": cells}
     return report
 
 
-def print_report(runs: Sequence[dict[str, Any]], report: dict[str, Any]) -> None:
+def print_report(runs: Sequence[dict[str, Any]], report: dict[str, Any], baseline: str = "eager",
+                 details: bool = True) -> None:
+    """The per-epoch table (`details`), each variant against `baseline`, then every run's cell
+    (`details`)."""
     variants = list(dict.fromkeys(r["variant"] for r in runs))
-    print("\nper epoch, mean ± sd over seeds:")
-    for m in METRICS:
+    if details:
+        print("\nper epoch, mean ± sd over seeds:")
+    for m in METRICS if details else ():
         for v in variants:
             series = [r["epochs"] for r in runs if r["variant"] == v]
             n = min(len(s) for s in series)
@@ -160,14 +172,14 @@ def print_report(runs: Sequence[dict[str, Any]], report: dict[str, Any]) -> None
             if cols:
                 print(f"  {m:<15} {v:<18} " + "  ".join(cols))
     for v, rep in report.items():
-        print(f"\n{v} - eager, paired over seeds {rep['seeds']} (mean difference, 95% t interval; "
-              f"eager's own seed sd):")
+        print(f"\n{v} - {baseline}, paired over seeds {rep['seeds']} (mean difference, 95% t interval; "
+              f"{baseline}'s own seed sd):")
         for m, rows in rep["metrics"].items():
             if rows:
                 last = rows[-1]
                 verdict = "agrees" if last["agrees"] else "DIFFERS"
-                sd = f"{last['eager_sd']:.3g}" if last["eager_sd"] is not None else "n/a"
-                print(f"  {m:<15} last epoch {last['diff']:+.4g} ± {last['half_width']:.3g} (eager sd {sd}): "
+                sd = f"{last['baseline_sd']:.3g}" if last["baseline_sd"] is not None else "n/a"
+                print(f"  {m:<15} last epoch {last['diff']:+.4g} ± {last['half_width']:.3g} ({baseline} sd {sd}): "
                       f"{verdict}; epochs that agree: {sum(r['agrees'] for r in rows)} of {len(rows)}")
         checks = [r["agrees"] for rows in rep["metrics"].values() for r in rows]
         # many intervals: at 95% about one in twenty misses 0 with no shift at all
@@ -179,9 +191,10 @@ def print_report(runs: Sequence[dict[str, Any]], report: dict[str, Any]) -> None
                 c = cells[key]
                 print(f"  cell {key:<14} {c['diff']:+.4g} ± {c['half_width']:.3g}: "
                       f"{'agrees' if c['agrees'] else 'DIFFERS'}")
-        print(f"  same derived cell as eager: {cells['same_cell']} of {len(rep['seeds'])} seeds; "
-              f"collapsed (>= half skip_connect): eager {cells['collapsed']['eager']}, {v} {cells['collapsed'][v]}")
-    for r in runs:
+        print(f"  same derived cell as {baseline}: {cells['same_cell']} of {len(rep['seeds'])} seeds; "
+              f"collapsed (>= half skip_connect): {baseline} {cells['collapsed'][baseline]}, "
+              f"{v} {cells['collapsed'][v]}")
+    for r in runs if details else ():
         acc = f", NB201 CIFAR-10 {r['nb201_cifar10']:.2f}%" if "nb201_cifar10" in r else ""
         print(f"  {r['variant']:<18} seed {r['seed']}: {r['genotype_str']} ({r['param_free_ops']} param-free{acc}; "
               f"{r['seconds']:.0f} s)")
@@ -202,6 +215,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", type=Path, default=None, help="results, written run by run; resumed from")
+    p.add_argument("--control", type=Path, action="append", default=[],
+                   help="a --json file of eager runs with the same settings made another way (another "
+                        "--threads: a rounding-only control), reported as the variant 'control'; repeatable")
     a = p.parse_args(argv)
     variants = list(dict.fromkeys(["eager", *a.variants.split(",")]))
     device = torch.device(a.device)
@@ -225,6 +241,16 @@ def main(argv: list[str] | None = None) -> None:
             p.error(f"{a.json} holds runs with other settings ({saved.get('settings')}); "
                     f"pass another --json or the same settings")
         runs = saved["runs"]
+    control: dict[int, dict[str, Any]] = {}
+    for path in a.control:
+        try:
+            saved = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            p.error(f"--control {path}: {e}")
+        if saved.get("settings") != settings:
+            p.error(f"--control {path} holds runs with other settings ({saved.get('settings')}) than this "
+                    f"study ({settings})")
+        control.update({r["seed"]: dict(r, variant="control") for r in saved["runs"] if r["variant"] == "eager"})
     table = NB201Table.load(a.nb201_table) if a.nb201_table else None
     train = subset(load_image_dataset("cifar10", a.data, train=True, cache_dir=a.cache), a.images)
     print(f"NB201 darts searches: {len(train)} images, {a.epochs} epochs, {a.channels} ch x {a.cells} "
@@ -243,11 +269,16 @@ def main(argv: list[str] | None = None) -> None:
                 write_json(a.json, {"settings": settings, "device": str(device), "torch": torch.__version__,
                                     "runs": runs})
     wanted = [r for r in runs if r["variant"] in variants and r["seed"] in seeds]
+    wanted += [control[s] for s in seeds if s in control]
     report = compare(wanted)
     print_report(wanted, report)
+    results = {"settings": settings, "device": str(device), "torch": torch.__version__, "runs": runs,
+               "report": report}
+    if control:
+        results["report_vs_control"] = compare([r for r in wanted if r["variant"] != "eager"], baseline="control")
+        print_report(wanted, results["report_vs_control"], baseline="control", details=False)
     if a.json is not None:
-        write_json(a.json, {"settings": settings, "device": str(device), "torch": torch.__version__,
-                            "runs": runs, "report": report})
+        write_json(a.json, results)
 
 
 if __name__ == "__main__":

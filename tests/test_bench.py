@@ -206,7 +206,7 @@ def test_science_compare_tells_a_shifted_variant_from_rounding():
     # a shift half the seeds' own spread, on every seed: found, although each run is within the spread
     rows = shifted["metrics"]["train_loss"]
     assert shifted["seeds"] == [0, 1, 2] and not any(r["agrees"] for r in rows)
-    assert rows[-1]["diff"] == pytest.approx(0.05, abs=2e-3) and rows[-1]["eager_sd"] == pytest.approx(0.1)
+    assert rows[-1]["diff"] == pytest.approx(0.05, abs=2e-3) and rows[-1]["baseline_sd"] == pytest.approx(0.1)
     assert shifted["cells"]["same_cell"] == 0 and not shifted["cells"]["param_free_ops"]["agrees"]
     mean, half = science.t_interval([1.0, 3.0])          # t(0.975, 1) = 12.706, sd √2, n 2
     assert mean == 2.0 and half == pytest.approx(12.706 * 2 ** 0.5 / 2 ** 0.5, rel=1e-4)
@@ -248,3 +248,21 @@ def test_science_runs_paired_searches_on_an_image_tree_and_resumes(tmp_path, cap
     assert len(json.loads(out.read_text())["runs"]) == 4
     with pytest.raises(SystemExit):         # other settings never mix into the same file
         science.main([*args, "--epochs", "1"])
+    # --control: eager runs made another way (here eager's own, every train loss +0.5), reported as
+    # a variant against eager and as the baseline every variant is paired with as well
+    shifted = [dict(r, epochs=[dict(e, train_loss=e["train_loss"] + 0.5) for e in r["epochs"]])
+               for r in saved["runs"] if r["variant"] == "eager"]
+    control = tmp_path / "control.json"
+    control.write_text(json.dumps({**saved, "runs": shifted}))
+    capsys.readouterr()
+    science.main([*args, "--control", str(control)])
+    out_text = capsys.readouterr().out
+    assert "control - eager, paired over seeds [1, 2]" in out_text and "fused - control" in out_text
+    report = json.loads(out.read_text())
+    assert report["report"]["control"]["metrics"]["train_loss"][-1]["diff"] == pytest.approx(0.5)
+    vs = report["report_vs_control"]["fused"]["metrics"]["train_loss"][-1]
+    assert vs["diff"] == pytest.approx(-0.5, abs=1e-4) and not vs["agrees"]
+    assert "control" not in {r["variant"] for r in report["runs"]}      # the file keeps its own runs only
+    control.write_text(json.dumps({**saved, "settings": {**saved["settings"], "epochs": 3}, "runs": shifted}))
+    with pytest.raises(SystemExit):
+        science.main([*args, "--control", str(control)])
