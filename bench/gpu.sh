@@ -27,7 +27,8 @@
 # EPOCHS (default: as many as fit SWEEP_SECONDS at the step time the bench measured), JOBS (6),
 # EXTRA (more --set flags for every experiment); for science-start: SCIENCE_VARIANTS
 # (fused+graph,fused+graph+bf16,fused_dense+graph+bf16), SCIENCE_SEEDS (1,2,3,4), SCIENCE_IMAGES
-# (10000), SCIENCE_EPOCHS (8), SCIENCE_CHANNELS (16), SCIENCE_CELLS (5: the spec's network).
+# (10000), SCIENCE_EPOCHS (8), SCIENCE_CHANNELS (16), SCIENCE_CELLS (5: the spec's network),
+# SCIENCE_CONTROL (1: then eager again, the rounding-only control, and the report against it).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1
@@ -116,12 +117,20 @@ EOF
   ;;
 science-start)
   mkdir -p $LOG && touch $LOG/science.started
-  setsid bash -c "python3 bench/science.py --data $DATA_DIR/cifar10-jpeg.tar.gz \
-      --nb201-table $DATA_DIR/nb201-accuracy.csv \
-      --variants ${SCIENCE_VARIANTS:-fused+graph,fused+graph+bf16,fused_dense+graph+bf16} \
+  # then, unless SCIENCE_CONTROL=0, the rounding-only control: eager again into its own file (on a
+  # GPU its nondeterministic kernels round otherwise; where they do not, the control equals eager
+  # and the report shows that), and the report pairing every variant with it (science.py --control)
+  SETTINGS="--data $DATA_DIR/cifar10-jpeg.tar.gz --nb201-table $DATA_DIR/nb201-accuracy.csv \
       --seeds ${SCIENCE_SEEDS:-1,2,3,4} --images ${SCIENCE_IMAGES:-10000} --epochs ${SCIENCE_EPOCHS:-8} \
-      --channels ${SCIENCE_CHANNELS:-16} --cells ${SCIENCE_CELLS:-5} --json $LOG/science.json \
-      > $LOG/science.log 2>&1; touch $LOG/science.done" < /dev/null > /dev/null 2>&1 &
+      --channels ${SCIENCE_CHANNELS:-16} --cells ${SCIENCE_CELLS:-5}"
+  VARIANTS=${SCIENCE_VARIANTS:-fused+graph,fused+graph+bf16,fused_dense+graph+bf16}
+  CONTROL="true"
+  [ "${SCIENCE_CONTROL:-1}" = 0 ] || CONTROL="python3 bench/science.py $SETTINGS --variants eager \
+      --json $LOG/science-control.json > $LOG/science-control.log 2>&1 &&
+    python3 bench/science.py $SETTINGS --variants $VARIANTS --json $LOG/science.json \
+      --control $LOG/science-control.json > $LOG/science-report.log 2>&1"
+  setsid bash -c "python3 bench/science.py $SETTINGS --variants $VARIANTS --json $LOG/science.json \
+      > $LOG/science.log 2>&1; $CONTROL; touch $LOG/science.done" < /dev/null > /dev/null 2>&1 &
   sleep 30
   tail -n 5 $LOG/science.log
   ;;
