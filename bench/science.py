@@ -53,6 +53,7 @@ from search_step import speed_options  # noqa: E402
 from nascore import config as C  # noqa: E402
 from nascore.benchmarks import NB201Table  # noqa: E402
 from nascore.data import ImageArrays, load_image_dataset, search_split  # noqa: E402
+from nascore.genotype import NB201Genotype  # noqa: E402
 from nascore.io import write_json  # noqa: E402
 from nascore.pipeline import search_data  # noqa: E402
 from nascore.search import SearchRun, speed_option_problems  # noqa: E402
@@ -96,6 +97,7 @@ def run_search(variant: str, seed: int, train: ImageArrays, args: argparse.Names
         "skip_share": sum(op == "skip_connect" for op in genotype.ops) / len(genotype.ops),
         # a CPU's reductions split by thread count: two runs at different counts round differently
         "threads": torch.get_num_threads(),
+        "input_reaches_output": genotype.input_reaches_output(),
     }
     if table is not None:
         out["nb201_cifar10"] = table.lookup(genotype).accuracy["cifar10"]
@@ -116,6 +118,14 @@ def t_interval(diffs: Sequence[float]) -> tuple[float, float]:
 def spread(values: Sequence[float]) -> str:
     mean = statistics.fmean(values)
     return f"{mean:.4g} ± {statistics.stdev(values):.2g}" if len(values) > 1 else f"{mean:.4g}"
+
+
+def _reaches(run: dict[str, Any]) -> bool:
+    """Whether the run's derived cell has a path from input to output that avoids `none` (runs
+    saved before the field existed: from the cell)."""
+    if "input_reaches_output" in run:
+        return run["input_reaches_output"]
+    return NB201Genotype.from_arch_string(run["genotype_str"]).input_reaches_output()
 
 
 def compare(runs: Sequence[dict[str, Any]], metrics: Sequence[str] = METRICS,
@@ -152,6 +162,7 @@ def compare(runs: Sequence[dict[str, Any]], metrics: Sequence[str] = METRICS,
                 cells[key] = {"diff": mean, "half_width": half, "agrees": abs(mean) <= half}
         cells["same_cell"] = sum(by[v, s]["genotype_str"] == by[baseline, s]["genotype_str"] for s in seeds)
         cells["collapsed"] = {w: sum(by[w, s]["skip_share"] >= 0.5 for s in seeds) for w in (baseline, v)}
+        cells["cut_off"] = {w: sum(not _reaches(by[w, s]) for s in seeds) for w in (baseline, v)}
         report[v] = {"seeds": seeds, "metrics": per_metric, "cells": cells}
     return report
 
@@ -193,7 +204,8 @@ def print_report(runs: Sequence[dict[str, Any]], report: dict[str, Any], baselin
                       f"{'agrees' if c['agrees'] else 'DIFFERS'}")
         print(f"  same derived cell as {baseline}: {cells['same_cell']} of {len(rep['seeds'])} seeds; "
               f"collapsed (>= half skip_connect): {baseline} {cells['collapsed'][baseline]}, "
-              f"{v} {cells['collapsed'][v]}")
+              f"{v} {cells['collapsed'][v]}; cut off from the input (every path through none): "
+              f"{baseline} {cells['cut_off'][baseline]}, {v} {cells['cut_off'][v]}")
     for r in runs if details else ():
         acc = f", NB201 CIFAR-10 {r['nb201_cifar10']:.2f}%" if "nb201_cifar10" in r else ""
         print(f"  {r['variant']:<18} seed {r['seed']}: {r['genotype_str']} ({r['param_free_ops']} param-free{acc}; "

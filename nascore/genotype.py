@@ -150,6 +150,16 @@ class NB201Genotype:
     def num_parameter_free(self, cell: str | None = None) -> int:
         return sum(op in PARAMETER_FREE_OPS for op in self.ops)
 
+    def input_reaches_output(self) -> bool:
+        """Whether some path from the input node to the output avoids `none`. If not, the cell's
+        output is the same for every image: a network of such cells ignores its input (NB201
+        scores it at chance, 10% on CIFAR-10). Collapse towards `none` can derive one."""
+        reached = {0}
+        for op, (to, src) in zip(self.ops, NB201_EDGES):      # edges come in order of their target
+            if op != "none" and src in reached:
+                reached.add(to)
+        return NB201_NODES - 1 in reached
+
     def to_json(self) -> dict[str, Any]:
         return {"type": "nb201_cell", "arch": self.to_arch_string()}
 

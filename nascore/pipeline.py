@@ -345,6 +345,10 @@ def derive(run: C.RunConfig, paths: Paths, tracker: Tracker) -> dict[str, Any]:
     metrics: dict[str, Any] = {"param_free_ops": genotype.num_parameter_free()}
     if isinstance(genotype, NB201Genotype):
         metrics["arch"] = genotype.to_arch_string()
+        metrics["input_reaches_output"] = genotype.input_reaches_output()
+        if not metrics["input_reaches_output"]:
+            log("derive: WARNING: every path from the cell's input to its output goes through `none`, so the "
+                "network ignores its input (chance accuracy); the search collapsed towards `none`")
     else:
         metrics["param_free_ops_normal"] = genotype.num_parameter_free("normal")
         metrics["param_free_ops_reduce"] = genotype.num_parameter_free("reduce")

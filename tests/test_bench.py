@@ -208,6 +208,9 @@ def test_science_compare_tells_a_shifted_variant_from_rounding():
     assert shifted["seeds"] == [0, 1, 2] and not any(r["agrees"] for r in rows)
     assert rows[-1]["diff"] == pytest.approx(0.05, abs=2e-3) and rows[-1]["baseline_sd"] == pytest.approx(0.1)
     assert shifted["cells"]["same_cell"] == 0 and not shifted["cells"]["param_free_ops"]["agrees"]
+    # cells whose every path from the input passes `none` (runs without the field: from the cell)
+    assert same["cells"]["cut_off"] == {"eager": 4, "same": 4}
+    assert shifted["cells"]["cut_off"] == {"eager": 3, "shifted": 0}
     mean, half = science.t_interval([1.0, 3.0])          # t(0.975, 1) = 12.706, sd √2, n 2
     assert mean == 2.0 and half == pytest.approx(12.706 * 2 ** 0.5 / 2 ** 0.5, rel=1e-4)
 
@@ -239,6 +242,11 @@ def test_science_runs_paired_searches_on_an_image_tree_and_resumes(tmp_path, cap
     assert by["eager", 1]["epochs"][0]["train_loss"] != by["eager", 2]["epochs"][0]["train_loss"]   # seeds differ
     import torch
     assert by["eager", 1]["threads"] == torch.get_num_threads()     # what the rounding depends on
+    from nascore.genotype import NB201Genotype
+    assert by["eager", 1]["input_reaches_output"] == \
+        NB201Genotype.from_arch_string(by["eager", 1]["genotype_str"]).input_reaches_output()
+    assert saved["report"]["fused"]["cells"]["cut_off"] == {
+        w: sum(not by[w, s]["input_reaches_output"] for s in (1, 2)) for w in ("eager", "fused")}
     assert all(r["agrees"] for r in saved["report"]["fused"]["metrics"]["train_loss"])
     capsys.readouterr()
     science.main(args)                      # resumed: every run is there, none is searched again

@@ -92,6 +92,28 @@ def test_nb201_strings_from_the_benchmark_table_round_trip():
     assert len(strings) == 15625
 
 
+def test_an_nb201_cell_whose_paths_all_pass_none_ignores_its_input():
+    cut = NB201Genotype.from_arch_string(          # the input feeds only `none` edges
+        "|none~0|+|none~0|nor_conv_3x3~1|+|none~0|nor_conv_3x3~1|nor_conv_1x1~2|")
+    assert not cut.input_reaches_output()
+    assert NB201Genotype.from_arch_string(         # one path: 0 -> 1 -> 3
+        "|skip_connect~0|+|none~0|none~1|+|none~0|avg_pool_3x3~1|none~2|").input_reaches_output()
+    assert not NB201Genotype.from_arch_string(     # 0 -> 1, but node 1 leads nowhere
+        "|skip_connect~0|+|none~0|none~1|+|none~0|none~1|nor_conv_3x3~2|").input_reaches_output()
+
+
+@pytest.mark.skipif(not NB201_CSV.exists(), reason="../shared/data/nb201-accuracy.csv absent")
+def test_the_benchmark_scores_exactly_the_cells_cut_off_from_their_input_at_chance():
+    with open(NB201_CSV, newline="") as f:
+        rows = list(csv.DictReader(f))
+    reaches = {r["ArchitectureString"]: NB201Genotype.from_arch_string(r["ArchitectureString"]).input_reaches_output()
+               for r in rows}
+    accuracy = {r["ArchitectureString"]: float(r["CIFAR10TestAccuracy200Epochs"]) for r in rows}
+    assert sum(not ok for ok in reaches.values()) == 341
+    assert {accuracy[a] for a, ok in reaches.items() if not ok} == {10.0}
+    assert min(accuracy[a] for a, ok in reaches.items() if ok) > 40
+
+
 def test_darts_rule_on_hand_built_weights():
     # node 0: edges 0,1; node 1: edges 2,3,4; ... W rows = edges, columns = DARTS_OPS
     W = [[0.0] * 8 for _ in range(14)]

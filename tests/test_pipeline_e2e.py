@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from nascore.genotype import NB201Genotype
 from tests.e2e import Repo, make_repo, set_params
 
 pytestmark = pytest.mark.slow
@@ -35,6 +36,8 @@ def test_every_stage_published_its_outputs_and_metrics(project):
         assert json.loads((root / "metrics" / f"{stage}.json").read_text()), stage
     genotype = json.loads((root / "outputs" / "derive" / "genotype.json").read_text())
     assert genotype["type"] == "nb201_cell"
+    derived = json.loads((root / "metrics" / "derive.json").read_text())
+    assert derived["input_reaches_output"] == NB201Genotype.from_arch_string(genotype["arch"]).input_reaches_output()
     # NB201 cells have no ImageNet network: the stage records that it was skipped
     skipped = json.loads((root / "outputs" / "transfer_imagenet" / "skipped.json").read_text())
     assert skipped["skipped"] is True and "NB201" in skipped["reason"]
