@@ -100,6 +100,9 @@ METRICS: dict[str, Metric] = {
     "param_free_ops_normal": Metric("parameter-free ops (normal cell)", 2, "lower"),
     "param_free_ops_reduce": Metric("parameter-free ops (reduction cell)", 2, "lower"),
     "collapse_share": Metric("collapse-op share (normal cell)", 2, "lower"),
+    # NB201: 1 when every path from the cell's input to its output passes `none` (chance accuracy);
+    # a group's mean is the share of its seeds whose cell ignores the input
+    "cut_off": Metric("cell ignores its input (share of seeds)", 2, "lower"),
     "search_seconds": Metric("search wall time", 1, "lower"),
     "search_gpu_days": Metric("search cost (days, one device)", 3, "lower"),
     "search_epochs": Metric("search epochs", 0),
@@ -254,13 +257,15 @@ def collapse_op(space: str) -> str:
 
 
 def cell_stats(genotype: Mapping[str, Any], space: str) -> dict[str, float]:
-    """Parameter-free op counts and the collapse op's share of the normal cell (NB201: the cell)."""
+    """Parameter-free op counts and the collapse op's share of the normal cell (NB201: the cell,
+    and whether it ignores its input: `cut_off`)."""
     g = genotype_from_json(dict(genotype))
     op = collapse_op(space)
     if isinstance(g, NB201Genotype):
         ops = list(g.ops)
         return {"param_free_ops": float(g.num_parameter_free()),
-                "collapse_share": ops.count(op) / len(ops)}
+                "collapse_share": ops.count(op) / len(ops),
+                "cut_off": float(not g.input_reaches_output())}
     normal = [o for o, _ in g.normal]
     return {"param_free_ops": float(g.num_parameter_free()),
             "param_free_ops_normal": float(g.num_parameter_free("normal")),
@@ -1254,13 +1259,13 @@ def make_figures(groups: Sequence[Group], out: Path, tables: Mapping[str, NB201T
 EXPERIMENT_COLUMNS = (
     "experiment", "source", "method", "space", "dataset", "profile", "variant", "seed", "genotype",
     "param_free_ops", "param_free_ops_normal", "param_free_ops_reduce", "collapse_op", "collapse_share",
-    "nb201_cifar10", "nb201_cifar100", "nb201_imagenet16", "retrain_acc", "retrain_error",
+    "cut_off", "nb201_cifar10", "nb201_cifar100", "nb201_imagenet16", "retrain_acc", "retrain_error",
     "retrain_epochs", "params_m", "macs_m", "imagenet_top1_error", "imagenet_top5_error",
     "imagenet_params_m", "imagenet_flops_m", "search_seconds", "search_epochs", "search_memory_gb",
     "search_valid_acc", "paper_metric", "paper_value", "paper_std", "paper_unconfirmed", "paper_source", "rev",
     "mlflow_run_id")
 SUMMARY_METRICS = ("nb201_cifar10", "nb201_cifar100", "nb201_imagenet16", "retrain_acc", "retrain_error",
-                   "param_free_ops", "param_free_ops_normal", "collapse_share", "search_seconds",
+                   "param_free_ops", "param_free_ops_normal", "collapse_share", "cut_off", "search_seconds",
                    "search_epochs", "search_memory_gb", "params_m", "macs_m", "imagenet_top1_error",
                    "imagenet_top5_error")
 CLAIM_COLUMNS = ("method", "space", "dataset", "profile", "variant", "seeds", "metric", "stat", "ours",

@@ -127,6 +127,10 @@ def test_cell_stats_count_the_collapse_op_in_the_normal_cell():
     assert cell_stats(darts_cell("noise"), "s4")["collapse_share"] == 1.0       # S4 collapses to noise
     nb = cell_stats({"type": "nb201_cell", "arch": MIXED}, "nb201")
     assert nb["param_free_ops"] == 3.0 and nb["collapse_share"] == pytest.approx(1 / 6)
+    assert nb["cut_off"] == 0.0                                 # 0 -> 3 through avg_pool_3x3
+    cut = cell_stats({"type": "nb201_cell", "arch": "|none~0|+|none~0|nor_conv_3x3~1|+|none~0|nor_conv_3x3~1|avg_pool_3x3~2|"},
+                     "nb201")
+    assert cut["cut_off"] == 1.0
 
 
 def test_the_genotype_tag_parses_back_to_the_cell():
