@@ -150,9 +150,9 @@ def compare(runs: Sequence[dict[str, Any]], metrics: Sequence[str] = METRICS,
                 if any(a is None or b is None for a, b in pairs):
                     continue
                 mean, half = t_interval([b - a for a, b in pairs])
-                eager = [a for a, _ in pairs]
+                base = [a for a, _ in pairs]
                 rows.append({"epoch": e + 1, "diff": mean, "half_width": half,
-                             "baseline_sd": statistics.stdev(eager) if len(eager) > 1 else None,
+                             "baseline_sd": statistics.stdev(base) if len(base) > 1 else None,
                              "agrees": abs(mean) <= half})
             per_metric[m] = rows
         cells = {}
