@@ -185,8 +185,14 @@ def unrolled_arch_gradient(ctx: StepContext, train: Batch, val: Batch
         w_prime = [p.detach() for p in w]          # read only: no copy for weights that stay put
         moving = [i for i, g in enumerate(g_train) if g is not None]
         if moving:
-            d = torch._foreach_add([g_train[i] for i in moving], [w[i] for i in moving],
-                                   alpha=ctx.weight_decay)
+            # λ as the real SGD step applies it: per parameter group (search.bn_weight_decay: false
+            # leaves BN's γ, β undecayed there, so here too)
+            decay = {id(p): group["weight_decay"] for group in ctx.w_opt.param_groups for p in group["params"]}
+            d = [g_train[i] for i in moving]
+            for wd in {decay.get(id(w[i]), ctx.weight_decay) for i in moving} - {0.0}:
+                ks = [k for k, i in enumerate(moving) if decay.get(id(w[i]), ctx.weight_decay) == wd]
+                for k, t in zip(ks, torch._foreach_add([d[k] for k in ks], [w[moving[k]] for k in ks], alpha=wd)):
+                    d[k] = t
             bufs = [(k, ctx.w_opt.state.get(w[i], {}).get("momentum_buffer")) for k, i in enumerate(moving)]
             with_buf = [(k, b) for k, b in bufs if b is not None]
             if with_buf:

@@ -22,18 +22,23 @@ def batches(seed=1):
     return (xt, yt), (xv, yv)
 
 
-def context(net, lr=0.05):
+def context(net, lr=0.05, undecayed=0):
+    """`undecayed`: how many leading weights sit in a group without weight decay (as BN's γ, β do
+    under search.bn_weight_decay: false)."""
     weights, arch = net.weight_parameters(), net.arch_parameters()
-    w_opt = torch.optim.SGD(weights, lr=lr, momentum=0.9, weight_decay=3e-4)
+    groups = [{"params": weights[undecayed:]}] + ([{"params": weights[:undecayed], "weight_decay": 0.0}]
+                                                 if undecayed else [])
+    w_opt = torch.optim.SGD(groups, lr=lr, momentum=0.9, weight_decay=3e-4)
     a_opt = torch.optim.Adam(arch, lr=3e-4, betas=(0.5, 0.999), weight_decay=1e-3)
     return StepContext(model=net, weights=weights, arch=arch, w_opt=w_opt, a_opt=a_opt, lr=lr,
                        grad_clip=5.0, momentum=0.9, weight_decay=3e-4)
 
 
-def test_second_order_hypergradient_matches_brute_force_finite_differences():
+@pytest.mark.parametrize("undecayed", [0, 5])
+def test_second_order_hypergradient_matches_brute_force_finite_differences(undecayed):
     net = tiny_nb201()
     train, val = batches()
-    ctx = context(net)
+    ctx = context(net, undecayed=undecayed)
     # one real SGD step first, so the momentum buffer m the virtual step replays is non-zero
     F.cross_entropy(net(train[0]), train[1]).backward(inputs=ctx.weights)
     ctx.w_opt.step()
@@ -49,7 +54,8 @@ def test_second_order_hypergradient_matches_brute_force_finite_differences():
         params = {**buffers, **dict(zip(names, wr)), "alphas.cell": alpha}
         loss_t = F.cross_entropy(functional_call(net, params, (train[0],)), train[1])
         g = torch.autograd.grad(loss_t, wr)
-        w_prime = [t - xi * (0.9 * mi + gi + 3e-4 * t) for t, mi, gi in zip(w, m, g)]
+        decay = [0.0 if i < undecayed else 3e-4 for i in range(len(w))]   # the virtual step's λ per weight
+        w_prime = [t - xi * (0.9 * mi + gi + lam * t) for t, mi, gi, lam in zip(w, m, g, decay)]
         params = {**buffers, **dict(zip(names, w_prime)), "alphas.cell": alpha}
         return float(F.cross_entropy(functional_call(net, params, (val[0],)), val[1]))
 
