@@ -148,17 +148,18 @@ class ProgressiveOps:
         ops = self._ops(host.model)
         model = host.model
         if event == "candidate":
-            losses, rng = {}, {}
+            losses: dict[str, float] = {}
+            chosen, best = "", model
             for q in self.remaining:
-                rng[q] = torch.get_rng_state()
                 candidate = copy.deepcopy(model)
                 candidate.activate_column(ops.index(q))
                 losses[q] = mean_train_loss(candidate, host.score_batches())
-            chosen = max(self.remaining, key=lambda q: losses[q])
-            after = torch.get_rng_state()
-            torch.set_rng_state(rng[chosen])     # the same fresh init that was scored
-            model.activate_column(ops.index(chosen))
-            torch.set_rng_state(after)
+                if not chosen or losses[q] > losses[chosen]:     # ties -> the earlier candidate
+                    chosen, best = q, candidate
+            # The search goes on with the winning candidate itself (methods.md §2.5: net =
+            # cand_argmax_q): its fresh weights and α column are the ones that were scored. Drawing
+            # them again would need every RNG the init touched (CUDA's too) put back as it was.
+            model.load_state_dict(best.state_dict())
             self.remaining.remove(chosen)
             host.log(f"progressive: epoch {epoch} adds {chosen} (train losses {_fmt(losses)})")
         else:

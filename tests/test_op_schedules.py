@@ -93,3 +93,48 @@ def test_progressive_needs_a_shared_op_list():
     run = SearchRun(get_space("s1"), cfg, data, log=lambda s: None)
     with pytest.raises(ValueError, match="per-edge op lists"):
         run.run()
+
+
+class Host:
+    """The least a schedule asks of the search loop (op_schedules.ScheduleHost)."""
+
+    def __init__(self, model):
+        self.model, self.messages = model, []
+
+    def build_model(self):
+        raise AssertionError("only stage 0 builds fresh supernets")
+
+    def score_batches(self):
+        return []
+
+    def reset_optimisers(self, epoch):
+        pass
+
+    def log(self, message):
+        self.messages.append(message)
+
+
+def test_the_search_goes_on_with_the_scored_winner_itself(monkeypatch):
+    # methods.md §2.5: net = cand_argmax_q. The op that enters keeps the fresh weights and α
+    # column it was scored with, however many random numbers the scoring drew after it.
+    net = get_space("darts").build_supernet(SupernetConfig(init_channels=4, layers=3))
+    ops = net.space.uniform_ops
+    net.set_active_columns([ops.index("sep_conv_3x3")])
+    ranking = {"sep_conv_5x5": 1.0, "dil_conv_3x3": 7.0, "max_pool_3x3": 3.0}
+    scored = {}
+
+    def score(model, batches):
+        newest = model.column_names("normal", 0, model.active_columns())[-1]
+        scored[newest] = {k: v.clone() for k, v in model.state_dict().items()}
+        torch.randn(1000)                                   # scoring moves the RNG on
+        return ranking[newest]
+    monkeypatch.setattr(op_schedules, "mean_train_loss", score)
+    schedule = op_schedules.ProgressiveOps(ProgressiveConfig(), epochs=50)
+    schedule.remaining = list(ranking)
+    schedule.on_epoch_start(Host(net), 2)
+    assert schedule.remaining == ["sep_conv_5x5", "max_pool_3x3"]
+    assert net.column_names("normal", 0, net.active_columns()) == ["sep_conv_3x3", "dil_conv_3x3"]
+    state = net.state_dict()
+    assert state.keys() == scored["dil_conv_3x3"].keys()
+    for k, v in scored["dil_conv_3x3"].items():
+        assert torch.equal(state[k], v), k
