@@ -166,6 +166,10 @@ class PaperReference:
     value: float
     what: str
     source: str
+    unconfirmed: bool = False      # ⚠ in methods.md: not checked against the paper's own table
+
+    def text(self) -> str:
+        return f"{self.value:.2f}" + (" ⚠ unconfirmed" if self.unconfirmed else "")
 
 
 @dataclass(frozen=True)
@@ -212,9 +216,17 @@ def load_paper_results(path: str | Path | None = None) -> PaperResults:
             stat=stat, std=None if c.get("std") is None else float(c["std"]),
             std_unconfirmed=bool(c.get("std_unconfirmed", False)),
             unconfirmed=bool(c.get("unconfirmed", False)), note=str(c.get("note", ""))))
-    refs = tuple(PaperReference(str(r["space"]), str(r["metric"]), float(r["value"]), str(r["what"]),
-                                str(r["source"])) for r in raw.get("references") or [])
-    return PaperResults(tuple(claims), refs, str(raw.get("spec", "")), str(path))
+    refs = []
+    for i, r in enumerate(raw.get("references") or []):
+        where = f"{path}, reference {i + 1}"
+        missing = [k for k in ("space", "metric", "value", "what", "source") if k not in r]
+        if missing:
+            raise CompareError(f"{where}: missing {', '.join(missing)}")
+        if r["metric"] not in METRICS:
+            raise CompareError(f"{where}: unknown metric {r['metric']!r}; known: {', '.join(METRICS)}")
+        refs.append(PaperReference(str(r["space"]), str(r["metric"]), float(r["value"]), str(r["what"]),
+                                   str(r["source"]), bool(r.get("unconfirmed", False))))
+    return PaperResults(tuple(claims), tuple(refs), str(raw.get("spec", "")), str(path))
 
 
 # --- one experiment -----------------------------------------------------------------------------
@@ -1422,7 +1434,7 @@ def render_markdown(report: "Report") -> str:
     refs = [r for r in paper.references if r.space in {g.space for g in groups}]
     if refs:
         lines += ["", "Reference points: " + "; ".join(
-            f"{r.what}, {METRICS[r.metric].label}: {r.value:.2f} ({r.source})" for r in refs) + "."]
+            f"{r.what}, {METRICS[r.metric].label}: {r.text()} ({r.source})" for r in refs) + "."]
     lines.append("")
 
     lines += ["## Collapse", ""]

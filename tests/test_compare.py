@@ -218,6 +218,20 @@ def test_every_paper_number_is_in_methods_md_section_3():
         assert any(f in section for f in forms), (c.paper_method, c.metric, c.value)
         if c.std is not None:
             assert f"{c.std:.2f}" in section, (c.paper_method, c.metric, c.std)
+    # and the other way: every number of the NB201 table is loaded, as a claim or a reference point
+    nb201 = section[:section.index("DARTS space, CIFAR-10")]
+    columns = ["nb201_cifar10_valid", "nb201_cifar10", "nb201_cifar100_valid", "nb201_cifar100",
+               "nb201_imagenet16_valid", "nb201_imagenet16"]
+    paper = load_paper_results()
+    loaded = {(c.paper_method, c.metric, c.value, c.unconfirmed) for c in paper.claims if c.spaces == ("nb201",)}
+    loaded |= {("optimum of the space", r.metric, r.value, r.unconfirmed) for r in paper.references}
+    for line in nb201.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) != 8 or cells[0] not in ("optimum of the space", "DARTS-V1 (1st order)", "DARTS-V2 (2nd order)"):
+            continue
+        for metric, cell in zip(columns, cells[1:7]):
+            value = float(cell.replace("*", "").split()[0])
+            assert (cells[0], metric, value, "⚠" in cell) in loaded, (cells[0], metric, cell)
 
 
 def test_claim_rows_put_ours_beside_the_paper_with_the_right_statistic(tmp_path):
@@ -238,6 +252,7 @@ def test_claim_rows_put_ours_beside_the_paper_with_the_right_statistic(tmp_path)
     assert {"ours", "paper_value", "unconfirmed", "source", "delta"} <= set(claims[0])
     md = (tmp_path / "r" / "report.md").read_text()
     assert "94.27 ⚠" in md and "94.36 (best run)" in md and "RF-DARTS paper, abstract" in md
+    assert "94.37 (NB201 paper; confirmed" in md and "91.61 ⚠ unconfirmed (NB201 paper)" in md
 
 
 def test_paper_results_are_checked_when_loaded(tmp_path):
@@ -245,6 +260,9 @@ def test_paper_results_are_checked_when_loaded(tmp_path):
     bad.write_text("claims:\n  - {methods: [darts], paper_method: D, space: nb201, dataset: cifar10, "
                    "metric: accuracy, value: 1, source: x}\n")
     with pytest.raises(CompareError, match="unknown metric 'accuracy'"):
+        load_paper_results(bad)
+    bad.write_text("references:\n  - {space: nb201, metric: nb201_cifar10, what: optimum, source: x}\n")
+    with pytest.raises(CompareError, match="reference 1: missing value"):
         load_paper_results(bad)
     claim = PaperClaim(("darts",), "D", ("darts",), ("cifar10",), "retrain_error", 3.0, "x", std=0.14,
                        std_unconfirmed=True)
