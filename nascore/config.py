@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field, fields, is_dataclass
@@ -26,7 +27,7 @@ from typing import Any, Mapping
 
 import yaml
 
-from .data import DATASETS
+from .data import DATASETS, SPLIT_RULES, split_rule
 from .genotype import GenotypeError, NB201Genotype, resolve_genotype
 from .methods import METHODS, get_method
 from .op_schedules import OP_SCHEDULES
@@ -57,6 +58,7 @@ class SyntheticConfig:
 class DataConfig:
     root: str = AUTO             # dataset folder / ImageFolder tree / archive; auto: see data_root()
     download: bool = True        # torchvision download when root holds nothing (needs internet)
+    split: str = AUTO            # first_half | random | test_half; auto: as methods.md says per space
     split_fraction: float = 0.5  # share of the training set for w; the rest drives α (DARTS 50/50)
     split_seed: int = 0          # the split is fixed across run seeds, so seeds compare like for like
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
@@ -112,7 +114,7 @@ class RunConfig:
 
 # The params each stage reads (and so must declare in dvc.yaml). Top-level keys are bare names.
 STAGE_PARAMS: dict[str, tuple[str, ...]] = {
-    "prepare": ("dataset", "profile", "data"),
+    "prepare": ("dataset", "profile", "data", "space"),      # space: data.split auto
     "search": ("method", "space", "dataset", "seed", "profile", "data", "search"),
     "derive": ("space", "derive"),
     "retrain": ("space", "dataset", "seed", "profile", "data", "retrain"),
@@ -374,6 +376,9 @@ def check_combinations(run: RunConfig, wanted: set[str]) -> None:
     """Ranges and cross-parameter rules, each message naming what is allowed."""
     if "data" in wanted:
         d = run.data
+        if d.split != AUTO and d.split not in SPLIT_RULES:
+            raise ConfigError(f"params.yaml: data.split={d.split!r} is unknown; allowed: auto, "
+                              f"{', '.join(SPLIT_RULES)}")
         if not 0 < d.split_fraction < 1:
             raise ConfigError(f"params.yaml: data.split_fraction={d.split_fraction} must be in (0, 1)")
         _positive("data.synthetic.num_train", d.synthetic.num_train, 2)
@@ -424,13 +429,12 @@ def check_combinations(run: RunConfig, wanted: set[str]) -> None:
             if sp.name != "nb201" and s.layers < 3:
                 raise ConfigError(f"params.yaml: search.layers={s.layers}: the {sp.name} network needs >= 3 "
                                   f"cells (two are reduction cells)")
-        if "data" in wanted and "profile" in wanted:
-            n_train = _train_size(run)
-            if n_train is not None:
-                half = int(n_train * min(run.data.split_fraction, 1 - run.data.split_fraction))
-                if s.batch_size > half:
+        if "data" in wanted and "profile" in wanted and "space" in wanted:
+            for part, (images, where) in (_split_parts(run) or {}).items():
+                if s.batch_size > images:
                     raise ConfigError(f"params.yaml: search.batch_size={s.batch_size} is larger than the "
-                                      f"smaller search split ({half} of {n_train} training images)")
+                                      f"search's {part} split ({images} {where}, data.split="
+                                      f"{split_rule(run.data.split, run.space, run.dataset)})")
     if "derive" in wanted and run.derive.rule != AUTO:
         if run.derive.rule not in DERIVATION_RULES:
             raise ConfigError(f"params.yaml: derive.rule={run.derive.rule!r} is unknown; allowed: auto, "
@@ -485,6 +489,21 @@ def _train_size(run: RunConfig) -> int | None:
     if run.profile == "smoke" or run.dataset == "synthetic":
         return run.data.synthetic.num_train
     return DATASETS.get(run.dataset).train_size
+
+
+def _split_parts(run: RunConfig) -> dict[str, tuple[int, str]] | None:
+    """{"w": (images, where from), "α": ...} under data.split; None when the sizes are unknown."""
+    n_train = _train_size(run)
+    if n_train is None:
+        return None
+    if split_rule(run.data.split, run.space, run.dataset) == "test_half":
+        synthetic = run.profile == "smoke" or run.dataset == "synthetic"
+        n_test = run.data.synthetic.num_test if synthetic else DATASETS.get(run.dataset).test_size
+        if n_test is None:
+            return None
+        return {"w": (n_train, "training images"), "α": (n_test // 2, f"of {n_test} test images")}
+    w = int(math.floor(n_train * run.data.split_fraction))
+    return {"w": (w, f"of {n_train} training images"), "α": (n_train - w, f"of {n_train} training images")}
 
 
 # --- helpers for stages --------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Datasets, the DARTS search split, and loaders that replay an epoch from (seed, epoch).
+"""Datasets, the search split, and loaders that replay an epoch from (seed, epoch).
 
 Two ways in, one batch protocol out:
 - 32×32 sets (CIFAR-10/100, SVHN, synthetic) are decoded once into uint8 arrays (`ImageArrays`),
@@ -69,6 +69,7 @@ class DatasetInfo:
     in_memory: bool
     train_size: int | None          # training images (None: set by the generator's arguments)
     torchvision: str | None = None  # torchvision.datasets class that downloads it, if any
+    test_size: int | None = None    # test (ImageNet: validation) images
 
 
 DATASETS: Registry[DatasetInfo] = Registry("dataset")
@@ -80,13 +81,13 @@ def _add(info: DatasetInfo) -> None:
 
 # mean/std: methods.md §1.1 (CIFAR-10), §1.2 (CIFAR-100, SVHN); ImageNet's usual statistics
 _add(DatasetInfo("cifar10", "CIFAR-10", 10, 32, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616),
-                 in_memory=True, train_size=50_000, torchvision="CIFAR10"))
+                 in_memory=True, train_size=50_000, torchvision="CIFAR10", test_size=10_000))
 _add(DatasetInfo("cifar100", "CIFAR-100", 100, 32, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762),
-                 in_memory=True, train_size=50_000, torchvision="CIFAR100"))
+                 in_memory=True, train_size=50_000, torchvision="CIFAR100", test_size=10_000))
 _add(DatasetInfo("svhn", "SVHN", 10, 32, (0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970),
-                 in_memory=True, train_size=73_257, torchvision="SVHN"))    # `train` split, no `extra`
+                 in_memory=True, train_size=73_257, torchvision="SVHN", test_size=26_032))    # `train` split, no `extra`
 _add(DatasetInfo("imagenet", "ImageNet", 1000, 224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225),
-                 in_memory=False, train_size=1_281_167))
+                 in_memory=False, train_size=1_281_167, test_size=50_000))
 # the generator's pixel statistics, rounded (uniform random colours, light noise)
 _add(DatasetInfo("synthetic", "synthetic", 10, 32, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), in_memory=True,
                  train_size=None))
@@ -641,47 +642,94 @@ def load_prepared(directory: str | Path, split: str) -> ImageArrays:
 # ------------------------------------------------------------------------------------------------
 # The DARTS search split
 
+SPLIT_RULES = ("first_half", "random", "test_half")
+
+
 @dataclass(frozen=True)
 class SearchSplit:
-    """Disjoint index sets into the training set: `weights` feeds w steps, `arch` feeds α steps."""
+    """Disjoint index sets: `weights` (into the training set) feeds w steps, `arch` feeds α steps,
+    into the training set, or into the test set when `arch_from` is "test"."""
 
     weights: torch.Tensor
     arch: torch.Tensor
-    num_samples: int
+    num_samples: int                   # training images
     seed: int
+    rule: str = "random"
+    arch_from: str = "train"           # train | test
+    num_test: int | None = None        # test images (set when arch_from is "test")
 
 
-def search_split(num_samples: int, *, fraction: float = 0.5, seed: int = 0) -> SearchSplit:
-    """A seeded random split: floor(fraction·N) indices for w, the rest for α (DARTS: 0.5)."""
+def split_rule(rule: str, space: str, dataset: str) -> str:
+    """`data.split: auto` as methods.md says per space: NB201 (§1.3) takes a fixed random half of
+    the training set for α on CIFAR-10, a fixed half of the test set on CIFAR-100; the DARTS-family
+    spaces (§2.1) split the training set in order, first half for w, second for α."""
+    if rule != "auto":
+        return rule
+    if space == "nb201":
+        return "test_half" if dataset == "cifar100" else "random"
+    return "first_half"
+
+
+def search_split(num_samples: int, *, fraction: float = 0.5, seed: int = 0, rule: str = "random",
+                 num_test: int | None = None) -> SearchSplit:
+    """The search's two index sets under `rule` (one of SPLIT_RULES):
+    - first_half: the first floor(fraction·N) training images for w, the rest for α (DARTS);
+    - random: a seeded random floor(fraction·N) for w, the rest for α (NB201 on CIFAR-10);
+    - test_half: every training image for w, a seeded random half of the `num_test` test
+      images for α (NB201 on CIFAR-100; `fraction` does not apply).
+    """
+    if rule not in SPLIT_RULES:
+        raise ValueError(f"unknown split rule {rule!r}; allowed: {', '.join(SPLIT_RULES)}")
+    if rule == "test_half":
+        if not num_test or num_test < 2:
+            raise ValueError(f"split rule test_half needs a test set of >= 2 images, got {num_test}")
+        order = torch.randperm(num_test, generator=_generator(seed, 0, _SPLIT))
+        return SearchSplit(torch.arange(num_samples), order[:num_test // 2].sort().values, num_samples, seed,
+                           rule, "test", num_test)
     if not 0 < fraction < 1:
         raise ValueError(f"split fraction must be in (0, 1), got {fraction}")
-    order = torch.randperm(num_samples, generator=_generator(seed, 0, _SPLIT))
     cut = int(math.floor(fraction * num_samples))
-    return SearchSplit(order[:cut].sort().values, order[cut:].sort().values, num_samples, seed)
+    if rule == "first_half":
+        return SearchSplit(torch.arange(cut), torch.arange(cut, num_samples), num_samples, seed, rule)
+    order = torch.randperm(num_samples, generator=_generator(seed, 0, _SPLIT))
+    return SearchSplit(order[:cut].sort().values, order[cut:].sort().values, num_samples, seed, rule)
 
 
 def save_split(path: str | Path, split: SearchSplit) -> None:
-    write_json(path, {"num_samples": split.num_samples, "seed": split.seed,
+    write_json(path, {"num_samples": split.num_samples, "seed": split.seed, "rule": split.rule,
+                      "arch_from": split.arch_from, "num_test": split.num_test,
                       "weights": split.weights, "arch": split.arch})
 
 
-def load_split(path: str | Path, num_samples: int) -> SearchSplit:
-    """Read a split and check it still fits the dataset (same size, disjoint, in range)."""
+def load_split(path: str | Path, num_samples: int, num_test: int | None = None) -> SearchSplit:
+    """Read a split and check it still fits the dataset (same sizes, disjoint, in range)."""
     try:
         data = json.loads(Path(path).read_text())
         split = SearchSplit(torch.tensor(data["weights"], dtype=torch.int64),
                             torch.tensor(data["arch"], dtype=torch.int64),
-                            int(data["num_samples"]), int(data["seed"]))
+                            int(data["num_samples"]), int(data["seed"]),
+                            # files written before the rules existed hold a random training-set split
+                            str(data.get("rule", "random")), str(data.get("arch_from", "train")),
+                            None if data.get("num_test") is None else int(data["num_test"]))
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise DatasetError(f"search split {path} is missing or unreadable ({type(e).__name__}); "
                            f"rerun the stage that writes it") from None
     if split.num_samples != num_samples:
         raise DatasetError(f"search split {path} was made for {split.num_samples} training images, "
                            f"the dataset has {num_samples}; delete it to make a new split")
-    both = torch.cat([split.weights, split.arch])
-    if len(both) and (both.min() < 0 or both.max() >= num_samples or len(both.unique()) != len(both)):
-        raise DatasetError(f"search split {path} has indices out of range or shared between halves; "
-                           f"delete it to make a new split")
+    if split.arch_from not in ("train", "test"):
+        raise DatasetError(f"search split {path}: arch_from={split.arch_from!r}, allowed: train, test; "
+                           f"rerun the stage that writes it")
+    if split.arch_from == "test" and split.num_test != num_test:
+        raise DatasetError(f"search split {path} was made for {split.num_test} test images, the dataset "
+                           f"has {num_test}; delete it to make a new split")
+    halves = [(split.weights, num_samples), (split.arch, num_samples if split.arch_from == "train" else num_test)]
+    if split.arch_from == "train":
+        halves = [(torch.cat([split.weights, split.arch]), num_samples)]
+    for both, n in halves:
+        if len(both) and (both.min() < 0 or both.max() >= n or len(both.unique()) != len(both)):
+            raise DatasetError(f"search split {path} has indices out of range or shared between halves; "
+                               f"delete it to make a new split")
     return split
 
 

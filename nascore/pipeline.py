@@ -29,7 +29,7 @@ import torch
 from . import config as C
 from .benchmarks import NB201Table
 from .data import (DATASETS, ImageArrays, ResidentLoader, image_files, load_prepared,
-                   load_split, save_prepared, save_split, search_split, synthetic_dataset, FolderLoader,
+                   load_split, save_prepared, save_split, search_split, split_rule, synthetic_dataset, FolderLoader,
                    load_image_dataset, SearchSplit)
 from .genotype import AnyGenotype, NB201Genotype, genotype_from_json, resolve_genotype
 from .io import OutputError, save_torch, write_json, write_text
@@ -215,10 +215,12 @@ def load_splits(run: C.RunConfig, paths: Paths) -> dict[str, ImageArrays]:
 def prepare(run: C.RunConfig, paths: Paths, tracker: Tracker) -> None:
     """Decode the dataset once into uint8 arrays and fix the search split."""
     splits = load_splits(run, paths)
-    split = search_split(len(splits["train"]), fraction=run.data.split_fraction, seed=run.data.split_seed)
+    split = search_split(len(splits["train"]), fraction=run.data.split_fraction, seed=run.data.split_seed,
+                         rule=split_rule(run.data.split, run.space, run.dataset), num_test=len(splits["test"]))
     summary = {"dataset": splits["train"].name, "train_images": len(splits["train"]),
                "test_images": len(splits["test"]), "classes": len(splits["train"].classes),
-               "weight_split": len(split.weights), "arch_split": len(split.arch)}
+               "split": split.rule, "weight_split": len(split.weights), "arch_split": len(split.arch),
+               "arch_split_from": split.arch_from}
     with publish_dir(paths.out("prepare")) as out:
         save_prepared(out / "data", splits)
         save_split(out / "split.json", split)
@@ -236,18 +238,25 @@ SEARCH_LOG_COLUMNS = ("epoch", "lr", "train_loss", "train_acc", "arch_loss", "ar
 
 
 def search_data(cfg: SearchConfig, train: ImageArrays, split: SearchSplit, seed: int,
-                device: torch.device) -> SearchData:
-    """The search's loaders over `train`: w batches from the weight half (both halves for
-    single-level on all images), α batches from the arch half, each seeded from `seed`."""
+                device: torch.device, test: ImageArrays | None = None) -> SearchData:
+    """The search's loaders: w batches from the weight half of `train` (both halves for
+    single-level on all images), α batches from the arch half, of `train` or, when the split
+    says so (NB201 on CIFAR-100), of `test`; each seeded from `seed`."""
     from .search import SearchData
 
-    w_indices = split.weights if cfg.single_level_data == "half" else list(split.weights) + list(split.arch)
+    arch_images = train if split.arch_from == "train" else test
+    if arch_images is None:
+        raise ValueError(f"the search split takes α batches from the {split.arch_from} set: pass it")
+    # single-level on all images adds the α half, unless that half is test images (test_half:
+    # the weight half already holds every training image)
+    weights_only = split.arch_from == "test" or cfg.single_level_data == "half"
+    w_indices = split.weights if weights_only else list(split.weights) + list(split.arch)
     # Both halves get the training augmentation (crop + flip; cutout only in RobustDARTS'
     # regularised search), as in DARTS; full batches only (drop_last), every step one shape.
     w_loader = ResidentLoader(train, batch_size=cfg.batch_size, indices=w_indices, drop_last=True,
                               cutout=cfg.cutout, seed=seed, device=device,
                               channels_last=cfg.channels_last)
-    a_loader = ResidentLoader(train, batch_size=cfg.batch_size, indices=split.arch, drop_last=True,
+    a_loader = ResidentLoader(arch_images, batch_size=cfg.batch_size, indices=split.arch, drop_last=True,
                               cutout=cfg.cutout, seed=seed + 7919, device=device,
                               channels_last=cfg.channels_last)
     score_batches = max(1, round(len(w_loader) * cfg.opp.score_fraction))
@@ -262,8 +271,9 @@ def search(run: C.RunConfig, paths: Paths, tracker: Tracker) -> dict[str, Any]:
 
     device = pick_device()
     train = load_prepared(paths.out("prepare") / "data", "train")
-    split = load_split(paths.out("prepare") / "split.json", len(train))
-    data = search_data(run.search, train, split, run.seed, device)
+    test = load_prepared(paths.out("prepare") / "data", "test")
+    split = load_split(paths.out("prepare") / "split.json", len(train), len(test))
+    data = search_data(run.search, train, split, run.seed, device, test)
     key = C.config_hash({"params": stage_params(run, "search"),
                          "split": file_sha256(paths.out("prepare") / "split.json"),
                          "data": file_sha256(paths.out("prepare") / "data" / "meta.json")})

@@ -106,7 +106,11 @@ def test_every_method_and_space_resolves_or_says_why_not(params, method, space):
     ({"search__nesterov": 1}, "search.nesterov=1: expected true/false"),
     ({"search__arch_betas": [0.5]}, "search.arch_betas"),
     ({"search__partial_channels": 3}, r"partial_channels \(K=3\) must divide search.init_channels=16"),
-    ({"search__batch_size": 30000}, "larger than the smaller search split"),
+    ({"search__batch_size": 30000}, r"larger than the search's w split \(25000 of 50000 training images, "
+                                    "data.split=first_half"),
+    ({"space": "nb201", "dataset": "cifar100", "search__batch_size": 6000},
+     r"larger than the search's α split \(5000 of 10000 test images, data.split=test_half\)"),
+    ({"data__split": "last_half"}, "data.split='last_half' is unknown; allowed: auto, first_half, random, test_half"),
     ({"search__optimisation": "zeroth_order"}, "optimisation='zeroth_order' is unknown; allowed: first_order"),
     ({"search__features": "frozen"}, "features='frozen'; allowed: trained, random"),
     ({"search__lr_min": 1.0}, "lr_min=1.0 must be in"),

@@ -490,6 +490,50 @@ def test_search_split_is_a_seeded_disjoint_cover(tmp_path: Path) -> None:
         D.search_split(10, fraction=1.0)
 
 
+def test_split_rules_follow_methods_md_per_space() -> None:
+    # §2.1: the DARTS-family spaces split the training set in order; §1.3: NB201 a fixed random
+    # half on CIFAR-10, α from a fixed half of the test set on CIFAR-100
+    for space in ("darts", "s1", "s2", "s3", "s4"):
+        for dataset in ("cifar10", "cifar100", "svhn"):
+            assert D.split_rule("auto", space, dataset) == "first_half"
+    assert D.split_rule("auto", "nb201", "cifar10") == "random"
+    assert D.split_rule("auto", "nb201", "svhn") == "random"
+    assert D.split_rule("auto", "nb201", "cifar100") == "test_half"
+    assert D.split_rule("random", "darts", "cifar10") == "random"          # an explicit rule wins
+
+
+def test_first_half_split_takes_the_training_set_in_order() -> None:
+    split = D.search_split(1001, rule="first_half", seed=7)
+    assert split.weights.tolist() == list(range(500)) and split.arch.tolist() == list(range(500, 1001))
+    assert split.rule == "first_half" and split.arch_from == "train"
+
+
+def test_test_half_split_trains_w_on_everything_and_alpha_on_half_the_test_set(tmp_path: Path) -> None:
+    split = D.search_split(1000, rule="test_half", num_test=101, seed=3)
+    assert split.weights.tolist() == list(range(1000))
+    assert len(split.arch) == 50 and len(split.arch.unique()) == 50 and int(split.arch.max()) < 101
+    assert split.arch_from == "test" and split.num_test == 101
+    assert torch.equal(D.search_split(1000, rule="test_half", num_test=101, seed=3).arch, split.arch)
+    assert not torch.equal(D.search_split(1000, rule="test_half", num_test=101, seed=4).arch, split.arch)
+    D.save_split(tmp_path / "split.json", split)
+    loaded = D.load_split(tmp_path / "split.json", 1000, 101)
+    assert torch.equal(loaded.arch, split.arch) and loaded.arch_from == "test" and loaded.rule == "test_half"
+    with pytest.raises(D.DatasetError, match="made for 101 test images, the dataset has 100"):
+        D.load_split(tmp_path / "split.json", 1000, 100)
+    with pytest.raises(ValueError, match="test_half needs a test set"):
+        D.search_split(1000, rule="test_half")
+    with pytest.raises(ValueError, match="unknown split rule 'last_half'; allowed: first_half, random"):
+        D.search_split(1000, rule="last_half")
+
+
+def test_a_split_file_from_before_the_rules_reads_as_a_random_training_split(tmp_path: Path) -> None:
+    split = D.search_split(100, seed=1)
+    data = {"num_samples": 100, "seed": 1, "weights": split.weights.tolist(), "arch": split.arch.tolist()}
+    (tmp_path / "split.json").write_text(json.dumps(data))
+    loaded = D.load_split(tmp_path / "split.json", 100, 20)
+    assert (loaded.rule, loaded.arch_from) == ("random", "train") and torch.equal(loaded.arch, split.arch)
+
+
 # ------------------------------------------------------------------------------------------------
 # Augmentation functions
 

@@ -2,9 +2,12 @@
 import json
 from pathlib import Path
 
+import torch
+
 from nascore import config as C
+from nascore.data import ImageArrays, load_split
 from nascore.genotype import NB201_EDGES, NB201_OPS
-from nascore.pipeline import Paths, derive
+from nascore.pipeline import Paths, derive, prepare, search_data
 from nascore.tracking import Tracker
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,3 +38,34 @@ def test_derive_warns_when_the_derived_cell_ignores_its_input(tmp_path, capsys):
     _search_outputs(tmp_path / "ok", ["nor_conv_3x3"] * 6)
     metrics = derive(run, Paths(tmp_path / "ok", tmp_path), Tracker.disabled())
     assert metrics["input_reaches_output"] is True and "WARNING" not in capsys.readouterr().err
+
+
+def test_nb201_on_cifar100_draws_alpha_batches_from_half_the_test_set(tmp_path):
+    # methods.md §1.3: train = all 50k, arch-val = a fixed half of the test set (here at smoke size)
+    run = C.resolve({**C.load_params(ROOT / "params.yaml"), "space": "nb201", "dataset": "cifar100",
+                     "profile": "smoke"})
+    paths = Paths(tmp_path, tmp_path)
+    prepare(run, paths, Tracker.disabled())
+    summary = json.loads((tmp_path / "outputs" / "prepare" / "summary.json").read_text())
+    assert (summary["split"], summary["arch_split_from"]) == ("test_half", "test")
+    assert (summary["weight_split"], summary["arch_split"]) == (64, 16)
+    split = load_split(tmp_path / "outputs" / "prepare" / "split.json", 64, 32)
+    # train labels 0-4, test labels 5-9: every batch says which set it came from
+    mean, std = (0.5,) * 3, (0.25,) * 3
+    train = ImageArrays("train", torch.zeros(64, 3, 8, 8, dtype=torch.uint8), torch.arange(64) % 5,
+                        tuple(map(str, range(10))), mean, std)
+    test = ImageArrays("test", torch.zeros(32, 3, 8, 8, dtype=torch.uint8), 5 + torch.arange(32) % 5,
+                       tuple(map(str, range(10))), mean, std)
+    data = search_data(run.search, train, split, seed=0, device=torch.device("cpu"), test=test)
+    w_labels = torch.cat([y for _, y in data.train])
+    a_labels = torch.cat([y for _, y in data.val])
+    assert len(w_labels) == 64 and bool((w_labels < 5).all())        # every training image trains w
+    assert len(a_labels) == 16 and bool((a_labels >= 5).all())       # α sees test images only
+    assert sorted(a_labels.tolist()) == sorted(test.labels[split.arch].tolist())
+
+
+def test_the_darts_space_splits_the_training_set_in_order(tmp_path):
+    run = C.resolve({**C.load_params(ROOT / "params.yaml"), "profile": "smoke"})
+    prepare(run, Paths(tmp_path, tmp_path), Tracker.disabled())
+    split = load_split(tmp_path / "outputs" / "prepare" / "split.json", 64, 32)
+    assert split.rule == "first_half" and split.weights.tolist() == list(range(32))
