@@ -7,15 +7,16 @@ and keeps its traceback.
 """
 from __future__ import annotations
 
+import argparse
 import shutil
 import sys
 from typing import Sequence
 
 from .benchmarks import BenchmarkTableError
-from .config import ConfigError, load_params, resolve, resolve_stage
+from .config import STAGE_PARAMS, ConfigError, load_params, resolve, resolve_stage
 from .data import DatasetError
 from .genotype import GenotypeError
-from .io import CheckpointError, OutputError, write_json
+from .io import CheckpointError, OutputError
 from .registry import UnknownNameError
 
 USER_ERRORS: tuple[type[BaseException], ...] = (
@@ -31,10 +32,22 @@ def _late_errors() -> tuple[type[BaseException], ...]:
     return MissingInputError, ScratchBusyError, NonFiniteError, NonFiniteLossError
 
 
+def stage_parser(stage: str) -> argparse.ArgumentParser:
+    """A stage takes no arguments: params.yaml says everything. `--help` says so and where to look."""
+    return argparse.ArgumentParser(
+        prog=f"python -m stages.{stage}",
+        description=f"Run the pipeline's {stage!r} stage with the params in ./params.yaml (run from the "
+                    f"project root; `dvc repro {stage}` runs it with its upstream stages). It reads the "
+                    f"params {', '.join(STAGE_PARAMS[stage])}; see README.md, Parameters.",
+        epilog="Environment: NASCORE_TRACKING=off disables MLflow, MLFLOW_TRACKING_URI picks its backend, "
+               "NASCORE_DEVICE picks the device.")
+
+
 def run_stage(stage: str, argv: Sequence[str] | None = None) -> None:
     """Resolve params.yaml for `stage`, run it tracked, write metrics/<stage>.json; exit 2 on bad input."""
+    stage_parser(stage).parse_args(sys.argv[1:] if argv is None else argv)   # --help, or no stray flags
     from . import distributed as D
-    from .pipeline import Paths, STAGES, start_tracking
+    from .pipeline import Paths, STAGES, finish_stage, start_tracking
 
     try:
         params = load_params()
@@ -45,14 +58,16 @@ def run_stage(stage: str, argv: Sequence[str] | None = None) -> None:
         paths = Paths.here()
         with start_tracking(stage, run) as tracker:
             metrics = STAGES[stage](run, paths, tracker)
-            if metrics is not None and D.rank() == 0:
-                # "final/": the per-epoch series of the same names keep their own steps
-                tracker.log_metrics({f"final/{k}": v for k, v in metrics.items()
-                                     if isinstance(v, (int, float)) and not isinstance(v, bool)})
+            if D.rank() == 0:
+                if metrics is not None:
+                    # "final/": the per-epoch series of the same names keep their own steps
+                    tracker.log_metrics({f"final/{k}": v for k, v in metrics.items()
+                                         if isinstance(v, (int, float)) and not isinstance(v, bool)})
                 try:
-                    write_json(paths.metrics(stage), metrics)
+                    finish_stage(paths, stage, metrics)
                 except OutputError:
                     # metrics are written last; without them the outputs must not look finished
+                    # (the checkpoints stay: the rerun resumes)
                     shutil.rmtree(paths.out(stage), ignore_errors=True)
                     raise
     except USER_ERRORS + _late_errors() as e:

@@ -19,6 +19,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import operator
 import types
 import typing
 from dataclasses import dataclass, field, fields, is_dataclass
@@ -187,12 +188,34 @@ def load_params(path: str | Path = "params.yaml") -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"{path} not found: run from the project root (where params.yaml is)")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        with open(path, encoding="utf-8") as f:
+            data = yaml.load(f, Loader=_UniqueKeyLoader)      # a SafeLoader: plain data only
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path} is not valid YAML: {e}") from None
+        raise ConfigError(f"{path} is not valid YAML: {' '.join(str(e).split())}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must be a mapping of sections, got {type(data).__name__}")
     return data
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping (YAML keeps the last one
+    silently, and `dvc params diff` then disagrees with what the run used)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if not isinstance(key, typing.Hashable):
+                continue                 # SafeLoader's own message says so below
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice (lines {seen[key]} and {line}); keep one",
+                    key_node.start_mark)
+            seen[key] = line
+        return super().construct_mapping(node, deep)
 
 
 class _Recorder(dict):
@@ -229,22 +252,22 @@ def resolve(params: Mapping[str, Any], sections: tuple[str, ...] | None = None) 
     """params.yaml content -> RunConfig, for all sections or only `sections`."""
     known = _field_names(RunConfig)
     unknown = set(params) - known
-    if unknown:
-        raise ConfigError(f"params.yaml: unknown key(s) {', '.join(sorted(unknown))}; "
+    if unknown:       # str(): YAML makes `1:` an int and `yes:` a bool
+        raise ConfigError(f"params.yaml: unknown key(s) {', '.join(sorted(map(str, unknown)))}; "
                           f"known: {', '.join(sorted(known))}")
     wanted = set(sections) if sections is not None else known
     top: dict[str, Any] = {}
     for key, registry in (("method", METHODS), ("space", SPACES), ("dataset", DATASETS)):
         if key in wanted:
             value = params.get(key, getattr(RunConfig, key))
-            if value not in registry:
+            if not isinstance(value, str) or value not in registry:
                 raise ConfigError(f"params.yaml: {key}={value!r} is unknown; allowed: "
                                   f"{', '.join(registry.names())}")
             top[key] = value
     if "seed" in wanted:
         top["seed"] = _check_value("seed", params.get("seed", RunConfig.seed), int)
-        if top["seed"] < 0:
-            raise ConfigError(f"params.yaml: seed={top['seed']} must be >= 0")
+        if not 0 <= top["seed"] < 2**63:
+            raise ConfigError(f"params.yaml: seed={top['seed']} must be in [0, 2**63)")
     if "profile" in wanted:
         top["profile"] = params.get("profile", "full")
         if top["profile"] not in PROFILES:
@@ -261,6 +284,12 @@ def resolve(params: Mapping[str, Any], sections: tuple[str, ...] | None = None) 
         if not isinstance(user, Mapping):
             raise ConfigError(f"params.yaml: {name} must be a mapping of keys, got {user!r}")
         resolved[name] = build_section(cls, name, user, section_defaults(name, context))
+    for name in ("retrain", "transfer"):
+        section = params.get(name) if name in wanted else None
+        train = section.get("train") if isinstance(section, Mapping) else None
+        if isinstance(train, Mapping) and train.get("seed", AUTO) != AUTO:
+            raise ConfigError(f"params.yaml: {name}.train.seed is set by the top-level seed (every stage "
+                              f"of a run shares it); remove {name}.train.seed and set seed instead")
     run = RunConfig(**resolved)
     if "seed" in wanted and "retrain" in wanted:
         run = dataclasses.replace(run, retrain=_with_seed(run.retrain, run.seed))
@@ -367,6 +396,13 @@ def _type_name(kind: Any) -> str:
 
 
 # --- combinations --------------------------------------------------------------------------------
+def _number(value: Any) -> str:
+    """A value as the user wrote it: -1, not the -1.0 the float field made of it."""
+    if isinstance(value, tuple):
+        return "(" + ", ".join(_number(v) for v in value) + ")"
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
 def _positive(where: str, value: float, minimum: float = 1) -> None:
     if value < minimum:
         raise ConfigError(f"params.yaml: {where}={value} must be >= {minimum}")
@@ -381,6 +417,8 @@ def check_combinations(run: RunConfig, wanted: set[str]) -> None:
                               f"{', '.join(SPLIT_RULES)}")
         if not 0 < d.split_fraction < 1:
             raise ConfigError(f"params.yaml: data.split_fraction={d.split_fraction} must be in (0, 1)")
+        if not 0 <= d.split_seed < 2**63:
+            raise ConfigError(f"params.yaml: data.split_seed={d.split_seed} must be in [0, 2**63)")
         _positive("data.synthetic.num_train", d.synthetic.num_train, 2)
         _positive("data.synthetic.num_test", d.synthetic.num_test)
         _positive("data.synthetic.image_size", d.synthetic.image_size, 8)
@@ -398,9 +436,27 @@ def check_combinations(run: RunConfig, wanted: set[str]) -> None:
                                   f"{', '.join(allowed)}")
         for name in ("epochs", "batch_size", "init_channels", "layers", "partial_channels", "valid_batch_size"):
             _positive(f"search.{name}", getattr(s, name))
-        for name in ("lr", "arch_lr"):
-            if getattr(s, name) <= 0:
-                raise ConfigError(f"params.yaml: search.{name}={getattr(s, name)} must be > 0")
+        ranges = (     # (key, ok, rule): each optimiser value in the range torch and the spec mean
+            ("lr", 0 < s.lr < math.inf, "> 0 and finite"),
+            ("arch_lr", 0 < s.arch_lr < math.inf, "> 0 and finite"),
+            ("momentum", 0 <= s.momentum < 1, "in [0, 1)"),
+            ("nesterov", not s.nesterov or s.momentum > 0, "used with search.momentum > 0 only"),
+            ("weight_decay", 0 <= s.weight_decay < math.inf, ">= 0"),
+            ("arch_weight_decay", 0 <= s.arch_weight_decay < math.inf, ">= 0"),
+            ("arch_betas", all(0 <= b < 1 for b in s.arch_betas), "two numbers in [0, 1)"),
+            # a negative clip norm is no "off": torch scales every gradient by it, the loss climbs
+            ("grad_clip", 0 <= s.grad_clip < math.inf, ">= 0 (0 = off)"),
+            ("arch_grad_clip", 0 <= s.arch_grad_clip < math.inf, ">= 0 (0 = off)"),
+            ("unrolled_eps", 0 < s.unrolled_eps < math.inf, "> 0 (the finite-difference step, DARTS 0.01)"),
+            ("valid_every", s.valid_every >= 0, ">= 0 (0 = never)"),
+            ("hessian_batches", s.hessian_batches >= 1, ">= 1"),
+            ("hessian_iters", s.hessian_iters >= 1, ">= 1"),
+            ("opp.skip_after_epoch", s.opp.skip_after_epoch >= 0, ">= 0"),
+        )
+        for name, ok, rule in ranges:
+            if not ok:
+                value = operator.attrgetter(name)(s)
+                raise ConfigError(f"params.yaml: search.{name}={_number(value)} must be {rule}")
         if not 0 <= s.lr_min <= s.lr:
             raise ConfigError(f"params.yaml: search.lr_min={s.lr_min} must be in [0, search.lr={s.lr}]")
         if not 0 <= s.arch_warmup_epochs <= s.epochs:

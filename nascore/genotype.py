@@ -74,6 +74,10 @@ class Genotype:
                     0 <= c < DARTS_STEPS + 2 for c in concat):
                 raise GenotypeError(f"{cell}_concat {list(concat)} must be distinct indices in "
                                     f"0..{DARTS_STEPS + 1}")
+            if cell == "reduce" and any(c < 2 for c in concat):
+                # a reduction cell's inputs are at twice its nodes' resolution: no concat possible
+                raise GenotypeError(f"reduce_concat {list(concat)} contains a cell input (0 or 1); a "
+                                    f"reduction cell can only concatenate its nodes 2..{DARTS_STEPS + 1}")
 
     @property
     def cells(self) -> dict[str, tuple[tuple[str, int], ...]]:

@@ -7,7 +7,7 @@ leaves a partial folder that looks finished), then writes `metrics/<stage>.json`
 keep resumable checkpoints under `<project root>/scratch/<stage>/<key>/`, outside every DVC output
 (DVC deletes a stage's outputs before running it) and keyed by the resolved parameters and inputs,
 so a killed `dvc repro` picks up where it stopped. The scratch folder is removed once the stage's
-outputs are published.
+outputs are published and its metrics written (`finish_stage`).
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ import shutil
 import sys
 import contextlib
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
 
@@ -31,7 +31,7 @@ from .benchmarks import NB201Table
 from .data import (DATASETS, ImageArrays, ResidentLoader, image_files, load_prepared,
                    load_split, save_prepared, save_split, search_split, split_rule, synthetic_dataset, FolderLoader,
                    load_image_dataset, SearchSplit)
-from .genotype import AnyGenotype, NB201Genotype, genotype_from_json, resolve_genotype
+from .genotype import AnyGenotype, GenotypeError, NB201Genotype, genotype_from_json, resolve_genotype
 from .io import OutputError, save_torch, write_json, write_text
 from .metrics import run_peak_memory
 from .tracking import Tracker, file_sha256, project_root
@@ -54,6 +54,9 @@ class Paths:
 
     workspace: Path
     root: Path
+    # checkpoint folders of a stage whose outputs are published: removed only once its metrics
+    # file is written too (`finish_stage`), so a failure in between loses no finished work
+    finished_scratch: list[Path] = field(default_factory=list, compare=False)
 
     @classmethod
     def here(cls) -> "Paths":
@@ -77,13 +80,35 @@ class Paths:
 def pick_device() -> torch.device:
     """NASCORE_DEVICE (cpu, cuda, cuda:1) or the first GPU when there is one."""
     name = os.environ.get("NASCORE_DEVICE")
-    if name:
-        return torch.device(name)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not name:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise C.ConfigError(f"NASCORE_DEVICE={name!r} is no device; allowed: cpu, cuda, cuda:<index>") from None
+    if device.type not in ("cpu", "cuda"):
+        raise C.ConfigError(f"NASCORE_DEVICE={name!r}: nascore runs on cpu or cuda[:<index>]")
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        raise C.ConfigError(f"NASCORE_DEVICE={name!r} but this machine has {torch.cuda.device_count()} usable "
+                            f"CUDA device(s); unset it (the first GPU or the CPU) or set cpu")
+    return device
 
 
 class MissingInputError(ValueError):
     """An earlier stage's output this stage reads is missing or unreadable."""
+
+
+def finish_stage(paths: Paths, stage: str, metrics: dict[str, Any] | None) -> None:
+    """The stage's last act: write metrics/<stage>.json, then drop its finished checkpoints.
+
+    If the write fails (disk full, metrics/ not writable), the checkpoints stay: the rerun that
+    DVC makes after deleting the outputs resumes from the last epoch instead of epoch 0.
+    """
+    if metrics is not None:
+        write_json(paths.metrics(stage), metrics)
+    for folder in paths.finished_scratch:
+        shutil.rmtree(folder, ignore_errors=True)
+    paths.finished_scratch.clear()
 
 
 def read_input(path: Path, producer: str) -> Any:
@@ -319,7 +344,7 @@ def search(run: C.RunConfig, paths: Paths, tracker: Tracker) -> dict[str, Any]:
     tracker.log_artifact(paths.out("search") / "log.csv")
     tracker.log_file_reference(paths.out("search") / "supernet.pt", "supernet")
     tracker.set_tags({"genotype": str(result.genotype)})
-    shutil.rmtree(scratch, ignore_errors=True)
+    paths.finished_scratch.append(scratch)
     return metrics
 
 
@@ -331,14 +356,25 @@ def derive(run: C.RunConfig, paths: Paths, tracker: Tracker) -> dict[str, Any]:
     from .spaces import get_space
 
     saved = read_input(paths.out("search") / "alphas.json", "search")
-    if saved["space"] != run.space:
-        raise C.ConfigError(f"outputs/search was searched on space {saved['space']!r}, params say "
-                            f"{run.space!r}: rerun the search stage")
     history = read_input(paths.out("search") / "history.json", "search")
     space = get_space(run.space)
-    weights = derivation_weights(saved)
     rule = None if run.derive.rule == C.AUTO else run.derive.rule
-    genotype = space.derive(weights, rule)
+    try:        # files a user may have edited: a malformed one is named, not a traceback
+        if saved["space"] != run.space:
+            raise C.ConfigError(f"outputs/search was searched on space {saved['space']!r}, params say "
+                                f"{run.space!r}: rerun the search stage")
+        weights = derivation_weights(saved)
+        genotype = space.derive(weights, rule)
+        if not isinstance(history, list) or not history:
+            raise ValueError("history.json holds no epochs")
+        for r in history:
+            r["alphas"], r["op_names"], r["param_free_ops"], r["epoch"]
+    except C.ConfigError:
+        raise
+    except (KeyError, IndexError, TypeError, ValueError, GenotypeError) as e:
+        detail = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+        raise MissingInputError(f"{paths.out('search')}: alphas.json or history.json is malformed ({detail}); "
+                                f"rerun the 'search' stage (dvc repro search)") from None
     with publish_dir(paths.out("derive")) as out:
         write_json(out / "genotype.json", genotype.to_json())
         drawings = draw_genotype(genotype, out / "cells")
@@ -388,22 +424,39 @@ TRAIN_LOG_COLUMNS = ("epoch", "lr", "drop_path_prob", "train_loss", "train_acc",
                      "peak_reserved_mb")
 
 
-def stage_genotype(ref: str, paths: Paths) -> AnyGenotype:
+def stage_genotype(ref: str, paths: Paths, space: str) -> AnyGenotype:
+    """The cell a retrain or transfer trains: the derived one or `ref`, checked against `space`."""
     if ref == "derived":
-        return genotype_from_json(read_input(paths.out("derive") / "genotype.json", "derive"))
-    return resolve_genotype(ref if not Path(ref).suffix else str(paths.resolve_input(ref)))
+        path = paths.out("derive") / "genotype.json"
+        try:
+            genotype = genotype_from_json(read_input(path, "derive"))
+        except GenotypeError as e:
+            raise GenotypeError(f"{path}: {e}; rerun the 'derive' stage (dvc repro derive)") from None
+        where = str(path)
+    else:
+        genotype = resolve_genotype(ref if not Path(ref).suffix else str(paths.resolve_input(ref)))
+        where = ref
+    if isinstance(genotype, NB201Genotype) != (space == "nb201"):
+        kind = "an NB201" if isinstance(genotype, NB201Genotype) else "a DARTS"
+        raise GenotypeError(f"{where} holds {kind} cell but space is {space!r}; rerun 'derive' for this "
+                            f"space, or set space to the cell's")
+    return genotype
 
 
 def _train_network(stage: str, run: C.RunConfig, sec: C.NetworkTrainConfig, model: torch.nn.Module,
                    train_loader: Any, eval_loader: Any, genotype: AnyGenotype, paths: Paths,
                    tracker: Tracker, device: torch.device, extra_metrics: dict[str, Any]) -> dict[str, Any]:
     from . import distributed as D
-    from .train import train
+    from .train import RESUMABLE_CHANGES, train
 
     meta = {"stage": stage, "genotype": genotype.to_json(), "init_channels": sec.init_channels,
             "layers": sec.layers}
-    key = C.config_hash({"params": stage_params(run, stage), "genotype": genotype.to_json(),
-                         "world_size": D.world_size()})
+    # the checkpoint folder is keyed by what a resume must not change: a change TrainConfig lets
+    # a run resume across (progress, eval_every, the speed options) finds the same folder
+    params = stage_params(run, stage)
+    section = params["transfer" if stage == "transfer_imagenet" else stage]
+    section["train"] = {k: v for k, v in section["train"].items() if k not in RESUMABLE_CHANGES}
+    key = C.config_hash({"params": params, "genotype": genotype.to_json(), "world_size": D.world_size()})
     scratch = paths.scratch(stage, key)
 
     def on_epoch_end(record: dict[str, Any]) -> None:
@@ -420,6 +473,8 @@ def _train_network(stage: str, run: C.RunConfig, sec: C.NetworkTrainConfig, mode
     with lock:
         result = train(model, train_loader, eval_loader, sec.train, checkpoint_path=scratch / "train.pt",
                        device=device, on_epoch_end=on_epoch_end, meta=meta)
+    if result.resumed_from:
+        log(f"{stage}: resumed from epoch {result.resumed_from} of the checkpoint in {scratch}")
     final = result.final
     metrics = {"top1": final["eval_top1"], "top5": final["eval_top5"], "loss": final["eval_loss"],
                "error": None if final["eval_top1"] is None else round(100 * (1 - final["eval_top1"]), 4),
@@ -435,7 +490,7 @@ def _train_network(stage: str, run: C.RunConfig, sec: C.NetworkTrainConfig, mode
         tracker.log_artifact(paths.out(stage) / "model.pt")
         tracker.log_artifact(paths.out(stage) / "genotype.json")
         tracker.log_artifact(paths.out(stage) / "log.csv")
-        shutil.rmtree(scratch, ignore_errors=True)
+        paths.finished_scratch.append(scratch)
     return metrics
 
 
@@ -448,7 +503,7 @@ def retrain(run: C.RunConfig, paths: Paths, tracker: Tracker) -> dict[str, Any]:
     dist = D.init_distributed()
     device = dist.device if dist.world_size > 1 else pick_device()
     sec = run.retrain
-    genotype = stage_genotype(sec.genotype, paths)
+    genotype = stage_genotype(sec.genotype, paths, run.space)
     prepared = paths.out("prepare") / "data"
     train_set, test_set = load_prepared(prepared, "train"), load_prepared(prepared, "test")
     torch.manual_seed(run.seed)
@@ -486,7 +541,7 @@ def transfer_imagenet(run: C.RunConfig, paths: Paths, tracker: Tracker) -> dict[
         return {"skipped": True}
     dist = D.init_distributed()
     device = dist.device if dist.world_size > 1 else pick_device()
-    genotype = stage_genotype(sec.genotype, paths)
+    genotype = stage_genotype(sec.genotype, paths, run.space)
     shard = {"rank": dist.rank, "world_size": dist.world_size}
     if sec.data == "synthetic":
         train_set, test_set = synthetic_dataset(num_classes=sec.num_classes, n_train=4 * sec.batch_size,
@@ -536,7 +591,13 @@ def evaluate(run: C.RunConfig, paths: Paths, tracker: Tracker) -> dict[str, Any]
     cells up in the benchmark table."""
     def read(stage: str) -> dict[str, Any]:
         p = paths.metrics(stage)
-        return json.loads(p.read_text()) if p.exists() else {}
+        if not p.exists():
+            return {}
+        found = read_input(p, stage)
+        if not isinstance(found, dict):
+            raise MissingInputError(f"{p} holds {type(found).__name__}, not a JSON object: rerun the "
+                                    f"{stage!r} stage (dvc repro {stage})")
+        return found
 
     genotype = genotype_from_json(read_input(paths.out("derive") / "genotype.json", "derive"))
     summary: dict[str, Any] = {

@@ -67,7 +67,7 @@ _CHOICES = {"schedule": _SCHEDULES, "amp": ("none", "bf16"), "nonfinite": ("stop
             "progress": ("auto", "bar", "log", "none"), "backend": BACKENDS}
 # Fields that change speed or reporting but not the optimisation itself: a run may resume with
 # other values for these. Every other field must match the checkpoint's.
-_RESUMABLE_CHANGES = frozenset({"progress", "eval_every", "compile", "deterministic", "channels_last",
+RESUMABLE_CHANGES = frozenset({"progress", "eval_every", "compile", "deterministic", "channels_last",
                                 "cuda_graph", "backend"})
 
 
@@ -543,7 +543,7 @@ def _resume(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, cfg:
     saved_cfg = ckpt.get("config", {})
     changed = [f"{f.name}={saved_cfg.get(f.name)!r} there, {getattr(cfg, f.name)!r} here"
                for f in fields(TrainConfig)
-               if f.name not in _RESUMABLE_CHANGES and saved_cfg.get(f.name) != getattr(cfg, f.name)]
+               if f.name not in RESUMABLE_CHANGES and saved_cfg.get(f.name) != getattr(cfg, f.name)]
     if changed:
         raise CheckpointError(f"{path} was written by another recipe ({'; '.join(changed)}); "
                               f"delete it or point the run at its own checkpoint folder")

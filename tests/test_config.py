@@ -96,7 +96,26 @@ def test_every_method_and_space_resolves_or_says_why_not(params, method, space):
     ({"space": "nb301"}, "space='nb301' is unknown; allowed: darts, nb201, s1"),
     ({"dataset": "mnist"}, "dataset='mnist' is unknown; allowed: cifar10"),
     ({"profile": "fast"}, "profile='fast' is unknown; allowed: full, smoke"),
-    ({"seed": -1}, "seed=-1 must be >= 0"),
+    ({"seed": -1}, r"seed=-1 must be in \[0, 2\*\*63\)"),
+    ({"seed": 2**70}, "must be in"),
+    ({"method": ["darts"]}, r"method=\['darts'\] is unknown; allowed: darts"),
+    ({"space": {"a": 1}}, "space=.* is unknown; allowed: darts"),
+    ({"search__grad_clip": -1}, "search.grad_clip=-1 must be >= 0"),
+    ({"search__arch_grad_clip": -0.5}, "search.arch_grad_clip=-0.5 must be >= 0"),
+    ({"search__weight_decay": -1}, "search.weight_decay=-1 must be >= 0"),
+    ({"search__momentum": 5}, r"search.momentum=5 must be in \[0, 1\)"),
+    ({"search__momentum": 0, "search__nesterov": True}, "nesterov=True must be used with search.momentum > 0"),
+    ({"search__arch_betas": [2, 3]}, r"arch_betas=\(2, 3\) must be two numbers in \[0, 1\)"),
+    ({"search__arch_weight_decay": -1}, "arch_weight_decay=-1 must be >= 0"),
+    ({"search__lr": float("inf")}, "search.lr=inf must be > 0 and finite"),
+    ({"search__arch_lr": float("nan")}, "search.arch_lr=nan must be > 0"),
+    ({"search__unrolled_eps": 0}, "search.unrolled_eps=0 must be > 0"),
+    ({"search__hessian_batches": 0}, "search.hessian_batches=0 must be >= 1"),
+    ({"search__valid_every": -1}, "search.valid_every=-1 must be >= 0"),
+    ({"search__opp__skip_after_epoch": -5}, "search.opp.skip_after_epoch=-5 must be >= 0"),
+    ({"data__split_seed": -1}, "data.split_seed=-1 must be in"),
+    ({"retrain__train__seed": 99}, "retrain.train.seed is set by the top-level seed"),
+    ({"transfer__train__seed": 99}, "transfer.train.seed is set by the top-level seed"),
     ({"seed": "two"}, "seed='two': expected an integer"),
     ({"searhc": {}}, "unknown key.*searhc.*known: data, dataset"),
     ({"search__epoch": 3}, r"unknown key\(s\) search.epoch; known in search: .*epochs"),
@@ -134,6 +153,12 @@ def test_bad_params_are_rejected_naming_what_is_allowed(params, changes, message
         C.resolve(with_(params, **changes))
 
 
+def test_non_string_keys_are_named_not_crashed_on(params):
+    # YAML reads `1:` as an int and `yes:` as a bool
+    with pytest.raises(C.ConfigError, match="unknown key.*1, None"):
+        C.resolve({**params, 1: "x", None: "y"})
+
+
 def test_params_file_errors(tmp_path):
     with pytest.raises(C.ConfigError, match="not found"):
         C.load_params(tmp_path / "params.yaml")
@@ -143,6 +168,20 @@ def test_params_file_errors(tmp_path):
     (tmp_path / "params.yaml").write_text("- a\n- b\n")
     with pytest.raises(C.ConfigError, match="must be a mapping"):
         C.load_params(tmp_path / "params.yaml")
+    # a key given twice: YAML would keep the last silently
+    (tmp_path / "params.yaml").write_text("seed: 2\nsearch:\n  epochs: 3\nseed: 3\n")
+    with pytest.raises(C.ConfigError, match=r"key 'seed' appears twice \(lines 1 and 4\)"):
+        C.load_params(tmp_path / "params.yaml")
+    (tmp_path / "params.yaml").write_text("search:\n  lr: 0.1\n  lr: 0.2\n")
+    with pytest.raises(C.ConfigError, match="key 'lr' appears twice"):
+        C.load_params(tmp_path / "params.yaml")
+    (tmp_path / "params.yaml").write_bytes(b"method: d\xe9rts\n")
+    with pytest.raises(C.ConfigError, match="is not UTF-8 text"):
+        C.load_params(tmp_path / "params.yaml")
+    (tmp_path / "params.yaml").write_text("method: [unclosed")
+    with pytest.raises(C.ConfigError, match=r"params.yaml is not valid YAML: .*params.yaml\", line 1") as e:
+        C.load_params(tmp_path / "params.yaml")
+    assert "\n" not in str(e.value)
 
 
 # --- dvc.yaml agrees with what the stages read -----------------------------------------------------

@@ -115,6 +115,21 @@ def _kill_and_resume_training(proj: Repo, stage: str) -> None:
     assert without_measurements((out / "log.csv").read_text()) == without_measurements(reference_log)
 
 
+def test_a_retrain_resumes_across_a_change_that_cannot_alter_its_result(proj):
+    # progress and eval_every change what a run reports, not what it trains (train.RESUMABLE_CHANGES):
+    # the rerun finds the same checkpoint folder instead of starting over beside it
+    params = proj.root / "params.yaml"
+    before = params.read_text()
+    try:
+        killed_at = run_and_kill(proj, "retrain", "train.pt", at_least=1)
+        set_params(proj, **{"retrain.train.progress": "none", "retrain.train.eval_every": 2})
+        rerun = proj.stage("retrain")
+        assert f"retrain: resumed from epoch {killed_at}" in rerun.stderr, rerun.stderr
+        assert not list((proj.root / "scratch" / "retrain").glob("*/train.pt")), "no orphan left beside it"
+    finally:
+        params.write_text(before)
+
+
 def without_measurements(log_csv: str) -> list[dict[str, str]]:
     """A training log's rows without the columns that measure the run rather than the training:
     its timing and its GPU memory."""
@@ -256,6 +271,27 @@ def test_an_unwritable_output_location_is_a_clear_error_and_leaves_nothing(proj,
         proj.stage("derive")        # the failed run rolled its outputs back: restore them
 
 
+def test_a_search_whose_metrics_cannot_be_written_keeps_its_checkpoint_and_resumes(proj):
+    # the metrics file is a finished stage's last write: if it fails (disk full, metrics/ not
+    # writable), the rerun DVC makes must resume from the last epoch, not start over
+    metrics = proj.root / "metrics"
+    moved = metrics.with_name("metrics.bak")
+    metrics.rename(moved)
+    metrics.write_text("in the way")
+    try:
+        shutil.rmtree(proj.root / "outputs" / "search")
+        assert "cannot write" in run_stage_failing(proj, "search")
+        assert not (proj.root / "outputs" / "search").exists()
+        kept = list((proj.root / "scratch" / "search").glob("*/search.pt"))
+        assert len(kept) == 1 and checkpoint_epoch(kept[0]) == 6
+    finally:
+        metrics.unlink()
+        moved.rename(metrics)
+    rerun = proj.stage("search")
+    assert "resumed from" in rerun.stderr and "at epoch 6" in rerun.stderr
+    assert not list((proj.root / "scratch" / "search").glob("*/search.pt")), "removed once metrics are written"
+
+
 def test_a_stage_without_its_inputs_says_which_stage_to_run(proj, tmp_path):
     search = proj.root / "outputs" / "search"
     search.rename(tmp_path / "search")
@@ -309,7 +345,8 @@ def test_a_truncated_or_foreign_checkpoint_in_scratch_is_refused(proj):
     ("search", {"profile": "quick"}, "allowed: full, smoke"),
     ("search", {"search.epochs": -3}, "search.epochs=-3 must be >= 1"),
     ("search", {"search.partial_channels": 3}, "must divide search.init_channels"),
-    ("search", {"search.batch_size": 100000}, "larger than the smaller search split"),
+    ("search", {"search.batch_size": 100000}, "larger than the search's w split"),
+    ("search", {"search.grad_clip": -1}, "search.grad_clip=-1 must be >= 0"),
     ("derive", {"space": "darts", "derive.rule": "nb201"}, "cannot derive a darts cell"),
     ("retrain", {"retrain.genotype": "DARTS_V2"}, "is a DARTS cell but space is 'nb201'"),
 ])
@@ -372,3 +409,13 @@ def test_two_identical_runs_do_not_share_a_checkpoint(proj):
     with open(folder / ".lock") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)    # free again: no stale lock
     shutil.rmtree(folder)
+
+
+def test_stage_commands_take_no_arguments_and_say_so(proj):
+    out = proj.root / "outputs" / "derive" / "genotype.json"
+    before = out.stat().st_mtime_ns
+    helped = proj.run(sys.executable, "-m", "stages.derive", "--help")
+    assert "params.yaml" in helped.stdout and "dvc repro derive" in helped.stdout
+    stray = proj.run(sys.executable, "-m", "stages.search", "--epochs", "3", check=False)
+    assert stray.returncode == 2 and "unrecognized arguments: --epochs 3" in stray.stderr
+    assert out.stat().st_mtime_ns == before, "neither ran the stage"

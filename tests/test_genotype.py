@@ -155,3 +155,7 @@ def test_alpha_entropy_uniform_is_log_k():
 def test_genotype_constructor_validates():
     with pytest.raises(GenotypeError, match="concat"):
         Genotype(normal=DARTS_V2.normal, reduce=DARTS_V2.reduce, normal_concat=(2, 2))
+    # a reduction cell's inputs are at twice its nodes' resolution: refused here, not in a network
+    with pytest.raises(GenotypeError, match=r"reduce_concat \[0, 2, 3, 4, 5\] contains a cell input"):
+        Genotype(normal=DARTS_V2.normal, reduce=DARTS_V2.reduce, reduce_concat=(0, 2, 3, 4, 5))
+    assert Genotype(normal=DARTS_V2.normal, reduce=DARTS_V2.reduce, normal_concat=(0, 2, 3, 4, 5))

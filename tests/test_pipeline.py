@@ -69,3 +69,71 @@ def test_the_darts_space_splits_the_training_set_in_order(tmp_path):
     prepare(run, Paths(tmp_path, tmp_path), Tracker.disabled())
     split = load_split(tmp_path / "outputs" / "prepare" / "split.json", 64, 32)
     assert split.rule == "first_half" and split.weights.tolist() == list(range(32))
+
+
+def test_malformed_search_outputs_are_named_not_a_traceback(tmp_path):
+    import pytest
+    from nascore.pipeline import MissingInputError
+
+    run = C.resolve({**C.load_params(ROOT / "params.yaml"), "space": "nb201"})
+    edits = {
+        "a column out of range": ("alphas.json", lambda d: d.update(active_columns=[0, 1, 99])),
+        "op names missing": ("alphas.json", lambda d: d.pop("op_names")),
+        "a string among the alphas": ("alphas.json", lambda d: d["alphas"]["cell"][0].__setitem__(0, "x")),
+        "no epochs": ("history.json", lambda d: d.clear()),
+    }
+    for what, (name, edit) in edits.items():
+        workspace = tmp_path / what.replace(" ", "_")
+        _search_outputs(workspace, ["nor_conv_3x3"] * 6)
+        path = workspace / "outputs" / "search" / name
+        data = json.loads(path.read_text())
+        edit(data)
+        path.write_text(json.dumps(data))
+        with pytest.raises(MissingInputError, match="alphas.json or history.json is malformed.*rerun the 'search'"):
+            derive(run, Paths(workspace, tmp_path), Tracker.disabled())
+        assert not (workspace / "outputs" / "derive").exists(), what
+
+
+def test_a_derived_cell_of_another_space_is_refused(tmp_path):
+    import pytest
+    from nascore.genotype import GenotypeError
+    from nascore.pipeline import stage_genotype
+
+    run = C.resolve({**C.load_params(ROOT / "params.yaml"), "space": "nb201"})
+    _search_outputs(tmp_path, ["nor_conv_3x3"] * 6)
+    derive(run, Paths(tmp_path, tmp_path), Tracker.disabled())
+    assert stage_genotype("derived", Paths(tmp_path, tmp_path), "nb201").to_arch_string().startswith("|nor_conv_3x3~0|")
+    with pytest.raises(GenotypeError, match=r"genotype.json holds an NB201 cell but space is 'darts'"):
+        stage_genotype("derived", Paths(tmp_path, tmp_path), "darts")
+    with pytest.raises(GenotypeError, match="DARTS_V2 holds a DARTS cell but space is 'nb201'"):
+        stage_genotype("DARTS_V2", Paths(tmp_path, tmp_path), "nb201")
+
+
+def test_evaluate_names_a_damaged_metrics_file(tmp_path):
+    import pytest
+    from nascore.pipeline import MissingInputError, evaluate
+
+    run = C.resolve({**C.load_params(ROOT / "params.yaml"), "space": "nb201"})
+    paths = Paths(tmp_path, tmp_path)
+    _search_outputs(tmp_path, ["nor_conv_3x3"] * 6)
+    derive(run, paths, Tracker.disabled())
+    (tmp_path / "metrics").mkdir()
+    for text, reason in (('{"valid_acc": ', "unreadable"), ("[1, 2]", "holds list, not a JSON object")):
+        (tmp_path / "metrics" / "search.json").write_text(text)
+        with pytest.raises(MissingInputError, match=f"search.json (is )?{reason}.*(re)?run the 'search' stage"):
+            evaluate(run, paths, Tracker.disabled())
+
+
+def test_a_bad_device_name_is_a_config_error(monkeypatch):
+    import pytest
+    import torch
+    from nascore.pipeline import pick_device
+
+    monkeypatch.setenv("NASCORE_DEVICE", "gpu")
+    with pytest.raises(C.ConfigError, match="NASCORE_DEVICE='gpu' is no device; allowed: cpu, cuda"):
+        pick_device()
+    monkeypatch.setenv("NASCORE_DEVICE", "cuda:99")
+    with pytest.raises(C.ConfigError, match="usable CUDA device"):
+        pick_device()
+    monkeypatch.setenv("NASCORE_DEVICE", "cpu")
+    assert pick_device() == torch.device("cpu")
