@@ -44,8 +44,9 @@ def stage_parser(stage: str) -> argparse.ArgumentParser:
 
 
 def run_stage(stage: str, argv: Sequence[str] | None = None) -> None:
-    """Resolve params.yaml for `stage`, run it tracked, write metrics/<stage>.json; exit 2 on bad input."""
-    stage_parser(stage).parse_args(sys.argv[1:] if argv is None else argv)   # --help, or no stray flags
+    """Resolve params.yaml for `stage`, run it tracked, write metrics/<stage>.json; exit 2 on bad input.
+    `argv`: the command line's arguments (none are taken: `--help` is answered, others refused)."""
+    stage_parser(stage).parse_args(list(argv or []))
     from . import distributed as D
     from .pipeline import Paths, STAGES, finish_stage, start_tracking
 

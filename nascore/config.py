@@ -264,6 +264,11 @@ def resolve(params: Mapping[str, Any], sections: tuple[str, ...] | None = None) 
                 raise ConfigError(f"params.yaml: {key}={value!r} is unknown; allowed: "
                                   f"{', '.join(registry.names())}")
             top[key] = value
+    if "dataset" in wanted and not DATASETS.get(top["dataset"]).in_memory:
+        searchable = [n for n in DATASETS.names() if DATASETS.get(n).in_memory]
+        raise ConfigError(f"params.yaml: dataset={top['dataset']!r} is not one to search and retrain on; "
+                          f"allowed: {', '.join(searchable)}. ImageNet is the transfer stage's: set "
+                          f"transfer.data to its ImageFolder tree")
     if "seed" in wanted:
         top["seed"] = _check_value("seed", params.get("seed", RunConfig.seed), int)
         if not 0 <= top["seed"] < 2**63:
@@ -506,10 +511,14 @@ def check_combinations(run: RunConfig, wanted: set[str]) -> None:
         _check_network_section(run, "transfer", wanted)
     if "transfer" in wanted:
         t = run.transfer
-        if t.data not in ("none", "synthetic") and not Path(t.data).exists():
+        if t.data not in ("none", "synthetic") and not (t.data and user_path(t.data).exists()):
             raise ConfigError(f"params.yaml: transfer.data={t.data!r} does not exist; give an ImageFolder "
                               f"tree with train/<class>/ and val/<class>/ (the ImageNet layout), or "
                               f"'none' to skip the stage, or 'synthetic'")
+        if t.data != "none":
+            _positive("transfer.num_classes", t.num_classes, 2)
+            _positive("transfer.workers", t.workers, 0)
+            _positive("transfer.image_size", t.image_size, 32)
         if t.image_size % 32:
             raise ConfigError(f"params.yaml: transfer.image_size={t.image_size} must be a multiple of 32 "
                               f"(the ImageNet network halves it five times)")
@@ -518,15 +527,32 @@ def check_combinations(run: RunConfig, wanted: set[str]) -> None:
                               "mobile network stacks DARTS cells, not NB201 cells")
 
 
+def user_path(value: str) -> Path:
+    """A path from params.yaml: absolute as is, else relative to the project root, which is where the
+    stages read it from (a `dvc exp run --temp` workspace lacks the project's ignored data/)."""
+    from .tracking import project_root
+
+    path = Path(value).expanduser()
+    return path if path.is_absolute() else project_root() / path
+
+
 def _check_network_section(run: RunConfig, name: str, wanted: set[str]) -> None:
     sec: NetworkTrainConfig = getattr(run, name)
     for key in ("batch_size", "init_channels", "layers"):
         _positive(f"{name}.{key}", getattr(sec, key))
+    if "space" in wanted and run.space != "nb201" and sec.layers < 3:
+        raise ConfigError(f"params.yaml: {name}.layers={sec.layers}: the {run.space} network needs >= 3 cells "
+                          f"(two are reduction cells)")
+    if name == "retrain" and {"data", "profile", "dataset"} <= wanted:
+        n_train = _train_size(run)
+        if n_train is not None and sec.batch_size > n_train:
+            raise ConfigError(f"params.yaml: retrain.batch_size={sec.batch_size} is larger than the "
+                              f"training set ({n_train} images)")
     if sec.cutout < 0:
         raise ConfigError(f"params.yaml: {name}.cutout={sec.cutout} must be >= 0 (0 = off)")
     if sec.genotype != "derived":
-        try:
-            g = resolve_genotype(sec.genotype)
+        try:     # a file path is read from the project root, as the stage will (Paths.resolve_input)
+            g = resolve_genotype(str(user_path(sec.genotype)) if Path(sec.genotype).suffix else sec.genotype)
         except GenotypeError as e:
             raise ConfigError(f"params.yaml: {name}.genotype: {e}; or 'derived' for the searched cell") from None
         if "space" in wanted and (isinstance(g, NB201Genotype)) != (run.space == "nb201"):

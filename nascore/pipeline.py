@@ -30,7 +30,7 @@ from . import config as C
 from .benchmarks import NB201Table
 from .data import (DATASETS, ImageArrays, ResidentLoader, image_files, load_prepared,
                    load_split, save_prepared, save_split, search_split, split_rule, synthetic_dataset, FolderLoader,
-                   load_image_dataset, SearchSplit)
+                   load_image_dataset, DatasetError, SearchSplit)
 from .genotype import AnyGenotype, GenotypeError, NB201Genotype, genotype_from_json, resolve_genotype
 from .io import OutputError, save_torch, write_json, write_text
 from .metrics import run_peak_memory
@@ -555,8 +555,11 @@ def transfer_imagenet(run: C.RunConfig, paths: Paths, tracker: Tracker) -> dict[
     else:
         root = paths.resolve_input(sec.data)
         cache = paths.root / "data" / "cache"
-        train_files = image_files("imagenet", root, train=True, cache_dir=cache, image_size=sec.image_size)
-        test_files = image_files("imagenet", root, train=False, cache_dir=cache, image_size=sec.image_size)
+        try:
+            train_files = image_files("imagenet", root, train=True, cache_dir=cache, image_size=sec.image_size)
+            test_files = image_files("imagenet", root, train=False, cache_dir=cache, image_size=sec.image_size)
+        except DatasetError as e:     # the data module speaks of data.root; here it is transfer.data
+            raise DatasetError(str(e).replace("data.root", "transfer.data")) from None
         num_classes = len(train_files.classes)
         common = {"device": device, "channels_last": sec.train.channels_last, "workers": sec.workers, **shard}
         train_loader = FolderLoader(train_files, batch_size=sec.batch_size, drop_last=True, seed=run.seed,

@@ -2,7 +2,9 @@
 
 All the work is in `nascore.pipeline.derive`; params come from params.yaml.
 """
+import sys
+
 from nascore.cli import run_stage
 
 if __name__ == "__main__":
-    run_stage("derive")
+    run_stage("derive", sys.argv[1:])

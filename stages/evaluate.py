@@ -2,7 +2,9 @@
 
 All the work is in `nascore.pipeline.evaluate`; params come from params.yaml.
 """
+import sys
+
 from nascore.cli import run_stage
 
 if __name__ == "__main__":
-    run_stage("evaluate")
+    run_stage("evaluate", sys.argv[1:])

@@ -2,7 +2,9 @@
 
 All the work is in `nascore.pipeline.transfer_imagenet`; params come from params.yaml.
 """
+import sys
+
 from nascore.cli import run_stage
 
 if __name__ == "__main__":
-    run_stage("transfer_imagenet")
+    run_stage("transfer_imagenet", sys.argv[1:])

@@ -1,5 +1,6 @@
 """params.yaml: auto resolution, validation, and its agreement with dvc.yaml."""
 import copy
+import json
 from pathlib import Path
 
 import pytest
@@ -115,6 +116,13 @@ def test_every_method_and_space_resolves_or_says_why_not(params, method, space):
     ({"search__opp__skip_after_epoch": -5}, "search.opp.skip_after_epoch=-5 must be >= 0"),
     ({"data__split_seed": -1}, "data.split_seed=-1 must be in"),
     ({"retrain__train__seed": 99}, "retrain.train.seed is set by the top-level seed"),
+    ({"dataset": "imagenet"}, "dataset='imagenet' is not one to search and retrain on; allowed: cifar10, "
+                              "cifar100, svhn, synthetic. ImageNet is the transfer stage's"),
+    ({"retrain__layers": 1}, "retrain.layers=1: the darts network needs >= 3 cells"),
+    ({"profile": "smoke", "retrain__batch_size": 1000}, r"retrain.batch_size=1000 is larger than the training set \(64 images\)"),
+    ({"transfer__data": "synthetic", "transfer__num_classes": 1}, "transfer.num_classes=1 must be >= 2"),
+    ({"transfer__data": "synthetic", "transfer__image_size": 0}, "transfer.image_size=0 must be >= 32"),
+    ({"transfer__data": "synthetic", "transfer__workers": -1}, "transfer.workers=-1 must be >= 0"),
     ({"transfer__train__seed": 99}, "transfer.train.seed is set by the top-level seed"),
     ({"seed": "two"}, "seed='two': expected an integer"),
     ({"searhc": {}}, "unknown key.*searhc.*known: data, dataset"),
@@ -240,3 +248,15 @@ def test_every_stage_validates_the_whole_file_before_any_work(tmp_path, monkeypa
     assert exit_.value.code == 2
     assert "retrain.train: TrainConfig.epochs=-1: must be >= 1" in capsys.readouterr().err
     assert not (tmp_path / "outputs").exists()
+
+
+def test_relative_paths_are_checked_from_the_project_root_as_the_stages_read_them(params, tmp_path, monkeypatch):
+    # a `dvc exp run --temp` workspace lacks the project's ignored data/: stages read it from the root
+    (tmp_path / "data" / "imnet").mkdir(parents=True)
+    (tmp_path / "cells").mkdir()
+    (tmp_path / "cells" / "mine.json").write_text(json.dumps(C.resolve_genotype("DARTS_V2").to_json()))
+    monkeypatch.setenv("NASCORE_PROJECT_ROOT", str(tmp_path))
+    run = C.resolve(with_(params, transfer__data="data/imnet", retrain__genotype="cells/mine.json"))
+    assert run.transfer.data == "data/imnet"
+    with pytest.raises(C.ConfigError, match="transfer.data='data/elsewhere' does not exist"):
+        C.resolve(with_(params, transfer__data="data/elsewhere"))
