@@ -11,6 +11,7 @@ import errno
 import io
 import json
 import os
+import pickle
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -120,7 +121,12 @@ def load_checkpoint(path: str | Path, *, kind: str, meta: Mapping[str, Any] | No
         data = torch.load(path, map_location=map_location, weights_only=True)
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint {path} does not exist") from None
-    except Exception as e:   # truncated zip, pickle with code (refused by weights_only), garbage
+    except pickle.UnpicklingError:
+        # torch's own message suggests weights_only=False, which would run the file's code
+        raise CheckpointError(f"checkpoint {path} holds Python objects beyond tensors and plain data; "
+                              f"nascore never loads such a file (it could run code): delete it to start "
+                              f"afresh") from None
+    except Exception as e:   # truncated zip, garbage
         raise CheckpointError(f"checkpoint {path} cannot be loaded safely ({type(e).__name__}: "
                               f"{str(e).splitlines()[0] if str(e) else 'no detail'}); delete it "
                               f"to start afresh") from None
