@@ -10,6 +10,7 @@ import csv
 import io
 import json
 import os
+import re
 import resource
 import shutil
 import signal
@@ -124,7 +125,9 @@ def test_a_retrain_resumes_across_a_change_that_cannot_alter_its_result(proj):
         killed_at = run_and_kill(proj, "retrain", "train.pt", at_least=1)
         set_params(proj, **{"retrain.train.progress": "none", "retrain.train.eval_every": 2})
         rerun = proj.stage("retrain")
-        assert f"retrain: resumed from epoch {killed_at}" in rerun.stderr, rerun.stderr
+        resumed = re.search(r"retrain: resumed from epoch (\d+)", rerun.stderr)
+        # (a checkpoint may land between seeing one and the kill)
+        assert resumed and int(resumed.group(1)) in (killed_at, killed_at + 1), rerun.stderr
         assert not list((proj.root / "scratch" / "retrain").glob("*/train.pt")), "no orphan left beside it"
     finally:
         params.write_text(before)
