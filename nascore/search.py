@@ -401,9 +401,16 @@ class SearchRun:
         counts, skipped = steps.counts, steps.skipped
         if bad >= 0:
             raise NonFiniteError(
-                f"search: non-finite loss or α at epoch {epoch}, step {bad} (lr {lr:.4g}); stopped "
+                f"search: non-finite loss or α at epoch {epoch + 1}, step {bad + 1} (lr {lr:.4g}); stopped "
                 f"without saving this epoch, the last good checkpoint (epoch {self.epoch}) is kept. "
                 f"Lower search.lr / search.arch_lr, or set search.nonfinite: skip to drop such batches")
+        if skipped and not counts[0]:
+            # nothing was learnt and the model is the one before the epoch: a 0.0 loss would lie
+            raise NonFiniteError(
+                f"search: every one of epoch {epoch + 1}'s {skipped} batches gave a non-finite loss or α "
+                f"and was skipped (lr {lr:.4g}); stopped, the last good checkpoint (epoch "
+                f"{self.epoch}) is kept. Lower search.lr / search.arch_lr, or check the data for "
+                f"NaN/inf pixels")
         seconds = time.perf_counter() - t0
         record: dict[str, Any] = {
             "epoch": epoch + 1, "lr": lr, "update_arch": update_arch,     # 1-based, like training
@@ -425,6 +432,7 @@ class SearchRun:
         record.update(peak_memory(self.device))     # the epoch's steps and validation (CUDA only)
         self.log(f"search epoch {epoch + 1}/{cfg.epochs}: loss {record['train_loss']:.4f} "
                  f"acc {record['train_acc']:.3f}"
+                 + (f" ({skipped} non-finite batches skipped)" if skipped else "")
                  + (f" valid {record['valid_acc']:.3f}" if "valid_acc" in record else "")
                  + f" param-free {record['param_free_ops']} | {record['genotype_str']}")
         return record

@@ -133,7 +133,7 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(tmp
            log=lambda s: None)
     good = path.read_bytes()
     cfg = tiny_config(space="nb201", epochs=2)
-    with pytest.raises(NonFiniteError, match="epoch 1, step 1"):
+    with pytest.raises(NonFiniteError, match="epoch 2, step 2"):
         search(get_space("nb201"), cfg, poisoned_data(1), checkpoint_path=path, log=lambda s: None)
     assert path.read_bytes() == good
 
@@ -143,6 +143,16 @@ def test_non_finite_batches_can_be_skipped_and_counted():
     result = search(get_space("nb201"), cfg, poisoned_data(1), log=lambda s: None)
     assert result.history[0]["skipped_batches"] == 1
     assert all(torch.isfinite(p).all() for p in result.model.parameters())
+
+
+def test_an_epoch_with_every_batch_skipped_stops_instead_of_reporting_a_zero_loss(tmp_path):
+    x, y = learnable_images(16, 4, 8)
+    x[:8] = float("nan")                      # every train batch
+    data = SearchData(TensorLoader(x[:8], y[:8], 4, shuffle=False), TensorLoader(x[8:], y[8:], 4), 4)
+    cfg = tiny_config(space="nb201", epochs=1, nonfinite="skip")
+    with pytest.raises(NonFiniteError, match="every one of epoch 1's 2 batches .* skipped"):
+        search(get_space("nb201"), cfg, data, checkpoint_path=tmp_path / "s.pt", log=lambda s: None)
+    assert not (tmp_path / "s.pt").exists()
 
 
 def test_hessian_eigenvalue_is_reported_when_asked():
