@@ -936,7 +936,8 @@ class Group:
     dataset: str
     profile: str
     variant: str
-    experiments: list[Experiment]
+    experiments: list[Experiment]                      # one per seed: the statistics' samples
+    repeats: list[Experiment] = field(default_factory=list)   # same seed again: listed, not counted
 
     @property
     def key(self) -> tuple[str, str, str, str, str]:
@@ -989,7 +990,11 @@ def _varying_params(experiments: Sequence[Experiment]) -> list[str]:
 
 
 def group_experiments(experiments: Sequence[Experiment]) -> list[Group]:
-    """Group by method × space × dataset × profile; params that vary otherwise make variants."""
+    """Group by method × space × dataset × profile; params that vary otherwise make variants.
+
+    A seed run twice with the same settings (two experiment names, or a rerun from another commit)
+    is one sample, not two: counting both would shrink the std and inflate n. The first by name
+    counts; the others go to `Group.repeats` and the report names them."""
     base: dict[tuple[str, str, str, str], list[Experiment]] = {}
     for e in experiments:
         base.setdefault((e.method, e.space, e.dataset, e.profile), []).append(e)
@@ -1002,7 +1007,10 @@ def group_experiments(experiments: Sequence[Experiment]) -> list[Group]:
             split.setdefault(variant, []).append(e)
         for variant, members in split.items():
             members.sort(key=lambda e: (e.seed, e.name))
-            groups.append(Group(method, space, dataset, profile, variant, members))
+            counted: dict[int, Experiment] = {}
+            repeats = [e for e in members if counted.setdefault(e.seed, e) is not e]
+            groups.append(Group(method, space, dataset, profile, variant, list(counted.values()),
+                                repeats))
     groups.sort(key=lambda g: (g.space, g.dataset, g.profile, g.variant, _method_rank(g.method)))
     return groups
 
@@ -1269,7 +1277,7 @@ def make_figures(groups: Sequence[Group], out: Path, tables: Mapping[str, NB201T
 
 # --- tables -------------------------------------------------------------------------------------
 EXPERIMENT_COLUMNS = (
-    "experiment", "source", "method", "space", "dataset", "profile", "variant", "seed", "genotype",
+    "experiment", "source", "method", "space", "dataset", "profile", "variant", "seed", "counted", "genotype",
     "param_free_ops", "param_free_ops_normal", "param_free_ops_reduce", "collapse_op", "collapse_share",
     "cut_off", "nb201_cifar10", "nb201_cifar100", "nb201_imagenet16", "retrain_acc", "retrain_error",
     "retrain_epochs", "params_m", "macs_m", "imagenet_top1_error", "imagenet_top5_error",
@@ -1305,9 +1313,10 @@ def experiment_rows(groups: Sequence[Group], paper: PaperResults) -> list[dict[s
     rows = []
     for g in groups:
         head = paper.headline(g.method, g.space, g.dataset)
-        for e in g.experiments:
+        for e in sorted([*g.experiments, *g.repeats], key=lambda e: (e.seed, e.name)):
             rows.append({"experiment": e.name, "source": e.source, "method": e.method, "space": e.space,
                          "dataset": e.dataset, "profile": e.profile, "variant": g.variant, "seed": e.seed,
+                         "counted": not any(e is r for r in g.repeats),
                          "genotype": e.genotype_str, "collapse_op": collapse_op(e.space), **e.metrics,
                          **_paper_fields(head), "rev": e.rev, "mlflow_run_id": e.mlflow_run_id})
     return rows
@@ -1531,6 +1540,14 @@ def build_report(experiments: list[Experiment], out_dir: Path, *, name: str, roo
         notes.append(f"the experiments were run from {len(commits)} different commits and are grouped "
                      f"regardless of code changes; see the rev column of table.csv")
     groups = group_experiments(experiments)
+    for g in groups:
+        for seed in sorted({e.seed for e in g.repeats}):
+            kept = next(e for e in g.experiments if e.seed == seed)
+            again = [e.name for e in g.repeats if e.seed == seed]
+            notes.append(f"{g.label} on {g.space}/{g.dataset} ({g.profile}): seed {seed} ran "
+                         f"{len(again) + 1} times ({', '.join([kept.name, *again])}); the statistics "
+                         f"count it once, from {kept.name} (a repeat is not a new sample; drop the "
+                         f"others with `dvc exp remove`, or run a new seed)")
     out_dir.mkdir(parents=True, exist_ok=True)
     for old in out_dir.glob("*.png"):      # a rebuilt report must not show a previous run's figures
         if old.name.startswith(FIGURE_PREFIXES):

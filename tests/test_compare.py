@@ -156,6 +156,26 @@ def test_groups_are_method_x_space_x_dataset_x_profile_and_other_params_make_var
     assert len(groups) == 4
 
 
+def test_a_seed_run_twice_is_one_sample_and_the_report_names_the_repeat(tmp_path):
+    table = nb201_table(tmp_path / "nb201.csv")
+    exps = [nb201_exp("darts", 1, ALL_SKIP), nb201_exp("darts", 2, BEST)]
+    again = nb201_exp("darts", 1, ALL_SKIP)
+    again.name = "darts-rerun-of-seed-1"        # another `dvc exp run -S seed=1`, another name
+    report = build_report([*exps, again], tmp_path / "report", name="t", root=tmp_path,
+                          paper=load_paper_results(), nb201_table=str(table))
+    [g] = report.groups
+    assert g.seeds == [1, 2] and [e.name for e in g.repeats] == ["darts-rerun-of-seed-1"]
+    assert g.stat("nb201_cifar10").n == 2
+    assert g.stat("nb201_cifar10").mean == pytest.approx((54.30 + 94.37) / 2)
+    [note] = [n for n in report.notes if "seed 1 ran 2 times" in n]
+    assert "darts-nb201-1" in note and "darts-rerun-of-seed-1" in note
+    assert "seed 1 ran 2 times" in report.markdown.read_text()
+    # every run stays listed in table.csv; only the statistics count the seed once
+    rows = list(csv.DictReader(open(tmp_path / "report" / "table.csv")))
+    assert [(r["experiment"], r["counted"]) for r in rows] == [
+        ("darts-nb201-1", "True"), ("darts-rerun-of-seed-1", "False"), ("darts-nb201-2", "True")]
+
+
 # --- the NB201 lookup -----------------------------------------------------------------------------
 def test_nb201_accuracy_is_looked_up_and_aggregated_over_seeds(tmp_path):
     table = nb201_table(tmp_path / "nb201.csv")
