@@ -2,7 +2,8 @@
 through the real `dvc` and `git` command lines the way users drive nascore.
 
 The copy holds the project's tracked and untracked-but-not-ignored files (what a clone would
-have), so the tests see exactly the committed pipeline. Commands run with this interpreter's
+have), so the tests see exactly the committed pipeline; params.yaml is the committed one, since
+`dvc exp run -S` leaves the workspace's holding the last experiment. Commands run with this interpreter's
 folder first on PATH, so `python -m stages.<name>` in dvc.yaml finds the test environment's python.
 """
 from __future__ import annotations
@@ -13,6 +14,8 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from tests._params import committed_params_text
 
 PROJECT = Path(__file__).resolve().parents[1]
 
@@ -72,6 +75,8 @@ def make_repo(dest: Path) -> Repo:
         target = dest / rel
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(PROJECT / rel, target)
+    # the committed defaults, not the workspace's last `dvc exp run -S` (tests/_params.py)
+    (dest / "params.yaml").write_text(committed_params_text(), encoding="utf-8")
     shared = PROJECT.parent / "shared"
     if shared.exists() and not (dest.parent / "shared").exists():
         (dest.parent / "shared").symlink_to(shared)

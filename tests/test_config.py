@@ -8,14 +8,15 @@ import yaml
 
 from nascore import config as C
 from nascore.methods import METHODS
+from tests._params import default_params
 from nascore.spaces import SPACES
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture()
-def params():
-    return C.load_params(ROOT / "params.yaml")
+def params(tmp_path_factory):
+    return default_params(tmp_path_factory.mktemp("params"))
 
 
 def with_(params, **changes):
@@ -238,7 +239,7 @@ def test_config_hash_is_stable_and_sensitive(params):
 def test_every_stage_validates_the_whole_file_before_any_work(tmp_path, monkeypatch, capsys):
     """A bad retrain value stops the first stage (prepare), not the retrain after a long search."""
     from nascore.cli import run_stage
-    params = C.load_params(ROOT / "params.yaml")
+    params = default_params(tmp_path)
     params["retrain"]["train"]["epochs"] = -1
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     monkeypatch.chdir(tmp_path)

@@ -9,6 +9,7 @@ from nascore.data import ImageArrays, load_split
 from nascore.genotype import NB201_EDGES, NB201_OPS
 from nascore.pipeline import Paths, derive, prepare, search_data
 from nascore.tracking import Tracker
+from tests._params import default_params
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,7 +29,7 @@ def _search_outputs(workspace: Path, winners: list[str]) -> None:
 
 
 def test_derive_warns_when_the_derived_cell_ignores_its_input(tmp_path, capsys):
-    run = C.resolve({**C.load_params(ROOT / "params.yaml"), "space": "nb201"})
+    run = C.resolve({**default_params(tmp_path), "space": "nb201"})
     cut = ["none", "none", "nor_conv_3x3", "none", "nor_conv_3x3", "nor_conv_1x1"]   # no path from the input
     _search_outputs(tmp_path / "cut", cut)
     metrics = derive(run, Paths(tmp_path / "cut", tmp_path), Tracker.disabled())
@@ -42,7 +43,7 @@ def test_derive_warns_when_the_derived_cell_ignores_its_input(tmp_path, capsys):
 
 def test_nb201_on_cifar100_draws_alpha_batches_from_half_the_test_set(tmp_path):
     # methods.md §1.3: train = all 50k, arch-val = a fixed half of the test set (here at smoke size)
-    run = C.resolve({**C.load_params(ROOT / "params.yaml"), "space": "nb201", "dataset": "cifar100",
+    run = C.resolve({**default_params(tmp_path), "space": "nb201", "dataset": "cifar100",
                      "profile": "smoke"})
     paths = Paths(tmp_path, tmp_path)
     prepare(run, paths, Tracker.disabled())
@@ -65,7 +66,7 @@ def test_nb201_on_cifar100_draws_alpha_batches_from_half_the_test_set(tmp_path):
 
 
 def test_the_darts_space_splits_the_training_set_in_order(tmp_path):
-    run = C.resolve({**C.load_params(ROOT / "params.yaml"), "profile": "smoke"})
+    run = C.resolve({**default_params(tmp_path), "profile": "smoke"})
     prepare(run, Paths(tmp_path, tmp_path), Tracker.disabled())
     split = load_split(tmp_path / "outputs" / "prepare" / "split.json", 64, 32)
     assert split.rule == "first_half" and split.weights.tolist() == list(range(32))
@@ -75,7 +76,7 @@ def test_malformed_search_outputs_are_named_not_a_traceback(tmp_path):
     import pytest
     from nascore.pipeline import MissingInputError
 
-    run = C.resolve({**C.load_params(ROOT / "params.yaml"), "space": "nb201"})
+    run = C.resolve({**default_params(tmp_path), "space": "nb201"})
     edits = {
         "a column out of range": ("alphas.json", lambda d: d.update(active_columns=[0, 1, 99])),
         "op names missing": ("alphas.json", lambda d: d.pop("op_names")),
@@ -99,7 +100,7 @@ def test_a_derived_cell_of_another_space_is_refused(tmp_path):
     from nascore.genotype import GenotypeError
     from nascore.pipeline import stage_genotype
 
-    run = C.resolve({**C.load_params(ROOT / "params.yaml"), "space": "nb201"})
+    run = C.resolve({**default_params(tmp_path), "space": "nb201"})
     _search_outputs(tmp_path, ["nor_conv_3x3"] * 6)
     derive(run, Paths(tmp_path, tmp_path), Tracker.disabled())
     assert stage_genotype("derived", Paths(tmp_path, tmp_path), "nb201").to_arch_string().startswith("|nor_conv_3x3~0|")
@@ -113,7 +114,7 @@ def test_evaluate_names_a_damaged_metrics_file(tmp_path):
     import pytest
     from nascore.pipeline import MissingInputError, evaluate
 
-    run = C.resolve({**C.load_params(ROOT / "params.yaml"), "space": "nb201"})
+    run = C.resolve({**default_params(tmp_path), "space": "nb201"})
     paths = Paths(tmp_path, tmp_path)
     _search_outputs(tmp_path, ["nor_conv_3x3"] * 6)
     derive(run, paths, Tracker.disabled())
