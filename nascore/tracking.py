@@ -37,6 +37,12 @@ commit (the experiment's baseline `DVC_EXP_BASELINE_REV`, else `git rev-parse HE
 experiment name. Each stage reopens the parent (RUNNING) and closes it with its own final status,
 so after the last stage the parent reads FINISHED, or FAILED if that stage failed.
 
+A process killed outright (SIGKILL, the OOM killer) cannot close its runs. Every run therefore
+carries its owner process (`nascore.owner`: host, boot id, pid, start time; the parent's owner is
+the dvc invocation), and each stage, as it starts, closes as KILLED the RUNNING runs of this machine
+whose owner is gone (tag `nascore.reaped` says why). The rerun that resumes a killed search is a
+new invocation, hence a new parent; the killed one reads KILLED, not RUNNING forever.
+
 Failure policy
 --------------
 Tracking never kills a run. Every MLflow call goes through `_Backend.call`; the first failure
@@ -111,6 +117,8 @@ TAG_RUN_KEY = "nascore.run_key"
 TAG_ROLE = "nascore.role"                    # "pipeline" (parent) or "stage" (child)
 TAG_STAGE = "nascore.stage"
 TAG_PARENT = "mlflow.parentRunId"            # what the MLflow UI nests runs by
+TAG_OWNER = "nascore.owner"                  # <host>:<boot id>:<pid>:<start ticks> of the process
+TAG_REAPED = "nascore.reaped"                # why a RUNNING run was closed as KILLED
 
 # MLflow's limits (mlflow/utils/validation.py); copied so that this module imports without mlflow.
 MAX_PARAM_VAL_LENGTH = 6000
@@ -250,6 +258,25 @@ def run_key() -> str:
     if os.environ.get("DVC_STAGE") or os.environ.get("DVC_ROOT"):
         return _safe_key(f"repro@{host}:{os.getppid()}")
     return _safe_key(f"manual@{host}:{uuid.uuid4().hex}")
+
+
+def process_identity(pid: int) -> str | None:
+    """`<host>:<boot id>:<pid>:<start ticks>`: names one process for as long as the machine runs
+    (a reused pid has another start time); None without /proc."""
+    stat = _proc_stat(pid)
+    if stat is None:
+        return None
+    return f"{socket.gethostname()}:{_boot_id()}:{pid}:{stat[1]}"
+
+
+def _identity_is_gone(identity: str) -> bool:
+    """True when `identity` (this host and boot) names a process that no longer runs."""
+    try:
+        pid, start = (int(x) for x in identity.rsplit(":", 2)[1:])
+    except ValueError:
+        return False
+    stat = _proc_stat(pid)
+    return stat is None or stat[1] != start
 
 
 def git_commit(start: str | Path | None = None) -> str | None:
@@ -585,12 +612,20 @@ class Tracker:
             common.setdefault("mlflow.source.git.commit", commit)
         dvc = {k: v for k, v in (("dvc.exp_name", os.environ.get("DVC_EXP_NAME")),
                                  ("dvc.baseline_rev", os.environ.get("DVC_EXP_BASELINE_REV"))) if v}
+        try:
+            self._close_orphans()
+        except Exception as e:   # housekeeping: a store that cannot do it still tracks this stage
+            log.debug("closing the runs of killed processes failed: %s", _one_line(e))
+        # the parent lives as long as the dvc invocation (or this process, run by hand)
+        ancestor = _dvc_ancestor()
+        owner = {TAG_OWNER: i} if (i := process_identity(ancestor[0] if ancestor else os.getpid())) else {}
         self.parent_run_id = b.call("finding the pipeline's parent run",
-                                    lambda: self._find_or_create_parent({**common, **dvc}))
+                                    lambda: self._find_or_create_parent({**common, **dvc, **owner}))
         if self.parent_run_id is None:
             return
+        me = {TAG_OWNER: i} if (i := process_identity(os.getpid())) else {}
         child_tags = {**common, **dvc, TAG_PARENT: self.parent_run_id, TAG_ROLE: "stage",
-                      TAG_STAGE: stage, TAG_RUN_KEY: self.config.run_key,
+                      TAG_STAGE: stage, TAG_RUN_KEY: self.config.run_key, **me,
                       "mlflow.source.name": os.path.basename(sys.argv[0] or "python"),
                       "mlflow.source.type": "LOCAL", **_user_tag()}
         if os.environ.get("DVC_STAGE"):
@@ -622,8 +657,9 @@ class Tracker:
         found = matching()
         if found:
             parent = earliest(found)
-            client.update_run(parent, status="RUNNING")
+            # the owner tag first: a parent RUNNING under a dead owner would be closed as orphaned
             client.log_batch(parent, tags=_tag_entities(_clean_tags(tags)))
+            client.update_run(parent, status="RUNNING")
             return parent
         name = self.config.parent_run_name or _default_parent_name(self.stage or "stage")
         run = client.create_run(b.experiment_id, run_name=name, tags=_clean_tags(
@@ -637,6 +673,25 @@ class Tracker:
         if winner != mine:
             client.delete_run(mine)
         return winner
+
+    def _close_orphans(self) -> None:
+        """Close as KILLED the RUNNING runs whose process is gone (SIGKILL, OOM killer, a lost
+        shell): nothing else ever ends them, and MLflow would show them running forever. Only runs
+        owned by a process of this machine since its last boot are judged; others are left alone."""
+        b = self._backend
+        here = process_identity(os.getpid())
+        if here is None:
+            return
+        prefix = here.rsplit(":", 2)[0] + ":"
+        runs = _search_all_runs(b.client, b.experiment_id,
+                                f"attributes.status = 'RUNNING' and tags.`{TAG_OWNER}` LIKE '{prefix}%'")
+        for run in runs:
+            owner = run.data.tags.get(TAG_OWNER, "")
+            if owner.startswith(prefix) and _identity_is_gone(owner):
+                b.client.set_tag(run.info.run_id, TAG_REAPED,
+                                 f"its process ({owner}) was gone when a later stage started: killed "
+                                 f"without a chance to close the run")
+                b.client.set_terminated(run.info.run_id, "KILLED")
 
     def end(self, status: str = "FINISHED") -> None:
         """Close the stage run and mark the parent with the same status (see module docstring)."""
@@ -823,6 +878,17 @@ def _user_tag() -> dict[str, str]:
         return {"mlflow.user": getpass.getuser()}
     except Exception:    # no passwd entry in some containers
         return {}
+
+
+def _search_all_runs(client: Any, experiment_id: str, filter_string: str) -> list[Any]:
+    runs, token = [], None
+    while True:
+        page = client.search_runs([experiment_id], filter_string=filter_string, max_results=1000,
+                                  page_token=token)
+        runs += list(page)
+        token = page.token
+        if not token:
+            return runs
 
 
 def _clean_tags(tags: Mapping[str, str]) -> dict[str, str]:

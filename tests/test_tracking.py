@@ -392,6 +392,47 @@ def test_run_key_shared_by_stages_of_one_dvc_invocation(tmp_path: Path) -> None:
     assert second[0] == second[1] and second[0] != first[0]
 
 
+HANGING_STAGE = textwrap.dedent("""
+    import sys, time
+    from nascore.tracking import Tracker
+    with Tracker.start_stage("search", params={"who": sys.argv[1]}) as tr:
+        print(tr.run_id, tr.parent_run_id, flush=True)
+        time.sleep(600)
+""")
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc (Linux)")
+def test_runs_of_a_killed_process_are_closed_by_the_next_stage(env: pytest.MonkeyPatch,
+                                                               shared_store: str) -> None:
+    """SIGKILL leaves a stage run and its parent RUNNING; the next stage closes them as KILLED and
+    leaves a live process's runs alone."""
+    procs = {}
+    for who in ("killed", "alive"):
+        penv = _clean_env(MLFLOW_TRACKING_URI=shared_store, NASCORE_PROJECT_ROOT=os.environ["NASCORE_PROJECT_ROOT"],
+                          MLFLOW_EXPERIMENT_NAME=os.environ["MLFLOW_EXPERIMENT_NAME"], NASCORE_RUN_KEY=who)
+        procs[who] = subprocess.Popen([sys.executable, "-c", HANGING_STAGE, who], env=penv, text=True,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        ids = {who: p.stdout.readline().split() for who, p in procs.items()}
+        assert all(len(v) == 2 for v in ids.values()), {w: p.stderr.read() for w, p in procs.items()}
+        procs["killed"].kill()
+        procs["killed"].wait(timeout=30)
+        client = MlflowClient(shared_store)
+        assert client.get_run(ids["killed"][0]).info.status == "RUNNING"      # nobody closed it
+        env.setenv("NASCORE_RUN_KEY", "the-rerun")
+        with Tracker.start_stage("search"):
+            pass
+        for run_id in ids["killed"]:                                           # stage and parent
+            run = client.get_run(run_id)
+            assert run.info.status == "KILLED" and "was gone" in run.data.tags["nascore.reaped"]
+        for run_id in ids["alive"]:
+            assert client.get_run(run_id).info.status == "RUNNING"
+    finally:
+        for p in procs.values():
+            p.kill()
+            p.wait(timeout=30)
+
+
 def test_params_flattening_and_key_sanitising() -> None:
     from dataclasses import dataclass
 
