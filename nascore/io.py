@@ -109,6 +109,22 @@ def save_checkpoint(path: str | Path, payload: Mapping[str, Any], *, kind: str,
     save_torch(path, data)
 
 
+def checkpoint_progress(ckpt: Mapping[str, Any], path: str | Path, max_epochs: int
+                        ) -> tuple[int, list[dict[str, Any]]]:
+    """The (epoch, history) a checkpoint resumes from, checked: an epoch in [0, max_epochs] with
+    one history record per epoch. A damaged or hand-edited file is refused, not trusted."""
+    epoch, history = ckpt.get("epoch"), ckpt.get("history")
+    if isinstance(epoch, bool) or not isinstance(epoch, int) or not 0 <= epoch <= max_epochs:
+        raise CheckpointError(f"{path}: epoch {epoch!r} is not a whole number in [0, {max_epochs}]; "
+                              f"the file is damaged: delete it to start afresh")
+    if not isinstance(history, list) or len(history) != epoch or \
+            not all(isinstance(r, dict) for r in history):
+        got = f"{len(history)} records" if isinstance(history, list) else type(history).__name__
+        raise CheckpointError(f"{path}: history holds {got} for epoch {epoch} (one record per epoch "
+                              f"expected); the file is damaged: delete it to start afresh")
+    return epoch, list(history)
+
+
 def load_checkpoint(path: str | Path, *, kind: str, meta: Mapping[str, Any] | None = None,
                     map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load a checkpoint written by `save_checkpoint`, refusing anything else.

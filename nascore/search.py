@@ -33,7 +33,7 @@ from tqdm import tqdm
 from .diagnostics import collapse_diagnostics, hessian_eigenvalue
 from .genotype import AnyGenotype
 from .graphs import StepGraph, cuda_graph, side_stream
-from .io import load_checkpoint, save_checkpoint
+from .io import CheckpointError, checkpoint_progress, load_checkpoint, save_checkpoint
 from .metrics import peak_memory, reset_peak_memory
 from .op_schedules import OP_SCHEDULES, ProgressiveConfig
 from .optimisation import UPDATE_RULES, Batch, StepContext, StepStats
@@ -318,17 +318,23 @@ class SearchRun:
     def _try_resume(self) -> bool:
         if self.checkpoint_path is None or not self.checkpoint_path.exists():
             return False
-        ckpt = load_checkpoint(self.checkpoint_path, kind="search", meta=self.meta, map_location=self.device)
-        self.model.load_state_dict(ckpt["model"])
-        self.lr_segment = (int(ckpt["lr_segment"][0]), float(ckpt["lr_segment"][1]))
-        self.reset_optimisers(0, restart_schedule=False)
-        self.w_opt.load_state_dict(ckpt["w_opt"])
-        self.a_opt.load_state_dict(ckpt["a_opt"])
-        self._set_optimizer_kernels()
-        self.schedule.load_state_dict(ckpt["schedule"])
-        self.history = list(ckpt["history"])
-        self.epoch = int(ckpt["epoch"])
-        _set_rng_state(ckpt["rng"])
+        path = self.checkpoint_path
+        ckpt = load_checkpoint(path, kind="search", meta=self.meta, map_location=self.device)
+        epoch, history = checkpoint_progress(ckpt, path, self.cfg.epochs)
+        try:
+            self.model.load_state_dict(ckpt["model"])
+            self.lr_segment = (int(ckpt["lr_segment"][0]), float(ckpt["lr_segment"][1]))
+            self.reset_optimisers(0, restart_schedule=False)
+            self.w_opt.load_state_dict(ckpt["w_opt"])
+            self.a_opt.load_state_dict(ckpt["a_opt"])
+            self._set_optimizer_kernels()
+            self.schedule.load_state_dict(ckpt["schedule"])
+            _set_rng_state(ckpt["rng"])
+        except (KeyError, IndexError, TypeError, ValueError, RuntimeError, AttributeError) as e:
+            raise CheckpointError(f"{path} does not fit this search ({type(e).__name__}: "
+                                  f"{str(e).splitlines()[0] if str(e) else 'no detail'}); delete it "
+                                  f"to start afresh") from None
+        self.history, self.epoch = history, epoch
         self.log(f"search: resumed from {self.checkpoint_path} at epoch {self.epoch}")
         return True
 
@@ -399,18 +405,19 @@ class SearchRun:
             steps.step(train, next(val_iter) if val_iter is not None else None)
         s, bad = steps.totals()       # the epoch's host sync
         counts, skipped = steps.counts, steps.skipped
+        kept = (f"the checkpoint after epoch {self.epoch} is kept" if self.epoch and self.checkpoint_path
+                else "no epoch had finished, so there is no checkpoint to keep")
         if bad >= 0:
             raise NonFiniteError(
                 f"search: non-finite loss or α at epoch {epoch + 1}, step {bad + 1} (lr {lr:.4g}); stopped "
-                f"without saving this epoch, the last good checkpoint (epoch {self.epoch}) is kept. "
+                f"without saving this epoch; {kept}. "
                 f"Lower search.lr / search.arch_lr, or set search.nonfinite: skip to drop such batches")
         if skipped and not counts[0]:
             # nothing was learnt and the model is the one before the epoch: a 0.0 loss would lie
             raise NonFiniteError(
                 f"search: every one of epoch {epoch + 1}'s {skipped} batches gave a non-finite loss or α "
-                f"and was skipped (lr {lr:.4g}); stopped, the last good checkpoint (epoch "
-                f"{self.epoch}) is kept. Lower search.lr / search.arch_lr, or check the data for "
-                f"NaN/inf pixels")
+                f"and was skipped (lr {lr:.4g}); stopped; {kept}. Lower search.lr / search.arch_lr, or "
+                f"check the data for NaN/inf pixels")
         seconds = time.perf_counter() - t0
         record: dict[str, Any] = {
             "epoch": epoch + 1, "lr": lr, "update_arch": update_arch,     # 1-based, like training

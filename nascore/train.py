@@ -34,7 +34,7 @@ from tqdm import tqdm
 from . import distributed as D
 from .fused import BACKENDS
 from .graphs import StepGraph, cuda_graph, side_stream
-from .io import CheckpointError, load_checkpoint, save_checkpoint
+from .io import CheckpointError, checkpoint_progress, load_checkpoint, save_checkpoint
 from .metrics import peak_memory, reset_peak_memory
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -547,19 +547,20 @@ def _resume(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, cfg:
     if changed:
         raise CheckpointError(f"{path} was written by another recipe ({'; '.join(changed)}); "
                               f"delete it or point the run at its own checkpoint folder")
+    epoch, history = checkpoint_progress(ckpt, path, cfg.epochs)
     try:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
-    except (KeyError, RuntimeError, ValueError) as e:
+        if len(ckpt["rng"]) == world:
+            _set_rng_state(ckpt["rng"][rank], device)
+        else:
+            # Another world size sees other batches anyway; give each rank a fresh, distinct stream.
+            seed_all(_stream_seed(cfg.seed, rank, epoch))
+    except (KeyError, IndexError, TypeError, ValueError, RuntimeError, AttributeError) as e:
         raise CheckpointError(f"{path} does not fit this model ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0]}); delete it to start afresh") from None
-    epoch = int(ckpt["epoch"])
-    if len(ckpt["rng"]) == world:
-        _set_rng_state(ckpt["rng"][rank], device)
-    else:
-        # Another world size sees other batches anyway; give each rank a fresh, distinct stream.
-        seed_all(_stream_seed(cfg.seed, rank, epoch))
-    return epoch, list(ckpt["history"])
+                              f"{str(e).splitlines()[0] if str(e) else 'no detail'}); delete it to "
+                              f"start afresh") from None
+    return epoch, history
 
 
 def _stream_seed(*key: int) -> int:

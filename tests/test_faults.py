@@ -311,7 +311,7 @@ def test_non_finite_training_stops_naming_epoch_and_step(proj):
         message = run_stage_failing(proj, "search")
     finally:
         set_params(proj, **{"search.lr": "auto", "search.grad_clip": "auto"})
-    assert "non-finite" in message and "epoch 0, step" in message
+    assert "non-finite" in message and "epoch 1, step" in message and "no epoch had finished" in message
     assert "search.nonfinite: skip" in message
 
 

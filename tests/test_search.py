@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from nascore.genotype import Genotype, NB201Genotype
-from nascore.io import CheckpointError
+from nascore.io import CheckpointError, load_checkpoint, save_torch
 from nascore.methods import METHODS, get_method
 from nascore.search import NonFiniteError, SearchConfig, SearchData, SearchRun, cosine_lr, search
 from nascore.spaces import SPACES, get_space
@@ -113,6 +113,17 @@ def test_finished_search_is_not_rerun_and_foreign_checkpoints_are_refused(tmp_pa
     with pytest.raises(CheckpointError, match="method='darts', this run has method='pc_darts'"):
         search(get_space("darts"), cfg, tiny_data(), checkpoint_path=path, log=lambda s: None,
                meta={"method": "pc_darts"})
+    good = load_checkpoint(path, kind="search")
+    for damage, match in (({"epoch": "x"}, r"epoch 'x' is not a whole number in \[0, 1\]"),
+                          ({"epoch": 99}, r"epoch 99 is not a whole number"),
+                          ({"history": good["history"] * 2}, "history holds 2 records for epoch 1"),
+                          ({"lr_segment": []}, "does not fit this search"),
+                          ({"w_opt": {"state": {}}}, "does not fit this search")):
+        save_torch(path, {**good, **damage})      # a hand-edited or damaged file: refused, not trusted
+        with pytest.raises(CheckpointError, match=match):
+            search(get_space("darts"), cfg, tiny_data(), checkpoint_path=path, log=lambda s: None,
+                   meta={"method": "darts"})
+    save_torch(path, good)
     path.write_bytes(path.read_bytes()[:100])
     with pytest.raises(CheckpointError, match="cannot be loaded safely"):
         search(get_space("darts"), cfg, tiny_data(), checkpoint_path=path, log=lambda s: None,
@@ -133,7 +144,7 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(tmp
            log=lambda s: None)
     good = path.read_bytes()
     cfg = tiny_config(space="nb201", epochs=2)
-    with pytest.raises(NonFiniteError, match="epoch 2, step 2"):
+    with pytest.raises(NonFiniteError, match="epoch 2, step 2 .* the checkpoint after epoch 1 is kept"):
         search(get_space("nb201"), cfg, poisoned_data(1), checkpoint_path=path, log=lambda s: None)
     assert path.read_bytes() == good
 

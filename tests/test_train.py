@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nascore.io import CheckpointError, load_checkpoint
+from nascore.io import CheckpointError, load_checkpoint, save_torch
 from nascore.train import (PRESETS, NonFiniteLossError, TrainConfig, evaluate, lr_at, seed_all,
                            train)
 
@@ -294,6 +294,17 @@ def test_truncated_foreign_and_other_recipe_checkpoints_are_refused(tmp_path: Pa
         train(fresh_model(), *loaders(n_train=32), cfg(epochs=2), checkpoint_path=ck, device="cpu",
               meta={"genotype": object()})
 
+    good = load_checkpoint(ck, kind="train")
+    for damage, match in (({"epoch": "x"}, r"epoch 'x' is not a whole number in \[0, 2\]"),
+                          ({"epoch": 99}, r"epoch 99 is not a whole number in \[0, 2\]"),
+                          ({"history": []}, "history holds 0 records for epoch 1"),
+                          ({"rng": [{"torch": "not a state"}]}, "does not fit this model")):
+        save_torch(ck, {**good, **damage})        # a hand-edited or damaged file: refused, not trusted
+        with pytest.raises(CheckpointError, match=match):
+            train(fresh_model(), *loaders(n_train=32), cfg(epochs=2), checkpoint_path=ck, device="cpu",
+                  meta=meta)
+
+    save_torch(ck, good)
     ck.write_bytes(ck.read_bytes()[: ck.stat().st_size // 2])
     with pytest.raises(CheckpointError, match="cannot be loaded safely"):
         train(fresh_model(), *loaders(n_train=32), cfg(epochs=2), checkpoint_path=ck, device="cpu",
