@@ -322,7 +322,7 @@ def search(run: C.RunConfig, paths: Paths, tracker: Tracker) -> dict[str, Any]:
     with publish_dir(paths.out("search")) as out:
         write_json(out / "genotype.json", result.genotype.to_json())
         write_json(out / "alphas.json", {
-            "space": run.space,
+            "space": run.space, "method": run.method, "seed": run.seed,   # derive's plot labels
             "active_columns": model.active_columns(),
             "alphas": {ct: a.detach().cpu().tolist() for ct, a in model.alphas.items()},
             "betas": ({ct: b.detach().cpu().tolist() for ct, b in model.betas.items()}
@@ -349,6 +349,15 @@ def search(run: C.RunConfig, paths: Paths, tracker: Tracker) -> dict[str, Any]:
 
 
 # --- derive --------------------------------------------------------------------------------------
+def search_label(saved_alphas: Mapping[str, Any], space: str) -> str:
+    """"darts, seed 2 on nb201": what a search ran, from its own alphas.json (derive's params do
+    not include method and seed, and an older file has neither: then the space alone)."""
+    method, seed = saved_alphas.get("method"), saved_alphas.get("seed")
+    parts = [str(method)] if method is not None else []
+    parts += [f"seed {seed}"] if seed is not None else []
+    return f"{', '.join(parts)} on {space}" if parts else space
+
+
 def derive(run: C.RunConfig, paths: Paths, tracker: Tracker) -> dict[str, Any]:
     """Derive the discrete cell from the final α (with derive.rule), draw it, plot α."""
     from .drawing import draw_genotype
@@ -375,6 +384,7 @@ def derive(run: C.RunConfig, paths: Paths, tracker: Tracker) -> dict[str, Any]:
         detail = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
         raise MissingInputError(f"{paths.out('search')}: alphas.json or history.json is malformed ({detail}); "
                                 f"rerun the 'search' stage (dvc repro search)") from None
+    searched = search_label(saved, run.space)
     with publish_dir(paths.out("derive")) as out:
         write_json(out / "genotype.json", genotype.to_json())
         drawings = draw_genotype(genotype, out / "cells")
@@ -383,10 +393,11 @@ def derive(run: C.RunConfig, paths: Paths, tracker: Tracker) -> dict[str, Any]:
             log(f"derive: {note}")
         final = history[-1]
         plot_alpha_heatmap(final["alphas"], final["op_names"], out / "alphas.png",
-                           title=f"softmax(α) after {len(history)} epochs — {run.space}")
+                           title=f"softmax(α) after {len(history)} epochs — {searched}")
         plot_alpha_evolution(history, [r["op_names"] for r in history], out / "alpha_evolution.png",
                              epochs=[r["epoch"] for r in history])
-        plot_collapse_curves({run.space: [r["param_free_ops"] for r in history]}, out / "collapse.png")
+        plot_collapse_curves({searched: [r["param_free_ops"] for r in history]}, out / "collapse.png",
+                             first_epoch=int(history[0]["epoch"]))
     tracker.log_artifacts(paths.out("derive"))
     metrics: dict[str, Any] = {"param_free_ops": genotype.num_parameter_free()}
     if isinstance(genotype, NB201Genotype):

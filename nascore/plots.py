@@ -211,8 +211,15 @@ def plot_alpha_evolution(history: Sequence[Mapping[str, Any]], op_names: Any, pa
 # --- collapse curves ----------------------------------------------------------------------------
 def plot_collapse_curves(series: Mapping[str, Sequence[float]], path: str | Path,
                          ylabel: str = "parameter-free ops in derived cell",
-                         xlabel: str = "epoch", title: str | None = None) -> Path:
-    """Several methods (or seeds) on one axis: the collapse curve, one line per label."""
+                         xlabel: str = "epoch", title: str | None = None, first_epoch: int = 1) -> Path:
+    """Several methods (or seeds) on one axis: the collapse curve, one line per label. Value i
+    of a series is epoch `first_epoch + i` (1-based, as the search logs count epochs)."""
+    return _save(collapse_figure(series, ylabel, xlabel, title, first_epoch), path)
+
+
+def collapse_figure(series: Mapping[str, Sequence[float]], ylabel: str = "parameter-free ops in derived cell",
+                    xlabel: str = "epoch", title: str | None = None, first_epoch: int = 1) -> Figure:
+    """The figure `plot_collapse_curves` saves."""
     clean = {str(k): np.asarray(list(v), dtype=float) for k, v in series.items() if len(v)}
     if not clean:
         raise ValueError("plot_collapse_curves: no series with values to plot")
@@ -220,7 +227,7 @@ def plot_collapse_curves(series: Mapping[str, Sequence[float]], path: str | Path
     ax = fig.subplots()
     colors = _colors(list(clean))
     for label, ys in clean.items():
-        ax.plot(np.arange(len(ys)), ys, label=label, color=colors[label], marker="o",
+        ax.plot(first_epoch + np.arange(len(ys)), ys, label=label, color=colors[label], marker="o",
                 markersize=3 if len(ys) <= 60 else 0)
     values = np.concatenate(list(clean.values()))
     finite = _finite(values)
@@ -233,7 +240,7 @@ def plot_collapse_curves(series: Mapping[str, Sequence[float]], path: str | Path
     ax.legend(fontsize=8)
     if title:
         ax.set_title(title)
-    return _save(fig, path)
+    return fig
 
 
 # --- training curves ----------------------------------------------------------------------------

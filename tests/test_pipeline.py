@@ -7,7 +7,7 @@ import torch
 from nascore import config as C
 from nascore.data import ImageArrays, load_split
 from nascore.genotype import NB201_EDGES, NB201_OPS
-from nascore.pipeline import Paths, derive, prepare, search_data
+from nascore.pipeline import Paths, derive, prepare, search_data, search_label
 from nascore.tracking import Tracker
 from tests._params import default_params
 
@@ -138,3 +138,8 @@ def test_a_bad_device_name_is_a_config_error(monkeypatch):
         pick_device()
     monkeypatch.setenv("NASCORE_DEVICE", "cpu")
     assert pick_device() == torch.device("cpu")
+
+
+def test_derive_labels_its_plots_with_the_search_s_method_and_seed():
+    assert search_label({"space": "nb201", "method": "rf_darts", "seed": 3}, "nb201") == "rf_darts, seed 3 on nb201"
+    assert search_label({"space": "nb201"}, "nb201") == "nb201"      # an alphas.json from before

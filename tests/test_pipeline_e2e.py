@@ -50,6 +50,8 @@ def test_resolved_params_are_saved_with_the_outputs(project):
     cfg = json.loads((project.root / "outputs" / "search" / "config.json").read_text())
     assert cfg["method"] == "opp_darts" and cfg["space"] == "nb201" and cfg["profile"] == "smoke"
     assert cfg["search"]["op_schedule"] == "progressive" and cfg["search"]["nesterov"] is True
+    alphas = json.loads((project.root / "outputs" / "search" / "alphas.json").read_text())
+    assert (alphas["method"], alphas["space"], alphas["seed"]) == ("opp_darts", "nb201", cfg["seed"])
 
 
 def test_exp_show_lists_the_experiment_with_params_and_metrics(project):

@@ -82,6 +82,15 @@ def test_collapse_training_and_distribution(tmp_path: Path, rng: np.random.Gener
         "CIFAR-10 test accuracy (%)"))
 
 
+def test_collapse_curves_count_epochs_from_one_like_the_search_log() -> None:
+    fig = plots.collapse_figure({"darts, seed 1 on nb201": [2, 3, 4]}, title="t")
+    [line] = fig.axes[0].get_lines()
+    assert list(line.get_xdata()) == [1, 2, 3] and list(line.get_ydata()) == [2, 3, 4]
+    assert fig.axes[0].get_legend().get_texts()[0].get_text() == "darts, seed 1 on nb201"
+    [line] = plots.collapse_figure({"x": [1.0]}, first_epoch=5).axes[0].get_lines()
+    assert list(line.get_xdata()) == [5]
+
+
 @pytest.mark.parametrize("call", [
     lambda p: plots.plot_alpha_heatmap({}, DARTS_OPS, p),
     lambda p: plots.plot_alpha_evolution([], DARTS_OPS, p),
