@@ -383,6 +383,9 @@ def _check_value(where: str, value: Any, kind: Any) -> Any:
             return float(value)
     elif kind is str:
         if isinstance(value, str):
+            if not value.strip():     # `root: ""` would silently mean the project folder
+                raise ConfigError(f"params.yaml: {where} is empty: write a value (or `auto` where "
+                                  f"the key has a default)")
             return value
     elif origin is tuple:
         args = typing.get_args(kind)

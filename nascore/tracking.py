@@ -129,6 +129,7 @@ MAX_METRICS_PER_BATCH = 1000
 TRUNCATION_MARKER = "...[truncated]"
 
 _FALSY = {"0", "false", "off", "no", "disabled"}
+_TRUTHY = {"", "1", "true", "on", "yes", "enabled"}
 # A dead server costs ~1+2+4 s of retries (hung: 4 x 30 s) instead of MLflow's ~4 minutes.
 _HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
                   "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
@@ -394,7 +395,11 @@ class TrackingConfig:
         root = project_root(start)
         uri = resolve_tracking_uri(root)
         artifacts = (root / ARTIFACTS_DIR).as_uri() if _is_database_uri(uri) else None
-        enabled = os.environ.get(ENV_TRACKING, "on").strip().lower() not in _FALSY
+        setting = os.environ.get(ENV_TRACKING, "on").strip().lower()
+        enabled = setting not in _FALSY
+        if enabled and setting not in _TRUTHY:
+            log.warning("%s=%r is neither on (%s) nor off (%s): tracking stays on", ENV_TRACKING,
+                        setting, "/".join(sorted(_TRUTHY - {""})), "/".join(sorted(_FALSY)))
         values: dict[str, Any] = dict(
             tracking_uri=uri, project_root=root, run_key=run_key(),
             experiment_name=experiment_name or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT,

@@ -126,6 +126,8 @@ def test_every_method_and_space_resolves_or_says_why_not(params, method, space):
     ({"transfer__data": "synthetic", "transfer__workers": -1}, "transfer.workers=-1 must be >= 0"),
     ({"transfer__train__seed": 99}, "transfer.train.seed is set by the top-level seed"),
     ({"seed": "two"}, "seed='two': expected an integer"),
+    ({"data__root": ""}, r"data.root is empty: write a value \(or `auto` where the key has a default\)"),
+    ({"evaluate__nb201_table": "  "}, "evaluate.nb201_table is empty"),
     ({"searhc": {}}, "unknown key.*searhc.*known: data, dataset"),
     ({"search__epoch": 3}, r"unknown key\(s\) search.epoch; known in search: .*epochs"),
     ({"search__epochs": -5}, "search.epochs=-5 must be >= 1"),

@@ -249,6 +249,17 @@ def test_tracking_off_is_silent(env: pytest.MonkeyPatch, caplog: pytest.LogCaptu
     assert not Tracker.disabled().enabled
 
 
+def test_an_unknown_tracking_setting_is_named_and_tracking_stays_on(env: pytest.MonkeyPatch,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    env.setenv("NASCORE_TRACKING", "disable")            # a typo of `disabled`
+    assert TrackingConfig.from_env().enabled
+    assert _warnings(caplog) == ["NASCORE_TRACKING='disable' is neither on (1/enabled/on/true/yes) nor "
+                                 "off (0/disabled/false/no/off): tracking stays on"]
+    caplog.clear()
+    env.setenv("NASCORE_TRACKING", "Yes")
+    assert TrackingConfig.from_env().enabled and _warnings(caplog) == []
+
+
 def test_locked_database_is_waited_out(env: pytest.MonkeyPatch, shared_store: str,
                                       template_db: Path) -> None:
     """Another writer holds an exclusive lock for ~1 s; the log call succeeds once it is released."""
