@@ -1423,7 +1423,8 @@ def render_markdown(report: "Report") -> str:
     for g in groups:
         head = paper.headline(g.method, g.space, g.dataset)
         ptext = "–" if head is None else f"{METRICS[head.metric].label}: {head.text()} ({head.source})"
-        rows.append([g.label, g.space, g.dataset, g.profile, " ".join(map(str, g.seeds)),
+        dataset = g.dataset + (" (synthetic stand-in)" if g.profile == "smoke" else "")
+        rows.append([g.label, g.space, dataset, g.profile, " ".join(map(str, g.seeds)),
                      *[_fmt_stat(g, m) for m in cols], ptext])
     lines += _md_table(header, rows) + [""]
 

@@ -195,7 +195,10 @@ def write_csv(path: Path, rows: Sequence[Mapping[str, Any]], columns: Sequence[s
 
 def run_tags(run: C.RunConfig, stage: str) -> dict[str, Any]:
     names = C.STAGE_PARAMS[stage]
-    return {k: getattr(run, k) for k in ("method", "space", "dataset", "seed", "profile") if k in names}
+    tags = {k: getattr(run, k) for k in ("method", "space", "dataset", "seed", "profile") if k in names}
+    if "dataset" in tags:
+        tags["data_source"] = C.effective_dataset(run)     # smoke: synthetic images, whatever `dataset` says
+    return tags
 
 
 def stage_params(run: C.RunConfig, stage: str) -> dict[str, Any]:

@@ -176,6 +176,14 @@ def test_a_seed_run_twice_is_one_sample_and_the_report_names_the_repeat(tmp_path
         ("darts-nb201-1", "True"), ("darts-rerun-of-seed-1", "False"), ("darts-nb201-2", "True")]
 
 
+def test_a_smoke_group_is_shown_on_synthetic_data(tmp_path):
+    exps = [nb201_exp("darts", 1, ALL_SKIP, profile="smoke"), nb201_exp("darts", 1, ALL_SKIP)]
+    report = build_report(exps, tmp_path / "report", name="t", root=tmp_path, paper=load_paper_results())
+    rows = [line for line in report.markdown.read_text().splitlines() if line.startswith("| darts |")]
+    assert any("cifar10 (synthetic stand-in) | smoke" in r for r in rows)
+    assert any("| cifar10 | full" in r for r in rows)
+
+
 # --- the NB201 lookup -----------------------------------------------------------------------------
 def test_nb201_accuracy_is_looked_up_and_aggregated_over_seeds(tmp_path):
     table = nb201_table(tmp_path / "nb201.csv")

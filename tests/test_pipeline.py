@@ -7,7 +7,7 @@ import torch
 from nascore import config as C
 from nascore.data import ImageArrays, load_split
 from nascore.genotype import NB201_EDGES, NB201_OPS
-from nascore.pipeline import Paths, derive, prepare, search_data, search_label
+from nascore.pipeline import Paths, derive, prepare, run_tags, search_data, search_label
 from nascore.tracking import Tracker
 from tests._params import default_params
 
@@ -143,3 +143,12 @@ def test_a_bad_device_name_is_a_config_error(monkeypatch):
 def test_derive_labels_its_plots_with_the_search_s_method_and_seed():
     assert search_label({"space": "nb201", "method": "rf_darts", "seed": 3}, "nb201") == "rf_darts, seed 3 on nb201"
     assert search_label({"space": "nb201"}, "nb201") == "nb201"      # an alphas.json from before
+
+
+def test_tracking_tags_say_a_smoke_run_saw_synthetic_images(tmp_path):
+    smoke = C.resolve({**default_params(tmp_path), "profile": "smoke"})
+    assert run_tags(smoke, "search")["dataset"] == "cifar10"           # the param, for grouping
+    assert run_tags(smoke, "search")["data_source"] == "synthetic"     # what the images were
+    full = C.resolve(default_params(tmp_path))
+    assert run_tags(full, "retrain")["data_source"] == "cifar10"
+    assert "data_source" not in run_tags(full, "derive")               # derive reads no dataset
