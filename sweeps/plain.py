@@ -77,6 +77,25 @@ def set_param(params: dict[str, Any], dotted: str, value: str) -> None:
     node[leaf] = yaml.safe_load(value)
 
 
+def check_params(params: dict[str, Any], overrides: dict[str, str]) -> str | None:
+    """nascore's own validation of one experiment's params, as its stages will run it (paths
+    relative to the project root); the error, or None. A typo in --set fails here, before any
+    experiment starts, not in every experiment's log."""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    from nascore import config as C
+    cwd = os.getcwd()
+    os.chdir(ROOT)
+    try:
+        C.resolve(params)
+    except C.ConfigError as e:
+        given = " ".join(f"{k}={v}" for k, v in overrides.items()) or "no --set"
+        return f"{given}: {e}"
+    finally:
+        os.chdir(cwd)
+    return None
+
+
 def run_stage(stage: str, folder: Path, env: dict[str, str]) -> int:
     with open(folder / "log.txt", "a", encoding="utf-8") as logf:
         logf.write(f"\n=== {stage} ({time.strftime('%Y-%m-%d %H:%M:%S')})\n")
@@ -119,6 +138,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
 
     todo: list[tuple[Outcome, Path]] = []
+    planned: list[tuple[dict[str, Any], Path]] = []
     outcomes: list[Outcome] = []
     for overrides in grid(sets):
         outcome = Outcome(experiment_name(overrides, varying), overrides)
@@ -130,9 +150,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         params = json.loads(json.dumps(base))
         for k, v in overrides.items():
             set_param(params, k, v)
+        problem = check_params(params, overrides)
+        if problem:
+            p.error(problem)
+        planned.append((params, folder))
+        todo.append((outcome, folder))
+    for params, folder in planned:          # only once every experiment's params are valid
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False), encoding="utf-8")
-        todo.append((outcome, folder))
     print(f"plain sweep {sweep}: {len(outcomes)} experiment(s), {len(todo)} to run "
           f"({', '.join(stages)}), {a.jobs} at a time", flush=True)
 

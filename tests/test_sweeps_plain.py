@@ -119,11 +119,22 @@ def test_the_short_search_threshold_is_the_search_default():
 
 
 def test_plain_sweep_reports_a_failed_experiment_and_exits_1(tmp_path):
+    # valid params, but `search` without `prepare`'s outputs: the failure happens in the stage
     proc = run("sweeps/plain.py", "--runs", str(tmp_path), "--name", "bad", "--set", "profile=smoke",
-               "--set", "method=no_such_method", "--stages", "prepare", check=False)
+               "--stages", "search", check=False)
     assert proc.returncode == 1
-    assert "FAILED in prepare" in proc.stdout
+    assert "FAILED in search" in proc.stdout
     log = (tmp_path / "bad" / "run" / "log.txt").read_text()
-    assert "no_such_method" in log and "Traceback" not in log
+    assert "prepare" in log and "Traceback" not in log
+
+
+def test_plain_sweep_refuses_bad_params_before_any_experiment_runs(tmp_path):
+    for sets, message in ((["method=darts,no_such_method"], "method=no_such_method: params.yaml: method="),
+                          (["search.epoch=3"], r"unknown key\(s\) search.epoch")):
+        proc = run("sweeps/plain.py", "--runs", str(tmp_path), "--name", "typo", "--set", "profile=smoke",
+                   *[a for s in sets for a in ("--set", s)], check=False)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr
+        assert __import__("re").search(message, proc.stderr), proc.stderr
+        assert not (tmp_path / "typo").exists(), "nothing ran, no folder was made"
     bad = run("sweeps/plain.py", "--runs", str(tmp_path), "--set", "method", check=False)
     assert bad.returncode != 0 and "--set takes key=value" in bad.stderr
