@@ -162,6 +162,51 @@ def _named_weights(ctx: StepContext) -> list[str]:
     return [ids[id(p)] for p in ctx.weights]
 
 
+@torch.no_grad()
+def virtual_weights(ctx: StepContext, grads: Sequence[torch.Tensor | None]) -> list[torch.Tensor]:
+    """w' = the weights after the SGD step `ctx.w_opt` would take with gradients `grads`
+    (unclipped), computed without touching w or the optimiser (methods.md §2.1 step 1).
+
+    With d = ∇_w L_train + λ·w (λ per parameter group: search.bn_weight_decay: false leaves BN's γ,
+    β undecayed) and m the momentum buffer (absent before the first step), SGD moves w by
+    ξ·(μ·m + d); with Nesterov (NB201's optimiser) by ξ·(d + μ·(μ·m + d)). Weights without a
+    gradient stay put, as SGD leaves them.
+    """
+    w, xi, mu = ctx.weights, ctx.lr, ctx.momentum
+    w_prime = [p.detach() for p in w]          # read only: no copy for weights that stay put
+    moving = [i for i, g in enumerate(grads) if g is not None]
+    if not moving:
+        return w_prime
+    group_of = {id(p): group for group in ctx.w_opt.param_groups for p in group["params"]}
+    decay = {pid: g["weight_decay"] for pid, g in group_of.items()}
+    d = [grads[i] for i in moving]
+    for wd in {decay.get(id(w[i]), ctx.weight_decay) for i in moving} - {0.0}:
+        ks = [k for k, i in enumerate(moving) if decay.get(id(w[i]), ctx.weight_decay) == wd]
+        for k, t in zip(ks, torch._foreach_add([d[k] for k in ks], [w[moving[k]] for k in ks], alpha=wd)):
+            d[k] = t
+    if mu:
+        # SGD's new buffer b = μ·m + d (d itself on the first step); the step is b, or d + μ·b
+        bufs = [ctx.w_opt.state.get(w[i], {}).get("momentum_buffer") for i in moving]
+        b = _add_where(d, [k for k, m in enumerate(bufs) if m is not None], bufs, mu)
+        d = _add_where(b, [k for k, i in enumerate(moving) if group_of.get(id(w[i]), {}).get("nesterov")],
+                       b, mu, base=d)
+    for i, t in zip(moving, torch._foreach_add([w[i] for i in moving], d, alpha=-xi)):
+        w_prime[i] = t
+    return w_prime
+
+
+def _add_where(out: list[torch.Tensor], ks: list[int], other: Sequence[torch.Tensor | None], alpha: float,
+               base: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
+    """A copy of `out` with entry k replaced by (base or out)[k] + alpha·other[k] for k in ks,
+    in one foreach kernel."""
+    src = out if base is None else base
+    result = list(out)
+    if ks:
+        for k, t in zip(ks, torch._foreach_add([src[k] for k in ks], [other[k] for k in ks], alpha=alpha)):
+            result[k] = t
+    return result
+
+
 def unrolled_arch_gradient(ctx: StepContext, train: Batch, val: Batch
                            ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
     """(L_val(w', α), logits, ∇_α of the unrolled objective) without touching w or BN statistics.
@@ -181,25 +226,7 @@ def unrolled_arch_gradient(ctx: StepContext, train: Batch, val: Batch
     with model.arch_constant():                  # ∇_w only: no α gradient computed for nothing
         loss_t = F.cross_entropy(call(w, train[0]), train[1])
     g_train = torch.autograd.grad(loss_t, w, allow_unused=True)
-    with torch.no_grad():
-        w_prime = [p.detach() for p in w]          # read only: no copy for weights that stay put
-        moving = [i for i, g in enumerate(g_train) if g is not None]
-        if moving:
-            # λ as the real SGD step applies it: per parameter group (search.bn_weight_decay: false
-            # leaves BN's γ, β undecayed there, so here too)
-            decay = {id(p): group["weight_decay"] for group in ctx.w_opt.param_groups for p in group["params"]}
-            d = [g_train[i] for i in moving]
-            for wd in {decay.get(id(w[i]), ctx.weight_decay) for i in moving} - {0.0}:
-                ks = [k for k, i in enumerate(moving) if decay.get(id(w[i]), ctx.weight_decay) == wd]
-                for k, t in zip(ks, torch._foreach_add([d[k] for k in ks], [w[moving[k]] for k in ks], alpha=wd)):
-                    d[k] = t
-            bufs = [(k, ctx.w_opt.state.get(w[i], {}).get("momentum_buffer")) for k, i in enumerate(moving)]
-            with_buf = [(k, b) for k, b in bufs if b is not None]
-            if with_buf:
-                torch._foreach_add_([d[k] for k, _ in with_buf], [b for _, b in with_buf],
-                                    alpha=ctx.momentum)
-            for i, t in zip(moving, torch._foreach_add([w[i] for i in moving], d, alpha=-xi)):
-                w_prime[i] = t
+    w_prime = virtual_weights(ctx, g_train)
     w_prime = [t.requires_grad_(True) for t in w_prime]
     # 2. v = ∇_{w'} L_val(w', α),  g1 = ∇_α L_val(w', α)
     logits = call(w_prime, val[0])

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from nascore.optimisation import StepContext, UPDATE_RULES, unrolled_arch_gradient
+from nascore.optimisation import StepContext, UPDATE_RULES, unrolled_arch_gradient, virtual_weights
 from nascore.spaces import get_space
 from nascore.supernet import SupernetConfig
 
@@ -22,13 +22,13 @@ def batches(seed=1):
     return (xt, yt), (xv, yv)
 
 
-def context(net, lr=0.05, undecayed=0):
+def context(net, lr=0.05, undecayed=0, nesterov=False):
     """`undecayed`: how many leading weights sit in a group without weight decay (as BN's γ, β do
     under search.bn_weight_decay: false)."""
     weights, arch = net.weight_parameters(), net.arch_parameters()
     groups = [{"params": weights[undecayed:]}] + ([{"params": weights[:undecayed], "weight_decay": 0.0}]
                                                  if undecayed else [])
-    w_opt = torch.optim.SGD(groups, lr=lr, momentum=0.9, weight_decay=3e-4)
+    w_opt = torch.optim.SGD(groups, lr=lr, momentum=0.9, weight_decay=3e-4, nesterov=nesterov)
     a_opt = torch.optim.Adam(arch, lr=3e-4, betas=(0.5, 0.999), weight_decay=1e-3)
     return StepContext(model=net, weights=weights, arch=arch, w_opt=w_opt, a_opt=a_opt, lr=lr,
                        grad_clip=5.0, momentum=0.9, weight_decay=3e-4)
@@ -78,6 +78,32 @@ def test_second_order_hypergradient_matches_brute_force_finite_differences(undec
     # and the second-order term matters here: the first-order gradient is measurably different
     first = torch.autograd.grad(F.cross_entropy(net(val[0]), val[1]), net.alphas["cell"])[0]
     assert not torch.allclose(first, brute, rtol=1e-2, atol=0)
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+@pytest.mark.parametrize("steps_before", [0, 1])       # 0: no momentum buffer yet
+def test_the_virtual_step_is_the_step_sgd_takes(nesterov, steps_before):
+    """methods.md §2.1 step 1, "replicating the SGD update": w' equals what torch's SGD does with
+    the same gradients (unclipped), Nesterov (NB201's optimiser) and undecayed BN group included."""
+    net = tiny_nb201()
+    train, _ = batches()
+    ctx = context(net, undecayed=5, nesterov=nesterov)
+    for _ in range(steps_before):
+        ctx.w_opt.zero_grad()
+        F.cross_entropy(net(train[0]), train[1]).backward(inputs=ctx.weights)
+        ctx.w_opt.step()
+    ctx.w_opt.zero_grad()
+    grads = list(torch.autograd.grad(F.cross_entropy(net(train[0]), train[1]), ctx.weights))
+    grads[1] = None                                 # a weight without a gradient stays put
+    before = [p.detach().clone() for p in ctx.weights]
+    virtual = virtual_weights(ctx, grads)
+    assert all(torch.equal(p, b) for p, b in zip(ctx.weights, before)), "w itself is untouched"
+    for p, g in zip(ctx.weights, grads):
+        p.grad = g
+    ctx.w_opt.step()
+    for k, (v, p) in enumerate(zip(virtual, ctx.weights)):
+        torch.testing.assert_close(v, p.detach(), rtol=1e-12, atol=1e-14, msg=f"weight {k}")
+    assert torch.equal(virtual[1], before[1])
 
 
 def test_unrolled_step_leaves_weights_and_bn_statistics_untouched():
