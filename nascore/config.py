@@ -437,6 +437,7 @@ def check_combinations(run: RunConfig, wanted: set[str]) -> None:
                 raise ConfigError(f"params.yaml: search.{name}={getattr(s, name)!r} is unknown; "
                                   f"allowed: {', '.join(registry.names())}")
         choices = {"step_order": ("alpha_first", "weights_first"), "features": ("trained", "random"),
+                   "arch_sampling": ("cycle", "replacement"),
                    "single_level_data": ("half", "full"), "nonfinite": ("stop", "skip")}
         for name, allowed in choices.items():
             if getattr(s, name) not in allowed:

@@ -751,19 +751,24 @@ def _generator(seed: int, epoch: int, stream: int) -> torch.Generator:
 
 
 def epoch_order(num_samples: int, *, seed: int, epoch: int, shuffle: bool, rank: int = 0,
-                world_size: int = 1) -> torch.Tensor:
+                world_size: int = 1, replacement: bool = False) -> torch.Tensor:
     """The sample indices `rank` visits in `epoch`, in order.
 
     Every rank draws the same permutation and takes every world_size-th entry from position
     `rank`. Shuffled (training) orders are first cut to a multiple of world_size so all ranks take
     the same number of steps (DDP would hang otherwise); unshuffled (evaluation) orders keep every
-    sample, so shards may differ by one.
+    sample, so shards may differ by one. `replacement`: num_samples uniform draws with replacement
+    instead of a permutation (NB201 pairs each weight batch with random α samples, §1.3).
     """
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside world size {world_size}")
+    if replacement and not shuffle:
+        raise ValueError("replacement draws a random order: it needs shuffle=True")
     if not shuffle:
         return torch.arange(rank, num_samples, world_size)
-    order = torch.randperm(num_samples, generator=_generator(seed, epoch, _ORDER))
+    g = _generator(seed, epoch, _ORDER)
+    order = (torch.randint(num_samples, (num_samples,), generator=g) if replacement
+             else torch.randperm(num_samples, generator=g))
     return order[rank:num_samples - num_samples % world_size:world_size]
 
 
@@ -784,6 +789,7 @@ class Loader:
     shuffle: bool
     rank: int
     world_size: int
+    replacement: bool = False       # each pass: random draws with replacement (ResidentLoader only)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -857,18 +863,21 @@ class ResidentLoader(Loader):
     def __iter__(self) -> Iterator[Batch]:
         epoch, n = self.epoch, len(self.labels)
         order = epoch_order(n, seed=self.seed, epoch=epoch, shuffle=self.shuffle, rank=self.rank,
-                            world_size=self.world_size).to(self.device)
+                            world_size=self.world_size, replacement=self.replacement).to(self.device)
         draws = None
         if self.augment:
             # drawn for every sample, indexed by sample: a sample's augmentation does not depend
-            # on the rank or batch it lands in
+            # on the rank or batch it lands in; with replacement, by position (a sample drawn
+            # twice in a pass is augmented twice)
             draws = aug.draw_augmentation(n, self.images.shape[-1], self.crop_padding,
                                           _generator(self.seed, epoch, _AUGMENT)).to(self.device)
+        positions = torch.arange(len(order), device=self.device)
         for b in range(len(self)):
-            index = order[b * self.batch_size:(b + 1) * self.batch_size]
+            batch = slice(b * self.batch_size, (b + 1) * self.batch_size)
+            index = order[batch]
             x = self.images[index]
             if draws is not None:
-                d = draws.take(index)
+                d = draws.take(positions[batch] if self.replacement else index)
                 x = aug.normalize(aug.flip(aug.crop(x, self.crop_padding, d.offsets), d.flips),
                                   self.mean, self.std)
                 x = aug.cutout(x, self.cutout, d.centres)

@@ -19,6 +19,7 @@ import os
 import shutil
 import sys
 import contextlib
+import copy
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -289,8 +290,13 @@ def search_data(cfg: SearchConfig, train: ImageArrays, split: SearchSplit, seed:
                               channels_last=cfg.channels_last)
     score_batches = max(1, round(len(w_loader) * cfg.opp.score_fraction))
     uses_val = cfg.optimisation != "single_level"
+    arch = None
+    if uses_val and cfg.arch_sampling == "replacement":
+        # the same images on the device, drawn with replacement; validation still visits each once
+        arch = copy.copy(a_loader)
+        arch.replacement = True
     return SearchData(w_loader, a_loader if uses_val or cfg.valid_every else None,
-                      num_classes=len(train.classes), score_fraction_batches=score_batches)
+                      num_classes=len(train.classes), score_fraction_batches=score_batches, arch=arch)
 
 
 def search(run: C.RunConfig, paths: Paths, tracker: Tracker) -> dict[str, Any]:

@@ -56,6 +56,7 @@ class SearchConfig:
     # method switches (a method preset sets these; any can be overridden)
     optimisation: str = "first_order"      # first_order | second_order | single_level
     step_order: str = "alpha_first"        # alpha_first | weights_first (bi-level only)
+    arch_sampling: str = "cycle"           # cycle: α half reshuffled each pass | replacement (NB201)
     partial_channels: int = 1              # K (PC-DARTS: 4)
     channel_shuffle: bool = True
     edge_normalization: bool = False
@@ -145,9 +146,10 @@ class Loader(Protocol):
 @dataclass
 class SearchData:
     train: Loader                       # weight batches (the w half; all images for single_level full)
-    val: Loader | None                  # α batches (the α half), cycled
+    val: Loader | None                  # the α half: validation, Hessian, and α batches unless `arch`
     num_classes: int
     score_fraction_batches: int | None = None   # OPP scoring: batches per candidate (None = all)
+    arch: Loader | None = None          # α batches when drawn otherwise than `val` (with replacement)
 
 
 class NonFiniteError(RuntimeError):
@@ -360,7 +362,7 @@ class SearchRun:
 
     def _val_batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """The α loader as an infinite reshuffled cycle, replayable from the epoch number."""
-        val = self.data.val
+        val = self.data.arch or self.data.val
         k = 0
         while True:
             val.set_epoch(epoch * 1000 + k)    # 1000 passes per epoch at most: never collide

@@ -621,6 +621,21 @@ def test_resident_epochs_replay_from_seed_and_epoch(data_arrays) -> None:
     assert not torch.equal(first[0][0], _epoch(D.ResidentLoader(data_arrays, batch_size=25, seed=8), 3)[0][0])
 
 
+def test_replacement_draws_a_seeded_order_with_repeats(data_arrays) -> None:
+    draws = D.epoch_order(1000, seed=1, epoch=2, shuffle=True, replacement=True)
+    assert len(draws) == 1000 and int(draws.min()) >= 0 and int(draws.max()) < 1000
+    assert len(set(draws.tolist())) < 800                   # ~632 distinct expected: repeats, misses
+    assert torch.equal(draws, D.epoch_order(1000, seed=1, epoch=2, shuffle=True, replacement=True))
+    assert not torch.equal(draws, D.epoch_order(1000, seed=1, epoch=3, shuffle=True, replacement=True))
+    with pytest.raises(ValueError, match="needs shuffle=True"):
+        D.epoch_order(10, seed=0, epoch=0, shuffle=False, replacement=True)
+    loader = D.ResidentLoader(data_arrays, batch_size=20, seed=3, drop_last=True)
+    loader.replacement = True
+    labels = torch.cat([y for _, y in _epoch(loader, 1)])
+    order = D.epoch_order(len(data_arrays.labels), seed=3, epoch=1, shuffle=True, replacement=True)
+    assert torch.equal(labels, data_arrays.labels[order[:len(labels)]])
+
+
 def test_resident_without_augmentation_gives_the_normalised_images(data_arrays) -> None:
     loader = D.ResidentLoader(data_arrays, batch_size=30, shuffle=False, augment=False)
     x = torch.cat([x for x, _ in loader])

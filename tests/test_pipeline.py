@@ -5,7 +5,7 @@ from pathlib import Path
 import torch
 
 from nascore import config as C
-from nascore.data import ImageArrays, load_split
+from nascore.data import ImageArrays, SearchSplit, load_split
 from nascore.genotype import NB201_EDGES, NB201_OPS
 from nascore.pipeline import Paths, derive, prepare, run_tags, search_data, search_label
 from nascore.tracking import Tracker
@@ -152,3 +152,22 @@ def test_tracking_tags_say_a_smoke_run_saw_synthetic_images(tmp_path):
     full = C.resolve(default_params(tmp_path))
     assert run_tags(full, "retrain")["data_source"] == "cifar10"
     assert "data_source" not in run_tags(full, "derive")               # derive reads no dataset
+
+
+def test_nb201_alpha_batches_are_drawn_with_replacement_and_validation_visits_each_image_once(tmp_path):
+    # methods.md §1.3: each train sample is paired with a random arch-val sample (with replacement)
+    run = C.resolve({**default_params(tmp_path), "space": "nb201", "profile": "smoke"})
+    assert run.search.arch_sampling == "replacement"
+    assert C.resolve(default_params(tmp_path)).search.arch_sampling == "cycle"      # DARTS space
+    mean, std = (0.5,) * 3, (0.25,) * 3
+    train = ImageArrays("train", torch.zeros(64, 3, 8, 8, dtype=torch.uint8), torch.arange(64) % 10,
+                        tuple(map(str, range(10))), mean, std)
+    split = SearchSplit(torch.arange(32), torch.arange(32, 64), num_samples=64, seed=0)
+    data = search_data(run.search, train, split, seed=0, device=torch.device("cpu"))
+    assert data.arch is not None and data.arch.replacement and not data.val.replacement
+    assert data.arch.images is data.val.images                  # no second copy on the device
+    val_labels = sorted(torch.cat([y for _, y in data.val]).tolist())
+    assert val_labels == sorted(train.labels[32:64].tolist())  # validation: each α image once
+    cycle = C.resolve({**default_params(tmp_path), "space": "nb201", "profile": "smoke",
+                       "search": {"arch_sampling": "cycle"}})
+    assert search_data(cycle.search, train, split, seed=0, device=torch.device("cpu")).arch is None

@@ -229,3 +229,25 @@ def test_a_gpu_search_records_each_epochs_peak_memory():
     for r in small + wide:
         assert 0 < r["peak_memory_mb"] <= r["peak_reserved_mb"]
     assert wide[0]["peak_memory_mb"] > small[-1]["peak_memory_mb"]     # 4x the channels: more memory
+
+
+class CountingLoader(TensorLoader):
+    def __init__(self, *args, **kw) -> None:
+        super().__init__(*args, **kw)
+        self.batches = 0
+
+    def __iter__(self):
+        for batch in super().__iter__():
+            self.batches += 1
+            yield batch
+
+
+def test_alpha_steps_take_the_arch_loader_and_validation_the_alpha_half():
+    x, y = learnable_images(24, 4, 8)
+    train, val, arch = (CountingLoader(x[:8], y[:8], 4), CountingLoader(x[8:16], y[8:16], 4),
+                        CountingLoader(x[16:], y[16:], 4))
+    cfg = tiny_config(space="nb201", epochs=1, valid_every=1)
+    search(get_space("nb201"), cfg, SearchData(train, val, 4, score_fraction_batches=1, arch=arch),
+           log=lambda s: None)
+    assert arch.batches == len(train) == 2        # one α batch per weight step, from `arch`
+    assert val.batches == 2                       # the epoch's validation pass over the α half

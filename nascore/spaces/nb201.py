@@ -89,6 +89,7 @@ SPACES.register("nb201", SearchSpace(
     progressive_start_ops=("nor_conv_1x1", "nor_conv_3x3"),
     # The benchmark's DARTS baselines (ref. impl. config, §1.3): Nesterov, wd 5e-4, 5 cells/stage,
     # and for first order the weight step before the α step.
+    # Each weight batch meets random α samples drawn with replacement (§1.3).
     search_defaults={"nesterov": True, "weight_decay": 5e-4, "layers": 5, "init_channels": 16,
-                     "first_order_step_order": "weights_first"},
+                     "first_order_step_order": "weights_first", "arch_sampling": "replacement"},
 ))
