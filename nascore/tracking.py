@@ -38,9 +38,9 @@ experiment name. Each stage reopens the parent (RUNNING) and closes it with its 
 so after the last stage the parent reads FINISHED, or FAILED if that stage failed.
 
 A process killed outright (SIGKILL, the OOM killer) cannot close its runs. Every run therefore
-carries its owner process (`nascore.owner`: host, boot id, pid, start time; the parent's owner is
-the dvc invocation), and each stage, as it starts, closes as KILLED the RUNNING runs of this machine
-whose owner is gone (tag `nascore.reaped` says why). The rerun that resumes a killed search is a
+carries its owner process (`nascore.owner`: host, boot id, PID namespace, pid, start time; the
+parent's owner is the dvc invocation), and each stage, as it starts, closes as KILLED the RUNNING
+runs whose owner it can see (same host, boot and PID namespace) and is gone (tag `nascore.reaped` says why). The rerun that resumes a killed search is a
 new invocation, hence a new parent; the killed one reads KILLED, not RUNNING forever.
 
 Failure policy
@@ -261,17 +261,27 @@ def run_key() -> str:
     return _safe_key(f"manual@{host}:{uuid.uuid4().hex}")
 
 
+def _pid_namespace() -> str:
+    """This process's PID namespace (containers on one kernel share the boot id, not this)."""
+    try:
+        return re.sub(r"\D", "", os.readlink("/proc/self/ns/pid")) or "nons"
+    except OSError:
+        return "nons"
+
+
 def process_identity(pid: int) -> str | None:
-    """`<host>:<boot id>:<pid>:<start ticks>`: names one process for as long as the machine runs
-    (a reused pid has another start time); None without /proc."""
+    """`<host>:<boot id>:<pid namespace>:<pid>:<start ticks>` of a process this one can see:
+    names it for as long as the machine runs (a reused pid has another start time); None without
+    /proc."""
     stat = _proc_stat(pid)
     if stat is None:
         return None
-    return f"{socket.gethostname()}:{_boot_id()}:{pid}:{stat[1]}"
+    return f"{socket.gethostname()}:{_boot_id()}:{_pid_namespace()}:{pid}:{stat[1]}"
 
 
 def _identity_is_gone(identity: str) -> bool:
-    """True when `identity` (this host and boot) names a process that no longer runs."""
+    """True when `identity` (this host, boot and PID namespace) names a process that no longer
+    runs."""
     try:
         pid, start = (int(x) for x in identity.rsplit(":", 2)[1:])
     except ValueError:
@@ -682,7 +692,8 @@ class Tracker:
     def _close_orphans(self) -> None:
         """Close as KILLED the RUNNING runs whose process is gone (SIGKILL, OOM killer, a lost
         shell): nothing else ever ends them, and MLflow would show them running forever. Only runs
-        owned by a process of this machine since its last boot are judged; others are left alone."""
+        owned by a process this one can see (same host, boot and PID namespace) are judged; others,
+        another machine's or another container's, are left alone."""
         b = self._backend
         here = process_identity(os.getpid())
         if here is None:

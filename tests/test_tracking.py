@@ -430,13 +430,19 @@ def test_runs_of_a_killed_process_are_closed_by_the_next_stage(env: pytest.Monke
         procs["killed"].wait(timeout=30)
         client = MlflowClient(shared_store)
         assert client.get_run(ids["killed"][0]).info.status == "RUNNING"      # nobody closed it
+        # a run of another container on this kernel (same host name and boot id, another PID
+        # namespace): its pid means nothing here, so it is left alone
+        here = tracking.process_identity(os.getpid())
+        host, boot, _ns, _pid, _start = here.split(":")
+        exp_id = client.get_experiment_by_name(os.environ["MLFLOW_EXPERIMENT_NAME"]).experiment_id
+        foreign = client.create_run(exp_id, tags={"nascore.owner": f"{host}:{boot}:1:999999:1"}).info.run_id
         env.setenv("NASCORE_RUN_KEY", "the-rerun")
         with Tracker.start_stage("search"):
             pass
         for run_id in ids["killed"]:                                           # stage and parent
             run = client.get_run(run_id)
             assert run.info.status == "KILLED" and "was gone" in run.data.tags["nascore.reaped"]
-        for run_id in ids["alive"]:
+        for run_id in (*ids["alive"], foreign):
             assert client.get_run(run_id).info.status == "RUNNING"
     finally:
         for p in procs.values():
