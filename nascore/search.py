@@ -362,7 +362,7 @@ class SearchRun:
 
     def _val_batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """The α loader as an infinite reshuffled cycle, replayable from the epoch number."""
-        val = self.data.arch or self.data.val
+        val = self.data.arch if self.data.arch is not None else self.data.val
         k = 0
         while True:
             val.set_epoch(epoch * 1000 + k)    # 1000 passes per epoch at most: never collide
