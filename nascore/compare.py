@@ -50,7 +50,8 @@ from .benchmarks import COLUMNS as NB201_BENCHMARKS, BenchmarkTableError, NB201T
 from .genotype import GenotypeError, NB201Genotype, genotype_from_json
 from .io import write_json, write_text
 from .tracking import (ARTIFACTS_DIR, DEFAULT_EXPERIMENT, TAG_PARENT, TAG_ROLE, TAG_STAGE,
-                       _check_http, flatten_params, project_root, redact_uri, resolve_tracking_uri)
+                       _check_http, flatten_params, project_root, redact_uri, resolve_tracking_uri,
+                       search_all_runs)
 
 PAPER_RESULTS = Path(__file__).with_name("paper_results.yaml")
 SPEC_SEARCH_EPOCHS = 50          # every method's search length in methods.md (SearchConfig's default)
@@ -590,18 +591,6 @@ def _client(loc: MlflowLocation) -> Any:
     return MlflowClient(tracking_uri=loc.uri)
 
 
-def _search_all(client: Any, experiment_id: str, filter_string: str) -> list[Any]:
-    from mlflow.entities import ViewType
-    runs, token = [], None
-    while True:
-        page = client.search_runs([experiment_id], filter_string=filter_string,
-                                  run_view_type=ViewType.ACTIVE_ONLY, max_results=1000, page_token=token)
-        runs.extend(page)
-        token = getattr(page, "token", None)
-        if not token:
-            return runs
-
-
 def _metric_series(client: Any, run_id: str, key: str) -> list[float]:
     by_step: dict[int, float] = {}
     for m in sorted(client.get_metric_history(run_id, key), key=lambda m: (m.step, m.timestamp)):
@@ -665,9 +654,9 @@ def _collect_mlflow(root: Path, filters: Filters, workdir: Path, loc: MlflowLoca
     if exp is None:
         return SourceResult([], f"no {where}")
     head = None if all_commits else _git_head(root)
-    parents = _search_all(client, exp.experiment_id, f"tags.`{TAG_ROLE}` = 'pipeline'")
+    parents = search_all_runs(client, exp.experiment_id, f"tags.`{TAG_ROLE}` = 'pipeline'")
     stages: dict[str, list[Any]] = {}
-    for run in _search_all(client, exp.experiment_id, f"tags.`{TAG_ROLE}` = 'stage'"):
+    for run in search_all_runs(client, exp.experiment_id, f"tags.`{TAG_ROLE}` = 'stage'"):
         stages.setdefault(run.data.tags.get(TAG_PARENT, ""), []).append(run)
 
     chosen: dict[str, tuple[Any, dict[str, Any]]] = {}

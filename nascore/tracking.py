@@ -699,8 +699,8 @@ class Tracker:
         if here is None:
             return
         prefix = here.rsplit(":", 2)[0] + ":"
-        runs = _search_all_runs(b.client, b.experiment_id,
-                                f"attributes.status = 'RUNNING' and tags.`{TAG_OWNER}` LIKE '{prefix}%'")
+        runs = search_all_runs(b.client, b.experiment_id,
+                               f"attributes.status = 'RUNNING' and tags.`{TAG_OWNER}` LIKE '{prefix}%'")
         for run in runs:
             owner = run.data.tags.get(TAG_OWNER, "")
             if owner.startswith(prefix) and _identity_is_gone(owner):
@@ -896,13 +896,15 @@ def _user_tag() -> dict[str, str]:
         return {}
 
 
-def _search_all_runs(client: Any, experiment_id: str, filter_string: str) -> list[Any]:
+def search_all_runs(client: Any, experiment_id: str, filter_string: str) -> list[Any]:
+    """Every active run of the experiment matching `filter_string`, page by page."""
+    from mlflow.entities import ViewType
     runs, token = [], None
     while True:
-        page = client.search_runs([experiment_id], filter_string=filter_string, max_results=1000,
-                                  page_token=token)
-        runs += list(page)
-        token = page.token
+        page = client.search_runs([experiment_id], filter_string=filter_string,
+                                  run_view_type=ViewType.ACTIVE_ONLY, max_results=1000, page_token=token)
+        runs.extend(page)
+        token = getattr(page, "token", None)
         if not token:
             return runs
 
