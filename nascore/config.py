@@ -166,6 +166,8 @@ def section_defaults(section: str, run: Mapping[str, Any]) -> list[Mapping[str, 
             layers.append(NB201_RETRAIN)
         elif space in ("s1", "s2", "s3", "s4") and dataset in ("cifar100", "svhn"):
             layers.append(ROBUST_SMALL_EVAL)
+        if space != "nb201" and dataset in DATASETS and not _aux_head_fits(DATASETS.get(dataset).image_size):
+            layers.append({"auxiliary": False})     # ImageNet16-120's 16 px: no room for the head
     elif section == "transfer":
         layers.append(IMAGENET_TRANSFER)
     if profile == "smoke":
@@ -563,12 +565,25 @@ def _check_network_section(run: RunConfig, name: str, wanted: set[str]) -> None:
             raise ConfigError(f"params.yaml: {name}.genotype={sec.genotype!r} is a "
                               f"{'NB201' if isinstance(g, NB201Genotype) else 'DARTS'} cell but space is "
                               f"{run.space!r}")
+    if name == "retrain" and sec.auxiliary and {"data", "profile", "dataset", "space"} <= wanted \
+            and run.space != "nb201":
+        size = run.data.synthetic.image_size if effective_dataset(run) == "synthetic" else \
+            DATASETS.get(run.dataset).image_size
+        if not _aux_head_fits(size):
+            raise ConfigError(f"params.yaml: retrain.auxiliary: true needs images of >= 17 px (the head "
+                              f"pools 5×5 over the map after two reductions); {effective_dataset(run)}'s "
+                              f"are {size} px: set retrain.auxiliary: false")
     if "space" in wanted and run.space == "nb201" and sec.auxiliary:
         raise ConfigError(f"params.yaml: {name}.auxiliary must be false for space nb201 (its network "
                           f"has no auxiliary head)")
     if sec.train.cuda_graph and (sec.train.compile or sec.train.nonfinite != "stop"):
         raise ConfigError(f"params.yaml: {name}.train.cuda_graph: true needs {name}.train.compile: false "
                           f"and {name}.train.nonfinite: stop (skipping a bad batch reads the loss on the host)")
+
+
+def _aux_head_fits(image_size: int) -> bool:
+    """Whether the CIFAR auxiliary head's 5×5 pool fits the map after the two reduction cells."""
+    return math.ceil(math.ceil(image_size / 2) / 2) >= 5
 
 
 def _train_size(run: RunConfig) -> int | None:

@@ -4,6 +4,7 @@ Two ways in, one batch protocol out:
 - 32×32 sets (CIFAR-10/100, SVHN, synthetic) are decoded once into uint8 arrays (`ImageArrays`),
   stored by the prepare stage as .npy files, and served by `ResidentLoader`: the whole set lives on
   the training device and crop / flip / cutout run batched there (methods.md §1.1).
+  ImageNet16-120 (NB201's third dataset) takes the same path at 16×16.
 - Full-resolution ImageFolder trees (ImageNet) stay files (`ImageFiles`) and are served by
   `FolderLoader`: torchvision transforms in DataLoader workers (methods.md §1.1, ImageNet column).
 
@@ -12,8 +13,9 @@ makes an epoch's order and augmentation a pure function of (seed, epoch), so a r
 identical batches; with `rank`/`world_size` each rank gets a disjoint shard of the same order.
 
 Sources for a dataset root, detected from what is there: torchvision's own files (downloaded with
-`download=True`), an ImageFolder tree `train/<class>/…` + `test/<class>/…` (or `val/`), or a
-.tar/.tar.gz/.tgz/.zip archive of such a tree, extracted once into a cache folder.
+`download=True`), Downsampled ImageNet's pickled batches (ImageNet16-120), an ImageFolder tree
+`train/<class>/…` + `test/<class>/…` (or `val/`), or a .tar/.tar.gz/.tgz/.zip archive of either,
+extracted once into a cache folder.
 """
 from __future__ import annotations
 
@@ -70,6 +72,8 @@ class DatasetInfo:
     train_size: int | None          # training images (None: set by the generator's arguments)
     torchvision: str | None = None  # torchvision.datasets class that downloads it, if any
     test_size: int | None = None    # test (ImageNet: validation) images
+    crop_padding: int = 4           # zero padding of the training random crop
+    downsampled: bool = False       # read from Downsampled ImageNet's pickled batches
 
 
 DATASETS: Registry[DatasetInfo] = Registry("dataset")
@@ -86,6 +90,11 @@ _add(DatasetInfo("cifar100", "CIFAR-100", 100, 32, (0.5071, 0.4865, 0.4409), (0.
                  in_memory=True, train_size=50_000, torchvision="CIFAR100", test_size=10_000))
 _add(DatasetInfo("svhn", "SVHN", 10, 32, (0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970),
                  in_memory=True, train_size=73_257, torchvision="SVHN", test_size=26_032))    # `train` split, no `extra`
+# NB201's ImageNet16-120 (methods.md §1.3): the 16×16 Downsampled ImageNet restricted to its first
+# 120 classes; statistics, crop padding 2 and sizes as in the NB201 benchmark's own code
+_add(DatasetInfo("imagenet16_120", "ImageNet16-120", 120, 16,
+                 (122.68 / 255, 116.66 / 255, 104.01 / 255), (63.22 / 255, 61.26 / 255, 65.09 / 255),
+                 in_memory=True, train_size=151_700, test_size=6_000, crop_padding=2, downsampled=True))
 _add(DatasetInfo("imagenet", "ImageNet", 1000, 224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225),
                  in_memory=False, train_size=1_281_167, test_size=50_000))
 # the generator's pixel statistics, rounded (uniform random colours, light noise)
@@ -123,6 +132,11 @@ class ImageArrays:
         return len(self.labels)
 
 
+def dataset_crop_padding(data: ImageArrays) -> int:
+    """The training random crop's zero padding for `data`: its dataset's (4 px; ImageNet16-120 2)."""
+    return DATASETS.get(data.name).crop_padding if data.name in DATASETS else 4
+
+
 @dataclass(frozen=True)
 class ImageFiles:
     """One split of an ImageFolder tree read from disk at full resolution (e.g. ImageNet's train/)."""
@@ -143,8 +157,8 @@ def load_image_dataset(name: str, root: str | Path | None, *, train: bool, downl
                        workers: int | None = None) -> ImageArrays:
     """Decode one split of a 32×32 dataset into memory.
 
-    `root` may hold torchvision's files, an ImageFolder tree, or be an archive of one (extracted
-    into `cache_dir`). With `download`, torchvision fetches the set when the root has none of
+    `root` may hold torchvision's files, Downsampled ImageNet's batches (ImageNet16-120), an
+    ImageFolder tree, or be an archive of one (extracted into `cache_dir`). With `download`, torchvision fetches the set when the root has none of
     these (and verifies its md5s). `synthetic` ignores root and is generated from `seed`.
     `workers` processes decode image files (default: one per available core).
     """
@@ -158,7 +172,7 @@ def load_image_dataset(name: str, root: str | Path | None, *, train: bool, downl
         raise DatasetError(f"{info.title} needs data.root (a folder or an archive)")
     root = Path(root)
     source = _find_source(info, root, cache_dir)
-    if download and (source is None or source[0] == "torchvision"):
+    if download and info.torchvision and (source is None or source[0] == "torchvision"):
         _download(info, root, train)      # a no-op when torchvision finds its files intact
         source = ("torchvision", root)
     if source is None:
@@ -166,6 +180,8 @@ def load_image_dataset(name: str, root: str | Path | None, *, train: bool, downl
     kind, path = source
     if kind == "torchvision":
         images, labels, classes = _read_torchvision(info, path, train)
+    elif kind == "downsampled":
+        images, labels, classes = _read_downsampled(info, path, train)
     else:
         images, labels, classes = _read_image_tree(info, path, train, workers)
     return ImageArrays(info.name, images, labels, classes, info.mean, info.std)
@@ -191,7 +207,7 @@ def image_files(name: str, root: str | Path, *, train: bool, cache_dir: str | Pa
 # ------------------------------------------------------------------------------------------------
 # Finding what a root holds
 
-Source = tuple[Literal["torchvision", "tree"], Path]
+Source = tuple[Literal["torchvision", "downsampled", "tree"], Path]
 _MARKER = ".nascore-extracted"
 
 
@@ -204,14 +220,19 @@ def _find_source(info: DatasetInfo, root: Path, cache_dir: str | Path | None) ->
         if cache_dir is None:
             raise DatasetError(f"{root} is an archive: pass cache_dir, a folder to extract it into")
         extracted = extract_archive(root, cache_dir)
+        if info.downsampled and _downsampled_files(extracted):
+            return "downsampled", extracted
         tree = _image_tree(extracted)
         if tree is None:
-            raise DatasetError(f"archive {root} holds no ImageFolder tree: expected train/<class>/… "
-                               f"(+ test/<class>/…), possibly inside one top-level folder; "
-                               f"found {_listing(extracted)}")
+            batches = f"{DOWNSAMPLED_LAYOUT} or " if info.downsampled else ""
+            raise DatasetError(f"archive {root} holds no {info.title}: expected {batches}an ImageFolder "
+                               f"tree train/<class>/… (+ test/<class>/…), possibly inside one "
+                               f"top-level folder; found {_listing(extracted)}")
         return "tree", tree
     if not root.is_dir():
         return None
+    if info.downsampled and _downsampled_files(root):
+        return "downsampled", root
     if info.torchvision and root.name == _torchvision_folder(info):
         root = root.parent            # the user pointed at cifar-10-batches-py/ itself
     if info.torchvision and (root / _torchvision_folder(info)).exists():
@@ -239,6 +260,9 @@ def _not_found(info: DatasetInfo, root: Path, tree_only: bool = False) -> Datase
         found = f"found {_listing(root)}"
     tree = "an ImageFolder tree train/<class>/… + test/<class>/… (or val/<class>/…), or an archive " \
            "(.tar.gz, .tgz, .tar, .zip) of one"
+    if info.downsampled and not tree_only:
+        tree = (f"{DOWNSAMPLED_LAYOUT}, or an ImageFolder tree train/<class>/… + test/<class>/…, or an "
+                f"archive (.tar.gz, .tgz, .tar, .zip) of either")
     if info.torchvision and not tree_only:
         return DatasetError(
             f"no {info.title} found at {root} ({found}): expected torchvision's "
@@ -374,8 +398,7 @@ def _torchvision_layout(info: DatasetInfo) -> str:
 
 def _download(info: DatasetInfo, root: Path, train: bool) -> None:
     if info.torchvision is None:
-        raise DatasetError(f"{info.title} cannot be downloaded automatically: point data.root at "
-                           f"an ImageFolder tree train/<class>/… + val/<class>/… or an archive of one")
+        raise _not_found(info, root)
     cls = _torchvision_class(info)
     split = {"split": "train" if train else "test"} if info.torchvision == "SVHN" else {"train": train}
     try:
@@ -453,16 +476,88 @@ class _ArrayUnpickler(pickle.Unpickler):
             raise pickle.UnpicklingError(f"refusing to load {module}.{name}") from None
 
 
-def _unpickle(path: Path) -> dict[str, Any]:
+def _unpickle(path: Path, fix: str = "delete its folder and rerun with data.download: true") -> dict[str, Any]:
     try:
         with open(path, "rb") as f:
             data = _ArrayUnpickler(f, encoding="latin1").load()   # the files are Python 2 pickles
     except Exception as e:    # truncated, corrupted, or a pickle that is more than arrays
-        raise DatasetError(f"cannot read {path} ({type(e).__name__}: {e}); delete its folder and "
-                           f"rerun with data.download: true") from None
+        raise DatasetError(f"cannot read {path} ({type(e).__name__}: {e}); {fix}") from None
     if not isinstance(data, dict):
-        raise DatasetError(f"{path} does not hold a dict; is it a CIFAR python batch?")
+        raise DatasetError(f"{path} does not hold a dict of arrays, as a dataset batch file does; {fix}")
     return data
+
+
+# ------------------------------------------------------------------------------------------------
+# Downsampled ImageNet (Chrabaszcz et al. 2017), the release NB201 cuts ImageNet16-120 from: ten
+# pickled training batches and one validation file, each {'data': uint8 (N, 3·S·S), channel-planar
+# like CIFAR, 'labels': ImageNet class ids 1..1000}. ImageNet16-120 keeps classes 1..120, as the
+# benchmark does. There is no download: the files sit behind an image-net.org login.
+
+DOWNSAMPLED_FILES = {True: tuple(f"train_data_batch_{i}" for i in range(1, 11)), False: ("val_data",)}
+DOWNSAMPLED_LAYOUT = ("Downsampled ImageNet's batch files train_data_batch_1 … train_data_batch_10 + "
+                      "val_data (image-net.org's Imagenet16_train.zip and Imagenet16_val.zip, "
+                      "unzipped into one folder)")
+_DOWNSAMPLED_FIX = "fetch the file again from image-net.org (Imagenet16_train.zip / Imagenet16_val.zip)"
+
+
+def _downsampled_files(root: Path) -> dict[str, list[Path]]:
+    """Where each batch file is, in `root` or up to two folders below it (the release's zips
+    unpack into Imagenet16_train/ and Imagenet16_val/, an archive may add a top-level folder)."""
+    wanted = {*DOWNSAMPLED_FILES[True], *DOWNSAMPLED_FILES[False]}
+    found: dict[str, list[Path]] = {}
+    level = [root]
+    for _depth in range(3):
+        below = []
+        for folder in level:
+            for entry in sorted(folder.iterdir()):
+                if entry.name.startswith("."):
+                    continue
+                if entry.is_dir():
+                    below.append(entry)
+                elif entry.name in wanted:
+                    found.setdefault(entry.name, []).append(entry)
+        level = below
+    return found
+
+
+def _read_downsampled(info: DatasetInfo, root: Path,
+                      train: bool) -> tuple[torch.Tensor, torch.Tensor, tuple[str, ...]]:
+    found = _downsampled_files(root)
+    names = DOWNSAMPLED_FILES[train]
+    missing = [n for n in names if n not in found]
+    if missing:
+        raise DatasetError(f"incomplete {info.title} at {root}: missing {', '.join(missing)}; "
+                           f"expected {DOWNSAMPLED_LAYOUT}")
+    for name in names:
+        if len(found[name]) > 1:
+            raise DatasetError(f"{root} holds {name} more than once ({', '.join(map(str, found[name]))}); "
+                               f"keep one copy")
+    size = info.image_size
+    images, labels = [], []
+    for name in names:
+        path = found[name][0]
+        batch = _unpickle(path, _DOWNSAMPLED_FIX)
+        data, ids = batch.get("data"), batch.get("labels")
+        try:
+            ids = np.asarray(ids, dtype=np.int64)
+        except (TypeError, ValueError):
+            ids = None
+        if not (isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 2
+                and data.shape[1] == 3 * size * size and ids is not None and ids.shape == data.shape[:1]):
+            raise DatasetError(f"{path} is not a {size}×{size} Downsampled ImageNet batch (expected uint8 "
+                               f"data (N, {3 * size * size}) and N labels); {_DOWNSAMPLED_FIX}")
+        if len(ids) and not 1 <= ids.min() <= ids.max() <= 1000:
+            raise DatasetError(f"{path} has labels outside ImageNet's 1..1000 (found {ids.min()}..{ids.max()}); "
+                               f"{_DOWNSAMPLED_FIX}")
+        keep = ids <= info.num_classes
+        images.append(torch.from_numpy(np.ascontiguousarray(data[keep]).reshape(-1, 3, size, size)))
+        labels.append(torch.from_numpy(ids[keep] - 1))
+    label = torch.cat(labels)
+    if not len(label):
+        raise DatasetError(f"{root}: the {'training' if train else 'validation'} batches hold no image of "
+                           f"classes 1..{info.num_classes}, the ones {info.title} keeps")
+    # class names: the release's 1-based ImageNet class ids (its map_clsloc.txt order)
+    return torch.cat(images), label, tuple(str(k) for k in range(1, info.num_classes + 1))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -661,12 +756,13 @@ class SearchSplit:
 
 def split_rule(rule: str, space: str, dataset: str) -> str:
     """`data.split: auto` as methods.md says per space: NB201 (§1.3) takes a fixed random half of
-    the training set for α on CIFAR-10, a fixed half of the test set on CIFAR-100; the DARTS-family
-    spaces (§2.1) split the training set in order, first half for w, second for α."""
+    the training set for α on CIFAR-10, a fixed half of the test set on CIFAR-100 and
+    ImageNet16-120; the DARTS-family spaces (§2.1) split the training set in order, first half for
+    w, second for α."""
     if rule != "auto":
         return rule
     if space == "nb201":
-        return "test_half" if dataset == "cifar100" else "random"
+        return "test_half" if dataset in ("cifar100", "imagenet16_120") else "random"
     return "first_half"
 
 
@@ -676,7 +772,7 @@ def search_split(num_samples: int, *, fraction: float = 0.5, seed: int = 0, rule
     - first_half: the first floor(fraction·N) training images for w, the rest for α (DARTS);
     - random: a seeded random floor(fraction·N) for w, the rest for α (NB201 on CIFAR-10);
     - test_half: every training image for w, a seeded random half of the `num_test` test
-      images for α (NB201 on CIFAR-100; `fraction` does not apply).
+      images for α (NB201 on CIFAR-100 and ImageNet16-120; `fraction` does not apply).
     """
     if rule not in SPLIT_RULES:
         raise ValueError(f"unknown split rule {rule!r}; allowed: {', '.join(SPLIT_RULES)}")
@@ -992,17 +1088,18 @@ class FolderLoader(Loader):
 
 def make_loader(source: ImageArrays | ImageFiles, *, batch_size: int, train: bool,
                 indices: Sequence[int] | torch.Tensor | None = None, seed: int = 0, cutout: int = 0,
-                crop_padding: int = 4, drop_last: bool = False, device: torch.device | str = "cpu",
-                rank: int = 0, world_size: int = 1, channels_last: bool = False,
-                workers: int | None = None) -> Loader:
+                crop_padding: int | None = None, drop_last: bool = False,
+                device: torch.device | str = "cpu", rank: int = 0, world_size: int = 1,
+                channels_last: bool = False, workers: int | None = None) -> Loader:
     """The loader for `source`: training (shuffled, augmented) or evaluation (ordered, plain).
 
-    In-memory arrays get a `ResidentLoader` (cutout and crop_padding apply), image files a
-    `FolderLoader` (workers apply).
+    In-memory arrays get a `ResidentLoader` (cutout and crop_padding apply; crop_padding None: the
+    dataset's), image files a `FolderLoader` (workers apply).
     """
     common = dict(batch_size=batch_size, indices=indices, shuffle=train, drop_last=drop_last,
                   augment=train, seed=seed, device=device, rank=rank, world_size=world_size,
                   channels_last=channels_last)
     if isinstance(source, ImageArrays):
-        return ResidentLoader(source, crop_padding=crop_padding, cutout=cutout if train else 0, **common)
+        pad = dataset_crop_padding(source) if crop_padding is None else crop_padding
+        return ResidentLoader(source, crop_padding=pad, cutout=cutout if train else 0, **common)
     return FolderLoader(source, workers=workers, **common)

@@ -31,7 +31,7 @@ from . import config as C
 from .benchmarks import NB201Table
 from .data import (DATASETS, ImageArrays, ResidentLoader, image_files, load_prepared,
                    load_split, save_prepared, save_split, search_split, split_rule, synthetic_dataset, FolderLoader,
-                   load_image_dataset, DatasetError, SearchSplit)
+                   load_image_dataset, DatasetError, SearchSplit, dataset_crop_padding)
 from .genotype import AnyGenotype, GenotypeError, NB201Genotype, genotype_from_json, resolve_genotype
 from .io import OutputError, save_torch, write_json, write_text
 from .metrics import run_peak_memory
@@ -282,11 +282,12 @@ def search_data(cfg: SearchConfig, train: ImageArrays, split: SearchSplit, seed:
     w_indices = split.weights if weights_only else list(split.weights) + list(split.arch)
     # Both halves get the training augmentation (crop + flip; cutout only in RobustDARTS'
     # regularised search), as in DARTS; full batches only (drop_last), every step one shape.
+    pad = dataset_crop_padding(train)
     w_loader = ResidentLoader(train, batch_size=cfg.batch_size, indices=w_indices, drop_last=True,
-                              cutout=cfg.cutout, seed=seed, device=device,
+                              cutout=cfg.cutout, crop_padding=pad, seed=seed, device=device,
                               channels_last=cfg.channels_last)
     a_loader = ResidentLoader(arch_images, batch_size=cfg.batch_size, indices=split.arch, drop_last=True,
-                              cutout=cfg.cutout, seed=seed + 7919, device=device,
+                              cutout=cfg.cutout, crop_padding=pad, seed=seed + 7919, device=device,
                               channels_last=cfg.channels_last)
     score_batches = max(1, round(len(w_loader) * cfg.opp.score_fraction))
     uses_val = cfg.optimisation != "single_level"
@@ -534,7 +535,8 @@ def retrain(run: C.RunConfig, paths: Paths, tracker: Tracker) -> dict[str, Any]:
     extra = {"params_m": round(count_parameters(model) / 1e6, 6), "macs_m": round(flops.macs / 1e6, 3)}
     shard = {"rank": dist.rank, "world_size": dist.world_size}
     train_loader = ResidentLoader(train_set, batch_size=sec.batch_size, drop_last=True, cutout=sec.cutout,
-                                  seed=run.seed, device=device, channels_last=sec.train.channels_last, **shard)
+                                  crop_padding=dataset_crop_padding(train_set), seed=run.seed, device=device,
+                                  channels_last=sec.train.channels_last, **shard)
     test_loader = ResidentLoader(test_set, batch_size=max(sec.batch_size, 256), shuffle=False, augment=False,
                                  device=device, channels_last=sec.train.channels_last, **shard)
     try:

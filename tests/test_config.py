@@ -73,6 +73,14 @@ def test_robust_spaces_evaluate_small_on_cifar100_and_svhn(params):
     assert C.resolve(with_(params, space="darts", dataset="cifar100")).retrain.layers == 20
 
 
+def test_imagenet16_120_retrains_without_the_auxiliary_head(params):
+    # 16-px images leave a 4×4 map after two reductions: the head's 5×5 pool does not fit
+    assert C.resolve(with_(params, dataset="imagenet16_120")).retrain.auxiliary is False
+    assert C.resolve(with_(params, dataset="cifar10")).retrain.auxiliary is True
+    run = C.resolve(with_(params, space="nb201", dataset="imagenet16_120"))
+    assert (run.retrain.auxiliary, run.retrain.train.epochs) == (False, 200)    # the NB201 protocol
+
+
 def test_smoke_profile_is_small_and_explicit_values_still_win(params):
     run = C.resolve(with_(params, profile="smoke"))
     assert run.search.epochs <= 3 and run.search.init_channels <= 8 and run.retrain.train.epochs <= 3
@@ -118,7 +126,7 @@ def test_every_method_and_space_resolves_or_says_why_not(params, method, space):
     ({"data__split_seed": -1}, "data.split_seed=-1 must be in"),
     ({"retrain__train__seed": 99}, "retrain.train.seed is set by the top-level seed"),
     ({"dataset": "imagenet"}, "dataset='imagenet' is not one to search and retrain on; allowed: cifar10, "
-                              "cifar100, svhn, synthetic. ImageNet is the transfer stage's"),
+                              "cifar100, imagenet16_120, svhn, synthetic. ImageNet is the transfer stage's"),
     ({"retrain__layers": 1}, "retrain.layers=1: the darts network needs >= 3 cells"),
     ({"profile": "smoke", "retrain__batch_size": 1000}, r"retrain.batch_size=1000 is larger than the training set \(64 images\)"),
     ({"transfer__data": "synthetic", "transfer__num_classes": 1}, "transfer.num_classes=1 must be >= 2"),
@@ -151,6 +159,9 @@ def test_every_method_and_space_resolves_or_says_why_not(params, method, space):
     ({"retrain__genotype": "|nor_conv_3x3~0|+|none~0|none~1|+|none~0|none~1|none~2|"},
      "is a NB201 cell but space is 'darts'"),
     ({"space": "nb201", "retrain__auxiliary": True}, "auxiliary must be false for space nb201"),
+    ({"dataset": "imagenet16_120", "retrain__auxiliary": True},
+     "retrain.auxiliary: true needs images of >= 17 px .*imagenet16_120's are 16 px: set retrain.auxiliary: false"),
+    ({"dataset": "synthetic", "data__synthetic__image_size": 16}, "synthetic's are 16 px"),
     ({"transfer__data": "/no/such/imagenet"}, "transfer.data='/no/such/imagenet' does not exist"),
     ({"data__split_fraction": 1.5}, "split_fraction=1.5 must be in"),
     ({"search__drop_path": 1.5}, r"search.drop_path=1.5 must be in \[0, 1\)"),

@@ -81,6 +81,31 @@ def _write_svhn(root: Path, n: int = 12) -> tuple[np.ndarray, np.ndarray]:
     return hwc, digits
 
 
+def _write_imagenet16(root: Path, per_batch: int = 6, n_val: int = 8, layout: str = "zips") -> dict:
+    """Downsampled ImageNet 16×16 batches as image-net.org ships them: pickled dicts with uint8 data
+    (N, 768) channel-planar, 1-based ImageNet labels over all 1000 classes, a per-pixel mean in the
+    training batches. layout "zips": unpacked into Imagenet16_train/ and Imagenet16_val/ as the
+    two zips do; "flat": every file in root."""
+    written: dict = {}
+    for train, names in D.DOWNSAMPLED_FILES.items():
+        folder = root if layout == "flat" else root / ("Imagenet16_train" if train else "Imagenet16_val")
+        folder.mkdir(parents=True, exist_ok=True)
+        for i, name in enumerate(names):
+            n = per_batch if train else n_val
+            hwc = _images(n, size=16, seed=50 + i + 20 * train)
+            # every other image is from a class past 120, which ImageNet16-120 drops
+            labels = [1 + (7 * i + k) % 120 if k % 2 == 0 else 121 + (k * 37 + i) % 880 for k in range(n)]
+            batch = {"data": hwc.transpose(0, 3, 1, 2).reshape(n, -1), "labels": labels}
+            if train:
+                batch["mean"] = np.zeros(768, dtype=np.float64)
+            (folder / name).write_bytes(pickle.dumps(batch, protocol=2))
+            key = "train" if train else "test"
+            kept = [k for k, lab in enumerate(labels) if lab <= 120]
+            written.setdefault(f"{key}_images", []).append(hwc[kept])
+            written.setdefault(f"{key}_labels", []).extend(labels[k] - 1 for k in kept)
+    return {k: np.concatenate(v) if k.endswith("images") else v for k, v in written.items()}
+
+
 def _write_tree(root: Path, classes=CIFAR10_CLASSES, per_class: int = 2, size: int = 32,
                 splits=("train", "test")) -> dict:
     """An ImageFolder tree; the first image of each class is PNG (lossless), the rest JPEG."""
@@ -113,7 +138,7 @@ def data_tree(tmp_path: Path) -> tuple[Path, dict]:
 # Registry
 
 def test_registry_has_the_datasets_with_their_statistics() -> None:
-    assert D.DATASETS.names() == ["cifar10", "cifar100", "imagenet", "svhn", "synthetic"]
+    assert D.DATASETS.names() == ["cifar10", "cifar100", "imagenet", "imagenet16_120", "svhn", "synthetic"]
     c10 = D.dataset_info("cifar10")
     assert (c10.num_classes, c10.image_size, c10.mean, c10.std) == (
         10, 32, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
@@ -121,7 +146,14 @@ def test_registry_has_the_datasets_with_their_statistics() -> None:
     assert D.dataset_info("svhn").mean == (0.4377, 0.4438, 0.4728)
     assert D.dataset_info("svhn").train_size == 73_257                    # `train` only, no `extra`
     assert D.dataset_info("imagenet").num_classes == 1000
-    with pytest.raises(UnknownNameError, match="allowed: cifar10, cifar100, imagenet, svhn, synthetic"):
+    # NB201's ImageNet16-120: its code's statistics (x/255), 16 px, crop padding 2 (methods.md §1.3)
+    in16 = D.dataset_info("imagenet16_120")
+    assert (in16.num_classes, in16.image_size, in16.crop_padding, in16.train_size, in16.test_size) == (
+        120, 16, 2, 151_700, 6_000)
+    assert np.allclose(np.array(in16.mean) * 255, (122.68, 116.66, 104.01))
+    assert np.allclose(np.array(in16.std) * 255, (63.22, 61.26, 65.09))
+    assert c10.crop_padding == 4
+    with pytest.raises(UnknownNameError, match="allowed: cifar10, cifar100, imagenet, imagenet16_120, svhn"):
         D.dataset_info("cifar")
 
 
@@ -167,6 +199,65 @@ def test_svhn_mat_maps_label_10_to_digit_0(tmp_path: Path) -> None:
     assert svhn.classes == tuple("0123456789")
     with pytest.raises(D.DatasetError, match="test_32x32.mat.*data.download: true"):
         D.load_image_dataset("svhn", tmp_path, train=False)
+
+
+@pytest.mark.parametrize("layout", ["zips", "flat"])
+def test_imagenet16_keeps_the_first_120_classes_of_the_downsampled_batches(tmp_path: Path, layout: str) -> None:
+    written = _write_imagenet16(tmp_path / "in16", layout=layout)
+    train = D.load_image_dataset("imagenet16_120", tmp_path / "in16", train=True, download=True)
+    test = D.load_image_dataset("imagenet16_120", tmp_path / "in16", train=False)
+    assert train.images.shape == (30, 3, 16, 16) and test.images.shape == (4, 3, 16, 16)   # 10 × 3, 1 × 4
+    assert np.array_equal(train.images.permute(0, 2, 3, 1).numpy(), written["train_images"])
+    assert np.array_equal(test.images.permute(0, 2, 3, 1).numpy(), written["test_images"])
+    assert train.labels.tolist() == written["train_labels"] and test.labels.tolist() == written["test_labels"]
+    assert int(train.labels.min()) >= 0 and int(train.labels.max()) < 120
+    assert train.classes == tuple(str(k) for k in range(1, 121)) and train.mean == D.dataset_info("imagenet16_120").mean
+    assert D.dataset_crop_padding(train) == 2
+
+
+def test_imagenet16_from_an_archive_with_a_top_level_folder(tmp_path: Path) -> None:
+    written = _write_imagenet16(tmp_path / "ImageNet16")
+    archive = tmp_path / "in16.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(tmp_path / "ImageNet16", arcname="ImageNet16")
+    test = D.load_image_dataset("imagenet16_120", archive, train=False, cache_dir=tmp_path / "cache")
+    assert test.labels.tolist() == written["test_labels"]
+
+
+def test_imagenet16_missing_duplicated_or_foreign_files_are_named(tmp_path: Path) -> None:
+    root = tmp_path / "in16"
+    _write_imagenet16(root)
+    batch3 = root / "Imagenet16_train" / "train_data_batch_3"
+    (root / "copy").mkdir()
+    (root / "copy" / "train_data_batch_3").write_bytes(batch3.read_bytes())
+    with pytest.raises(D.DatasetError, match=r"holds train_data_batch_3 more than once.*keep one copy"):
+        D.load_image_dataset("imagenet16_120", root, train=True)
+    (root / "copy" / "train_data_batch_3").unlink()
+    batch3.unlink()
+    with pytest.raises(D.DatasetError, match=r"incomplete ImageNet16-120 .*missing train_data_batch_3; "
+                                             r"expected Downsampled ImageNet's batch files"):
+        D.load_image_dataset("imagenet16_120", root, train=True)
+    val = root / "Imagenet16_val" / "val_data"
+    val.write_bytes(pickle.dumps({"data": os.getcwd}, protocol=2))
+    with pytest.raises(D.DatasetError, match=r"val_data.*refusing to load posix.getcwd.*Imagenet16_val.zip"):
+        D.load_image_dataset("imagenet16_120", root, train=False)
+    val.write_bytes(pickle.dumps({"data": np.zeros((2, 3072), np.uint8), "labels": [1, 2]}, protocol=2))
+    with pytest.raises(D.DatasetError, match=r"val_data is not a 16×16 Downsampled ImageNet batch"):
+        D.load_image_dataset("imagenet16_120", root, train=False)
+    val.write_bytes(pickle.dumps({"data": np.zeros((2, 768), np.uint8), "labels": [0, 2]}, protocol=2))
+    with pytest.raises(D.DatasetError, match=r"labels outside ImageNet's 1..1000 \(found 0..2\)"):
+        D.load_image_dataset("imagenet16_120", root, train=False)
+    val.write_bytes(pickle.dumps({"data": np.zeros((2, 768), np.uint8), "labels": [500, 999]}, protocol=2))
+    with pytest.raises(D.DatasetError, match=r"validation batches hold no image of classes 1..120"):
+        D.load_image_dataset("imagenet16_120", root, train=False)
+
+
+def test_imagenet16_cannot_be_downloaded_and_says_where_to_get_it(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(D.DatasetError, match=r"no ImageNet16-120 found at .*empty \(the folder is empty\): "
+                                             r"expected Downsampled ImageNet's batch files .*Imagenet16_train.zip"
+                                             r".*\(ImageNet16-120 cannot be downloaded automatically\)"):
+        D.load_image_dataset("imagenet16_120", tmp_path / "empty", train=True, download=True)
 
 
 def test_download_calls_torchvision_then_reads_its_files(tmp_path: Path, monkeypatch) -> None:
@@ -499,6 +590,7 @@ def test_split_rules_follow_methods_md_per_space() -> None:
     assert D.split_rule("auto", "nb201", "cifar10") == "random"
     assert D.split_rule("auto", "nb201", "svhn") == "random"
     assert D.split_rule("auto", "nb201", "cifar100") == "test_half"
+    assert D.split_rule("auto", "nb201", "imagenet16_120") == "test_half"   # arch-val: half its test set
     assert D.split_rule("random", "darts", "cifar10") == "random"          # an explicit rule wins
 
 

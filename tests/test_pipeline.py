@@ -171,3 +171,31 @@ def test_nb201_alpha_batches_are_drawn_with_replacement_and_validation_visits_ea
     cycle = C.resolve({**default_params(tmp_path), "space": "nb201", "profile": "smoke",
                        "search": {"arch_sampling": "cycle"}})
     assert search_data(cycle.search, train, split, seed=0, device=torch.device("cpu")).arch is None
+
+
+def test_nb201_searches_imagenet16_120_from_its_downsampled_batches(tmp_path):
+    # methods.md §1.3: ImageNet16-120's α batches come from half of its test set; 16-px crops pad 2
+    from nascore.pipeline import search
+    from tests.test_data import _write_imagenet16
+
+    _write_imagenet16(tmp_path / "in16", per_batch=8, n_val=16)
+    run = C.resolve({**default_params(tmp_path), "space": "nb201", "dataset": "imagenet16_120",
+                     "data": {"root": str(tmp_path / "in16")},
+                     "search": {"epochs": 1, "batch_size": 4, "init_channels": 4, "layers": 1}})
+    paths = Paths(tmp_path, tmp_path)
+    prepare(run, paths, Tracker.disabled())
+    summary = json.loads((tmp_path / "outputs" / "prepare" / "summary.json").read_text())
+    assert summary == {"dataset": "imagenet16_120", "train_images": 40, "test_images": 8, "classes": 120,
+                       "split": "test_half", "weight_split": 40, "arch_split": 4, "arch_split_from": "test"}
+    from nascore.data import load_prepared
+
+    train = load_prepared(tmp_path / "outputs" / "prepare" / "data", "train")
+    test = load_prepared(tmp_path / "outputs" / "prepare" / "data", "test")
+    split = load_split(tmp_path / "outputs" / "prepare" / "split.json", len(train), len(test))
+    data = search_data(run.search, train, split, seed=0, device=torch.device("cpu"), test=test)
+    assert data.train.crop_padding == 2 and data.val.crop_padding == 2
+    x, y = next(iter(data.train))
+    assert x.shape == (4, 3, 16, 16) and int(y.max()) < 120
+    metrics = search(run, paths, Tracker.disabled())
+    assert metrics["epochs"] == 1
+    assert (tmp_path / "outputs" / "search" / "alphas.json").is_file()
