@@ -332,7 +332,7 @@ def normalise_metrics(stages: Mapping[str, Mapping[str, Any]]) -> dict[str, floa
 
 def _benchmark_of(dataset: str) -> str | None:
     """The NB201 benchmark column of a search dataset (NB201 has no SVHN column)."""
-    return dataset if dataset in ("cifar10", "cifar100") else None
+    return {"cifar10": "cifar10", "cifar100": "cifar100", "imagenet16_120": "imagenet16"}.get(dataset)
 
 
 # --- which experiments --------------------------------------------------------------------------

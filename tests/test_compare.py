@@ -205,6 +205,17 @@ def test_nb201_accuracy_is_looked_up_and_aggregated_over_seeds(tmp_path):
         png_ok(tmp_path / "report" / f"nb201_{bench}.png")
 
 
+def test_a_search_on_imagenet16_120_shows_that_benchmark_column_per_seed(tmp_path):
+    table = nb201_table(tmp_path / "nb201.csv")
+    e = nb201_exp("darts", 1, MIXED)
+    e.dataset = "imagenet16_120"
+    build_report([e], tmp_path / "r", name="t", root=tmp_path, paper=load_paper_results(),
+                 nb201_table=str(table))
+    text = (tmp_path / "r" / "report.md").read_text()
+    row = next(line for line in text.splitlines() if line.startswith("| darts | nb201 | imagenet16_120 | 1 |"))
+    assert "| 40.00 |" in row and "| 90.00 |" not in row          # MIXED: IN16 40.00, CIFAR-10 90.00
+
+
 def test_a_cell_missing_from_the_table_is_a_note_not_a_crash(tmp_path):
     table = nb201_table(tmp_path / "nb201.csv")
     other = "|nor_conv_1x1~0|+|nor_conv_1x1~0|nor_conv_1x1~1|+|nor_conv_1x1~0|nor_conv_1x1~1|nor_conv_1x1~2|"
