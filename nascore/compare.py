@@ -338,7 +338,8 @@ def _benchmark_of(dataset: str) -> str | None:
 # --- which experiments --------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Filters:
-    """Keep experiments whose value is in each non-empty list (names: DVC experiment names)."""
+    """Keep experiments whose value is in each non-empty list (names: DVC experiment names), and
+    whose params have the given values (dotted keys, e.g. ("retrain.train.epochs", "100"))."""
 
     methods: tuple[str, ...] = ()
     spaces: tuple[str, ...] = ()
@@ -346,6 +347,7 @@ class Filters:
     profiles: tuple[str, ...] = ()
     seeds: tuple[int, ...] = ()
     names: tuple[str, ...] = ()
+    params: tuple[tuple[str, str], ...] = ()
 
     def accepts(self, *, method: str, space: str, dataset: str, profile: str, seed: int,
                 name: str) -> bool:
@@ -353,11 +355,26 @@ class Filters:
                   (self.profiles, profile), (self.seeds, seed), (self.names, name))
         return all(not allowed or value in allowed for allowed, value in checks)
 
+    def accepts_params(self, params: Mapping[str, str]) -> bool:
+        """Whether every --param KEY=VALUE holds (numbers compare by value: 100 matches 100.0);
+        an experiment whose params lack the key, or hold "auto" for it, does not match."""
+        return all(key in params and _same_value(params[key], value) for key, value in self.params)
+
     def describe(self) -> str:
         parts = [f"{k}={','.join(map(str, v))}" for k, v in (
             ("method", self.methods), ("space", self.spaces), ("dataset", self.datasets),
             ("profile", self.profiles), ("seed", self.seeds), ("exp", self.names)) if v]
+        parts += [f"{k}={v}" for k, v in self.params]
         return " ".join(parts) or "none"
+
+
+def _same_value(have: str, want: str) -> bool:
+    if str(have) == want:
+        return True
+    try:
+        return float(have) == float(want)
+    except (TypeError, ValueError):
+        return False
 
 
 @dataclass
@@ -1488,6 +1505,7 @@ class CompareOptions:
     log_to_mlflow: bool = True
     dominated_share: float = DOMINATED_SHARE
     paper_results: Path | None = None
+    select: bool = False                      # DARTS' selection protocol (nascore.selection)
 
 
 @dataclass
@@ -1505,6 +1523,7 @@ class Report:
     sources: dict[str, str]
     notes: list[str]
     mlflow_run_id: str | None = None
+    selection: Any = None                     # nascore.selection.Selection, with --select
 
     @property
     def markdown(self) -> Path:
@@ -1619,9 +1638,19 @@ def compare(options: CompareOptions, root: Path | None = None) -> Report:
         found = collect(root, options.source, options.filters, Path(tmp), all_commits=options.all_commits,
                         tracking_uri=options.tracking_uri,
                         runs=tuple(p if Path(p).is_absolute() else root / p for p in options.runs))
+        if options.filters.params:
+            found.experiments = [e for e in found.experiments if options.filters.accepts_params(e.params)]
+            if not found.experiments:
+                raise CompareError(f"no finished experiment has {options.filters.describe()}; the params "
+                                   f"compare by their resolved values (a stage's config.json)")
         report = build_report(found.experiments, out, name=options.name, root=root, paper=paper,
                               sources=found.sources, notes=found.notes, used=found.used,
                               nb201_table=options.nb201_table, dominated_share=options.dominated_share)
+    if options.select:
+        from .selection import select_cell, write_selection
+
+        report.selection = select_cell(report.groups)
+        write_selection(report.selection, out)
     if options.log_to_mlflow:
         _log_to_mlflow(report, root, options)       # notes in the report why, when it cannot
     return report

@@ -8,6 +8,7 @@ DVC (`dvc exp show` + their cached outputs) and/or the MLflow store, and writes
     python -m stages.compare --name nb201 --space nb201 --method darts,rf_darts
     python -m stages.compare --from mlflow          # DVC's experiment refs are gone
     python -m stages.compare --from dirs --runs runs/nb201   # a plain sweep (sweeps/plain.py)
+    python -m stages.compare --name pick --method darts_v2 --param retrain.train.epochs=100 --select
 """
 from __future__ import annotations
 
@@ -41,6 +42,13 @@ def parse_args(argv: Sequence[str] | None = None) -> CompareOptions:
     p.add_argument("--profile", action="append", help="keep these profiles (full, smoke)")
     p.add_argument("--seed", action="append", help="keep these seeds")
     p.add_argument("--exp", action="append", help="keep these DVC experiment names")
+    p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                   help="keep experiments whose resolved param KEY (dotted, as in dvc exp run -S) is "
+                        "VALUE; repeatable")
+    p.add_argument("--select", action="store_true",
+                   help="DARTS' selection protocol: of the seeds of one setting, pick the cell with the "
+                        "best retrained test accuracy; writes selection.md, selection.json and "
+                        "selected_genotype.json (a file retrain.genotype accepts) into the report folder")
     p.add_argument("--all-commits", action="store_true",
                    help="experiments of every commit (default: those run from HEAD, as `dvc exp show`)")
     p.add_argument("--nb201-table", help="NB201 accuracy CSV for the lookups (default: each run's "
@@ -55,12 +63,18 @@ def parse_args(argv: Sequence[str] | None = None) -> CompareOptions:
         seeds = tuple(int(s) for s in _list(a.seed))
     except ValueError:
         p.error(f"--seed takes integers, got {a.seed}")
+    params = []
+    for item in a.param:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip() or not value.strip():
+            p.error(f"--param takes KEY=VALUE (e.g. retrain.train.epochs=100), got {item!r}")
+        params.append((key.strip(), value.strip()))
     filters = Filters(methods=_list(a.method), spaces=_list(a.space), datasets=_list(a.dataset),
-                      profiles=_list(a.profile), seeds=seeds, names=_list(a.exp))
+                      profiles=_list(a.profile), seeds=seeds, names=_list(a.exp), params=tuple(params))
     return CompareOptions(name=a.name, source=a.source, runs=tuple(a.runs), out=a.out, filters=filters,
                           all_commits=a.all_commits, nb201_table=a.nb201_table,
                           tracking_uri=a.tracking_uri, log_to_mlflow=not a.no_mlflow_log,
-                          dominated_share=a.dominated_share)
+                          dominated_share=a.dominated_share, select=a.select)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -76,6 +90,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"nascore compare: note: {note}", file=sys.stderr)
     for verdict in report.verdicts:
         print(f"nascore compare: {verdict.sentence}", file=sys.stderr)
+    if report.selection is not None:
+        c = report.selection.chosen
+        print(f"nascore compare: selected seed {c.seed} ({c.experiment}, retrained test acc. "
+              f"{c.accuracy:.2f} % of {len(report.selection.ranked)} candidates) -> "
+              f"{report.out_dir / 'selected_genotype.json'}", file=sys.stderr)
 
 
 if __name__ == "__main__":
