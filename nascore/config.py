@@ -35,7 +35,7 @@ from .op_schedules import OP_SCHEDULES
 from .optimisation import UPDATE_RULES
 from .search import SearchConfig, speed_option_problems
 from .spaces import DERIVATION_RULES, SPACES, get_space
-from .train import TrainConfig
+from .train import PRESETS as TRAIN_PRESETS, TrainConfig
 
 AUTO = "auto"
 PROFILES = ("full", "smoke")
@@ -86,6 +86,7 @@ class NetworkTrainConfig:
 @dataclass(frozen=True)
 class TransferConfig(NetworkTrainConfig):
     data: str = "none"           # none (stage skipped) | synthetic | path to an ImageFolder tree
+    recipe: str = AUTO           # darts | pc_darts (TRANSFER_RECIPES); auto: the method's paper's
     image_size: int = 224
     num_classes: int = 1000      # used with synthetic data; a folder's classes win otherwise
     workers: int = 8
@@ -119,7 +120,7 @@ STAGE_PARAMS: dict[str, tuple[str, ...]] = {
     "search": ("method", "space", "dataset", "seed", "profile", "data", "search"),
     "derive": ("space", "derive"),
     "retrain": ("space", "dataset", "seed", "profile", "data", "retrain"),
-    "transfer_imagenet": ("space", "seed", "profile", "transfer"),
+    "transfer_imagenet": ("method", "space", "seed", "profile", "transfer"),    # method: transfer.recipe auto
     "evaluate": ("method", "space", "dataset", "seed", "profile", "evaluate"),
 }
 
@@ -133,11 +134,32 @@ NB201_RETRAIN = {
 }
 # RobustDARTS follow-up convention (⚠ methods.md §1.2): CIFAR-100 and SVHN at 8 cells × 16 ch.
 ROBUST_SMALL_EVAL = {"init_channels": 16, "layers": 8}
-IMAGENET_TRANSFER = {
-    "batch_size": 128, "init_channels": 48, "layers": 14, "cutout": 0,
-    "train": {"epochs": 250, "lr": 0.1, "weight_decay": 3e-5, "schedule": "exponential",
-              "gamma": 0.97, "label_smoothing": 0.1, "drop_path": 0.0},
-}
+IMAGENET_TRANSFER = {"batch_size": 128, "init_channels": 48, "layers": 14, "cutout": 0}
+# The ImageNet training recipes (methods.md §1.1): transfer.recipe -> train.PRESETS entry. Both
+# train 128 images per GPU: DARTS on one GPU; PC-DARTS 1024 on 8 GPUs, which its lr 0.5 is for (the
+# transfer stage warns on another global batch). rf_pcdarts inherits PC-DARTS' recipe (⚠ assumed).
+TRANSFER_RECIPES = {"darts": "darts_imagenet", "pc_darts": "pc_darts_imagenet"}
+PC_DARTS_GLOBAL_BATCH = 1024
+
+
+def recipe_layer(recipe: str) -> dict[str, Any]:
+    """The transfer defaults of `recipe`: the network sizes and the preset's training settings
+    (those that differ from TrainConfig's defaults)."""
+    preset, default = TRAIN_PRESETS[TRANSFER_RECIPES[recipe]], TrainConfig()
+    train = {f.name: getattr(preset, f.name) for f in fields(TrainConfig)
+             if getattr(preset, f.name) != getattr(default, f.name)}
+    return {**IMAGENET_TRANSFER, "recipe": recipe, "train": train}
+
+
+def recipe_batch_warning(sec: TransferConfig, world_size: int) -> str | None:
+    """Why PC-DARTS' lr may not fit this run: its lr 0.5 is for a global batch of 1024."""
+    batch = sec.batch_size * world_size
+    if sec.recipe != "pc_darts" or batch == PC_DARTS_GLOBAL_BATCH:
+        return None
+    return (f"PC-DARTS' ImageNet recipe pairs lr 0.5 with a global batch of {PC_DARTS_GLOBAL_BATCH} "
+            f"(8 GPUs x 128); this run's is {batch} ({world_size} x transfer.batch_size={sec.batch_size}), "
+            f"with transfer.train.lr={sec.train.lr:g}. Run on 8 GPUs (torchrun), or scale the lr with the "
+            f"batch (linear rule: {0.5 * batch / PC_DARTS_GLOBAL_BATCH:g})")
 
 # smoke: the whole pipeline on synthetic data on a laptop CPU in minutes.
 SMOKE: dict[str, Any] = {
@@ -148,13 +170,15 @@ SMOKE: dict[str, Any] = {
                 "train": {"epochs": 2, "progress": "log"}},
     "transfer": {"data": "synthetic", "batch_size": 8, "init_channels": 8, "layers": 5,
                  "image_size": 64, "num_classes": 5, "auxiliary": False,
-                 "train": {"epochs": 1, "progress": "log"}},
+                 "train": {"epochs": 1, "warmup_epochs": 0, "progress": "log"}},
 }
 SMOKE_NB201_LAYERS = {"search": {"layers": 1}, "retrain": {"layers": 1}}
 
 
-def section_defaults(section: str, run: Mapping[str, Any]) -> list[Mapping[str, Any]]:
-    """The default layers for `section`, lowest priority first, given the top-level choices."""
+def section_defaults(section: str, run: Mapping[str, Any],
+                     user: Mapping[str, Any] | None = None) -> list[Mapping[str, Any]]:
+    """The default layers for `section`, lowest priority first, given the top-level choices (and
+    the section's own `recipe`, for transfer)."""
     space, dataset, method, profile = (run.get(k) for k in ("space", "dataset", "method", "profile"))
     layers: list[Mapping[str, Any]] = []
     if section == "search":
@@ -169,7 +193,13 @@ def section_defaults(section: str, run: Mapping[str, Any]) -> list[Mapping[str, 
         if space != "nb201" and dataset in DATASETS and not _aux_head_fits(DATASETS.get(dataset).image_size):
             layers.append({"auxiliary": False})     # ImageNet16-120's 16 px: no room for the head
     elif section == "transfer":
-        layers.append(IMAGENET_TRANSFER)
+        recipe = (user or {}).get("recipe", AUTO)
+        if recipe == AUTO:
+            recipe = get_method(method).resolved_transfer_recipe()
+        if recipe not in TRANSFER_RECIPES:
+            raise ConfigError(f"params.yaml: transfer.recipe={recipe!r} is unknown; allowed: auto, "
+                              f"{', '.join(TRANSFER_RECIPES)}")
+        layers.append(recipe_layer(recipe))
     if profile == "smoke":
         if section in SMOKE:
             layers.append(SMOKE[section])
@@ -290,7 +320,7 @@ def resolve(params: Mapping[str, Any], sections: tuple[str, ...] | None = None) 
         user = params.get(name) or {}
         if not isinstance(user, Mapping):
             raise ConfigError(f"params.yaml: {name} must be a mapping of keys, got {user!r}")
-        resolved[name] = build_section(cls, name, user, section_defaults(name, context))
+        resolved[name] = build_section(cls, name, user, section_defaults(name, context, user))
     for name in ("retrain", "transfer"):
         section = params.get(name) if name in wanted else None
         train = section.get("train") if isinstance(section, Mapping) else None

@@ -565,6 +565,9 @@ def transfer_imagenet(run: C.RunConfig, paths: Paths, tracker: Tracker) -> dict[
     device = dist.device if dist.world_size > 1 else pick_device()
     genotype = stage_genotype(sec.genotype, paths, run.space)
     shard = {"rank": dist.rank, "world_size": dist.world_size}
+    warning = C.recipe_batch_warning(sec, dist.world_size)
+    if warning and dist.rank == 0:
+        log(f"transfer_imagenet: WARNING: {warning}")
     if sec.data == "synthetic":
         train_set, test_set = synthetic_dataset(num_classes=sec.num_classes, n_train=4 * sec.batch_size,
                                                 n_test=2 * sec.batch_size, image_size=sec.image_size,

@@ -1,5 +1,6 @@
 """params.yaml: auto resolution, validation, and its agreement with dvc.yaml."""
 import copy
+import dataclasses
 import json
 from pathlib import Path
 
@@ -71,6 +72,36 @@ def test_robust_spaces_evaluate_small_on_cifar100_and_svhn(params):
     assert C.resolve(with_(params, space="s3", dataset="cifar100")).retrain.layers == 8
     assert C.resolve(with_(params, space="s3", dataset="cifar10")).retrain.layers == 20
     assert C.resolve(with_(params, space="darts", dataset="cifar100")).retrain.layers == 20
+
+
+def test_the_transfer_recipe_is_the_methods_papers_and_explicit_values_win(params):
+    from nascore.train import PRESETS
+
+    darts = C.resolve(params).transfer
+    assert darts.recipe == "darts" and darts.train.schedule == "exponential" and darts.train.gamma == 0.97
+    assert (darts.batch_size, darts.init_channels, darts.layers, darts.train.lr) == (128, 48, 14, 0.1)
+    for method in ("pc_darts", "rf_pcdarts"):      # rf_pcdarts inherits PC-DARTS' recipe
+        t = C.resolve(with_(params, method=method)).transfer
+        want = PRESETS["pc_darts_imagenet"]
+        assert t.recipe == "pc_darts" and t.train == dataclasses.replace(want, seed=t.train.seed)
+        assert (t.train.lr, t.train.schedule, t.train.warmup_epochs, t.train.lr_min) == (0.5, "warmup_linear", 5, 0.0)
+        assert (t.batch_size, t.init_channels, t.layers) == (128, 48, 14)       # per GPU: 8 x 128 = 1024
+    assert C.resolve(with_(params, method="rf_darts")).transfer.recipe == "darts"
+    mine = C.resolve(with_(params, method="pc_darts", transfer__recipe="darts", transfer__train__lr=0.2)).transfer
+    assert (mine.recipe, mine.train.schedule, mine.train.lr) == ("darts", "exponential", 0.2)
+    smoke = C.resolve(with_(params, method="pc_darts", profile="smoke")).transfer
+    assert (smoke.train.epochs, smoke.train.warmup_epochs) == (1, 0)      # a 1-epoch run has no warm-up room
+    with pytest.raises(C.ConfigError, match="transfer.recipe='nas' is unknown; allowed: auto, darts, pc_darts"):
+        C.resolve(with_(params, transfer__recipe="nas"))
+
+
+def test_pc_darts_recipe_warns_when_the_global_batch_is_not_1024(params):
+    t = C.resolve(with_(params, method="pc_darts")).transfer
+    assert C.recipe_batch_warning(t, world_size=8) is None
+    one = C.recipe_batch_warning(t, world_size=1)
+    assert "global batch of 1024" in one and "this run's is 128 (1 x transfer.batch_size=128)" in one
+    assert "linear rule: 0.0625" in one
+    assert C.recipe_batch_warning(C.resolve(params).transfer, world_size=1) is None    # DARTS' is 1 GPU
 
 
 def test_imagenet16_120_retrains_without_the_auxiliary_head(params):

@@ -199,3 +199,15 @@ def test_nb201_searches_imagenet16_120_from_its_downsampled_batches(tmp_path):
     metrics = search(run, paths, Tracker.disabled())
     assert metrics["epochs"] == 1
     assert (tmp_path / "outputs" / "search" / "alphas.json").is_file()
+
+
+def test_transfer_says_when_pc_darts_recipe_runs_on_another_global_batch(tmp_path, capsys):
+    from nascore.pipeline import transfer_imagenet
+
+    run = C.resolve({**default_params(tmp_path), "method": "pc_darts", "profile": "smoke",
+                     "transfer": {"genotype": "PC_DARTS_cifar"}})
+    metrics = transfer_imagenet(run, Paths(tmp_path, tmp_path), Tracker.disabled())
+    assert metrics["epochs"] == 1
+    err = capsys.readouterr().err
+    assert "WARNING: PC-DARTS' ImageNet recipe pairs lr 0.5 with a global batch of 1024" in err
+    assert "this run's is 8 (1 x transfer.batch_size=8)" in err

@@ -22,10 +22,16 @@ class Method:
     settings: Mapping[str, Any] = field(default_factory=dict)   # search params this method sets
     based_on: str | None = None       # inherit another method's settings, then apply ours
     reference: str = ""               # where the settings come from
+    transfer_recipe: str | None = None   # ImageNet training recipe of its paper (None: inherited, else darts)
 
     def resolved_settings(self) -> dict[str, Any]:
         base = METHODS.get(self.based_on).resolved_settings() if self.based_on else {}
         return {**base, **self.settings}
+
+    def resolved_transfer_recipe(self) -> str:
+        if self.transfer_recipe is not None:
+            return self.transfer_recipe
+        return METHODS.get(self.based_on).resolved_transfer_recipe() if self.based_on else "darts"
 
 
 METHODS: Registry[Method] = Registry("method")

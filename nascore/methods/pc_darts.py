@@ -15,4 +15,5 @@ METHODS.register("pc_darts", Method(
         "lr_min": 0.0,                  # cosine to 0 (a later release of the ref. impl. uses 1e-3)
         "arch_lr": 6e-4,
     },
+    transfer_recipe="pc_darts",         # its ImageNet recipe: lr 0.5, warm-up, linear decay
     reference="methods.md §2.2"))
