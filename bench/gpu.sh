@@ -1,6 +1,10 @@
 #!/usr/bin/env bash
 # One lent GPU session, in steps that each fit a 10-minute command (the device tool's limit):
 #
+#   bash bench/gpu.sh lease [SECONDS] # a 15-minute lease's main call (default 420 s): bench/kernels.py,
+#                                     # torch.compile on NB201, the best variants against the reference,
+#                                     # a bf16 profile; each part in its own JSON (a part cut short
+#                                     # keeps the others)
 #   bash bench/gpu.sh bench           # bench/search_step.py at the spec's sizes -> $OUT/bench.json
 #   bash bench/gpu.sh profile         # GPU time per kernel of one step (reference, fused, fused_dense);
 #                                     # with the counts, so `live MB` (counted) stands beside `peak MB`
@@ -47,6 +51,23 @@ common() {
 }
 
 case "${1:-}" in
+lease)
+  # the measurements the next lent GPU should take first, most wanted first (bench/RESULTS.md,
+  # "2026-12-04 — one NVIDIA H200"): the kernel-level questions that profile left open, the
+  # never-measured torch.compile, then the best variants side by side with the reference
+  end=$((SECONDS + ${2:-420}))
+  left() { echo $((end - SECONDS > 5 ? end - SECONDS : 5)); }
+  { nvidia-smi -L; python3 -c 'import torch; print("torch", torch.__version__, torch.cuda.get_device_name())'; } \
+      2>&1 | tee "$OUT/lease.log"
+  B="python3 bench/search_step.py"
+  timeout 90 python3 bench/kernels.py --json "$OUT/kernels.json" 2>&1 | tee -a "$OUT/lease.log"
+  timeout $(($(left) < 150 ? $(left) : 150)) $B --cases nb201 --no-retrain \
+      --variants fused_dense+graph+bf16,fused_dense+graph+bf16+compile --json "$OUT/compile.json" 2>&1 | tee -a "$OUT/lease.log"
+  timeout $(left) $B --cases darts_first,nb201,pc_darts,darts_second --no-retrain \
+      --variants reference,fused_dense+graph+cl,fused_dense+graph+bf16 --json "$OUT/bench-search.json" 2>&1 | tee -a "$OUT/lease.log"
+  timeout $(left) $B --cases darts_first,pc_darts --variants fused_dense+bf16 --steps 2 --warmup 2 --profile \
+      --no-retrain --json "$OUT/profile.json" 2>&1 | tee -a "$OUT/lease.log"
+  ;;
 bench)
   nvidia-smi -L; python3 -c 'import torch; print("torch", torch.__version__, torch.cuda.get_device_name())'
   timeout 560 python3 bench/search_step.py --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log"

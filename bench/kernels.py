@@ -1,0 +1,222 @@
+"""The kernels a fused search step's batch norms and grouped convs get, and their GPU time (issue 4).
+
+    python bench/kernels.py                 # on the GPU: --json out.json for the figures
+    python bench/kernels.py --device cpu    # a smoke run of the same code (CPU times say nothing)
+
+Two questions the H200 profiles of 2026-12-04 left open (bench/RESULTS.md), each at the shapes
+of the spec's searches, forward + backward:
+
+- **Batch norm.** A training-mode `F.batch_norm` per way of calling it: torch runs its own
+  kernels unless γ and β are both given (then cuDNN's, fp32 only); channels-last inputs take
+  torch's channels-last kernels. The fused cells call it without β (α folded into γ) or without
+  either (pooling BNs, affine=False).
+- **Grouped convs.** A DARTS reduction cell's paired pass (both inputs side by side, stride 2)
+  runs each kind's composed k×k conv with groups=2; the profile of a bf16 step showed 16 calls
+  of cuDNN's legacy `dgrad_engine` taking 12 ms of a 93.5 ms step, and channels-last grouped
+  convs launch `nhwcSliceCKernel` per group. Each grouped conv is timed beside the same
+  function as one block-diagonal dense conv (groups=1: `groups`× the multiply-adds) and as one
+  conv per group.
+
+On CUDA each case is captured in a CUDA graph and replayed `--iters` times between CUDA events, so
+the figure is the kernels' time, not the host's: an eager call of a small BN costs ~200 µs of
+Python and launches, more than its kernels (the first version of this script timed eager calls
+on 2026-12-04 and measured mostly that).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+# --- batch norm ---------------------------------------------------------------------------------
+# (label, (batch, channels, height, width)): grouped BNs of the fused cells at the spec sizes
+BN_SHAPES = [
+    ("darts b64, 4 units x 16 ch", (64, 64, 32, 32)),
+    ("darts b64, 2 states x 4 units x 32 ch, reduced", (64, 256, 16, 16)),
+    ("pc_darts b256, 4 units x 4 ch", (256, 16, 32, 32)),
+    ("pc_darts b256, 2 states x 4 units x 4 ch", (256, 32, 32, 32)),
+    ("nb201 b64, 2 units x 16 ch", (64, 32, 32, 32)),
+    ("retrain b96, 36 ch", (96, 36, 32, 32)),
+]
+BN_WAYS = ["native", "native+weight", "cudnn", "native+cl", "cudnn+cl", "native+cl+bf16", "cudnn+cl+bf16"]
+
+
+def bn_case(way: str, shape: tuple[int, ...], device: torch.device) -> tuple[Callable[[], None], int]:
+    """A BN forward + backward called `way`, and the fewest bytes it must move."""
+    cl, bf16 = "+cl" in way, "+bf16" in way
+    x = torch.randn(shape, device=device, dtype=torch.bfloat16 if bf16 else torch.float32)
+    if cl:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_(True)
+    c = shape[1]
+    # cuDNN's kernels need γ and β (and an fp32/fp16 input: in bf16 both ways run torch's kernels)
+    affine = way.startswith("cudnn")
+    weight = torch.rand(c, device=device, requires_grad=True) if affine or "+weight" in way else None
+    bias = torch.zeros(c, device=device, requires_grad=True) if affine else None
+    mean, var = torch.zeros(c, device=device), torch.ones(c, device=device)
+    dy = torch.randn_like(x)
+
+    def step() -> None:
+        F.batch_norm(x, mean, var, weight, bias, True, 0.1, 1e-5).backward(dy)
+    return step, 5 * x.numel() * x.element_size()      # fwd: read x, write y; bwd: read x, dy, write dx
+
+
+# --- grouped convs ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ConvShape:
+    label: str
+    batch: int
+    in_channels: int          # all groups together
+    out_channels: int
+    size: int                 # input height = width
+    kernel: int
+    stride: int
+    dilation: int
+    groups: int
+
+    def flops(self) -> int:
+        """The grouped conv's own multiply-adds ×2, forward + input gradient + weight gradient."""
+        out = (self.size - 1) // self.stride + 1          # "same" padding
+        return 3 * 2 * self.batch * self.out_channels * out * out * (self.in_channels // self.groups) * self.kernel ** 2
+
+
+CONV_SHAPES = [
+    # fused_dense, DARTS search (16 ch, 8 cells, b64): the first reduction cell's paired pass (2
+    # states x 32 ch in, 4 edges each): its composed sep stage-1 convs and dil convs
+    ConvShape("reduction pair, sep 5x5 s2", 64, 64, 256, 32, 5, 2, 1, 2),
+    ConvShape("reduction pair, sep 3x3 s2", 64, 64, 256, 32, 3, 2, 1, 2),
+    ConvShape("reduction pair, dil 5x5 d2 s2", 64, 64, 256, 32, 5, 2, 2, 2),
+    # a normal cell's paired pass (2 states x 16 ch, 4 edges each), stride 1
+    ConvShape("normal pair, sep 5x5", 64, 32, 128, 32, 5, 1, 1, 2),
+    # a sep conv's second stage: one group per unit (8 units x 16 ch)
+    ConvShape("sep stage 2, 8 units, 3x3", 64, 128, 128, 32, 3, 1, 1, 8),
+]
+CONV_WAYS = ["grouped", "block_diagonal", "per_group"]
+CONV_DTYPES = ["fp32", "fp32+cl", "bf16+cl"]
+
+
+def block_diagonal(w: torch.Tensor, groups: int) -> torch.Tensor:
+    """A grouped conv's weight (G·O, I, k, k) as the dense weight (G·O, G·I, k, k) of the same
+    function: group g's block on the diagonal, zeros elsewhere."""
+    o, i = w.shape[0] // groups, w.shape[1]
+    return torch.cat([F.pad(w[g * o:(g + 1) * o], (0, 0, 0, 0, g * i, (groups - 1 - g) * i)) for g in range(groups)])
+
+
+def conv_case(shape: ConvShape, way: str, dtype: str, device: torch.device
+              ) -> tuple[Callable[[], None], Callable[[], torch.Tensor]]:
+    """A conv forward + backward computed `way`, and the forward alone (the ways must agree)."""
+    s = shape
+    fmt = torch.channels_last if "+cl" in dtype else torch.contiguous_format
+    dt = torch.bfloat16 if dtype.startswith("bf16") else torch.float32
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(s.batch, s.in_channels, s.size, s.size, generator=g).to(device, dt)
+    w = torch.randn(s.out_channels, s.in_channels // s.groups, s.kernel, s.kernel, generator=g).to(device, dt) * 0.1
+    if way == "block_diagonal":
+        w = block_diagonal(w, s.groups)
+    x = x.contiguous(memory_format=fmt).requires_grad_(True)
+    w = w.contiguous(memory_format=fmt).requires_grad_(True)
+    pad = s.dilation * (s.kernel - 1) // 2
+    o, i = s.out_channels // s.groups, s.in_channels // s.groups
+
+    def forward() -> torch.Tensor:
+        if way == "grouped":
+            return F.conv2d(x, w, None, s.stride, pad, s.dilation, s.groups)
+        if way == "block_diagonal":
+            return F.conv2d(x, w, None, s.stride, pad, s.dilation, 1)
+        return torch.cat([F.conv2d(x[:, k * i:(k + 1) * i], w[k * o:(k + 1) * o], None, s.stride, pad, s.dilation)
+                          for k in range(s.groups)], 1)
+    with torch.no_grad():
+        dy = torch.randn_like(forward())
+
+    def step() -> None:
+        forward().backward(dy)
+    return step, forward
+
+
+# --- timing -------------------------------------------------------------------------------------
+def time_us(step: Callable[[], None], device: torch.device, iters: int) -> float:
+    """µs per call: on CUDA the replays of a graph holding one call (the kernels' time, no host),
+    on the CPU the wall time of plain calls."""
+    if device.type != "cuda":
+        step()
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            step()
+        return 1e6 * (time.perf_counter() - t0) / iters
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):             # warm-up off the capture stream, as torch asks
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return 1000 * start.elapsed_time(end) / iters
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--iters", type=int, default=None, help="timed calls per case (default: 50 on CUDA, 2 on CPU)")
+    p.add_argument("--parts", default="bn,conv", help="comma-separated: bn, conv")
+    p.add_argument("--json", type=Path)
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    iters = args.iters or (50 if device.type == "cuda" else 2)
+    torch.backends.cudnn.benchmark = False      # the search's default
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    print(f"# {name}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}; "
+          f"{'CUDA-graph replays' if device.type == 'cuda' else 'plain calls'}, {iters} per case", flush=True)
+    rows: list[dict] = []
+
+    def save() -> None:                        # after every case: a run cut short keeps its figures
+        if args.json:
+            tmp = args.json.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"device": name, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
+                                       "timing": "graph" if device.type == "cuda" else "wall", "rows": rows},
+                                      indent=1))
+            tmp.replace(args.json)
+    parts = args.parts.split(",")
+    if "bn" in parts:
+        print(f"{'batch norm':<48} {'way':<15} {'us fwd+bwd':>10} {'GB/s':>7}")
+        for label, shape in BN_SHAPES:
+            for way in BN_WAYS:
+                step, least = bn_case(way, shape, device)
+                us = time_us(step, device, iters)
+                rows.append({"part": "bn", "shape": label, "dims": list(shape), "way": way, "us": us,
+                             "gb_per_s": least / us / 1e3})
+                print(f"{label:<48} {way:<15} {us:10.1f} {least / us / 1e3:7.0f}", flush=True)
+                save()
+    if "conv" in parts:
+        print(f"{'conv':<32} {'dtype':<8} {'way':<15} {'us fwd+bwd':>10} {'TFLOP/s':>8}")
+        for shape in CONV_SHAPES:
+            for dtype in CONV_DTYPES:
+                for way in CONV_WAYS:
+                    step, _ = conv_case(shape, way, dtype, device)
+                    us = time_us(step, device, iters)
+                    # TFLOP/s of the grouped conv's own work, whichever way computes it
+                    rows.append({"part": "conv", "shape": shape.label, "dtype": dtype, "way": way, "us": us,
+                                 "tflop_per_s": shape.flops() / us / 1e6})
+                    print(f"{shape.label:<32} {dtype:<8} {way:<15} {us:10.1f} {shape.flops() / us / 1e6:8.2f}",
+                          flush=True)
+                    save()
+    return rows
+
+
+if __name__ == "__main__":
+    main()
