@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,9 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))   # nascore from this checkout
+from nascore.graphs import cuda_graph, side_stream  # noqa: E402
 
 # --- batch norm ---------------------------------------------------------------------------------
 # (label, (batch, channels, height, width)): grouped BNs of the fused cells at the spec sizes
@@ -149,15 +153,10 @@ def time_us(step: Callable[[], None], device: torch.device, iters: int) -> float
         for _ in range(iters):
             step()
         return 1e6 * (time.perf_counter() - t0) / iters
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):             # warm-up off the capture stream, as torch asks
+    with side_stream(device):                 # warm-up off the capture stream, as the search does
         for _ in range(3):
             step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
+    graph = cuda_graph(step)
     graph.replay()
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

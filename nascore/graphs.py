@@ -20,10 +20,11 @@ def cuda_graph(step: Callable[[], None]) -> StepGraph:
     """Capture `step` (which must not read the host) into a CUDA graph; nothing runs yet.
 
     The allocator's cached blocks are returned to the driver first. A capture allocates from a
-    private pool that no other allocation shares, so without this each epoch's capture stacked a
-    new pool on top of blocks nothing could reuse: the warm-up steps' (cached for their side
-    stream) and the previous epoch's dropped graph's. A 2-epoch DARTS_V2 retrain on an H200 held
-    22.8 GB for a 7.3 GB allocated peak (bench/RESULTS.md, 2026-12-04). Once per epoch: free.
+    private pool that no other allocation shares, so each epoch's capture could stack a new pool
+    on blocks nothing reuses: the warm-up steps' (cached for their side stream) and the previous
+    epoch's dropped graph's. The likely cause of a 2-epoch DARTS_V2 retrain on an H200 holding
+    22.8 GB for a 7.3 GB allocated peak (bench/RESULTS.md, 2026-12-04); not re-measured since.
+    Once per epoch: costs nothing measurable.
     """
     torch.cuda.empty_cache()
     graph = torch.cuda.CUDAGraph()
