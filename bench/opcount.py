@@ -1,5 +1,6 @@
 """Count what a piece of PyTorch code dispatches: aten ops, the ops that write memory, the bytes
-they write and read, the host syncs they force, and the peak of the bytes held by live tensors.
+they write and read, the host syncs they force, the peak of the bytes held by live tensors, and
+the FLOPs of its convolutions and matrix products.
 Device-independent, so a CPU run measures the kernel count a GPU would launch (one kernel per
 writing op, give or take: see RESULTS.md), the bytes those kernels move, which bound a
 memory-bound step's time from below, and the tensor memory a GPU's caching allocator would have
@@ -40,6 +41,7 @@ class OpCount:
     syncs: int = 0                    # ops whose result the host must wait for (.item(), ...)
     start_bytes: int = 0              # bytes of the live tensors' storages when counting began
     peak_bytes: int = 0               # their peak while counting: those alive at the start included
+    flops: int = 0                    # of convolutions and matrix products, forward and backward (`_flops`)
     by_op: collections.Counter = field(default_factory=collections.Counter)
 
 
@@ -67,6 +69,24 @@ def _read(name: str, schema: Any, args: tuple, kwargs: dict, out: Any) -> int:
             continue
         inputs += _tensors(value)
     return sum(_distinct_bytes(t) for t in {id(t): t for t in inputs}.values())
+
+
+def _flops(name: str, args: tuple, out: Any) -> int:
+    """Floating-point operations (2 per multiply-add) of a convolution or matrix product, 0 for any
+    other op. A convolution's input and weight gradients each cost what its forward does: with
+    groups, (C_in / groups)·k·k multiply-adds per output element. (torch.utils.flop_counter
+    counts a grouped conv's input gradient as if ungrouped: 17× the forward at 16 groups, torch
+    2.14.)"""
+    if name == "convolution" and not args[6]:                         # not transposed
+        return 2 * out.numel() * math.prod(args[1].shape[1:])
+    if name == "convolution_backward" and not args[7]:
+        grad_out, weight, mask = args[0], args[2], args[10]
+        return 2 * grad_out.numel() * math.prod(weight.shape[1:]) * (int(mask[0]) + int(mask[1]))
+    if name in ("mm", "bmm"):
+        return 2 * out.numel() * args[0].shape[-1]
+    if name in ("addmm", "baddbmm"):
+        return 2 * out.numel() * args[1].shape[-1]
+    return 0
 
 
 class CountOps(TorchDispatchMode):
@@ -138,6 +158,7 @@ class CountOps(TorchDispatchMode):
         c = self.count
         c.ops += 1
         c.by_op[name] += 1
+        c.flops += _flops(name, args, out)
         if name in SYNC and not (name == "_local_scalar_dense" and args[0].data_ptr() in self._host):
             c.syncs += 1
         written: list[torch.Tensor] = []

@@ -98,7 +98,12 @@ VALIDATION_CASES = ("darts_valid", "nb201_valid")
 DEFAULT_CASES = ("darts_first", "darts_second", "pc_darts", "nb201", "darts_valid", "nb201_valid")
 BACKEND_NAMES = ("eager", "fused", "fused_dense")
 MODIFIERS = {"graph": {"cuda_graph": True}, "bf16": {"amp": "bf16", "channels_last": True},
-             "amp": {"amp": "bf16"}, "cl": {"channels_last": True}, "compile": {"compile": True}, "tuned": {"cudnn_benchmark": True}}
+             "amp": {"amp": "bf16"}, "cl": {"channels_last": True}, "compile": {"compile": True}, "tuned": {"cudnn_benchmark": True},
+             # fused_dense without one of its trades (`Supernet.set_backend`; library switches, no
+             # params.yaml keys): convs of several kernel sizes apart; reduction cells' paired
+             # stride-2 convs grouped, not block-diagonal
+             "unmerged": {"merge_kernel_sizes": False}, "grouped": {"block_diagonal": False}}
+BACKEND_SWITCHES = ("merge_kernel_sizes", "block_diagonal")
 
 
 def speed_options(variant: str) -> dict[str, object]:
@@ -149,6 +154,7 @@ class Figure:
     mb_read: float | None = None               # what the writing ops read (opcount._read)
     syncs: int | None = None
     live_mb: float | None = None               # peak bytes of live tensors in the step, counted (opcount)
+    gflop: float | None = None                 # convolutions' and matrix products' FLOPs, counted (opcount)
     profile: dict | None = None                # --profile: where one step's time goes (profile_step)
     warmup_s: float | None = None              # wall time of the warm-up steps: compile, capture, autotuning
 
@@ -222,10 +228,12 @@ class OneBatch:
 def nascore_step(case: str, size: Size, device: torch.device, **speed: object) -> Step:
     if device.type == "cpu":
         speed = {"optimizer_impl": "foreach", **speed}      # what torch picks on CUDA (see cuda_like)
+    switches = {k: bool(speed.pop(k)) for k in BACKEND_SWITCHES if k in speed}
     space, cfg, batch = search_settings(case, size, **speed)
     # what SearchRun.run() holds for a whole search (`free` puts it back after the variant)
     torch.backends.cudnn.benchmark = cfg.cudnn_benchmark
     run = SearchRun(get_space(space), cfg, SearchData(None, None, 10), device=device, log=lambda s: None)
+    run.model.set_backend(cfg.backend, **switches)
     if case in VALIDATION_CASES:           # the search's own validation pass over one batch
         run.data.val = OneBatch(batches(1, batch, size.image, 10, device)[0])
         return (lambda i: run.validate()), batch, list
@@ -352,7 +360,7 @@ def measure(case: str, variant: str, make: Callable[[], Step], device: torch.dev
             step(warmup + steps)
         c = counter.count
         fig.ops, fig.writing_ops, fig.mb_written, fig.syncs = c.ops, c.writing_ops, c.bytes_written / 2**20, c.syncs
-        fig.mb_read, fig.live_mb = c.bytes_read / 2**20, c.peak_bytes / 2**20
+        fig.mb_read, fig.live_mb, fig.gflop = c.bytes_read / 2**20, c.peak_bytes / 2**20, c.flops / 1e9
     if profile:
         # a replayed CUDA graph is one opaque launch to the profiler: profile the variant without
         # the graph for its kernels (they are the same kernels)
@@ -439,6 +447,7 @@ def retrain_figures(size: Size, device: torch.device, warmup: int, steps: int, c
             fig.mb_written = (more.bytes_written - one.bytes_written) / 2**20 / steps
             fig.mb_read = (more.bytes_read - one.bytes_read) / 2**20 / steps
             fig.syncs = (more.syncs - one.syncs) // steps
+            fig.gflop = (more.flops - one.flops) / 1e9 / steps
             fig.live_mb = more.peak_bytes / 2**20        # the peak of a run: the network built in it included
         figures.append(fig)
     return figures
@@ -448,7 +457,7 @@ def retrain_figures(size: Size, device: torch.device, warmup: int, steps: int, c
 def table(figures: list[Figure]) -> str:
     v = max([17] + [len(x.variant) for x in figures])
     head = f"{'case':<13} {'variant':<{v}} {'batch':>5} {'ms/step':>9} {'img/s':>8} {'peak MB':>8} {'rsrvd MB':>8} {'live MB':>8} " \
-           f"{'ops':>7} {'writing':>7} {'MB written':>10} {'MB read':>9} {'syncs':>5} {'warm-up s':>9}"
+           f"{'ops':>7} {'writing':>7} {'MB written':>10} {'MB read':>9} {'GFLOP':>8} {'syncs':>5} {'warm-up s':>9}"
     rows = [head, "-" * len(head)]
 
     def f(v: float | int | None, spec: str) -> str:
@@ -459,7 +468,7 @@ def table(figures: list[Figure]) -> str:
                     f"{f(x.live_mb, '8.0f')} "
                     f"{f(x.ops, '7d')} "
                     f"{f(x.writing_ops, '7d')} {f(x.mb_written, '10.1f')} {f(x.mb_read, '9.1f')} "
-                    f"{f(x.syncs, '5d')} {f(x.warmup_s, '9.1f')}")
+                    f"{f(x.gflop, '8.2f')} {f(x.syncs, '5d')} {f(x.warmup_s, '9.1f')}")
     return "\n".join(rows)
 
 
@@ -543,7 +552,9 @@ def main(argv: list[str] | None = None) -> None:
             if v.split("+")[0] != "nascore":
                 raise ValueError(f"unknown retrain variant {v!r}: 'nascore', then a backend and modifiers "
                                  f"joined by '+'")
-            speed_options(retrain_speed(v))
+            if set(BACKEND_SWITCHES) & set(speed_options(retrain_speed(v))):
+                raise ValueError(f"retrain variant {v!r}: 'unmerged' and 'grouped' are search-cell "
+                                 f"switches; the retrain's evaluation cells have one op per edge")
         except ValueError as e:
             p.error(str(e))
     info = machine(device)

@@ -158,27 +158,54 @@ def pairable(plan: ArchPlan, kinds: Sequence[Sequence[str]]) -> bool:
             and all(g.positions is None for g in a.groups + b.groups))
 
 
-def _conv_merge_key(m: nn.Module) -> tuple | None:
-    """What ReLU-conv-BN ops must share to run as one conv: all but an odd square kernel size,
-    padded so that every size gives one output size (k//2·dilation: "same" padding)."""
-    if classify(m) != "relu_conv_bn":
-        return None
-    conv, bn = m[1], m[2]
+def _same_padding(conv: nn.Conv2d) -> int | None:
+    """An odd square kernel's dilation if its padding is "same" (k//2·dilation), else None: convs
+    of one dilation and stride then give one output size whatever their kernel size."""
     (kh, kw), (ph, pw), (dh, dw) = conv.kernel_size, conv.padding, conv.dilation
     if kh != kw or kh % 2 == 0 or (ph, pw) != (kh // 2 * dh, kw // 2 * dw) or dh != dw:
         return None
-    return (conv.in_channels, conv.out_channels, conv.stride, dh, conv.bias is not None,
-            bn.affine, bn.eps, bn.momentum)
+    return dh
+
+
+def _bn_key(bn: nn.BatchNorm2d) -> tuple:
+    return bn.affine, bn.eps, bn.momentum
+
+
+def _conv_merge_key(m: nn.Module) -> tuple | None:
+    """What ops of one kind must share to run as one conv (`merge_conv_groups`): all but an odd
+    square kernel size, padded so that every size gives one output size ("same" padding).
+    ReLU-conv-BN ops (NB201's nor_conv_1x1 and 3×3); dilated convs (dil_conv_3x3 and 5×5) and
+    separable convs (sep_conv_3x3 and 5×5), whose depthwise kernels are zero-padded before the
+    dense conv weight is composed (`_compose`)."""
+    kind = classify(m)
+    if kind == "relu_conv_bn":
+        conv, bn = m[1], m[2]
+        d = _same_padding(conv)
+        return None if d is None else (kind, conv.in_channels, conv.out_channels, conv.stride, d,
+                                       conv.bias is not None, *_bn_key(bn))
+    if kind == "dil":
+        d = _same_padding(m[1])
+        return None if d is None else (kind, m[1].in_channels, m[2].out_channels, m[1].stride, d,
+                                       *_bn_key(m[3]))
+    if kind == "sep":
+        a, b = m[0], m[1]
+        if (_same_padding(a[1]), _same_padding(b[1])) != (1, 1) or a[1].kernel_size != b[1].kernel_size:
+            return None
+        return (kind, a[1].in_channels, a[2].out_channels, b[2].out_channels, a[1].stride, b[1].stride,
+                *_bn_key(a[3]), *_bn_key(b[3]))
+    return None
 
 
 def merge_conv_groups(plan: ArchPlan, op_module: Callable[[int, int], nn.Module],
                       columns: Sequence[int], shared: dict | None = None) -> ArchPlan:
-    """`plan` with the ReLU-conv-BN groups of a state that differ only in kernel size (NB201's
-    nor_conv_1x1 and nor_conv_3x3) as ONE group: one conv whose smaller kernels are zero-padded
-    to the largest (centred), one BN. Fewer kernels, more multiply-adds (NB201: a 1×1 conv at 3×3
-    cost, 1.8× the cell's conv FLOPs): a `fused_dense` trade. Groups with target positions of
-    their own (not every target) are left alone. `shared` (the supernet's) keeps one merged plan
-    for every cell of a type, so that they share one α gather per forward (`FusedArch`)."""
+    """`plan` with the conv groups of a state that differ only in kernel size (`_conv_merge_key`:
+    NB201's nor_conv_1x1 and 3×3; the DARTS space's sep_conv_3x3 and 5×5, and dil_conv_3x3 and
+    5×5) as ONE group: one conv whose smaller kernels are zero-padded to the largest (centred),
+    one BN (a separable conv: one conv and one BN per block, one ReLU between). Fewer kernels,
+    more multiply-adds (a 1×1 conv at 3×3 cost, a 3×3 at 5×5 cost): a `fused_dense` trade. Groups
+    with target positions of their own (not every target) are left alone. `shared` (the
+    supernet's) keeps one merged plan for every cell of a type, so that they share one α gather
+    per forward (`FusedArch`)."""
     k_of = {c: k for k, c in enumerate(columns)}
     sources, op_index = [], []
     for sp in plan.sources:
@@ -207,11 +234,11 @@ def merge_conv_groups(plan: ArchPlan, op_module: Callable[[int, int], nn.Module]
 
 def build_cell_plan(op_module: Callable[[int, int], nn.Module], plan: ArchPlan,
                     columns: Sequence[int], pair_inputs: bool = False, dense: bool = False,
-                    shared: dict | None = None) -> CellPlan:
+                    shared: dict | None = None, merge: bool = True) -> CellPlan:
     """`pair_inputs`: the cell's two inputs have one shape and their edges one stride; the inputs
-    then run as one pass where `pairable`. `dense` (`fused_dense`): convs that differ only in
-    kernel size run as one (`merge_conv_groups`)."""
-    if dense:
+    then run as one pass where `pairable`. `dense` (`fused_dense`) and `merge`: convs that differ
+    only in kernel size run as one (`merge_conv_groups`)."""
+    if dense and merge:
         plan = merge_conv_groups(plan, op_module, columns, shared)
     kinds = tuple(tuple(classify(op_module(*g.units[0])) for g in sp.groups) for sp in plan.sources)
     noise = []
@@ -304,24 +331,26 @@ def _layout(kind: str, parts: list[torch.Tensor]) -> torch.Tensor:
     - taps_last: n depthwise weights (C, 1, kh, kw) as (n, kh·kw, C), for a channels_last product
       (`_compose`; the piece comes out shaped as "cat" would and is viewed there);
     - centred: conv weights of odd square kernels of several sizes as "cat" of them, each
-      zero-padded to the largest size around its centre (`merge_conv_groups`).
+      zero-padded to the largest size around its centre (`merge_conv_groups`); centred_taps_last:
+      padded so, then as "taps_last" (the depthwise parts of merged separable convs, `_compose`).
 
     A "/S" suffix ("interleave/2", "dense/2") lays out the parts of S states read side by side
     (the paired inputs of `cell_forward`): each state's n/S parts as the plain layout does, one
     state after the other, for a conv with S groups.
 
     ("separable" requests are not layouts of positions: `gather_weights` gathers their parts
-    ("cat" or "taps_last", and "cat") and multiplies them, see `_compose`.)
+    ("cat" or "taps_last", centred where kernel sizes differ, and "cat") and multiplies them, see `_compose`.)
     """
     kind, _, states = kind.partition("/")
     if states:
         per = len(parts) // int(states)
         return torch.cat([_layout(kind, parts[i:i + per]) for i in range(0, len(parts), per)])
+    if kind.startswith("centred"):
+        k = max(q.shape[-1] for q in parts)
+        parts = [F.pad(q, [(k - q.shape[-1]) // 2] * 4, value=ZERO) for q in parts]
+        kind = kind.removeprefix("centred").removeprefix("_") or "cat"
     if kind == "cat":
         return torch.cat(parts) if len(parts) > 1 else parts[0]
-    if kind == "centred":
-        k = max(q.shape[-1] for q in parts)
-        return torch.cat([F.pad(q, [(k - q.shape[-1]) // 2] * 4, value=ZERO) for q in parts])
     n = len(parts)
     if kind == "interleave":
         return torch.cat(parts).unflatten(0, (n, -1)).transpose(0, 1).flatten(0, 1)
@@ -387,7 +416,7 @@ def _layout_shape(kind: str, ps: Sequence[torch.Tensor]) -> tuple[int, ...]:
         return (rows, ps[0].shape[1] * len(ps) // int(states or 1), 1, 1)
     if kind == "factorized":
         return (rows, ps[0].shape[1], 2, 2)
-    if kind == "centred":
+    if kind.startswith("centred"):
         return (rows, ps[0].shape[1], *max((p.shape[2:] for p in ps), key=lambda hw: hw[0]))
     return (rows, *ps[0].shape[1:])
 
@@ -438,12 +467,16 @@ def _compose(requests: Sequence[Request], gathered: Callable[[list[Request]], li
     by_shape: dict[tuple, list[int]] = {}
     for i, (kind, ps) in enumerate(requests):
         if kind in SEPARABLE:
-            dw, pw = ps[0], ps[len(ps) // 2]
-            by_shape.setdefault((kind, tuple(dw.shape[2:]), pw.shape[0], pw.shape[1]), []).append(i)
+            # a merged group's depthwise kernels have several sizes: all at the largest (centred)
+            k, pw = max(p.shape[-1] for p in ps[:len(ps) // 2]), ps[len(ps) // 2]
+            by_shape.setdefault((kind, (k, k), pw.shape[0], pw.shape[1]), []).append(i)
     expanded = list(others)
-    for (kind, *_), members in by_shape.items():
-        expanded.append(("cat" if kind == "separable" else "taps_last",
-                         [p for i in members for p in requests[i][1][:len(requests[i][1]) // 2]]))
+    for (kind, (k, _), *_), members in by_shape.items():
+        dws = [p for i in members for p in requests[i][1][:len(requests[i][1]) // 2]]
+        layout = "cat" if kind == "separable" else "taps_last"
+        if any(p.shape[-1] != k for p in dws):
+            layout = "centred" if kind == "separable" else "centred_taps_last"
+        expanded.append((layout, dws))
         expanded.append(("cat", [p for i in members for p in requests[i][1][len(requests[i][1]) // 2:]]))
     pieces = gathered(expanded)
     out: list[torch.Tensor | None] = [None] * len(requests)
@@ -679,6 +712,8 @@ class _Source:
     noise: dict[tuple[int, int], torch.Tensor]
     dense: bool = False                       # separable convs as one dense conv (`fused_dense`)
     states: int = 1                           # states side by side in x's channels (paired inputs: 2)
+    # dense, states > 1: makes a strided grouped conv's weight block-diagonal (`block_diagonal`)
+    block_diagonal: Callable[[torch.Tensor, int], torch.Tensor] | None = None
     _relu: torch.Tensor | None = None
 
     def relu(self) -> torch.Tensor:
@@ -731,7 +766,8 @@ def _dil_requests(blocks: Sequence[nn.Sequential], shared_input: bool, dense: De
 
 def _dil_blocks(blocks: Sequence[nn.Sequential], r: torch.Tensor, sink: BatchNormSink,
                 shared_input: bool, ws: Iterator[torch.Tensor], scale: Scale = None,
-                dense: bool = False, states: int = 1) -> torch.Tensor:
+                dense: bool = False, states: int = 1,
+                block_diagonal: Callable[[torch.Tensor, int], torch.Tensor] | None = None) -> torch.Tensor:
     """[depthwise conv → 1×1 conv → BN] of n `DilConv`-shaped blocks whose ReLU `r` already is.
 
     Shared input (every block reads the same C channels): one depthwise conv with channel
@@ -741,11 +777,17 @@ def _dil_blocks(blocks: Sequence[nn.Sequential], r: torch.Tensor, sink: BatchNor
     the activations. Separate inputs (a SepConv's second block): grouped convs, unit-major.
     `dense`: both convs as one k×k conv (`_compose`), dense over the C input channels (shared
     input) or grouped by unit. `states` > 1: r holds that many states' channels side by side,
-    blocks state-major; each state's shared-input convs are one group of the same convs.
+    blocks state-major; each state's shared-input convs are one group of the same convs, or, if
+    strided and `block_diagonal` is given (dense), one conv whose weight is zero off each state's
+    block (`block_diagonal`).
     """
-    n, d0 = len(blocks), blocks[0][1]
+    # a merged group (`merge_conv_groups`, dense only): the largest kernel's padding
+    n, d0 = len(blocks), max((b[1] for b in blocks), key=lambda c: c.kernel_size[0])
     if dense:
-        y = F.conv2d(r, next(ws), None, d0.stride, d0.padding, d0.dilation, states if shared_input else n)
+        w, groups = next(ws), states if shared_input else n
+        if shared_input and states > 1 and block_diagonal is not None and d0.stride != (1, 1):
+            w, groups = block_diagonal(w, states), 1
+        y = F.conv2d(r, w, None, d0.stride, d0.padding, d0.dilation, groups)
     else:
         y = F.conv2d(r, next(ws), None, d0.stride, d0.padding, d0.dilation,
                      states * d0.in_channels if shared_input else n * d0.in_channels)
@@ -753,8 +795,25 @@ def _dil_blocks(blocks: Sequence[nn.Sequential], r: torch.Tensor, sink: BatchNor
     return _bn_blocks(y, [b[3] for b in blocks], sink, ws, scale)
 
 
+def block_diagonal(w: torch.Tensor, states: int,
+                   constant: Callable[[tuple, Callable[[], torch.Tensor]], torch.Tensor]) -> torch.Tensor:
+    """A conv weight (O, C, k, k) over `states` groups (output channels state-major) as the weight
+    (O, S·C, k, k) of ONE ungrouped conv, zero off each state's block: the same output for S× the
+    multiply-adds. For a paired pass's stride-2 convs (a reduction cell): there cuDNN ran the
+    grouped convs' input gradient with a slow legacy kernel (bench/RESULTS.md, 2026-12-04 H200
+    profile: 16 calls, 13% of a bf16 step). One broadcast multiply by a 0/1 mask (a device
+    constant): its backward gives each parameter its own block's gradient."""
+    o = w.shape[0]
+    mask = constant(("block-diagonal", o, states, w.dtype),
+                    lambda: torch.eye(states, dtype=w.dtype).repeat_interleave(o // states, 0))   # (O, S)
+    if _channels_last([w]):                   # (O, k, k, C) in memory: build (O, k, k, S, C)
+        wl = w.permute(0, 2, 3, 1)
+        return (wl.unsqueeze(3) * mask.view(o, 1, 1, states, 1)).flatten(3).permute(0, 3, 1, 2)
+    return (w.unsqueeze(1) * mask.view(o, states, 1, 1, 1)).flatten(1, 2)
+
+
 def _dil(mods: list[nn.Module], src: _Source, units: Units, scale: Scale, ws: Iterator) -> torch.Tensor:
-    y = _dil_blocks(mods, src.relu(), src.sink, True, ws, scale, src.dense, src.states)
+    y = _dil_blocks(mods, src.relu(), src.sink, True, ws, scale, src.dense, src.states, src.block_diagonal)
     return src.per_state(y, len(mods))
 
 
@@ -764,7 +823,8 @@ def _sep_requests(mods: list[nn.Module], dense: Dense, states: int) -> list[Requ
 
 
 def _sep(mods: list[nn.Module], src: _Source, units: Units, scale: Scale, ws: Iterator) -> torch.Tensor:
-    y = _dil_blocks([m[0] for m in mods], src.relu(), src.sink, True, ws, dense=src.dense, states=src.states)
+    y = _dil_blocks([m[0] for m in mods], src.relu(), src.sink, True, ws, dense=src.dense, states=src.states,
+                    block_diagonal=src.block_diagonal)
     y = _dil_blocks([m[1] for m in mods], F.relu(y), src.sink, False, ws, scale, src.dense)
     return src.per_state(y, len(mods))
 
@@ -878,6 +938,8 @@ class FusedArch:
     autocast: torch.dtype | None              # the ops' output dtype under autocast
     dense: bool = False                       # separable convs as one dense conv (`fused_dense`)
     merged_plans: dict = field(default_factory=dict)   # the supernet's `merge_conv_groups` results
+    merge: bool = True                        # dense: convs of several kernel sizes as one (`merge_conv_groups`)
+    block_diagonal: bool = True               # dense: paired strided convs block-diagonal (`block_diagonal`)
     _groups: dict[tuple, list[list[torch.Tensor | None]]] = field(default_factory=dict)
     _scaled: dict[tuple, torch.Tensor | None] = field(default_factory=dict)
 
@@ -944,7 +1006,8 @@ class FusedArch:
 def prepare_arch(plan: ArchPlan, op_weights: torch.Tensor,
                  edge_weights: torch.Tensor | None, partial: bool,
                  constant: Callable[[tuple, Callable[[], torch.Tensor]], torch.Tensor],
-                 sink: BatchNormSink, dense: bool = False, merged_plans: dict | None = None) -> FusedArch:
+                 sink: BatchNormSink, dense: bool = False, merged_plans: dict | None = None,
+                 merge: bool = True, block_diagonal: bool = True) -> FusedArch:
     """α weights with β folded in; the β weights of PC-DARTS' bypassed channels, per source.
 
     `constant(key, make)` returns `make()` on the weights' device, made once per key and cached by
@@ -964,7 +1027,7 @@ def prepare_arch(plan: ArchPlan, op_weights: torch.Tensor,
     edge_parts = iter(bypass.split([len(sp.edges) for sp in plan.sources]) if bypass is not None else ())
     bypass_weights = [next(edge_parts).view(1, -1, 1, 1, 1) if bypass is not None else None for _ in plan.sources]
     return FusedArch(plan, w.reshape(-1), bypass_weights, sink, constant, autocast, dense,
-                     {} if merged_plans is None else merged_plans)
+                     {} if merged_plans is None else merged_plans, merge, block_diagonal)
 
 
 # --- the cell ----------------------------------------------------------------------------------
@@ -1057,10 +1120,11 @@ def _weighted_add(acc: torch.Tensor | None, out: torch.Tensor, w: torch.Tensor |
                   positions: torch.Tensor | None, targets: int, repeats: int = 1) -> torch.Tensor:
     """acc + w·out (w None: `out` is weighted already) into the accumulator's target slots (all,
     or the units' own; `repeats` > 1: out holds that many weighted units per target, one block of
-    targets after the other, summed first)."""
+    targets after the other, summed first; for states side by side, (B, S, repeats·targets, ...))."""
     if repeats > 1:
         assert w is None and positions is None
-        out = SumStates.apply(out.unflatten(1, (repeats, -1)))
+        t = out.dim() - 4                                 # the targets' dim: 2 with a states dim
+        out = SumStates.apply(out.unflatten(t, (repeats, -1)), t)
     if positions is None:
         if w is None:
             return out if acc is None else acc + out
@@ -1072,7 +1136,7 @@ def _weighted_add(acc: torch.Tensor | None, out: torch.Tensor, w: torch.Tensor |
 
 
 class SumStates(torch.autograd.Function):
-    """x.sum(1) over the states dim of a paired pass's (B, S, targets, C, H, W) accumulator (or
+    """x.sum(dim) over the states dim of a paired pass's (B, S, targets, C, H, W) accumulator (or
     over the blocks of a merged conv group's output, `_weighted_add`).
 
     Every op of the pass outputs all S states' units as one tensor, so each needs the gradient of
@@ -1081,16 +1145,16 @@ class SumStates(torch.autograd.Function):
     written once, in x's layout, for all of them."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        ctx.layout = (x.shape, x.stride(), x.dtype)     # not x itself: no activation kept for this
-        return x.sum(1)
+    def forward(ctx, x: torch.Tensor, dim: int = 1) -> torch.Tensor:
+        ctx.layout = (x.shape, x.stride(), x.dtype, dim)    # not x itself: no activation kept for this
+        return x.sum(dim)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        shape, stride, dtype = ctx.layout
+        shape, stride, dtype, dim = ctx.layout
         g = torch.empty_strided(shape, stride, dtype=dtype, device=grad.device)
-        g.copy_(grad.unsqueeze(1).expand(shape))
-        return g
+        g.copy_(grad.unsqueeze(dim).expand(shape))
+        return g, None
 
 
 def _join_partial(a: torch.Tensor, b: torch.Tensor, k: int, shuffle: bool) -> torch.Tensor:
@@ -1180,7 +1244,8 @@ def cell_forward(op_module: Callable[[int, int], nn.Module], shape: CellShape, p
                 raise ValueError(f"a paired cell's inputs must have one shape, got {tuple(states[0].shape)} "
                                  f"and {tuple(states[1].shape)}")
             xa = torch.cat([a for a, _ in parts], dim=1)
-        src = _Source(xa, arch.sink, noise, arch.dense, len(p))
+        src = _Source(xa, arch.sink, noise, arch.dense, len(p),
+                      (lambda w, n: block_diagonal(w, n, arch.constant)) if arch.block_diagonal else None)
         acc = carry
         for g, mods, kind, w in zip(ap.sources[p[0]].groups, mods_s, kinds, weights_s):
             fn = KINDS[kind]

@@ -159,7 +159,7 @@ class SearchCell(nn.Module):
                                    for ops, (_, j) in zip(edge_ops, self.edge_list))
         k = cfg.partial_channels
         self.fused_shape = fused.CellShape(strides, C // k, k, cfg.channel_shuffle and k > 1, output)
-        self._fused_plans: dict[tuple[fused.ArchPlan, bool], fused.CellPlan] = {}   # pure data: safe to deepcopy
+        self._fused_plans: dict[tuple[fused.ArchPlan, bool, bool], fused.CellPlan] = {}   # pure data: safe to deepcopy
 
     def op_module(self, edge: int, column: int) -> nn.Module:
         return self.edges[edge].ops[column]
@@ -169,14 +169,15 @@ class SearchCell(nn.Module):
         """`weights`: softmax(α) over `columns` (edges × columns), or a `FusedArch` (fused backend,
         β already folded in)."""
         if isinstance(weights, fused.FusedArch):
-            plan = self._fused_plans.get((weights.plan, weights.dense))
+            key = (weights.plan, weights.dense, weights.merge)
+            plan = self._fused_plans.get(key)
             if plan is None:
                 # the inputs can run as one pass when their edges are alike: both stride 1 or
                 # both 2 (a reduction cell)
                 pair = self.num_inputs == 2 and self.fused_shape.strides[0] == self.fused_shape.strides[1]
-                plan = self._fused_plans[weights.plan, weights.dense] = fused.build_cell_plan(
+                plan = self._fused_plans[key] = fused.build_cell_plan(
                     self.op_module, weights.plan, columns, pair_inputs=pair, dense=weights.dense,
-                    shared=weights.merged_plans)
+                    shared=weights.merged_plans, merge=weights.merge)
             return fused.cell_forward(self.op_module, self.fused_shape, plan, weights, inputs)
         states = list(inputs)
         e = 0
@@ -206,6 +207,8 @@ class Supernet(nn.Module):
     space: "SearchSpace"
     cfg: SupernetConfig
     backend: str = "eager"           # set_backend("fused" | "fused_dense"): same modules, fewer kernels
+    merge_kernel_sizes: bool = True  # fused_dense: convs of several kernel sizes as one (set_backend)
+    block_diagonal: bool = True      # fused_dense: paired strided convs ungrouped (set_backend)
     _arch_constant: bool = False     # inside `arch_constant()`: α and β enter the forward detached
 
     def init_arch(self, edge_ops: dict[str, Sequence[Sequence[str]]],
@@ -369,10 +372,16 @@ class Supernet(nn.Module):
         return self.space.derive(self.derivation_weights())
 
     # --- forward ------------------------------------------------------------------------------
-    def set_backend(self, backend: str) -> None:
+    def set_backend(self, backend: str, merge_kernel_sizes: bool = True, block_diagonal: bool = True) -> None:
+        """Two `fused_dense` trades of multiply-adds for kernels, on by default; off, for measuring
+        them (bench/search_step.py's `+unmerged`, `+grouped`):
+        `merge_kernel_sizes`: a state's convs of one kind that differ only in kernel size run as
+        one conv at the largest size (`fused.merge_conv_groups`);
+        `block_diagonal`: a reduction cell's paired stride-2 convs run as one ungrouped conv
+        (`fused.block_diagonal`), not as a grouped one."""
         if backend not in BACKENDS:
             raise ValueError(f"supernet backend {backend!r} is unknown; allowed: {', '.join(BACKENDS)}")
-        self.backend = backend
+        self.backend, self.merge_kernel_sizes, self.block_diagonal = backend, merge_kernel_sizes, block_diagonal
 
     def compile(self, *args: Any, **kwargs: Any) -> None:
         """`torch.compile` the forward (`search.compile`); arguments as for `torch.compile`.
@@ -423,7 +432,7 @@ class Supernet(nn.Module):
             arch[ct] = fused.prepare_arch(
                 plan, self.op_weights(ct, columns), self.edge_weights(ct), self.cfg.partial_channels > 1,
                 lambda key, make: self._index(key, make, device), sink, self.backend == "fused_dense",
-                self._merged_plans)
+                self._merged_plans, self.merge_kernel_sizes, self.block_diagonal)
         out = self.forward_cells(x, arch, {ct: None for ct in self.cell_types}, columns)
         sink.flush()
         return out

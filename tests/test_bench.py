@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 BENCH = Path(__file__).resolve().parent.parent / "bench" / "search_step.py"
 
@@ -77,6 +78,10 @@ def test_bench_variants_name_a_backend_and_modifiers():
     for bad in ("fused", "nascore+fused+amps"):
         with pytest.raises(SystemExit):
             bench.main(["--device", "cpu", "--size", "tiny", "--retrain-variants", f"nascore,{bad}"])
+    with pytest.raises(SystemExit):
+        bench.main(["--device", "cpu", "--size", "tiny", "--retrain-variants", "nascore+fused_dense+unmerged"])
+    assert bench.speed_options("fused_dense+grouped+unmerged") == {
+        "backend": "fused_dense", "block_diagonal": False, "merge_kernel_sizes": False}
     assert bench.retrain_speed("nascore+graph") == "eager+graph"
     assert bench.retrain_speed("nascore+fused_dense+graph+amp") == "fused_dense+graph+amp"
 
@@ -147,6 +152,33 @@ def test_the_op_counter_counts_what_each_kernel_writes_and_reads():
     assert counted(lambda: a.new_zeros(3)) == (1, 3 * f32, 0)            # `a` for its dtype only
     # a gather reads the rows it fetches and its index, not the whole source
     assert counted(lambda: a.index_select(0, idx)) == (1, 16 * f32, 16 * f32 + 2 * 8)
+
+
+@pytest.mark.parametrize("groups", [1, 4, 16])
+def test_the_op_counter_counts_a_convs_flops_forward_and_backward(groups):
+    """2 FLOPs per multiply-add; the input and the weight gradient each as many as the forward,
+    grouped convs included (torch's flop_counter counts a grouped conv's input gradient as if it
+    were ungrouped)."""
+    sys.path.insert(0, str(BENCH.parent))
+    from opcount import CountOps
+    x = torch.randn(2, 16, 6, 6, requires_grad=True)
+    w = torch.randn(32, 16 // groups, 3, 3, requires_grad=True)
+    forward = 2 * (2 * 32 * 6 * 6) * (16 // groups) * 9
+    with CountOps() as c:
+        y = torch.nn.functional.conv2d(x, w, padding=1, groups=groups)
+    assert c.count.flops == forward
+    with CountOps() as c:
+        y.sum().backward()
+    assert c.count.flops == 2 * forward
+    w.requires_grad_(False)
+    y = torch.nn.functional.conv2d(x, w, padding=1, groups=groups)
+    with CountOps() as c:
+        y.sum().backward()                      # the input's gradient alone
+    assert c.count.flops == forward
+    with CountOps() as c:
+        torch.bmm(torch.randn(3, 4, 5), torch.randn(3, 5, 6))
+        torch.addmm(torch.randn(4, 6), torch.randn(4, 5), torch.randn(5, 6))
+    assert c.count.flops == 2 * 3 * 4 * 5 * 6 + 2 * 4 * 5 * 6
 
 
 def test_the_op_counter_follows_the_bytes_live_tensors_hold():
@@ -301,3 +333,26 @@ def test_science_runs_paired_searches_on_an_image_tree_and_resumes(tmp_path, cap
     control.write_text(json.dumps({**saved, "settings": {**saved["settings"], "epochs": 3}, "runs": shifted}))
     with pytest.raises(SystemExit):
         science.main([*args, "--control", str(control)])
+
+
+def test_the_unmerged_and_grouped_variants_run_fused_dense_without_its_trades():
+    """`+unmerged` measures what `merge_conv_groups` trades: the same step with one conv per op
+    name (DARTS space: sep and dil 3×3 apart from 5×5) dispatches more kernels; `+grouped`, what
+    `block_diagonal` does: it builds no block-diagonal weights."""
+    spec = importlib.util.spec_from_file_location("search_step", BENCH)
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules["search_step"] = bench
+    spec.loader.exec_module(bench)
+    from opcount import CountOps
+    writing = {}
+    for variant in ("fused_dense", "fused_dense+unmerged", "fused_dense+grouped"):
+        torch.manual_seed(0)
+        step, _, counters = bench.nascore_step("darts_first", bench.SIZES["tiny"], torch.device("cpu"),
+                                               **bench.speed_options(variant))
+        step(0)
+        with CountOps(counters()) as c:
+            step(1)
+        writing[variant] = c.count.writing_ops
+    assert writing["fused_dense"] < 0.9 * writing["fused_dense+unmerged"], writing
+    # block-diagonal weights: a mask multiply per strided paired conv, forward and backward
+    assert writing["fused_dense"] > writing["fused_dense+grouped"], writing

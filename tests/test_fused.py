@@ -12,6 +12,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
@@ -45,9 +46,9 @@ def build(space, columns=None, **switches):
     return net
 
 
-def forward_backward(net, backend, x, channels_last=False):
+def forward_backward(net, backend, x, channels_last=False, **options):
     net = copy.deepcopy(net)
-    net.set_backend(backend)
+    net.set_backend(backend, **options)           # options: fused_dense's trades (set_backend)
     if channels_last:
         net = net.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
@@ -75,12 +76,12 @@ def assert_same(net, backend="fused", **kw):
     return eager, fused
 
 
-def assert_same_evaluation(net, backend, x, channels_last=False):
+def assert_same_evaluation(net, backend, x, channels_last=False, **options):
     """Evaluation mode (running statistics, every BN its own) gives the eager outputs."""
     outs = []
     for b in ("eager", backend):
         copy_ = copy.deepcopy(net)
-        copy_.set_backend(b)
+        copy_.set_backend(b, **options)
         scramble_bn_statistics(copy_)
         copy_.eval()
         xb = x
@@ -130,6 +131,10 @@ def test_fused_is_layout_independent():
     for net in (build("darts"), build("darts", partial_channels=2, edge_normalization=True)):   # paired, not
         assert_same(net, channels_last=True)
         assert_same(net, "fused_dense", channels_last=True)
+    # fused_dense without its trades (the bench's `+unmerged`, `+grouped`): the same numbers too
+    assert_same(build("darts"), "fused_dense", merge_kernel_sizes=False)
+    assert_same(build("nb201"), "fused_dense", channels_last=True, merge_kernel_sizes=False)
+    assert_same(build("darts"), "fused_dense", channels_last=True, block_diagonal=False)
     with pytest.raises(ValueError, match="allowed: eager, fused, fused_dense"):
         net.set_backend("triton")
 
@@ -451,16 +456,80 @@ def conv_calls(net, x, backends=("fused", "fused_dense")):
 
 def test_the_dense_backend_runs_no_depthwise_conv():
     """`fused_dense` computes every separable conv of a search cell as one dense conv: no depthwise
-    conv is dispatched (`fused` runs them), and one conv per separable block group is saved."""
+    conv is dispatched (`fused` runs them), and a state's 3×3 and 5×5 convs of one kind run as one
+    5×5 conv (`merge_conv_groups`): per pass, 3 convs where `fused` runs 12."""
     net = build("darts", columns=[4, 5, 6, 7])               # sep 3×3, 5×5, dil 3×3, 5×5
     calls = conv_calls(net, torch.randn(5, 3, 4, 4, dtype=torch.float64))
     depthwise = {b: sum(dw for _, dw in c) for b, c in calls.items()}
     assert depthwise["fused"] > 0 and depthwise["fused_dense"] == 0
-    # per pass: sep 3×3 and 5×5 (two blocks each) and dil 3×3 and 5×5 (one block); a pass per state
-    # but the last node (it feeds no edge), the two inputs read side by side in one pass
+    # per pass, `fused`: sep 3×3 and 5×5 (two blocks of depthwise + 1×1 each) and dil 3×3 and 5×5
+    # (one block) = 12 convs; `fused_dense`: sep's two blocks and dil, each one 5×5 conv = 3. A
+    # pass per state but the last node (it feeds no edge), the two inputs read side by side in one
     passes = sum(len(cell.fused_shape.strides) - 2 for cell in net.cells)
-    groups = 6 * passes
-    assert len(calls["fused"]) - len(calls["fused_dense"]) == groups
+    assert len(calls["fused"]) - len(calls["fused_dense"]) == 9 * passes
+    sizes = collections.Counter(k for k, _ in calls["fused_dense"])
+    assert sizes[5] == 3 * passes                              # outside the cells: stem, preprocessing
+    # an op without a partner of another size is not merged (sep 3×3 and dil 5×5 here)
+    alone = conv_calls(build("darts", columns=[4, 7]), torch.randn(5, 3, 4, 4, dtype=torch.float64))["fused_dense"]
+    assert collections.Counter(k for k, _ in alone) == sizes - collections.Counter({5: 2 * passes}) + \
+        collections.Counter({3: 2 * passes})
+
+
+class StridedConvs(TorchDispatchMode):
+    """Records each dispatched strided convolution as (kernel size, groups, input channels of the weight)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket.__name__ == "convolution" and tuple(args[3]) != (1, 1):
+            self.calls.append((args[1].shape[-1], args[-1], args[1].shape[1]))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_the_dense_backend_runs_a_reduction_cells_paired_strided_convs_ungrouped(channels_last):
+    """A reduction cell's two inputs run side by side with stride 2: `fused_dense` computes their
+    sep and dil convs as one ungrouped conv, its weight zero off each input's block
+    (`fused.block_diagonal`), not as a grouped conv (`block_diagonal=False`)."""
+    net = build("darts", columns=[4, 5, 6, 7])
+    x = torch.randn(5, 3, 4, 4, dtype=torch.float64)
+    calls = {}
+    for bd in (True, False):
+        m = copy.deepcopy(net)
+        m.set_backend("fused_dense", block_diagonal=bd)
+        xb = x
+        if channels_last:
+            m, xb = m.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+        m(xb)
+        with StridedConvs() as rec:
+            m(xb)
+        calls[bd] = [call for call in rec.calls if call[0] == 5]     # sep's first block and dil, merged
+    reductions = sum(cell.fused_shape.strides[0] == 2 for cell in net.cells)
+    assert reductions > 0 and len(calls[True]) == len(calls[False]) == 2 * reductions
+    assert [g for _, g, _ in calls[True]] == [1] * len(calls[True])
+    assert [g for _, g, _ in calls[False]] == [2] * len(calls[False])
+    # ungrouped, a weight reads both inputs' channels (zero on the other input's)
+    assert [cin for *_, cin in calls[True]] == [2 * cin for *_, cin in calls[False]]
+
+
+def test_block_diagonal_weights_compute_the_grouped_conv():
+    from nascore.fused import block_diagonal
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(6, 3, 5, 5, generator=g, dtype=torch.float64)
+    x = torch.randn(2, 6, 8, 8, generator=g, dtype=torch.float64)
+    expected = F.conv2d(x, w, stride=2, padding=2, groups=2)
+    store = {}
+    constant = fused.cached_on(store, x.device)
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        wf = w.contiguous(memory_format=fmt).requires_grad_()
+        wb = block_diagonal(wf, 2, constant)
+        assert wb.shape == (6, 6, 5, 5) and wb.is_contiguous(memory_format=fmt)
+        torch.testing.assert_close(F.conv2d(x.contiguous(memory_format=fmt), wb, stride=2, padding=2), expected)
+        assert wb[:3, 3:].abs().sum() == 0 and wb[3:, :3].abs().sum() == 0
+        torch.autograd.gradcheck(lambda v: block_diagonal(v, 2, constant), (wf,))
+    assert len(store) == 1                              # the mask: one device constant
 
 
 def test_the_dense_backend_runs_a_states_convs_of_several_kernel_sizes_as_one():
