@@ -2,6 +2,7 @@
 # One lent GPU session, in steps that each fit a 10-minute command (the device tool's limit):
 #
 #   bash bench/gpu.sh lease [SECONDS] # a 15-minute lease's main call (default 420 s): bench/kernels.py,
+#                                     # fused_dense's trades on and off (+unmerged, +grouped),
 #                                     # torch.compile on NB201, the best variants against the reference,
 #                                     # a bf16 profile; each part in its own JSON (a part cut short
 #                                     # keeps the others)
@@ -61,6 +62,11 @@ lease)
       2>&1 | tee "$OUT/lease.log"
   B="python3 bench/search_step.py"
   timeout 90 python3 bench/kernels.py --json "$OUT/kernels.json" 2>&1 | tee -a "$OUT/lease.log"
+  # fused_dense's two trades of multiply-adds for kernels (42cd9ee), each on and off, side by side
+  # (`+unmerged+grouped` is fused_dense as the 2026-12-04 H200 run timed it)
+  timeout $(($(left) < 120 ? $(left) : 120)) $B --cases darts_first,pc_darts --no-retrain \
+      --variants fused_dense+graph+bf16,fused_dense+graph+bf16+unmerged,fused_dense+graph+bf16+grouped,fused_dense+graph+bf16+unmerged+grouped \
+      --json "$OUT/trades.json" 2>&1 | tee -a "$OUT/lease.log"
   timeout $(($(left) < 150 ? $(left) : 150)) $B --cases nb201 --no-retrain \
       --variants fused_dense+graph+bf16,fused_dense+graph+bf16+compile --json "$OUT/compile.json" 2>&1 | tee -a "$OUT/lease.log"
   timeout $(left) $B --cases darts_first,nb201,pc_darts,darts_second --no-retrain \

@@ -99,11 +99,10 @@ DEFAULT_CASES = ("darts_first", "darts_second", "pc_darts", "nb201", "darts_vali
 BACKEND_NAMES = ("eager", "fused", "fused_dense")
 MODIFIERS = {"graph": {"cuda_graph": True}, "bf16": {"amp": "bf16", "channels_last": True},
              "amp": {"amp": "bf16"}, "cl": {"channels_last": True}, "compile": {"compile": True}, "tuned": {"cudnn_benchmark": True},
-             # fused_dense without one of its trades (`Supernet.set_backend`; library switches, no
-             # params.yaml keys): convs of several kernel sizes apart; reduction cells' paired
-             # stride-2 convs grouped, not block-diagonal
+             # fused_dense without one of its trades: convs of several kernel sizes apart; the
+             # reduction cells' paired stride-2 convs grouped, not block-diagonal
              "unmerged": {"merge_kernel_sizes": False}, "grouped": {"block_diagonal": False}}
-BACKEND_SWITCHES = ("merge_kernel_sizes", "block_diagonal")
+SEARCH_CELL_SWITCHES = ("merge_kernel_sizes", "block_diagonal")     # nothing to the retrain's cells
 
 
 def speed_options(variant: str) -> dict[str, object]:
@@ -228,12 +227,10 @@ class OneBatch:
 def nascore_step(case: str, size: Size, device: torch.device, **speed: object) -> Step:
     if device.type == "cpu":
         speed = {"optimizer_impl": "foreach", **speed}      # what torch picks on CUDA (see cuda_like)
-    switches = {k: bool(speed.pop(k)) for k in BACKEND_SWITCHES if k in speed}
     space, cfg, batch = search_settings(case, size, **speed)
     # what SearchRun.run() holds for a whole search (`free` puts it back after the variant)
     torch.backends.cudnn.benchmark = cfg.cudnn_benchmark
     run = SearchRun(get_space(space), cfg, SearchData(None, None, 10), device=device, log=lambda s: None)
-    run.model.set_backend(cfg.backend, **switches)
     if case in VALIDATION_CASES:           # the search's own validation pass over one batch
         run.data.val = OneBatch(batches(1, batch, size.image, 10, device)[0])
         return (lambda i: run.validate()), batch, list
@@ -552,7 +549,7 @@ def main(argv: list[str] | None = None) -> None:
             if v.split("+")[0] != "nascore":
                 raise ValueError(f"unknown retrain variant {v!r}: 'nascore', then a backend and modifiers "
                                  f"joined by '+'")
-            if set(BACKEND_SWITCHES) & set(speed_options(retrain_speed(v))):
+            if set(SEARCH_CELL_SWITCHES) & set(speed_options(retrain_speed(v))):
                 raise ValueError(f"retrain variant {v!r}: 'unmerged' and 'grouped' are search-cell "
                                  f"switches; the retrain's evaluation cells have one op per edge")
         except ValueError as e:

@@ -101,6 +101,10 @@ class SearchConfig:
     channels_last: bool = False            # NHWC activations (tensor-core GPUs)
     optimizer_impl: str = "default"        # default (torch's choice) | for_loop | foreach | fused
     cudnn_benchmark: bool = False          # cuDNN autotunes each conv shape once (CUDA; the shapes never change)
+    # fused_dense's trades of multiply-adds for kernels (`Supernet.set_backend`): convs of several
+    # kernel sizes as one; a reduction cell's paired stride-2 convs ungrouped (block-diagonal)
+    merge_kernel_sizes: bool = True
+    block_diagonal: bool = True
     rf: RandomFeaturesConfig = field(default_factory=RandomFeaturesConfig)
     opp: ProgressiveConfig = field(default_factory=ProgressiveConfig)
 
@@ -245,7 +249,7 @@ class SearchRun:
     # --- ScheduleHost ---------------------------------------------------------------------------
     def build_model(self) -> Supernet:
         model = self.space.build_supernet(self.cfg.supernet_config(self.data.num_classes))
-        model.set_backend(self.cfg.backend)
+        model.set_backend(self.cfg.backend, self.cfg.merge_kernel_sizes, self.cfg.block_diagonal)
         fmt = torch.channels_last if self.cfg.channels_last else torch.preserve_format
         return model.to(self.device, memory_format=fmt)
 

@@ -616,6 +616,8 @@ def test_parameter_free_ops_are_weighted_without_full_size_products():
     # nor_conv_1x1 and 3×3 as one conv
     ("nb201", {"partial_channels": 2, "edge_normalization": True}, "fused_dense"),
     ("darts", {"columns": [1, 3, 4]}, "fused"),     # paired inputs: pooling + BN, skip (FactorizedReduce), sep conv
+    # sep 3×3 and 5×5 as one conv; the reduction cell's paired strided convs block-diagonal
+    ("darts", {"columns": [3, 4, 5]}, "fused_dense"),
 ])
 def test_fused_forward_traces_under_torch_compile(space, switches, backend):
     net = build(space, **switches)
@@ -673,6 +675,20 @@ def test_a_fused_search_follows_the_eager_search(method, space, backend, float64
                    log=lambda s: None) for b in ("eager", backend)]
     assert_same_search(*runs)
     assert cfg.backend == "eager"
+
+
+def test_fused_dense_trades_are_search_params_that_change_no_number(float64):
+    """`search.merge_kernel_sizes` and `search.block_diagonal` reach the supernet; off, the search
+    runs the unmerged, grouped convs, and every number stays the same."""
+    runs = []
+    for on in (True, False):
+        cfg = tiny_search_config("darts", "darts", backend="fused_dense", merge_kernel_sizes=on, block_diagonal=on)
+        runs.append(search(get_space("darts"), cfg, tiny_data(n=4), log=lambda s: None))
+        assert (runs[-1].model.merge_kernel_sizes, runs[-1].model.block_diagonal) == (on, on)
+        merged = {g.repeats > 1 for m in runs[-1].model.modules() if isinstance(m, SearchCell)
+                  for plan in m._fused_plans.values() for sp in plan.arch.sources for g in sp.groups}
+        assert merged == {True, False} if on else merged == {False}
+    assert_same_search(*runs)
 
 
 def test_a_compiled_search_traces_each_kind_of_call_once_and_follows_the_plain_search(float64):
