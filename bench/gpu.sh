@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One lent GPU session, in steps that each fit a 10-minute command (the device tool's limit):
 #
-#   bash bench/gpu.sh lease [SECONDS] # a 15-minute lease's main call (default 420 s): bench/kernels.py,
-#                                     # fused_dense's trades on and off (+unmerged, +grouped),
+#   bash bench/gpu.sh lease [SECONDS] # a 15-minute lease's main call (default 420 s): fused_dense's
+#                                     # trades on and off (+unmerged, +grouped), bench/kernels.py,
 #                                     # torch.compile on NB201, the best variants against the reference,
 #                                     # a bf16 profile; each part in its own JSON (a part cut short
 #                                     # keeps the others)
@@ -54,19 +54,19 @@ common() {
 case "${1:-}" in
 lease)
   # the measurements the next lent GPU should take first, most wanted first (bench/RESULTS.md,
-  # "2026-12-04 — one NVIDIA H200"): the kernel-level questions that profile left open, the
-  # never-measured torch.compile, then the best variants side by side with the reference
+  # "2026-12-04"): fused_dense's new trades, the kernel-level questions the H200 profile left
+  # open, the never-measured torch.compile, then the best variants beside the reference
   end=$((SECONDS + ${2:-420}))
   left() { echo $((end - SECONDS > 5 ? end - SECONDS : 5)); }
   { nvidia-smi -L; python3 -c 'import torch; print("torch", torch.__version__, torch.cuda.get_device_name())'; } \
       2>&1 | tee "$OUT/lease.log"
   B="python3 bench/search_step.py"
-  timeout 90 python3 bench/kernels.py --json "$OUT/kernels.json" 2>&1 | tee -a "$OUT/lease.log"
   # fused_dense's two trades of multiply-adds for kernels (42cd9ee), each on and off, side by side
   # (`+unmerged+grouped` is fused_dense as the 2026-12-04 H200 run timed it)
   timeout $(($(left) < 120 ? $(left) : 120)) $B --cases darts_first,pc_darts --no-retrain \
       --variants fused_dense+graph+bf16,fused_dense+graph+bf16+unmerged,fused_dense+graph+bf16+grouped,fused_dense+graph+bf16+unmerged+grouped \
       --json "$OUT/trades.json" 2>&1 | tee -a "$OUT/lease.log"
+  timeout 90 python3 bench/kernels.py --json "$OUT/kernels.json" 2>&1 | tee -a "$OUT/lease.log"
   timeout $(($(left) < 150 ? $(left) : 150)) $B --cases nb201 --no-retrain \
       --variants fused_dense+graph+bf16,fused_dense+graph+bf16+compile --json "$OUT/compile.json" 2>&1 | tee -a "$OUT/lease.log"
   timeout $(left) $B --cases darts_first,nb201,pc_darts,darts_second --no-retrain \

@@ -14,8 +14,8 @@ of the spec's searches, forward + backward:
   runs each kind's composed k×k conv with groups=2; the profile of a bf16 step showed 16 calls
   of cuDNN's legacy `dgrad_engine` taking 12 ms of a 93.5 ms step, and channels-last grouped
   convs launch `nhwcSliceCKernel` per group. Each grouped conv is timed beside the same
-  function as one block-diagonal dense conv (groups=1: `groups`× the multiply-adds) and as one
-  conv per group.
+  function as one block-diagonal dense conv (groups=1: `groups`× the multiply-adds; what
+  `fused_dense` now runs in a reduction cell, `search.block_diagonal`) and as one conv per group.
 
 On CUDA each case is captured in a CUDA graph and replayed `--iters` times between CUDA events, so
 the figure is the kernels' time, not the host's: an eager call of a small BN costs ~200 µs of
@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))   # nascore from this checkout
+from nascore.fused import block_diagonal, cached_on  # noqa: E402
 from nascore.graphs import cuda_graph, side_stream  # noqa: E402
 
 # --- batch norm ---------------------------------------------------------------------------------
@@ -91,25 +92,19 @@ class ConvShape:
 
 
 CONV_SHAPES = [
-    # fused_dense, DARTS search (16 ch, 8 cells, b64): the first reduction cell's paired pass (2
-    # states x 32 ch in, 4 edges each): its composed sep stage-1 convs and dil convs
-    ConvShape("reduction pair, sep 5x5 s2", 64, 64, 256, 32, 5, 2, 1, 2),
-    ConvShape("reduction pair, sep 3x3 s2", 64, 64, 256, 32, 3, 2, 1, 2),
-    ConvShape("reduction pair, dil 5x5 d2 s2", 64, 64, 256, 32, 5, 2, 2, 2),
-    # a normal cell's paired pass (2 states x 16 ch, 4 edges each), stride 1
-    ConvShape("normal pair, sep 5x5", 64, 32, 128, 32, 5, 1, 1, 2),
-    # a sep conv's second stage: one group per unit (8 units x 16 ch)
-    ConvShape("sep stage 2, 8 units, 3x3", 64, 128, 128, 32, 3, 1, 1, 8),
+    # fused_dense, DARTS search (16 ch, 8 cells, b64), as it runs since 42cd9ee: a state's 3×3 and
+    # 5×5 convs of one kind as one 5×5 conv (2 kinds × 4 edges per state). The first reduction
+    # cell's paired pass (2 states × 32 ch in): sep stage 1 and dil, both stride 2; fused_dense
+    # runs these block-diagonal (`nascore.fused.block_diagonal`), grouped before
+    ConvShape("reduction pair, sep 5x5 s2", 64, 64, 512, 32, 5, 2, 1, 2),
+    ConvShape("reduction pair, dil 5x5 d2 s2", 64, 64, 512, 32, 5, 2, 2, 2),
+    # a normal cell's paired pass (2 states × 16 ch), stride 1: grouped
+    ConvShape("normal pair, sep 5x5", 64, 32, 256, 32, 5, 1, 1, 2),
+    # a sep conv's second stage: one group per unit (2 states × 2 kinds × 4 edges, 16 ch each)
+    ConvShape("sep stage 2, 16 units, 5x5", 64, 256, 256, 32, 5, 1, 1, 16),
 ]
 CONV_WAYS = ["grouped", "block_diagonal", "per_group"]
 CONV_DTYPES = ["fp32", "fp32+cl", "bf16+cl"]
-
-
-def block_diagonal(w: torch.Tensor, groups: int) -> torch.Tensor:
-    """A grouped conv's weight (G·O, I, k, k) as the dense weight (G·O, G·I, k, k) of the same
-    function: group g's block on the diagonal, zeros elsewhere."""
-    o, i = w.shape[0] // groups, w.shape[1]
-    return torch.cat([F.pad(w[g * o:(g + 1) * o], (0, 0, 0, 0, g * i, (groups - 1 - g) * i)) for g in range(groups)])
 
 
 def conv_case(shape: ConvShape, way: str, dtype: str, device: torch.device
@@ -121,8 +116,8 @@ def conv_case(shape: ConvShape, way: str, dtype: str, device: torch.device
     g = torch.Generator().manual_seed(0)
     x = torch.randn(s.batch, s.in_channels, s.size, s.size, generator=g).to(device, dt)
     w = torch.randn(s.out_channels, s.in_channels // s.groups, s.kernel, s.kernel, generator=g).to(device, dt) * 0.1
-    if way == "block_diagonal":
-        w = block_diagonal(w, s.groups)
+    if way == "block_diagonal":                 # what the fused cells build, made once here
+        w = block_diagonal(w, s.groups, cached_on({}, w.device))
     x = x.contiguous(memory_format=fmt).requires_grad_(True)
     w = w.contiguous(memory_format=fmt).requires_grad_(True)
     pad = s.dilation * (s.kernel - 1) // 2

@@ -93,16 +93,13 @@ def test_the_kernel_bench_times_every_way_and_its_conv_ways_compute_one_function
     kernels = importlib.util.module_from_spec(spec)
     sys.modules["kernels"] = kernels           # its dataclass looks its module up there
     spec.loader.exec_module(kernels)
-    # the block-diagonal weight is the grouped conv's, spread: the same output, on any groups
-    # count, stride and dilation, in either memory format
+    # the block-diagonal weight (`nascore.fused.block_diagonal`) is the grouped conv's, spread:
+    # the same output, on any groups count, stride and dilation, in either memory format
     shape = kernels.ConvShape("t", 2, 6, 9, 8, 3, 2, 2, 3)
     for dtype in ("fp32", "fp32+cl"):
         outs = [kernels.conv_case(shape, way, dtype, torch.device("cpu"))[1]() for way in kernels.CONV_WAYS]
         for out in outs[1:]:
             torch.testing.assert_close(out, outs[0], rtol=1e-5, atol=1e-5)
-    w = torch.randn(6, 2, 3, 3)
-    dense = kernels.block_diagonal(w, 3)
-    assert dense.shape == (6, 6, 3, 3) and dense[2:4, 2:4].equal(w[2:4]) and not dense[2:4, :2].any()
     # a CPU run of the whole script at tiny shapes: every case and way, in the JSON
     monkeypatch.setattr(kernels, "BN_SHAPES", [("t", (2, 4, 4, 4))])
     monkeypatch.setattr(kernels, "CONV_SHAPES", [kernels.ConvShape("t", 2, 4, 8, 8, 3, 2, 2, 2)])
