@@ -27,8 +27,11 @@ states), so here every op of every edge leaving a state is computed in one pass 
 - `fused_dense` only: a separable conv (depthwise k×k, then 1×1) is linear, so it runs as ONE dense
   k×k conv whose weight is the two weights' product (`_compose`): more multiply-adds, on tensor
   cores, for half the conv launches, no depthwise kernel and no intermediate activation; and the
-  ReLU-conv-BN ops of a state that differ only in kernel size (NB201's nor_conv_1x1 and 3×3) run
-  as one conv, the smaller kernels zero-padded to the largest, and one BN (`merge_conv_groups`).
+  convs of one kind leaving a state that differ only in kernel size (NB201's nor_conv_1x1 and 3×3;
+  sep_conv_3x3 and 5×5; dil_conv_3x3 and 5×5) run as one conv, the smaller kernels zero-padded to
+  the largest, and one BN (`merge_conv_groups`; `search.merge_kernel_sizes`); a reduction cell's
+  paired stride-2 convs run ungrouped, their weight block-diagonal (`block_diagonal`;
+  `search.block_diagonal`).
 
 Nothing is re-parameterised: the fused forward gathers the eager modules' own weights at
 call time, so checkpoints, `functional_call` (second order), random-feature freezing and the
