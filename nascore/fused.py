@@ -1227,6 +1227,8 @@ def cell_forward(op_module: Callable[[int, int], nn.Module], shape: CellShape, p
     ws = iter(gathered)
     states = list(inputs)
     carry = carry_b = None           # partial sums of the nodes not complete yet
+    # paired strided convs (`_dil_blocks`) as one ungrouped conv, their weights made so here
+    spread = (lambda w, n: block_diagonal(w, n, arch.constant)) if arch.block_diagonal else None
     for p, mods_s, kinds, weights_s in zip(passes, modules, kinds_p, weights):
         # a paired pass's two inputs have one stride and one set of targets; its last state
         # says whether the next node is complete after it
@@ -1247,8 +1249,7 @@ def cell_forward(op_module: Callable[[int, int], nn.Module], shape: CellShape, p
                 raise ValueError(f"a paired cell's inputs must have one shape, got {tuple(states[0].shape)} "
                                  f"and {tuple(states[1].shape)}")
             xa = torch.cat([a for a, _ in parts], dim=1)
-        src = _Source(xa, arch.sink, noise, arch.dense, len(p),
-                      (lambda w, n: block_diagonal(w, n, arch.constant)) if arch.block_diagonal else None)
+        src = _Source(xa, arch.sink, noise, arch.dense, len(p), spread)
         acc = carry
         for g, mods, kind, w in zip(ap.sources[p[0]].groups, mods_s, kinds, weights_s):
             fn = KINDS[kind]

@@ -428,16 +428,19 @@ def test_separable_weights_compose_into_one_dense_conv(nhwc, float64):
 
 
 class ConvCalls(TorchDispatchMode):
-    """Records each dispatched convolution as (kernel size, depthwise?)."""
+    """Records each dispatched convolution as (kernel size, depthwise?) in `calls`, and each strided
+    one as (kernel size, groups, the weight's input channels) in `strided`."""
 
     def __init__(self):
         super().__init__()
-        self.calls = []
+        self.calls, self.strided = [], []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func.overloadpacket.__name__ == "convolution":
             groups, x, w = args[-1], args[0], args[1]
             self.calls.append((w.shape[-1], groups > 1 and groups == x.shape[1]))
+            if tuple(args[3]) != (1, 1):
+                self.strided.append((w.shape[-1], groups, w.shape[1]))
         return func(*args, **(kwargs or {}))
 
 
@@ -475,19 +478,6 @@ def test_the_dense_backend_runs_no_depthwise_conv():
         collections.Counter({3: 2 * passes})
 
 
-class StridedConvs(TorchDispatchMode):
-    """Records each dispatched strided convolution as (kernel size, groups, input channels of the weight)."""
-
-    def __init__(self):
-        super().__init__()
-        self.calls = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.overloadpacket.__name__ == "convolution" and tuple(args[3]) != (1, 1):
-            self.calls.append((args[1].shape[-1], args[-1], args[1].shape[1]))
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_the_dense_backend_runs_a_reduction_cells_paired_strided_convs_ungrouped(channels_last):
     """A reduction cell's two inputs run side by side with stride 2: `fused_dense` computes their
@@ -503,9 +493,9 @@ def test_the_dense_backend_runs_a_reduction_cells_paired_strided_convs_ungrouped
         if channels_last:
             m, xb = m.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
         m(xb)
-        with StridedConvs() as rec:
+        with ConvCalls() as rec:
             m(xb)
-        calls[bd] = [call for call in rec.calls if call[0] == 5]     # sep's first block and dil, merged
+        calls[bd] = [call for call in rec.strided if call[0] == 5]   # sep's first block and dil, merged
     reductions = sum(cell.fused_shape.strides[0] == 2 for cell in net.cells)
     assert reductions > 0 and len(calls[True]) == len(calls[False]) == 2 * reductions
     assert [g for _, g, _ in calls[True]] == [1] * len(calls[True])
