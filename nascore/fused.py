@@ -8,7 +8,7 @@ states), so here every op of every edge leaving a state is computed in one pass 
 - a DARTS cell's two inputs feed every node through the same op set, so they run as ONE pass over
   their concatenated channels (`pairable`): one ReLU, one pooling, one BN per op kind for both, and
   each conv reading its own input's channels as one group of a grouped conv (4 passes per cell,
-  not 5); the paired terms are summed once per cell (`SumStates`);
+  not 5); the paired terms are summed with the rest (`mix`);
 - one ReLU per state, shared by every op that starts with one (all convs and FactorizedReduce);
 - parameter-free ops once per state: identity, and pooling (its batch statistics are then the same
   for every edge's BN, only the running buffers and, with random features, γ/β differ);
@@ -17,9 +17,11 @@ states), so here every op of every edge leaving a state is computed in one pass 
   concatenated, their BNs as one batch norm over the concatenated channels;
 - the α weights (the edge normalisation's β folded in) are the affine scale of an op kind's last
   batch norm, so `w·BN(y)` costs no kernel of its own and α's gradient comes out of BN's backward;
-  op kinds without a BN of their own (identity, pooling) take one `addcmul` (`WeightedAdd`, whose
-  backward writes no full-size product); the node sums accumulate into one tensor of shape
-  (B, targets, C, H, W);
+  every term of a pass (both paired inputs', identity and pooling outputs weighted by α, the
+  rest by 1) goes into the node sums, one tensor of shape (B, targets, C, H, W), by ONE batched
+  matrix product (`mix`; `search.matmul_mix`; off: one `addcmul` per op kind without a BN of
+  its own, `WeightedAdd`, whose backward writes no full-size product, and sums per merged group
+  and paired pass, `SumStates`);
 - partial channels (PC-DARTS): the ops see the state's first C/K channels; the bypassed channels
   (max-pooled once per state on stride-2 edges) are summed per node with the β weights, and
   concatenation and channel shuffle are one copy per node;
@@ -943,19 +945,27 @@ class FusedArch:
     merged_plans: dict = field(default_factory=dict)   # the supernet's `merge_conv_groups` results
     merge: bool = True                        # dense: convs of several kernel sizes as one (`merge_conv_groups`)
     block_diagonal: bool = True               # dense: paired strided convs block-diagonal (`block_diagonal`)
+    mix: bool = True                          # a pass's weighted sums as one matrix product (`mix`)
     _groups: dict[tuple, list[list[torch.Tensor | None]]] = field(default_factory=dict)
     _scaled: dict[tuple, torch.Tensor | None] = field(default_factory=dict)
+    _mix: dict[tuple, list[tuple[torch.Tensor, int] | None]] = field(default_factory=dict)
 
-    def group_weights(self, cell: CellPlan, channels: int) -> list[list[torch.Tensor | None]]:
+    def group_weights(self, cell: CellPlan, channels: int,
+                      unit_columns: tuple[tuple[bool, ...], ...] | None = None) -> list[list[torch.Tensor | None]]:
         """Per pass (`CellPlan.passes`), per group of `cell`, the units' α weights as the group's
         kind takes them: SCALED kinds (n, channels), each unit's weight repeated over its channels
         as the affine scale of their last BN, in α's dtype; the others (1, n, 1, 1, 1), or (1, S,
         n/S, 1, 1, 1) for S states side by side, in the autocast dtype; `none` None. A pass over
         paired inputs has the units of both, state-major. All in one gather per kinds and channel
         count: only the weights some op uses are gathered, so the backward materialises no zero
-        gradient for the rest."""
+        gradient for the rest.
+
+        `unit_columns` (the `mix` path): per pass, per group, whether the group's output has one
+        unit per α (else one output serves all its units: identity, pooling). Then the groups
+        that are not SCALED get None here, and their α go into each pass's mixing matrix instead
+        (`mix_matrices`), gathered by the same index_select."""
         ap = cell.arch or self.plan           # the cell's groups (merged ones: `merge_conv_groups`)
-        key = (id(ap), cell.kinds, cell.paired, channels)
+        key = (id(ap), cell.kinds, cell.paired, channels, unit_columns)
         if key in self._groups:
             return self._groups[key]
         units = iter(ap.op_index)
@@ -965,34 +975,48 @@ class FusedArch:
         layout = [("none" if KINDS[kind] is None else "scaled" if kind in SCALED else "plain",
                    [i for s in p for i in op_index[s][gi]], len(p))
                   for p in passes for gi, kind in enumerate(cell.kinds[p[0]])]
+        mixes = None if unit_columns is None else _mix_layouts(ap, cell, passes, op_index, unit_columns,
+                                                                len(self.weights))
 
         def gather_index() -> torch.Tensor:
             parts: dict[str, list[int]] = {"none": [], "plain": [], "scaled": []}
             for k, index, _ in layout:
                 parts[k] += index
-            return torch.tensor(parts["plain"] + [i for i in parts["scaled"] for _ in range(channels)])
+            plain = parts["plain"] if mixes is None else [i for m in mixes if m is not None for i in m[0]]
+            return torch.tensor(plain + [i for i in parts["scaled"] for _ in range(channels)])
+        source = self.weights
+        if mixes is not None:        # the mixing matrices' constant entries: 0 and 1 after the α
+            dtype = self.weights.dtype
+            source = torch.cat([source, self.constant(("zero-one", dtype), lambda: torch.tensor([0.0, 1.0], dtype=dtype))])
         # the index is a device constant: made once, not per forward
-        gathered = self.weights.index_select(
-            0, self.constant(("gather", ap, cell.kinds, cell.paired, channels), gather_index))
-        n_plain = sum(len(i) for k, i, _ in layout if k == "plain")
+        gathered = source.index_select(
+            0, self.constant(("gather", ap, cell.kinds, cell.paired, channels, unit_columns), gather_index))
+        n_plain = (sum(len(i) for k, i, _ in layout if k == "plain") if mixes is None
+                   else sum(len(m[0]) for m in mixes if m is not None))
         n_scaled = sum(len(i) for k, i, _ in layout if k == "scaled") * channels
         plain_w, scaled_w = gathered.split([n_plain, n_scaled]) if n_plain and n_scaled else (
             (gathered, None) if n_plain else (None, gathered))
         if plain_w is not None and self.autocast is not None:
             # the ops' outputs are in the autocast dtype; float32 weights would promote every sum
             plain_w = plain_w.to(self.autocast)
-        # one split per part, not a slice per group: its backward is one cat
-        plain_parts = iter(plain_w.split([len(i) for k, i, _ in layout if k == "plain"])
-                           if plain_w is not None else ())
         scaled_parts = iter(scaled_w.split([len(i) * channels for k, i, _ in layout if k == "scaled"])
                             if scaled_w is not None else ())
+        if mixes is not None:
+            matrices = iter(plain_w.split([len(m[0]) for m in mixes if m is not None]) if plain_w is not None else ())
+            self._mix[key] = [None if m is None else (next(matrices).view(m[1], -1), m[2]) for m in mixes]
+            plain_parts: Iterator[torch.Tensor] = iter(())
+        else:
+            # one split per part, not a slice per group: its backward is one cat
+            plain_parts = iter(plain_w.split([len(i) for k, i, _ in layout if k == "plain"])
+                               if plain_w is not None else ())
         groups: list[list[torch.Tensor | None]] = []
         it = iter(layout)
         for p in passes:
             row: list[torch.Tensor | None] = []
             for _ in ap.sources[p[0]].groups:
                 k, _i, states = next(it)
-                row.append(None if k == "none" else next(scaled_parts).view(-1, channels) if k == "scaled"
+                row.append(None if k == "none" or (k == "plain" and mixes is not None)
+                           else next(scaled_parts).view(-1, channels) if k == "scaled"
                            else next(plain_parts).view(1, -1, 1, 1, 1) if states == 1
                            else next(plain_parts).view(1, states, -1, 1, 1, 1))
             groups.append(row)
@@ -1000,17 +1024,62 @@ class FusedArch:
         self._scaled[key] = scaled_w
         return groups
 
-    def scaled_weights(self, cell: CellPlan, channels: int) -> torch.Tensor | None:
+    def scaled_weights(self, cell: CellPlan, channels: int,
+                       unit_columns: tuple[tuple[bool, ...], ...] | None = None) -> torch.Tensor | None:
         """Every SCALED group's weights of `group_weights`, concatenated (one tensor)."""
-        self.group_weights(cell, channels)
-        return self._scaled[(id(cell.arch or self.plan), cell.kinds, cell.paired, channels)]
+        self.group_weights(cell, channels, unit_columns)
+        return self._scaled[(id(cell.arch or self.plan), cell.kinds, cell.paired, channels, unit_columns)]
+
+    def mix_matrices(self, cell: CellPlan, channels: int, unit_columns: tuple[tuple[bool, ...], ...]
+                     ) -> list[tuple[torch.Tensor, int] | None]:
+        """Per pass: its mixing matrix (targets, columns) and how many of its first columns hold α
+        (`mix`); None where no op leaves the pass's states."""
+        self.group_weights(cell, channels, unit_columns)
+        return self._mix[(id(cell.arch or self.plan), cell.kinds, cell.paired, channels, unit_columns)]
+
+
+def _mix_layouts(ap: ArchPlan, cell: CellPlan, passes: Sequence[tuple[int, ...]],
+                 op_index: list[list[list[int]]], unit_columns: tuple[tuple[bool, ...], ...],
+                 n_weights: int) -> list[tuple[list[int], int, int] | None]:
+    """Per pass, its mixing matrix as positions into (α weights, 0, 1), row-major, with its
+    number of rows (targets) and of α columns; None for a pass without outputs.
+
+    Columns follow the order `cell_forward` concatenates the outputs in: the groups that are not
+    SCALED (their units weighted here by α), then the SCALED ones (α already in their last BN:
+    weight 1 into their unit's target); within a group, state by state, unit by unit. A column
+    that serves all the units of a group (an identity or pooling output) has each unit's α in
+    that unit's target row; a merged group (`repeats`) has blocks of units, one per target each.
+    The paired inputs' columns go to the same rows: the product sums the two states too."""
+    zero, one = n_weights, n_weights + 1
+    out: list[tuple[list[int], int, int] | None] = []
+    for p, per_unit in zip(passes, unit_columns):
+        targets = len(ap.sources[p[-1]].edges)
+        plain, scaled = [], []                # columns: one target row -> position each
+        for gi, kind in enumerate(cell.kinds[p[0]]):
+            if KINDS[kind] is None:
+                continue
+            for s in p:
+                g, alphas = ap.sources[s].groups[gi], op_index[s][gi]
+                rows = g.positions or [j % targets for j in range(len(g.units))]
+                if kind in SCALED:
+                    scaled += [{r: one} for r in rows]
+                elif per_unit[gi]:
+                    plain += [{r: a} for r, a in zip(rows, alphas)]
+                else:
+                    plain.append(dict(zip(rows, alphas)))
+        columns = plain + scaled
+        if not columns:
+            out.append(None)
+            continue
+        out.append(([col.get(r, zero) for r in range(targets) for col in columns], targets, len(plain)))
+    return out
 
 
 def prepare_arch(plan: ArchPlan, op_weights: torch.Tensor,
                  edge_weights: torch.Tensor | None, partial: bool,
                  constant: Callable[[tuple, Callable[[], torch.Tensor]], torch.Tensor],
                  sink: BatchNormSink, dense: bool = False, merged_plans: dict | None = None,
-                 merge: bool = True, block_diagonal: bool = True) -> FusedArch:
+                 merge: bool = True, block_diagonal: bool = True, mix: bool = True) -> FusedArch:
     """α weights with β folded in; the β weights of PC-DARTS' bypassed channels, per source.
 
     `constant(key, make)` returns `make()` on the weights' device, made once per key and cached by
@@ -1030,7 +1099,7 @@ def prepare_arch(plan: ArchPlan, op_weights: torch.Tensor,
     edge_parts = iter(bypass.split([len(sp.edges) for sp in plan.sources]) if bypass is not None else ())
     bypass_weights = [next(edge_parts).view(1, -1, 1, 1, 1) if bypass is not None else None for _ in plan.sources]
     return FusedArch(plan, w.reshape(-1), bypass_weights, sink, constant, autocast, dense,
-                     {} if merged_plans is None else merged_plans, merge, block_diagonal)
+                     {} if merged_plans is None else merged_plans, merge, block_diagonal, mix)
 
 
 # --- the cell ----------------------------------------------------------------------------------
@@ -1160,6 +1229,109 @@ class SumStates(torch.autograd.Function):
         return g, None
 
 
+def _nhwc(x: torch.Tensor) -> bool:
+    """Whether (B, K·C, H, W) `x` has its channels innermost (channels_last); at 1×1 both layouts
+    are the same."""
+    return x.stride(1) == 1 and x.shape[2] * x.shape[3] > 1
+
+
+def _items(x: torch.Tensor, columns: int, nhwc: bool) -> torch.Tensor:
+    """(B, K·C, H, W) as K columns per item, (items, K, N): per batch item over C·H·W (NCHW), or
+    per pixel over C (`nhwc`). A view where x's strides allow it (a node's slice of a pass's
+    sums does), else a copy."""
+    b, kc, h, w = x.shape
+    if nhwc:
+        return x.permute(0, 2, 3, 1).reshape(b * h * w, columns, kc // columns)
+    return x.reshape(b, columns, kc // columns * h * w)
+
+
+class Mix(torch.autograd.Function):
+    """carry + m @ x, item by item: x (G, K, N), m (n, K), carry (G, n, N) or None -> (G, n, N).
+    Only m's first `k_alpha` columns get a gradient (the rest are constants: `_mix_layouts`),
+    computed from `alpha_outs`, the (B, u·C, H, W) outputs whose concatenation those columns of
+    x are, kept as they are: no copy of x, which the backward would otherwise keep whole."""
+
+    @staticmethod
+    def forward(ctx, carry: torch.Tensor | None, m: torch.Tensor, x: torch.Tensor, k_alpha: int,
+                nhwc: bool, *alpha_outs: torch.Tensor) -> torch.Tensor:
+        mb = m.to(x.dtype).expand(x.shape[0], -1, -1)
+        out = torch.bmm(mb, x) if carry is None else torch.baddbmm(carry.to(x.dtype), mb, x)
+        ctx.x_dtype, ctx.k_alpha, ctx.nhwc = x.dtype, k_alpha, nhwc
+        ctx.save_for_backward(m, *alpha_outs)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        m, *alpha_outs = ctx.saved_tensors
+        needs_carry, needs_m, needs_x = ctx.needs_input_grad[:3]
+        grad_m = grad_x = None
+        if needs_x:
+            grad_x = torch.bmm(m.t().to(grad.dtype).expand(grad.shape[0], -1, -1), grad).to(ctx.x_dtype)
+        if needs_m:
+            k = ctx.k_alpha
+            if not alpha_outs or not k:
+                grad_m = torch.zeros_like(m)
+            else:        # (G, n, N) @ (G, N, k) summed over G: the α columns' gradient
+                x_alpha = torch.cat(alpha_outs, dim=1) if len(alpha_outs) > 1 else alpha_outs[0]
+                g = torch.bmm(grad, _items(x_alpha, k, ctx.nhwc).transpose(1, 2).to(grad.dtype)).sum(0)
+                grad_m = F.pad(g, (0, m.shape[1] - k)).to(m.dtype)
+        return (grad if needs_carry else None), grad_m, grad_x, None, None, *([None] * len(alpha_outs))
+
+
+def mix(carry: torch.Tensor | None, m: torch.Tensor, outs: Sequence[torch.Tensor], k_alpha: int,
+        split: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
+    """A pass's node sums in one matrix product: carry + Σ_k m[t, k]·X_k for every target t, where
+    X is the concatenation of the pass's outputs `outs` ((B, [S,] u, C, H, W) each: K columns in
+    all, the first `k_alpha` weighted by α here) and `carry` (B, n, C, H, W) the earlier passes'
+    partial sums. Two kernels (a cat, a batched product) where one weighted add per group and a
+    sum per merged group and per paired pass took about seven; in the backward three (two
+    products and a sum) for about eleven, and a cat where α needs a gradient.
+
+    `split`: the first target's sums (the node complete now) and the rest apart, (B, 1, C, H, W)
+    and (B, n-1, C, H, W) or None, split in the product's own layout, so that the split's
+    backward (a cat) writes the gradient in the layout the product's backward reads."""
+    flat = [o.flatten(1, o.dim() - 3) for o in outs]                     # (B, u·C, H, W) each
+    x = torch.cat(flat, dim=1) if len(flat) > 1 else flat[0]
+    n, k = m.shape
+    b, kc, h, w = x.shape
+    c = kc // k
+    nhwc = _nhwc(x)
+    # the α columns' outputs, kept for α's gradient (not in a weight step: α is constant there)
+    alpha_outs: list[torch.Tensor] = []
+    if torch.is_grad_enabled() and m.requires_grad:
+        columns = 0
+        for f in flat:
+            if columns >= k_alpha:
+                break
+            alpha_outs.append(f)
+            columns += f.shape[1] // c
+    if carry is not None:
+        carry = carry.permute(0, 3, 4, 1, 2).reshape(b * h * w, n, c) if nhwc else carry.reshape(b, n, c * h * w)
+    out = Mix.apply(carry, m, _items(x, k, nhwc), k_alpha, nhwc, *alpha_outs)    # (G, n, N)
+
+    def nodes(t: torch.Tensor) -> torch.Tensor:                          # (G, n', N) -> (B, n', C, H, W)
+        if nhwc:
+            return t.view(b, h, w, -1, c).permute(0, 3, 4, 1, 2)
+        return t.view(b, -1, c, h, w)
+    if not split:
+        return nodes(out)
+    if n == 1:
+        return nodes(out), None
+    head, rest = out.split([1, n - 1], dim=1)
+    return nodes(head), nodes(rest)
+
+
+def unit_columns(kind: str, mods: Sequence[nn.Module], training: bool) -> bool:
+    """Whether a group's output has one unit per module (else one output serves them all:
+    identity, pooling, and a pooling's BN where its batch statistics are shared and it has no
+    affine parameters)."""
+    if kind in ("identity", "pool"):
+        return False
+    if kind == "pool_bn":
+        return len(mods) > 1 and (not training or mods[0][1].affine)
+    return True
+
+
 def _join_partial(a: torch.Tensor, b: torch.Tensor, k: int, shuffle: bool) -> torch.Tensor:
     """cat(ops' channels, bypassed channels), channel-shuffled (K groups) in the same copy."""
     if not shuffle:
@@ -1214,12 +1386,16 @@ def cell_forward(op_module: Callable[[int, int], nn.Module], shape: CellShape, p
     if last:
         requests.append(("cat", [g for gs, _ in last for g in gs] + [b for _, bs in last for b in bs]))
     gathered = gather_weights(requests, arch.constant)
-    weights = arch.group_weights(plan, c_op)
+    # `mix`: per pass, per group, whether its output has a column per unit (else one for all)
+    columns = (tuple(tuple(unit_columns(kind, mods, arch.sink.training) for mods, kind in zip(mods_s, kinds))
+                     for mods_s, kinds in zip(modules, kinds_p)) if arch.mix else None)
+    weights = arch.group_weights(plan, c_op, columns)
+    mixes = arch.mix_matrices(plan, c_op, columns) if columns is not None else [None] * len(passes)
     if last:
         # affine last BNs (random features): α·γ and α·β of the whole cell in one product, not
         # two small products per group (each with its own backward); a SCALED kind then gets its
         # BN's (weight, bias) instead of α
-        scaled = gathered.pop().view(2, -1) * arch.scaled_weights(plan, c_op)
+        scaled = gathered.pop().view(2, -1) * arch.scaled_weights(plan, c_op, columns)
         sizes = [sum(p.numel() for p in gs) for gs, _ in last]
         pairs = iter(zip(*(t.split(sizes) for t in scaled.unbind(0))))
         weights = [[next(pairs) if kind in SCALED else w for kind, w in zip(kinds, row)]
@@ -1229,7 +1405,7 @@ def cell_forward(op_module: Callable[[int, int], nn.Module], shape: CellShape, p
     carry = carry_b = None           # partial sums of the nodes not complete yet
     # paired strided convs (`_dil_blocks`) as one ungrouped conv, their weights made so here
     spread = (lambda w, n: block_diagonal(w, n, arch.constant)) if arch.block_diagonal else None
-    for p, mods_s, kinds, weights_s in zip(passes, modules, kinds_p, weights):
+    for p, mods_s, kinds, weights_s, mixing in zip(passes, modules, kinds_p, weights, mixes):
         # a paired pass's two inputs have one stride and one set of targets; its last state
         # says whether the next node is complete after it
         sp = ap.sources[p[-1]]
@@ -1251,18 +1427,29 @@ def cell_forward(op_module: Callable[[int, int], nn.Module], shape: CellShape, p
             xa = torch.cat([a for a, _ in parts], dim=1)
         src = _Source(xa, arch.sink, noise, arch.dense, len(p), spread)
         acc = carry
+        weighted, alphaless = [], []         # `mix`: the outputs to weight, those weighted already
         for g, mods, kind, w in zip(ap.sources[p[0]].groups, mods_s, kinds, weights_s):
             fn = KINDS[kind]
             if fn is None:
                 continue
             scaled = kind in SCALED
             out = fn(mods, src, g.units, w if scaled else None, ws)
+            if arch.mix:
+                (alphaless if scaled else weighted).append(out)
+                continue
             pos = (arch.constant(("index", g.positions), lambda: torch.tensor(g.positions))
                    if g.positions is not None else None)
             acc = _weighted_add(acc, out, None if scaled else w, pos, targets, g.repeats)
-        if acc is not None and len(p) > 1:
+        complete = sp.state >= ap.num_inputs - 1      # every edge into the next node is summed now
+        split = None
+        if mixing is not None:               # every term of the pass, both paired states', at once
+            if complete:
+                split = mix(carry, mixing[0], weighted + alphaless, mixing[1], split=True)
+            else:
+                acc = mix(carry, mixing[0], weighted + alphaless, mixing[1])
+        elif acc is not None and len(p) > 1:
             acc = SumStates.apply(acc)   # (B, S, targets, C, H, W): the paired inputs' terms summed
-        if acc is None:              # only `none` ops leave this state
+        if acc is None and split is None:    # only `none` ops leave this state
             acc = xa.new_zeros((xa.shape[0], targets, c_op, *_out_hw(xa, stride)))
         acc_b = carry_b
         for s, (_, xb) in zip(p, parts):         # PC-DARTS' bypassed channels, state by state
@@ -1273,10 +1460,13 @@ def cell_forward(op_module: Callable[[int, int], nn.Module], shape: CellShape, p
                 acc_b = xb.expand(-1, targets, -1, -1, -1) if acc_b is None else acc_b + xb
             else:
                 acc_b = weighted_add(acc_b, xb, bw)
-        if sp.state >= ap.num_inputs - 1:    # every edge into the next node is summed now
+        if complete:
             # split, not acc[:, 0] and acc[:, 1:]: its backward is one cat, not two zero-filled
             # full-size gradients and their sum
-            head, carry = acc.split([1, targets - 1], dim=1) if targets > 1 else (acc, None)
+            if split is not None:
+                head, carry = split
+            else:
+                head, carry = acc.split([1, targets - 1], dim=1) if targets > 1 else (acc, None)
             if k == 1:
                 node, carry_b = head.squeeze(1), None
             else:

@@ -105,6 +105,8 @@ class SearchConfig:
     # kernel sizes as one; a reduction cell's paired stride-2 convs ungrouped (block-diagonal)
     merge_kernel_sizes: bool = True
     block_diagonal: bool = True
+    # fused backends: a pass's node sums as one batched matrix product (`fused.mix`)
+    matmul_mix: bool = True
     rf: RandomFeaturesConfig = field(default_factory=RandomFeaturesConfig)
     opp: ProgressiveConfig = field(default_factory=ProgressiveConfig)
 
@@ -249,7 +251,8 @@ class SearchRun:
     # --- ScheduleHost ---------------------------------------------------------------------------
     def build_model(self) -> Supernet:
         model = self.space.build_supernet(self.cfg.supernet_config(self.data.num_classes))
-        model.set_backend(self.cfg.backend, self.cfg.merge_kernel_sizes, self.cfg.block_diagonal)
+        model.set_backend(self.cfg.backend, self.cfg.merge_kernel_sizes, self.cfg.block_diagonal,
+                          self.cfg.matmul_mix)
         fmt = torch.channels_last if self.cfg.channels_last else torch.preserve_format
         return model.to(self.device, memory_format=fmt)
 

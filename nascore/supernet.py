@@ -209,6 +209,7 @@ class Supernet(nn.Module):
     backend: str = "eager"           # set_backend("fused" | "fused_dense"): same modules, fewer kernels
     merge_kernel_sizes: bool = True  # fused_dense: convs of several kernel sizes as one (set_backend)
     block_diagonal: bool = True      # fused_dense: paired strided convs ungrouped (set_backend)
+    matmul_mix: bool = True          # fused backends: a pass's node sums as one product (set_backend)
     _arch_constant: bool = False     # inside `arch_constant()`: α and β enter the forward detached
 
     def init_arch(self, edge_ops: dict[str, Sequence[Sequence[str]]],
@@ -372,16 +373,21 @@ class Supernet(nn.Module):
         return self.space.derive(self.derivation_weights())
 
     # --- forward ------------------------------------------------------------------------------
-    def set_backend(self, backend: str, merge_kernel_sizes: bool = True, block_diagonal: bool = True) -> None:
-        """Two `fused_dense` trades of multiply-adds for kernels, on by default; off, for measuring
-        them (bench/search_step.py's `+unmerged`, `+grouped`):
+    def set_backend(self, backend: str, merge_kernel_sizes: bool = True, block_diagonal: bool = True,
+                    matmul_mix: bool = True) -> None:
+        """Two `fused_dense` trades of multiply-adds for kernels and one fused change of how the
+        node sums are computed, on by default; off, for measuring them (bench/search_step.py's
+        `+unmerged`, `+grouped`, `+chained`):
         `merge_kernel_sizes`: a state's convs of one kind that differ only in kernel size run as
         one conv at the largest size (`fused.merge_conv_groups`);
         `block_diagonal`: a reduction cell's paired stride-2 convs run as one ungrouped conv
-        (`fused.block_diagonal`), not as a grouped one."""
+        (`fused.block_diagonal`), not as a grouped one;
+        `matmul_mix` (`fused` and `fused_dense`): every weighted sum of a pass as one batched
+        matrix product (`fused.mix`), not one weighted add per op kind."""
         if backend not in BACKENDS:
             raise ValueError(f"supernet backend {backend!r} is unknown; allowed: {', '.join(BACKENDS)}")
         self.backend, self.merge_kernel_sizes, self.block_diagonal = backend, merge_kernel_sizes, block_diagonal
+        self.matmul_mix = matmul_mix
 
     def compile(self, *args: Any, **kwargs: Any) -> None:
         """`torch.compile` the forward (`search.compile`); arguments as for `torch.compile`.
@@ -432,7 +438,7 @@ class Supernet(nn.Module):
             arch[ct] = fused.prepare_arch(
                 plan, self.op_weights(ct, columns), self.edge_weights(ct), self.cfg.partial_channels > 1,
                 lambda key, make: self._index(key, make, device), sink, self.backend == "fused_dense",
-                self._merged_plans, self.merge_kernel_sizes, self.block_diagonal)
+                self._merged_plans, self.merge_kernel_sizes, self.block_diagonal, self.matmul_mix)
         out = self.forward_cells(x, arch, {ct: None for ct in self.cell_types}, columns)
         sink.flush()
         return out

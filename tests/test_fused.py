@@ -113,6 +113,64 @@ def test_fused_forward_gradients_and_bn_buffers_equal_eager(space, switches, bac
                    for p in m.parameters())
 
 
+# the node sums the way they were before `fused.mix` (`search.matmul_mix: false`): the spaces
+# and switches whose passes differ (paired, positions, noise, partial channels, affine BNs)
+CHAINED = [("darts", {}), ("nb201", {}), ("s1", {"partial_channels": 2, "edge_normalization": True}),
+           ("s4", {"random_features": True}), ("darts", {"random_features": True})]
+
+
+@pytest.mark.parametrize("space,switches", CHAINED, ids=[f"{s}-{'-'.join(k) or 'plain'}" for s, k in CHAINED])
+def test_the_chained_node_sums_equal_eager_too(space, switches):
+    assert_same(build(space, **switches), "fused", matmul_mix=False)
+
+
+@pytest.mark.parametrize("nhwc", [False, True])
+@pytest.mark.parametrize("carry,split,strided", [(False, False, False), (True, False, False),
+                                                 (True, True, False), (False, True, True)])
+def test_mix_is_the_weighted_sum_of_its_columns(nhwc, carry, split, strided, float64):
+    """`fused.mix` gives carry + Σ_k m[t, k]·X_k with the gradients autograd gives that sum (α's
+    only for the first k_alpha columns, the rest being constants), in either layout, for a
+    strided output (a node's slice of an earlier pass's sums) and split into the complete node
+    and the rest."""
+    from nascore.fused import mix
+    g = torch.Generator().manual_seed(0)
+    b, c, h, w, n = 2, 3, 4, 4, 3
+
+    def act(*shape):
+        t = torch.randn(*shape, generator=g)
+        if nhwc:                                          # channels_last, as 4D (B, u·C, H, W) views
+            t = t.flatten(1, t.dim() - 3).contiguous(memory_format=torch.channels_last).view(t.shape)
+        return t.requires_grad_()
+    pool = act(b, 2, 1, c, h, w)                          # a broadcast output of 2 states (paired)
+    conv = act(b, 2 * n, c, h, w)                         # a merged group: 2 blocks of n units
+    if strided:                                           # a node: unit 1 of a (B, 2, C, H, W) sum
+        ident = act(b, 2, c, h, w)[:, 1:]
+    else:
+        ident = act(b, 1, c, h, w)
+    outs = [ident, pool, conv]                            # columns: 1 + 2 weighted by α, 2n by 1
+    m_alpha = torch.randn(n, 3, generator=g, requires_grad=True)
+    sel = torch.zeros(n, 2 * n)
+    for j in range(2 * n):
+        sel[j % n, j] = 1.0
+    acc = act(b, n, c, h, w) if carry else None
+    inputs = [t for t in (acc, m_alpha, pool, conv, ident) if t is not None]
+
+    def run(*_):
+        out = mix(acc, torch.cat([m_alpha, sel], 1), outs, 3, split=split)
+        return torch.cat([t for t in out if t is not None], 1) if split else out
+
+    def expected():
+        x = torch.cat([ident, pool.flatten(1, 2), conv], 1)                # (B, K, C, H, W)
+        s = torch.einsum("tk,bkchw->btchw", torch.cat([m_alpha, sel], 1), x)
+        return s if acc is None else acc + s
+    assert expected().shape == (b, n, c, h, w) and 1 + 2 + 2 * n == sel.shape[1] + 3
+    out = run()
+    torch.testing.assert_close(out, expected())
+    torch.autograd.gradcheck(run, inputs)
+    with torch.no_grad():                                 # evaluation: the same sums, nothing kept
+        torch.testing.assert_close(run(), expected())
+
+
 @pytest.mark.parametrize("backend", ["fused", "fused_dense"])
 @pytest.mark.parametrize("space,columns", [("darts", [4]), ("darts", [5, 0, 3, 1]), ("nb201", [3, 0]),
                                            ("nb201", [3, 1, 2]),      # fused_dense: 3×3 and 1×1 merged, in that order
@@ -135,6 +193,8 @@ def test_fused_is_layout_independent():
     assert_same(build("darts"), "fused_dense", merge_kernel_sizes=False)
     assert_same(build("nb201"), "fused_dense", channels_last=True, merge_kernel_sizes=False)
     assert_same(build("darts"), "fused_dense", channels_last=True, block_diagonal=False)
+    # the node sums as one weighted add per op kind (`+chained`), not one product per pass
+    assert_same(build("darts"), "fused_dense", channels_last=True, matmul_mix=False)
     with pytest.raises(ValueError, match="allowed: eager, fused, fused_dense"):
         net.set_backend("triton")
 
@@ -573,14 +633,17 @@ def test_weighted_add_is_addcmul_with_a_leaner_backward(n_out, with_acc, channel
     torch.testing.assert_close(WeightedAdd.apply(*inputs), expected)
 
 
-def test_parameter_free_ops_are_weighted_without_full_size_products():
-    """Identity and pooling outputs serve every edge leaving a state; their α weighting's backward
-    is a batched product (bmm), not autograd's addcmul backward, which multiplies the full
-    (B, targets, C, H, W) gradient twice and reduces each product."""
+@pytest.mark.parametrize("matmul_mix", [True, False])
+def test_parameter_free_ops_are_weighted_without_full_size_products(matmul_mix):
+    """Identity and pooling outputs serve every edge leaving a state. Chained (one weighted add per
+    op kind), their α weighting's backward is a batched product (bmm), not autograd's addcmul
+    backward, which multiplies the full (B, targets, C, H, W) gradient twice and reduces each
+    product; with `fused.mix` (the default) every term of a pass is one batched product, forward
+    and backward, and no full-size multiply is left at all."""
     net = build("darts", columns=[1, 2, 3])      # max_pool, avg_pool, skip_connect
     assert_same(net)
     net = copy.deepcopy(net).float()
-    net.set_backend("fused")
+    net.set_backend("fused", matmul_mix=matmul_mix)
     x = torch.randn(7, 3, 4, 4)
 
     class Products(TorchDispatchMode):         # multiplies writing a (B, targets > 1, C, H, W) tensor
@@ -597,8 +660,12 @@ def test_parameter_free_ops_are_weighted_without_full_size_products():
 
     with Products() as products, CountOps() as every:
         net(x).sum().backward()
-    assert products.count["addcmul", "forward"] > 0          # the weighting is there
-    assert products.count["mul", "backward"] == 0, products.count
+    if matmul_mix:
+        assert not products.count, products.count
+        assert every.count["baddbmm"] > 0 and every.count["addcmul"] == 0, every.count
+    else:
+        assert products.count["addcmul", "forward"] > 0          # the weighting is there
+        assert products.count["mul", "backward"] == 0, products.count
     assert every.count["bmm"] > 0
 
 
@@ -668,13 +735,16 @@ def test_a_fused_search_follows_the_eager_search(method, space, backend, float64
 
 
 def test_fused_dense_trades_are_search_params_that_change_no_number(float64):
-    """`search.merge_kernel_sizes` and `search.block_diagonal` reach the supernet; off, the search
-    runs the unmerged, grouped convs, and every number stays the same."""
+    """`search.merge_kernel_sizes`, `search.block_diagonal` and `search.matmul_mix` reach the
+    supernet; off, the search runs the unmerged, grouped convs and the chained node sums, and
+    every number stays the same."""
     runs = []
     for on in (True, False):
-        cfg = tiny_search_config("darts", "darts", backend="fused_dense", merge_kernel_sizes=on, block_diagonal=on)
+        cfg = tiny_search_config("darts", "darts", backend="fused_dense", merge_kernel_sizes=on, block_diagonal=on,
+                                 matmul_mix=on)
         runs.append(search(get_space("darts"), cfg, tiny_data(n=4), log=lambda s: None))
-        assert (runs[-1].model.merge_kernel_sizes, runs[-1].model.block_diagonal) == (on, on)
+        model = runs[-1].model
+        assert (model.merge_kernel_sizes, model.block_diagonal, model.matmul_mix) == (on, on, on)
         merged = {g.repeats > 1 for m in runs[-1].model.modules() if isinstance(m, SearchCell)
                   for plan in m._fused_plans.values() for sp in plan.arch.sources for g in sp.groups}
         assert merged == {True, False} if on else merged == {False}
