@@ -1,4 +1,4 @@
-"""The kernels a fused search step's batch norms and grouped convs get, and their GPU time (issue 4).
+"""The kernels a fused search step's batch norms, grouped convs and node sums get, and their GPU time (issue 4).
 
     python bench/kernels.py                 # on the GPU: --json out.json for the figures
     python bench/kernels.py --device cpu    # a smoke run of the same code (CPU times say nothing)
@@ -16,6 +16,11 @@ of the spec's searches, forward + backward:
   convs launch `nhwcSliceCKernel` per group. Each grouped conv is timed beside the same
   function as one block-diagonal dense conv (groups=1: `groups`× the multiply-adds; what
   `fused_dense` now runs in a reduction cell, `search.block_diagonal`) and as one conv per group.
+- **Node sums** (added with 2026-12-04's third session, not yet run on a GPU). A pass's terms
+  go into its node sums as one cat and one batched matrix product (`nascore.fused.mix`,
+  `search.matmul_mix`) instead of one weighted add per op kind and sums per merged group and
+  paired pass (`chained`). Fewer kernels; but channels_last makes the product one tiny matrix
+  product per pixel (65,536 of them at b64, 32×32), whose speed in cuBLAS only a GPU can tell.
 
 On CUDA each case is captured in a CUDA graph and replayed `--iters` times between CUDA events, so
 the figure is the kernels' time, not the host's: an eager call of a small BN costs ~200 µs of
@@ -36,7 +41,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))   # nascore from this checkout
-from nascore.fused import block_diagonal, cached_on  # noqa: E402
+from nascore.fused import SumStates, _weighted_add, block_diagonal, cached_on, mix  # noqa: E402
 from nascore.graphs import cuda_graph, side_stream  # noqa: E402
 
 # --- batch norm ---------------------------------------------------------------------------------
@@ -138,6 +143,81 @@ def conv_case(shape: ConvShape, way: str, dtype: str, device: torch.device
     return step, forward
 
 
+# --- node sums ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class MixShape:
+    """A pass's terms: `states` inputs side by side, `broadcast` parameter-free outputs per state
+    (identity, pooling: one output for all `targets`, weighted by α), `merged` conv groups per
+    state of `repeats`·targets units each (α already in their BN)."""
+
+    label: str
+    batch: int
+    channels: int
+    size: int
+    states: int
+    targets: int
+    broadcast: int
+    merged: int
+    repeats: int = 2
+
+
+MIX_SHAPES = [
+    # a DARTS normal cell's paired pass at stage 1 (b64, 16 ch, 32×32): max/avg pool, skip;
+    # sep and dil 3×3+5×5 merged
+    MixShape("darts paired pass, 16 ch", 64, 16, 32, 2, 4, 3, 2),
+    MixShape("darts node pass, 3 targets", 64, 16, 32, 1, 3, 3, 2),
+    # PC-DARTS (b256, 16/4 ch through the ops)
+    MixShape("pc_darts paired pass, 4 ch", 256, 4, 32, 2, 4, 3, 2),
+    # NB201's first state (b64, 16 ch): skip, avg pool; 1×1+3×3 merged
+    MixShape("nb201 first state, 16 ch", 64, 16, 32, 1, 3, 2, 1),
+]
+MIX_WAYS = ["mix", "chained"]
+MIX_DTYPES = ["fp32", "fp32+cl", "bf16+cl"]
+
+
+def mix_case(shape: MixShape, way: str, dtype: str, device: torch.device
+             ) -> tuple[Callable[[], None], Callable[[], torch.Tensor]]:
+    """A pass's node sums, forward + backward with α's gradient (an α step), computed `way`, and
+    the forward alone (the ways must agree)."""
+    s = shape
+    fmt = torch.channels_last if "+cl" in dtype else torch.contiguous_format
+    dt = torch.bfloat16 if dtype.startswith("bf16") else torch.float32
+    g = torch.Generator().manual_seed(0)
+    n, units = s.targets, s.repeats * s.targets
+
+    def output(u: int) -> torch.Tensor:           # (B, [S,] u, C, H, W): a view of a 4D conv/BN output
+        t = torch.randn(s.batch, s.states * u * s.channels, s.size, s.size, generator=g)
+        t = t.to(device, dt).contiguous(memory_format=fmt).requires_grad_(True)
+        return t.unflatten(1, (s.states, u, -1)) if s.states > 1 else t.unflatten(1, (u, -1))
+    broadcast = [output(1) for _ in range(s.broadcast)]
+    merged = [output(units) for _ in range(s.merged)]
+    alpha = torch.rand(s.broadcast, s.states, n, generator=g).to(device).requires_grad_(True)
+    # mix's matrix: per broadcast output and state, its α over the targets; per merged unit a 1
+    ones = torch.zeros(n, s.merged * s.states * units, device=device)
+    for j in range(ones.shape[1]):
+        ones[j % units % n, j] = 1.0
+    leaves = [t._base for t in broadcast + merged] + [alpha]
+
+    def forward() -> torch.Tensor:
+        a = alpha.to(dt)
+        if way == "mix":
+            m = torch.cat([a.flatten(0, 1).t(), ones.to(dt)], 1)     # (targets, columns)
+            return mix(None, m, broadcast + merged, s.broadcast * s.states)
+        acc = None
+        for b, w in zip(broadcast, a):
+            w = w.view(1, s.states, n, 1, 1, 1) if s.states > 1 else w.view(1, n, 1, 1, 1)
+            acc = _weighted_add(acc, b, w, None, n)
+        for t in merged:
+            acc = _weighted_add(acc, t, None, None, n, s.repeats)
+        return SumStates.apply(acc) if s.states > 1 else acc
+    with torch.no_grad():
+        dy = torch.randn_like(forward())
+
+    def step() -> None:
+        torch.autograd.grad(forward(), leaves, dy)
+    return step, forward
+
+
 # --- timing -------------------------------------------------------------------------------------
 def time_us(step: Callable[[], None], device: torch.device, iters: int) -> float:
     """µs per call: on CUDA the replays of a graph holding one call (the kernels' time, no host),
@@ -167,7 +247,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--iters", type=int, default=None, help="timed calls per case (default: 50 on CUDA, 2 on CPU)")
-    p.add_argument("--parts", default="bn,conv", help="comma-separated: bn, conv")
+    p.add_argument("--parts", default="bn,conv,mix", help="comma-separated: bn, conv, mix")
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
     device = torch.device(args.device)
@@ -208,6 +288,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
                                  "tflop_per_s": shape.flops() / us / 1e6})
                     print(f"{shape.label:<32} {dtype:<8} {way:<15} {us:10.1f} {shape.flops() / us / 1e6:8.2f}",
                           flush=True)
+                    save()
+    if "mix" in parts:
+        print(f"{'node sums':<32} {'dtype':<8} {'way':<15} {'us fwd+bwd':>10}")
+        for shape in MIX_SHAPES:
+            for dtype in MIX_DTYPES:
+                for way in MIX_WAYS:
+                    step, _ = mix_case(shape, way, dtype, device)
+                    us = time_us(step, device, iters)
+                    rows.append({"part": "mix", "shape": shape.label, "dtype": dtype, "way": way, "us": us})
+                    print(f"{shape.label:<32} {dtype:<8} {way:<15} {us:10.1f}", flush=True)
                     save()
     return rows
 

@@ -101,8 +101,10 @@ MODIFIERS = {"graph": {"cuda_graph": True}, "bf16": {"amp": "bf16", "channels_la
              "amp": {"amp": "bf16"}, "cl": {"channels_last": True}, "compile": {"compile": True}, "tuned": {"cudnn_benchmark": True},
              # fused_dense without one of its trades: convs of several kernel sizes apart; the
              # reduction cells' paired stride-2 convs grouped, not block-diagonal
-             "unmerged": {"merge_kernel_sizes": False}, "grouped": {"block_diagonal": False}}
-SEARCH_CELL_SWITCHES = ("merge_kernel_sizes", "block_diagonal")     # nothing to the retrain's cells
+             "unmerged": {"merge_kernel_sizes": False}, "grouped": {"block_diagonal": False},
+             # the fused backends without one matrix product per pass for the node sums (`fused.mix`)
+             "chained": {"matmul_mix": False}}
+SEARCH_CELL_SWITCHES = ("merge_kernel_sizes", "block_diagonal", "matmul_mix")  # nothing to the retrain's cells
 
 
 def speed_options(variant: str) -> dict[str, object]:
