@@ -2,7 +2,7 @@
 # One lent GPU session, in steps that each fit a 10-minute command (the device tool's limit):
 #
 #   bash bench/gpu.sh lease [SECONDS] # a 15-minute lease's main call (default 420 s): fused_dense's
-#                                     # trades on and off (+unmerged, +grouped, +chained), bench/kernels.py,
+#                                     # trades on and off (+unmerged, +grouped, +chained, +kindbn), bench/kernels.py,
 #                                     # torch.compile on NB201, the best variants against the reference,
 #                                     # a bf16 profile; each part in its own JSON (a part cut short
 #                                     # keeps the others)
@@ -61,11 +61,12 @@ lease)
   { nvidia-smi -L; python3 -c 'import torch; print("torch", torch.__version__, torch.cuda.get_device_name())'; } \
       2>&1 | tee "$OUT/lease.log"
   B="python3 bench/search_step.py"
-  # fused_dense's two trades of multiply-adds for kernels (42cd9ee) and the one-product node sums
-  # (`fused.mix`), each on and off, side by side (`+unmerged+grouped+chained` is fused_dense as
-  # the 2026-12-04 H200 run timed it)
+  # fused_dense's two trades of multiply-adds for kernels (42cd9ee), the one-product node sums
+  # (`fused.mix`) and one BN per pass (`fused.batch_norm_pass`), each on and off, side by side
+  # (`+unmerged+grouped+chained` is fused_dense as the 2026-12-04 H200 run timed it; `+chained`
+  # has one BN per op kind too)
   timeout $(($(left) < 150 ? $(left) : 150)) $B --cases darts_first,pc_darts,nb201 --no-retrain \
-      --variants fused_dense+graph+bf16,fused_dense+graph+bf16+chained,fused_dense+graph+bf16+unmerged,fused_dense+graph+bf16+grouped,fused_dense+graph+bf16+unmerged+grouped+chained \
+      --variants fused_dense+graph+bf16,fused_dense+graph+bf16+kindbn,fused_dense+graph+bf16+chained,fused_dense+graph+bf16+unmerged,fused_dense+graph+bf16+grouped,fused_dense+graph+bf16+unmerged+grouped+chained \
       --json "$OUT/trades.json" 2>&1 | tee -a "$OUT/lease.log"
   timeout 90 python3 bench/kernels.py --json "$OUT/kernels.json" 2>&1 | tee -a "$OUT/lease.log"
   timeout $(($(left) < 150 ? $(left) : 150)) $B --cases nb201 --no-retrain \

@@ -21,6 +21,8 @@ of the spec's searches, forward + backward:
   `search.matmul_mix`) instead of one weighted add per op kind and sums per merged group and
   paired pass (`chained`). Fewer kernels; but channels_last makes the product one tiny matrix
   product per pixel (65,536 of them at b64, 32×32), whose speed in cuBLAS only a GPU can tell.
+  `blocks`: the columns in two products, the second over one tensor that needs no cat (what a
+  pass runs when its last BNs are one, `search.merge_batch_norms`).
 
 On CUDA each case is captured in a CUDA graph and replayed `--iters` times between CUDA events, so
 the figure is the kernels' time, not the host's: an eager call of a small BN costs ~200 µs of
@@ -171,7 +173,9 @@ MIX_SHAPES = [
     # NB201's first state (b64, 16 ch): skip, avg pool; 1×1+3×3 merged
     MixShape("nb201 first state, 16 ch", 64, 16, 32, 1, 3, 2, 1),
 ]
-MIX_WAYS = ["mix", "chained"]
+# mix: one cat of every output, one product; blocks: the first output alone and the rest as one
+# tensor (a pass's one BN output, `fused.batch_norm_pass`), one product each, no cat
+MIX_WAYS = ["mix", "blocks", "chained"]
 MIX_DTYPES = ["fp32", "fp32+cl", "bf16+cl"]
 
 
@@ -197,12 +201,16 @@ def mix_case(shape: MixShape, way: str, dtype: str, device: torch.device
     for j in range(ones.shape[1]):
         ones[j % units % n, j] = 1.0
     leaves = [t._base for t in broadcast + merged] + [alpha]
+    if way == "blocks":          # the same columns, all but the first output's as one tensor
+        rest = torch.cat([t.flatten(1, t.dim() - 3) for t in broadcast[1:] + merged], 1).detach().requires_grad_(True)
+        leaves = [broadcast[0]._base, rest, alpha]
 
     def forward() -> torch.Tensor:
         a = alpha.to(dt)
-        if way == "mix":
+        if way in ("mix", "blocks"):
             m = torch.cat([a.flatten(0, 1).t(), ones.to(dt)], 1)     # (targets, columns)
-            return mix(None, m, broadcast + merged, s.broadcast * s.states)
+            blocks = [broadcast + merged] if way == "mix" else [broadcast[:1], [rest]]
+            return mix(None, m, blocks, s.broadcast * s.states)
         acc = None
         for b, w in zip(broadcast, a):
             w = w.view(1, s.states, n, 1, 1, 1) if s.states > 1 else w.view(1, n, 1, 1, 1)

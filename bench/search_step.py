@@ -103,8 +103,10 @@ MODIFIERS = {"graph": {"cuda_graph": True}, "bf16": {"amp": "bf16", "channels_la
              # reduction cells' paired stride-2 convs grouped, not block-diagonal
              "unmerged": {"merge_kernel_sizes": False}, "grouped": {"block_diagonal": False},
              # the fused backends without one matrix product per pass for the node sums (`fused.mix`)
-             "chained": {"matmul_mix": False}}
-SEARCH_CELL_SWITCHES = ("merge_kernel_sizes", "block_diagonal", "matmul_mix")  # nothing to the retrain's cells
+             "chained": {"matmul_mix": False},
+             # ... and one BN per op kind, not one per pass (`fused.batch_norm_pass`)
+             "kindbn": {"merge_batch_norms": False}}
+SEARCH_CELL_SWITCHES = ("merge_kernel_sizes", "block_diagonal", "matmul_mix", "merge_batch_norms")  # nothing to the retrain's cells
 
 
 def speed_options(variant: str) -> dict[str, object]:

@@ -22,6 +22,11 @@ states), so here every op of every edge leaving a state is computed in one pass 
   matrix product (`mix`; `search.matmul_mix`; off: one `addcmul` per op kind without a BN of
   its own, `WeightedAdd`, whose backward writes no full-size product, and sums per merged group
   and paired pass, `SumStates`);
+- in training, the last BNs of a pass (every conv kind's and pooling's: all without affine
+  parameters, their α in the matrix or the BN's scale) run as ONE batch norm over their
+  concatenated inputs (`batch_norm_pass`; `search.merge_batch_norms`): batch statistics are per
+  channel, so the numbers are the same; the product then reads that output as it is, beside the
+  identity (a DARTS pass: 2 BNs forward and backward, not 5);
 - partial channels (PC-DARTS): the ops see the state's first C/K channels; the bypassed channels
   (max-pooled once per state on stride-2 edges) are summed per node with the β weights, and
   concatenation and channel shuffle are one copy per node;
@@ -695,16 +700,58 @@ def _bn_shared(y: torch.Tensor, bns: Sequence[nn.BatchNorm2d], sink: BatchNormSi
         return torch.addcmul(shift.view(unit_shape), y.view(y_shape), scale.view(unit_shape))
     mean, var = sink.take(y.shape[1])
     out = F.batch_norm(y, mean, var, None, None, True, 1.0, bns[0].eps).view(y_shape)
-    if states == 1:
-        sink.updates.append(_BNUpdate(bns, mean, var, shared=True))
-    else:                                     # per state: its BNs saw its channels' statistics
-        for s in range(states):
-            sink.updates.append(_BNUpdate(bns[s * n:(s + 1) * n], mean[s * c:(s + 1) * c],
-                                          var[s * c:(s + 1) * c], shared=True))
+    _record_shared(sink, bns, mean, var, states)
     if not bns[0].affine:
         return out
     gamma, beta = next(ws).view(unit_shape), next(ws).view(unit_shape)
     return torch.addcmul(beta, out, gamma)
+
+
+def _record_shared(sink: BatchNormSink, bns: Sequence[nn.BatchNorm2d], mean: torch.Tensor,
+                   var: torch.Tensor, states: int) -> None:
+    """Batch statistics every module of `bns` shares, `states` states' channels side by side
+    (`bns` state-major): each state's modules saw its channels' statistics."""
+    bns = list(bns)
+    if states == 1:
+        sink.updates.append(_BNUpdate(bns, mean, var, shared=True))
+        return
+    n, c = len(bns) // states, mean.shape[0] // states
+    for s in range(states):
+        sink.updates.append(_BNUpdate(bns[s * n:(s + 1) * n], mean[s * c:(s + 1) * c],
+                                      var[s * c:(s + 1) * c], shared=True))
+
+
+@dataclass
+class Deferred:
+    """A group's last BN, not applied yet: `cell_forward` normalises every such group of a pass in
+    ONE batch norm over their concatenated inputs (`batch_norm_pass`; `search.merge_batch_norms`)."""
+
+    y: torch.Tensor                           # the BN's input, (B, channels, H', W')
+    bns: list[nn.BatchNorm2d]                 # one per unit (per block of channels), state-major
+    shared: bool = False                      # every module normalises all of y (a pooling's BN)
+    states: int = 1                           # shared: states side by side in y's channels
+
+
+def batch_norm_pass(parts: Sequence[Deferred], weight: torch.Tensor | None, sink: BatchNormSink,
+                    eps: float) -> torch.Tensor:
+    """Train-mode BN of a pass's deferred groups as one: their inputs concatenated (one copy),
+    one batch norm, whose per-channel affine scale `weight` holds each SCALED unit's α over its
+    channels and 1 over a pooling's (whose α weights it in `mix`). Batch statistics are per
+    channel, so each block comes out as its own BN would give it; they go back to each module's
+    running buffers through the sink. The (B, Σ channels, H', W') output is in `parts`' order."""
+    y = torch.cat([d.y for d in parts], dim=1) if len(parts) > 1 else parts[0].y
+    mean, var = sink.take(y.shape[1])
+    out = F.batch_norm(y, mean, var, weight, None, True, 1.0, eps)
+    at = 0
+    for d in parts:
+        c = d.y.shape[1]
+        m, v = mean[at:at + c], var[at:at + c]
+        at += c
+        if d.shared:
+            _record_shared(sink, d.bns, m, v, d.states)
+        else:
+            sink.updates.append(_BNUpdate(list(d.bns), m, v, shared=False))
+    return out
 
 
 # --- op kinds: n units of one op on one state -> (B, n or 1, C, H', W') ------------------------
@@ -719,6 +766,8 @@ class _Source:
     states: int = 1                           # states side by side in x's channels (paired inputs: 2)
     # dense, states > 1: makes a strided grouped conv's weight block-diagonal (`block_diagonal`)
     block_diagonal: Callable[[torch.Tensor, int], torch.Tensor] | None = None
+    # a kind with a last BN returns its input as `Deferred` instead (`batch_norm_pass`)
+    defer: bool = False
     _relu: torch.Tensor | None = None
 
     def relu(self) -> torch.Tensor:
@@ -752,7 +801,10 @@ def _pool_bn_requests(mods: list[nn.Module], dense: Dense, states: int) -> list[
     return _bn_requests([m[1] for m in mods])
 
 
-def _pool_bn(mods: list[nn.Module], src: _Source, units: Units, scale: None, ws: Iterator) -> torch.Tensor:
+def _pool_bn(mods: list[nn.Module], src: _Source, units: Units, scale: None, ws: Iterator
+             ) -> torch.Tensor | Deferred:
+    if src.defer:
+        return Deferred(mods[0][0](src.x), [m[1] for m in mods], shared=True, states=src.states)
     return _bn_shared(mods[0][0](src.x), [m[1] for m in mods], src.sink, ws, src.states)
 
 
@@ -772,7 +824,8 @@ def _dil_requests(blocks: Sequence[nn.Sequential], shared_input: bool, dense: De
 def _dil_blocks(blocks: Sequence[nn.Sequential], r: torch.Tensor, sink: BatchNormSink,
                 shared_input: bool, ws: Iterator[torch.Tensor], scale: Scale = None,
                 dense: bool = False, states: int = 1,
-                block_diagonal: Callable[[torch.Tensor, int], torch.Tensor] | None = None) -> torch.Tensor:
+                block_diagonal: Callable[[torch.Tensor, int], torch.Tensor] | None = None,
+                defer: bool = False) -> torch.Tensor | Deferred:
     """[depthwise conv → 1×1 conv → BN] of n `DilConv`-shaped blocks whose ReLU `r` already is.
 
     Shared input (every block reads the same C channels): one depthwise conv with channel
@@ -784,7 +837,7 @@ def _dil_blocks(blocks: Sequence[nn.Sequential], r: torch.Tensor, sink: BatchNor
     input) or grouped by unit. `states` > 1: r holds that many states' channels side by side,
     blocks state-major; each state's shared-input convs are one group of the same convs, or, if
     strided and `block_diagonal` is given (dense), one conv whose weight is zero off each state's
-    block (`block_diagonal`).
+    block (`block_diagonal`). `defer`: the BN's input, to be normalised with the pass (`Deferred`).
     """
     # a merged group (`merge_conv_groups`, dense only): the largest kernel's padding
     n, d0 = len(blocks), max((b[1] for b in blocks), key=lambda c: c.kernel_size[0])
@@ -797,6 +850,8 @@ def _dil_blocks(blocks: Sequence[nn.Sequential], r: torch.Tensor, sink: BatchNor
         y = F.conv2d(r, next(ws), None, d0.stride, d0.padding, d0.dilation,
                      states * d0.in_channels if shared_input else n * d0.in_channels)
         y = F.conv2d(y, next(ws), None, 1, 0, 1, states if shared_input else n)
+    if defer:
+        return Deferred(y, [b[3] for b in blocks])
     return _bn_blocks(y, [b[3] for b in blocks], sink, ws, scale)
 
 
@@ -817,9 +872,11 @@ def block_diagonal(w: torch.Tensor, states: int,
     return (w.unsqueeze(1) * mask.view(o, states, 1, 1, 1)).flatten(1, 2)
 
 
-def _dil(mods: list[nn.Module], src: _Source, units: Units, scale: Scale, ws: Iterator) -> torch.Tensor:
-    y = _dil_blocks(mods, src.relu(), src.sink, True, ws, scale, src.dense, src.states, src.block_diagonal)
-    return src.per_state(y, len(mods))
+def _dil(mods: list[nn.Module], src: _Source, units: Units, scale: Scale, ws: Iterator
+         ) -> torch.Tensor | Deferred:
+    y = _dil_blocks(mods, src.relu(), src.sink, True, ws, scale, src.dense, src.states, src.block_diagonal,
+                    src.defer)
+    return y if isinstance(y, Deferred) else src.per_state(y, len(mods))
 
 
 def _sep_requests(mods: list[nn.Module], dense: Dense, states: int) -> list[Request]:
@@ -827,11 +884,12 @@ def _sep_requests(mods: list[nn.Module], dense: Dense, states: int) -> list[Requ
         _dil_requests([m[1] for m in mods], False, dense)
 
 
-def _sep(mods: list[nn.Module], src: _Source, units: Units, scale: Scale, ws: Iterator) -> torch.Tensor:
+def _sep(mods: list[nn.Module], src: _Source, units: Units, scale: Scale, ws: Iterator
+         ) -> torch.Tensor | Deferred:
     y = _dil_blocks([m[0] for m in mods], src.relu(), src.sink, True, ws, dense=src.dense, states=src.states,
                     block_diagonal=src.block_diagonal)
-    y = _dil_blocks([m[1] for m in mods], F.relu(y), src.sink, False, ws, scale, src.dense)
-    return src.per_state(y, len(mods))
+    y = _dil_blocks([m[1] for m in mods], F.relu(y), src.sink, False, ws, scale, src.dense, defer=src.defer)
+    return y if isinstance(y, Deferred) else src.per_state(y, len(mods))
 
 
 def _relu_conv_bn_requests(mods: list[nn.Module], dense: Dense, states: int) -> list[Request]:
@@ -842,11 +900,14 @@ def _relu_conv_bn_requests(mods: list[nn.Module], dense: Dense, states: int) -> 
     return [(layout, [c.weight for c in convs])] + bias + _bn_requests([m[2] for m in mods])
 
 
-def _relu_conv_bn(mods: list[nn.Module], src: _Source, units: Units, scale: Scale, ws: Iterator) -> torch.Tensor:
+def _relu_conv_bn(mods: list[nn.Module], src: _Source, units: Units, scale: Scale, ws: Iterator
+                  ) -> torch.Tensor | Deferred:
     c0 = max((m[1] for m in mods), key=lambda c: c.kernel_size[0])    # a merged group: the largest kernel
     weight = next(ws)
     bias = next(ws) if c0.bias is not None else None
     y = F.conv2d(src.relu(), weight, bias, c0.stride, c0.padding, c0.dilation, src.states)
+    if src.defer:
+        return Deferred(y, [m[2] for m in mods])
     return src.per_state(_bn_blocks(y, [m[2] for m in mods], src.sink, ws, scale), len(mods))
 
 
@@ -856,7 +917,7 @@ def _factorized_reduce_requests(mods: list[nn.Module], dense: Dense, states: int
 
 
 def _factorized_reduce(mods: list[nn.Module], src: _Source, units: Units, scale: Scale,
-                       ws: Iterator) -> torch.Tensor:
+                       ws: Iterator) -> torch.Tensor | Deferred:
     """cat(conv_1(r), conv_2(r[:, :, 1:, 1:])) as ONE 2×2 stride-2 conv whose taps (0, 0) and (1, 1)
     are the two 1×1 convs: the output comes out concatenated (no cat copy), and the offset branch
     needs no slice, whose backward would zero-fill a full-size gradient. Four times the
@@ -865,6 +926,8 @@ def _factorized_reduce(mods: list[nn.Module], src: _Source, units: Units, scale:
     if r.shape[2] % 2 or r.shape[3] % 2:
         raise ValueError(f"FactorizedReduce needs an even height and width, got {tuple(r.shape[2:])}")
     y = F.conv2d(r, next(ws), None, 2, groups=src.states)
+    if src.defer:
+        return Deferred(y, [m.bn for m in mods])
     return src.per_state(_bn_blocks(y, [m.bn for m in mods], src.sink, ws, scale), len(mods))
 
 
@@ -881,7 +944,7 @@ def _eager(mods: list[nn.Module], src: _Source, units: Units, scale: None, ws: I
 # kind(modules, source, units, scale, weights) -> (B, n or 1, C, H', W'); the kinds in SCALED
 # multiply unit u's output by its α weight themselves (`Scale`: folded into their last BN), the
 # others get scale None
-KindFn = Callable[[list[nn.Module], _Source, Units, Scale, Iterator[torch.Tensor]], torch.Tensor]
+KindFn = Callable[[list[nn.Module], _Source, Units, Scale, Iterator[torch.Tensor]], "torch.Tensor | Deferred"]
 KINDS: dict[str, KindFn | None] = {
     "zero": None,                 # contributes exactly nothing: not computed
     "noise": _noise, "identity": _identity, "pool": _pool, "pool_bn": _pool_bn, "dil": _dil,
@@ -928,6 +991,23 @@ LAST_BN: dict[str, Callable[[nn.Module], nn.BatchNorm2d]] = {
     "dil": lambda m: m[3], "sep": lambda m: m[1][3], "relu_conv_bn": lambda m: m[2],
     "factorized_reduce": lambda m: m.bn,
 }
+# the kinds whose last BN a pass can apply for them all at once (`Deferred`, `batch_norm_pass`)
+DEFERRABLE = SCALED | {"pool_bn"}
+
+
+def _pass_batch_norm_eps(kinds_p: Sequence[Sequence[str]], modules: Sequence[Sequence[list[nn.Module]]]
+                         ) -> float | None:
+    """The eps of every last BN a cell's passes could merge (`batch_norm_pass`), if they can all
+    be: each without affine parameters (α is their affine scale; a pooling's BN has none in
+    training) and one eps for all. None where some cannot, or where no pass has two to merge
+    (NB201: one conv group per state): then nothing would change but the caches' keys."""
+    if not any(sum(kind in DEFERRABLE for kind in kinds) > 1 for kinds in kinds_p):
+        return None
+    bns = [m[1] if kind == "pool_bn" else LAST_BN[kind](m)
+           for kinds, mods_s in zip(kinds_p, modules) for kind, mods in zip(kinds, mods_s)
+           if kind in DEFERRABLE for m in mods]
+    eps = {bn.eps for bn in bns}
+    return eps.pop() if len(eps) == 1 and not any(bn.affine for bn in bns) else None
 
 
 # --- per-forward α weights ---------------------------------------------------------------------
@@ -946,12 +1026,15 @@ class FusedArch:
     merge: bool = True                        # dense: convs of several kernel sizes as one (`merge_conv_groups`)
     block_diagonal: bool = True               # dense: paired strided convs block-diagonal (`block_diagonal`)
     mix: bool = True                          # a pass's weighted sums as one matrix product (`mix`)
+    merge_bn: bool = True                     # mix: a pass's last BNs as one (`batch_norm_pass`)
     _groups: dict[tuple, list[list[torch.Tensor | None]]] = field(default_factory=dict)
     _scaled: dict[tuple, torch.Tensor | None] = field(default_factory=dict)
     _mix: dict[tuple, list[tuple[torch.Tensor, int] | None]] = field(default_factory=dict)
+    _bn: dict[tuple, list[torch.Tensor | None]] = field(default_factory=dict)
 
     def group_weights(self, cell: CellPlan, channels: int,
-                      unit_columns: tuple[tuple[bool, ...], ...] | None = None) -> list[list[torch.Tensor | None]]:
+                      unit_columns: tuple[tuple[bool, ...], ...] | None = None,
+                      defer: bool = False) -> list[list[torch.Tensor | None]]:
         """Per pass (`CellPlan.passes`), per group of `cell`, the units' α weights as the group's
         kind takes them: SCALED kinds (n, channels), each unit's weight repeated over its channels
         as the affine scale of their last BN, in α's dtype; the others (1, n, 1, 1, 1), or (1, S,
@@ -963,9 +1046,14 @@ class FusedArch:
         `unit_columns` (the `mix` path): per pass, per group, whether the group's output has one
         unit per α (else one output serves all its units: identity, pooling). Then the groups
         that are not SCALED get None here, and their α go into each pass's mixing matrix instead
-        (`mix_matrices`), gathered by the same index_select."""
+        (`mix_matrices`), gathered by the same index_select.
+
+        `defer` (with `unit_columns`): the DEFERRABLE groups' last BNs run as one per pass
+        (`batch_norm_pass`); its affine scale, per pass, comes from the same gather
+        (`pass_bn_weights`: 1 over a pooling's channels, then the SCALED units' α over theirs)
+        and the SCALED groups get None here."""
         ap = cell.arch or self.plan           # the cell's groups (merged ones: `merge_conv_groups`)
-        key = (id(ap), cell.kinds, cell.paired, channels, unit_columns)
+        key = (id(ap), cell.kinds, cell.paired, channels, unit_columns, defer)
         if key in self._groups:
             return self._groups[key]
         units = iter(ap.op_index)
@@ -976,13 +1064,21 @@ class FusedArch:
                    [i for s in p for i in op_index[s][gi]], len(p))
                   for p in passes for gi, kind in enumerate(cell.kinds[p[0]])]
         mixes = None if unit_columns is None else _mix_layouts(ap, cell, passes, op_index, unit_columns,
-                                                                len(self.weights))
+                                                                len(self.weights), defer)
+        defer = defer and mixes is not None
+        # defer: per pass, the BN scale's positions (1 = after the α and the 0)
+        bn_scale = [[len(self.weights) + 1] * (len(p) * channels) * cell.kinds[p[0]].count("pool_bn")
+                    + [i for gi, kind in enumerate(cell.kinds[p[0]]) if kind in SCALED
+                       for s in p for i in op_index[s][gi] for _ in range(channels)]
+                    for p in passes] if defer else []
 
         def gather_index() -> torch.Tensor:
             parts: dict[str, list[int]] = {"none": [], "plain": [], "scaled": []}
             for k, index, _ in layout:
                 parts[k] += index
             plain = parts["plain"] if mixes is None else [i for m in mixes if m is not None for i in m[0]]
+            if defer:
+                return torch.tensor(plain + [i for b in bn_scale for i in b])
             return torch.tensor(plain + [i for i in parts["scaled"] for _ in range(channels)])
         source = self.weights
         if mixes is not None:        # the mixing matrices' constant entries: 0 and 1 after the α
@@ -990,17 +1086,23 @@ class FusedArch:
             source = torch.cat([source, self.constant(("zero-one", dtype), lambda: torch.tensor([0.0, 1.0], dtype=dtype))])
         # the index is a device constant: made once, not per forward
         gathered = source.index_select(
-            0, self.constant(("gather", ap, cell.kinds, cell.paired, channels, unit_columns), gather_index))
+            0, self.constant(("gather", ap, cell.kinds, cell.paired, channels, unit_columns, defer), gather_index))
         n_plain = (sum(len(i) for k, i, _ in layout if k == "plain") if mixes is None
                    else sum(len(m[0]) for m in mixes if m is not None))
-        n_scaled = sum(len(i) for k, i, _ in layout if k == "scaled") * channels
+        n_scaled = (sum(len(b) for b in bn_scale) if defer
+                    else sum(len(i) for k, i, _ in layout if k == "scaled") * channels)
         plain_w, scaled_w = gathered.split([n_plain, n_scaled]) if n_plain and n_scaled else (
             (gathered, None) if n_plain else (None, gathered))
         if plain_w is not None and self.autocast is not None:
             # the ops' outputs are in the autocast dtype; float32 weights would promote every sum
             plain_w = plain_w.to(self.autocast)
-        scaled_parts = iter(scaled_w.split([len(i) * channels for k, i, _ in layout if k == "scaled"])
-                            if scaled_w is not None else ())
+        if defer:
+            per_pass = iter(scaled_w.split([len(b) for b in bn_scale]) if scaled_w is not None else ())
+            self._bn[key] = [next(per_pass) if b else None for b in bn_scale]
+            scaled_parts: Iterator[torch.Tensor] = iter(())
+        else:
+            scaled_parts = iter(scaled_w.split([len(i) * channels for k, i, _ in layout if k == "scaled"])
+                                if scaled_w is not None else ())
         if mixes is not None:
             matrices = iter(plain_w.split([len(m[0]) for m in mixes if m is not None]) if plain_w is not None else ())
             self._mix[key] = [None if m is None else (next(matrices).view(m[1], -1), m[2]) for m in mixes]
@@ -1015,7 +1117,7 @@ class FusedArch:
             row: list[torch.Tensor | None] = []
             for _ in ap.sources[p[0]].groups:
                 k, _i, states = next(it)
-                row.append(None if k == "none" or (k == "plain" and mixes is not None)
+                row.append(None if k == "none" or (k == "plain" and mixes is not None) or (k == "scaled" and defer)
                            else next(scaled_parts).view(-1, channels) if k == "scaled"
                            else next(plain_parts).view(1, -1, 1, 1, 1) if states == 1
                            else next(plain_parts).view(1, states, -1, 1, 1, 1))
@@ -1028,19 +1130,25 @@ class FusedArch:
                        unit_columns: tuple[tuple[bool, ...], ...] | None = None) -> torch.Tensor | None:
         """Every SCALED group's weights of `group_weights`, concatenated (one tensor)."""
         self.group_weights(cell, channels, unit_columns)
-        return self._scaled[(id(cell.arch or self.plan), cell.kinds, cell.paired, channels, unit_columns)]
+        return self._scaled[(id(cell.arch or self.plan), cell.kinds, cell.paired, channels, unit_columns, False)]
 
-    def mix_matrices(self, cell: CellPlan, channels: int, unit_columns: tuple[tuple[bool, ...], ...]
-                     ) -> list[tuple[torch.Tensor, int] | None]:
+    def mix_matrices(self, cell: CellPlan, channels: int, unit_columns: tuple[tuple[bool, ...], ...],
+                     defer: bool = False) -> list[tuple[torch.Tensor, int] | None]:
         """Per pass: its mixing matrix (targets, columns) and how many of its first columns hold α
         (`mix`); None where no op leaves the pass's states."""
-        self.group_weights(cell, channels, unit_columns)
-        return self._mix[(id(cell.arch or self.plan), cell.kinds, cell.paired, channels, unit_columns)]
+        self.group_weights(cell, channels, unit_columns, defer)
+        return self._mix[(id(cell.arch or self.plan), cell.kinds, cell.paired, channels, unit_columns, defer)]
+
+    def pass_bn_weights(self, cell: CellPlan, channels: int, unit_columns: tuple[tuple[bool, ...], ...]
+                        ) -> list[torch.Tensor | None]:
+        """Per pass: the affine scale of its one BN (`batch_norm_pass`), None where it has none."""
+        self.group_weights(cell, channels, unit_columns, True)
+        return self._bn[(id(cell.arch or self.plan), cell.kinds, cell.paired, channels, unit_columns, True)]
 
 
 def _mix_layouts(ap: ArchPlan, cell: CellPlan, passes: Sequence[tuple[int, ...]],
                  op_index: list[list[list[int]]], unit_columns: tuple[tuple[bool, ...], ...],
-                 n_weights: int) -> list[tuple[list[int], int, int] | None]:
+                 n_weights: int, defer: bool = False) -> list[tuple[list[int], int, int] | None]:
     """Per pass, its mixing matrix as positions into (α weights, 0, 1), row-major, with its
     number of rows (targets) and of α columns; None for a pass without outputs.
 
@@ -1049,24 +1157,28 @@ def _mix_layouts(ap: ArchPlan, cell: CellPlan, passes: Sequence[tuple[int, ...]]
     weight 1 into their unit's target); within a group, state by state, unit by unit. A column
     that serves all the units of a group (an identity or pooling output) has each unit's α in
     that unit's target row; a merged group (`repeats`) has blocks of units, one per target each.
-    The paired inputs' columns go to the same rows: the product sums the two states too."""
+    The paired inputs' columns go to the same rows: the product sums the two states too.
+    `defer` (`batch_norm_pass`): the poolings' BN outputs come out of the pass's one BN, before
+    the SCALED groups': their columns after the other weighted ones."""
     zero, one = n_weights, n_weights + 1
     out: list[tuple[list[int], int, int] | None] = []
     for p, per_unit in zip(passes, unit_columns):
         targets = len(ap.sources[p[-1]].edges)
-        plain, scaled = [], []                # columns: one target row -> position each
+        plain, pooled, scaled = [], [], []    # columns: one target row -> position each
         for gi, kind in enumerate(cell.kinds[p[0]]):
             if KINDS[kind] is None:
                 continue
             for s in p:
                 g, alphas = ap.sources[s].groups[gi], op_index[s][gi]
                 rows = g.positions or [j % targets for j in range(len(g.units))]
+                weighted = pooled if defer and kind == "pool_bn" else plain
                 if kind in SCALED:
                     scaled += [{r: one} for r in rows]
                 elif per_unit[gi]:
-                    plain += [{r: a} for r, a in zip(rows, alphas)]
+                    weighted += [{r: a} for r, a in zip(rows, alphas)]
                 else:
-                    plain.append(dict(zip(rows, alphas)))
+                    weighted.append(dict(zip(rows, alphas)))
+        plain += pooled
         columns = plain + scaled
         if not columns:
             out.append(None)
@@ -1079,7 +1191,8 @@ def prepare_arch(plan: ArchPlan, op_weights: torch.Tensor,
                  edge_weights: torch.Tensor | None, partial: bool,
                  constant: Callable[[tuple, Callable[[], torch.Tensor]], torch.Tensor],
                  sink: BatchNormSink, dense: bool = False, merged_plans: dict | None = None,
-                 merge: bool = True, block_diagonal: bool = True, mix: bool = True) -> FusedArch:
+                 merge: bool = True, block_diagonal: bool = True, mix: bool = True,
+                 merge_bn: bool = True) -> FusedArch:
     """α weights with β folded in; the β weights of PC-DARTS' bypassed channels, per source.
 
     `constant(key, make)` returns `make()` on the weights' device, made once per key and cached by
@@ -1099,7 +1212,7 @@ def prepare_arch(plan: ArchPlan, op_weights: torch.Tensor,
     edge_parts = iter(bypass.split([len(sp.edges) for sp in plan.sources]) if bypass is not None else ())
     bypass_weights = [next(edge_parts).view(1, -1, 1, 1, 1) if bypass is not None else None for _ in plan.sources]
     return FusedArch(plan, w.reshape(-1), bypass_weights, sink, constant, autocast, dense,
-                     {} if merged_plans is None else merged_plans, merge, block_diagonal, mix)
+                     {} if merged_plans is None else merged_plans, merge, block_diagonal, mix, merge_bn)
 
 
 # --- the cell ----------------------------------------------------------------------------------
@@ -1246,27 +1359,37 @@ def _items(x: torch.Tensor, columns: int, nhwc: bool) -> torch.Tensor:
 
 
 class Mix(torch.autograd.Function):
-    """carry + m @ x, item by item: x (G, K, N), m (n, K), carry (G, n, N) or None -> (G, n, N).
-    Only m's first `k_alpha` columns get a gradient (the rest are constants: `_mix_layouts`),
-    computed from `alpha_outs`, the (B, u·C, H, W) outputs whose concatenation those columns of
-    x are, kept as they are: no copy of x, which the backward would otherwise keep whole."""
+    """carry + Σ_b m_b @ x_b, item by item: x_b (G, K_b, N) the blocks of columns, m_b (n, K_b)
+    m's columns for block b, carry (G, n, N) or None -> (G, n, N). Only m's first `k_alpha`
+    columns get a gradient (the rest are constants: `_mix_layouts`), computed from `alpha_outs`,
+    the (B, u·C, H, W) outputs whose concatenation those columns are, kept as they are: no copy
+    of x, which the backward would otherwise keep whole."""
 
     @staticmethod
-    def forward(ctx, carry: torch.Tensor | None, m: torch.Tensor, x: torch.Tensor, k_alpha: int,
-                nhwc: bool, *alpha_outs: torch.Tensor) -> torch.Tensor:
-        mb = m.to(x.dtype).expand(x.shape[0], -1, -1)
-        out = torch.bmm(mb, x) if carry is None else torch.baddbmm(carry.to(x.dtype), mb, x)
-        ctx.x_dtype, ctx.k_alpha, ctx.nhwc = x.dtype, k_alpha, nhwc
+    def forward(ctx, carry: torch.Tensor | None, m: torch.Tensor, k_alpha: int, nhwc: bool, blocks: int,
+                *xs_and_alpha_outs: torch.Tensor) -> torch.Tensor:
+        xs, alpha_outs = xs_and_alpha_outs[:blocks], xs_and_alpha_outs[blocks:]
+        out, at = carry, 0
+        for x in xs:
+            mb = m[:, at:at + x.shape[1]].to(x.dtype).expand(x.shape[0], -1, -1)
+            at += x.shape[1]
+            out = (torch.bmm(mb, x) if out is None else torch.baddbmm(out.to(x.dtype), mb, x) if out is carry
+                   else out.baddbmm_(mb, x))
+        ctx.x_dtypes, ctx.widths, ctx.k_alpha, ctx.nhwc = [x.dtype for x in xs], [x.shape[1] for x in xs], k_alpha, nhwc
         ctx.save_for_backward(m, *alpha_outs)
         return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         m, *alpha_outs = ctx.saved_tensors
-        needs_carry, needs_m, needs_x = ctx.needs_input_grad[:3]
-        grad_m = grad_x = None
-        if needs_x:
-            grad_x = torch.bmm(m.t().to(grad.dtype).expand(grad.shape[0], -1, -1), grad).to(ctx.x_dtype)
+        needs_carry, needs_m = ctx.needs_input_grad[:2]
+        grad_m = None
+        grad_xs: list[torch.Tensor | None] = []
+        at = 0
+        for needs_x, width, dtype in zip(ctx.needs_input_grad[5:], ctx.widths, ctx.x_dtypes):
+            mt = m[:, at:at + width].t().to(grad.dtype).expand(grad.shape[0], -1, -1)
+            grad_xs.append(torch.bmm(mt, grad).to(dtype) if needs_x else None)
+            at += width
         if needs_m:
             k = ctx.k_alpha
             if not alpha_outs or not k:
@@ -1275,39 +1398,47 @@ class Mix(torch.autograd.Function):
                 x_alpha = torch.cat(alpha_outs, dim=1) if len(alpha_outs) > 1 else alpha_outs[0]
                 g = torch.bmm(grad, _items(x_alpha, k, ctx.nhwc).transpose(1, 2).to(grad.dtype)).sum(0)
                 grad_m = F.pad(g, (0, m.shape[1] - k)).to(m.dtype)
-        return (grad if needs_carry else None), grad_m, grad_x, None, None, *([None] * len(alpha_outs))
+        return ((grad if needs_carry else None), grad_m, None, None, None, *grad_xs,
+                *([None] * len(alpha_outs)))
 
 
-def mix(carry: torch.Tensor | None, m: torch.Tensor, outs: Sequence[torch.Tensor], k_alpha: int,
+def mix(carry: torch.Tensor | None, m: torch.Tensor, blocks: Sequence[Sequence[torch.Tensor]], k_alpha: int,
         split: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
-    """A pass's node sums in one matrix product: carry + Σ_k m[t, k]·X_k for every target t, where
-    X is the concatenation of the pass's outputs `outs` ((B, [S,] u, C, H, W) each: K columns in
-    all, the first `k_alpha` weighted by α here) and `carry` (B, n, C, H, W) the earlier passes'
-    partial sums. Two kernels (a cat, a batched product) where one weighted add per group and a
-    sum per merged group and per paired pass took about seven; in the backward three (two
-    products and a sum) for about eleven, and a cat where α needs a gradient.
+    """A pass's node sums in matrix products: carry + Σ_k m[t, k]·X_k for every target t, where
+    X is the concatenation of the pass's outputs (`blocks`, lists of (B, [S,] u, C, H, W)
+    tensors: K columns in all, the first `k_alpha` weighted by α here) and `carry` (B, n, C, H,
+    W) the earlier passes' partial sums. Each block is concatenated (one copy) and goes into one
+    batched product: a block that is one tensor already (a pass's one BN output,
+    `batch_norm_pass`) is not copied. Per block two kernels (a cat, a product) where one weighted
+    add per group and a sum per merged group and per paired pass took about seven; in the
+    backward a product per block and two more kernels where α needs a gradient.
 
     `split`: the first target's sums (the node complete now) and the rest apart, (B, 1, C, H, W)
     and (B, n-1, C, H, W) or None, split in the product's own layout, so that the split's
     backward (a cat) writes the gradient in the layout the product's backward reads."""
-    flat = [o.flatten(1, o.dim() - 3) for o in outs]                     # (B, u·C, H, W) each
-    x = torch.cat(flat, dim=1) if len(flat) > 1 else flat[0]
+    flats = [[o.flatten(1, o.dim() - 3) for o in block] for block in blocks if block]   # (B, u·C, H, W) each
+    xs = [torch.cat(f, dim=1) if len(f) > 1 else f[0] for f in flats]
     n, k = m.shape
-    b, kc, h, w = x.shape
-    c = kc // k
-    nhwc = _nhwc(x)
+    b, _, h, w = xs[0].shape
+    c = sum(x.shape[1] for x in xs) // k
+    nhwc = _nhwc(xs[0])
     # the α columns' outputs, kept for α's gradient (not in a weight step: α is constant there)
     alpha_outs: list[torch.Tensor] = []
     if torch.is_grad_enabled() and m.requires_grad:
         columns = 0
-        for f in flat:
+        for f in (f for fs in flats for f in fs):
             if columns >= k_alpha:
                 break
+            if columns + f.shape[1] // c > k_alpha:
+                # an output with more than α columns (a pass's one BN): only those, copied, so
+                # that the rest is not kept
+                f = f[:, :(k_alpha - columns) * c].detach().clone()
             alpha_outs.append(f)
             columns += f.shape[1] // c
     if carry is not None:
         carry = carry.permute(0, 3, 4, 1, 2).reshape(b * h * w, n, c) if nhwc else carry.reshape(b, n, c * h * w)
-    out = Mix.apply(carry, m, _items(x, k, nhwc), k_alpha, nhwc, *alpha_outs)    # (G, n, N)
+    items = [_items(x, x.shape[1] // c, nhwc) for x in xs]
+    out = Mix.apply(carry, m, k_alpha, nhwc, len(items), *items, *alpha_outs)     # (G, n, N)
 
     def nodes(t: torch.Tensor) -> torch.Tensor:                          # (G, n', N) -> (B, n', C, H, W)
         if nhwc:
@@ -1330,6 +1461,19 @@ def unit_columns(kind: str, mods: Sequence[nn.Module], training: bool) -> bool:
     if kind == "pool_bn":
         return len(mods) > 1 and (not training or mods[0][1].affine)
     return True
+
+
+def _scales_of_pass(kinds: Sequence[str], mods_s: Sequence[list[nn.Module]], row: list[torch.Tensor | None],
+                    bn_weight: torch.Tensor | None, channels: int, states: int) -> list[torch.Tensor | None]:
+    """A pass's group weights (`FusedArch.group_weights`) with each SCALED group's (n, channels)
+    α scale cut from the pass's BN scale (`pass_bn_weights`: the poolings' channels, then the
+    SCALED groups' in group order)."""
+    if bn_weight is None:
+        return row
+    sizes = ([states * channels] * sum(kind == "pool_bn" for kind in kinds)
+             + [len(mods) * channels for kind, mods in zip(kinds, mods_s) if kind in SCALED])
+    parts = iter(bn_weight.split(sizes)[kinds.count("pool_bn"):])
+    return [next(parts).view(-1, channels) if kind in SCALED else w for kind, w in zip(kinds, row)]
 
 
 def _join_partial(a: torch.Tensor, b: torch.Tensor, k: int, shuffle: bool) -> torch.Tensor:
@@ -1389,8 +1533,18 @@ def cell_forward(op_module: Callable[[int, int], nn.Module], shape: CellShape, p
     # `mix`: per pass, per group, whether its output has a column per unit (else one for all)
     columns = (tuple(tuple(unit_columns(kind, mods, arch.sink.training) for mods, kind in zip(mods_s, kinds))
                      for mods_s, kinds in zip(modules, kinds_p)) if arch.mix else None)
-    weights = arch.group_weights(plan, c_op, columns)
-    mixes = arch.mix_matrices(plan, c_op, columns) if columns is not None else [None] * len(passes)
+    # `merge_bn`: a pass's last BNs as one (`batch_norm_pass`) in training, where all can be.
+    # Evaluation mode keeps one BN per op kind (affine maps of each module's running statistics)
+    # but reads its α from the same gather and matrices: the same cached index tensors, so that
+    # a compiled forward (`Supernet.compile`) is not traced again once evaluation has run
+    eps = _pass_batch_norm_eps(kinds_p, modules) if arch.mix and arch.merge_bn and not plan.scaled_affine else None
+    defer = eps is not None
+    weights = arch.group_weights(plan, c_op, columns, defer)
+    mixes = arch.mix_matrices(plan, c_op, columns, defer) if columns is not None else [None] * len(passes)
+    bn_weights = arch.pass_bn_weights(plan, c_op, columns) if defer else [None] * len(passes)
+    if defer and not arch.sink.training:     # the SCALED groups' α from each pass's BN scale
+        weights = [_scales_of_pass(kinds, mods_s, row, bn_weight, c_op, len(p))
+                   for p, kinds, mods_s, row, bn_weight in zip(passes, kinds_p, modules, weights, bn_weights)]
     if last:
         # affine last BNs (random features): α·γ and α·β of the whole cell in one product, not
         # two small products per group (each with its own backward); a SCALED kind then gets its
@@ -1405,7 +1559,7 @@ def cell_forward(op_module: Callable[[int, int], nn.Module], shape: CellShape, p
     carry = carry_b = None           # partial sums of the nodes not complete yet
     # paired strided convs (`_dil_blocks`) as one ungrouped conv, their weights made so here
     spread = (lambda w, n: block_diagonal(w, n, arch.constant)) if arch.block_diagonal else None
-    for p, mods_s, kinds, weights_s, mixing in zip(passes, modules, kinds_p, weights, mixes):
+    for p, mods_s, kinds, weights_s, mixing, bn_weight in zip(passes, modules, kinds_p, weights, mixes, bn_weights):
         # a paired pass's two inputs have one stride and one set of targets; its last state
         # says whether the next node is complete after it
         sp = ap.sources[p[-1]]
@@ -1425,17 +1579,22 @@ def cell_forward(op_module: Callable[[int, int], nn.Module], shape: CellShape, p
                 raise ValueError(f"a paired cell's inputs must have one shape, got {tuple(states[0].shape)} "
                                  f"and {tuple(states[1].shape)}")
             xa = torch.cat([a for a, _ in parts], dim=1)
-        src = _Source(xa, arch.sink, noise, arch.dense, len(p), spread)
+        src = _Source(xa, arch.sink, noise, arch.dense, len(p), spread, defer and arch.sink.training)
         acc = carry
         weighted, alphaless = [], []         # `mix`: the outputs to weight, those weighted already
+        pooled, convs = [], []               # defer: the poolings' and SCALED groups' BN inputs
+        pooled_eval = []                     # ... their BN outputs in evaluation mode
         for g, mods, kind, w in zip(ap.sources[p[0]].groups, mods_s, kinds, weights_s):
             fn = KINDS[kind]
             if fn is None:
                 continue
             scaled = kind in SCALED
             out = fn(mods, src, g.units, w if scaled else None, ws)
+            if isinstance(out, Deferred):
+                (convs if scaled else pooled).append(out)
+                continue
             if arch.mix:
-                (alphaless if scaled else weighted).append(out)
+                (alphaless if scaled else pooled_eval if defer and kind == "pool_bn" else weighted).append(out)
                 continue
             pos = (arch.constant(("index", g.positions), lambda: torch.tensor(g.positions))
                    if g.positions is not None else None)
@@ -1443,10 +1602,17 @@ def cell_forward(op_module: Callable[[int, int], nn.Module], shape: CellShape, p
         complete = sp.state >= ap.num_inputs - 1      # every edge into the next node is summed now
         split = None
         if mixing is not None:               # every term of the pass, both paired states', at once
+            blocks = [weighted + pooled_eval + alphaless]
+            if pooled or convs:              # the pass's one BN: its output a block of its own
+                normed = batch_norm_pass(pooled + convs, bn_weight, arch.sink, eps)
+                if len(pooled) + len(convs) > 1:
+                    blocks.append([normed])
+                else:                        # nothing merged: one cat, one product, as without
+                    blocks[0].append(normed)
             if complete:
-                split = mix(carry, mixing[0], weighted + alphaless, mixing[1], split=True)
+                split = mix(carry, mixing[0], blocks, mixing[1], split=True)
             else:
-                acc = mix(carry, mixing[0], weighted + alphaless, mixing[1])
+                acc = mix(carry, mixing[0], blocks, mixing[1])
         elif acc is not None and len(p) > 1:
             acc = SumStates.apply(acc)   # (B, S, targets, C, H, W): the paired inputs' terms summed
         if acc is None and split is None:    # only `none` ops leave this state

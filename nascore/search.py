@@ -107,6 +107,8 @@ class SearchConfig:
     block_diagonal: bool = True
     # fused backends: a pass's node sums as one batched matrix product (`fused.mix`)
     matmul_mix: bool = True
+    # with matmul_mix, in training: a pass's last BNs as one batch norm (`fused.batch_norm_pass`)
+    merge_batch_norms: bool = True
     rf: RandomFeaturesConfig = field(default_factory=RandomFeaturesConfig)
     opp: ProgressiveConfig = field(default_factory=ProgressiveConfig)
 
@@ -252,7 +254,7 @@ class SearchRun:
     def build_model(self) -> Supernet:
         model = self.space.build_supernet(self.cfg.supernet_config(self.data.num_classes))
         model.set_backend(self.cfg.backend, self.cfg.merge_kernel_sizes, self.cfg.block_diagonal,
-                          self.cfg.matmul_mix)
+                          self.cfg.matmul_mix, self.cfg.merge_batch_norms)
         fmt = torch.channels_last if self.cfg.channels_last else torch.preserve_format
         return model.to(self.device, memory_format=fmt)
 

@@ -210,6 +210,7 @@ class Supernet(nn.Module):
     merge_kernel_sizes: bool = True  # fused_dense: convs of several kernel sizes as one (set_backend)
     block_diagonal: bool = True      # fused_dense: paired strided convs ungrouped (set_backend)
     matmul_mix: bool = True          # fused backends: a pass's node sums as one product (set_backend)
+    merge_batch_norms: bool = True   # fused backends, matmul_mix: a pass's last BNs as one (set_backend)
     _arch_constant: bool = False     # inside `arch_constant()`: α and β enter the forward detached
 
     def init_arch(self, edge_ops: dict[str, Sequence[Sequence[str]]],
@@ -374,20 +375,23 @@ class Supernet(nn.Module):
 
     # --- forward ------------------------------------------------------------------------------
     def set_backend(self, backend: str, merge_kernel_sizes: bool = True, block_diagonal: bool = True,
-                    matmul_mix: bool = True) -> None:
-        """Two `fused_dense` trades of multiply-adds for kernels and one fused change of how the
-        node sums are computed, on by default; off, for measuring them (bench/search_step.py's
-        `+unmerged`, `+grouped`, `+chained`):
+                    matmul_mix: bool = True, merge_batch_norms: bool = True) -> None:
+        """Two `fused_dense` trades of multiply-adds for kernels and two fused changes of how a
+        pass ends, on by default; off, for measuring them (bench/search_step.py's `+unmerged`,
+        `+grouped`, `+chained`, `+kindbn`):
         `merge_kernel_sizes`: a state's convs of one kind that differ only in kernel size run as
         one conv at the largest size (`fused.merge_conv_groups`);
         `block_diagonal`: a reduction cell's paired stride-2 convs run as one ungrouped conv
         (`fused.block_diagonal`), not as a grouped one;
         `matmul_mix` (`fused` and `fused_dense`): every weighted sum of a pass as one batched
-        matrix product (`fused.mix`), not one weighted add per op kind."""
+        matrix product (`fused.mix`), not one weighted add per op kind;
+        `merge_batch_norms` (with `matmul_mix`, in training): a pass's last BNs (every conv
+        kind's and pooling's) as one BN over their concatenated inputs (`fused.batch_norm_pass`),
+        not one per op kind."""
         if backend not in BACKENDS:
             raise ValueError(f"supernet backend {backend!r} is unknown; allowed: {', '.join(BACKENDS)}")
         self.backend, self.merge_kernel_sizes, self.block_diagonal = backend, merge_kernel_sizes, block_diagonal
-        self.matmul_mix = matmul_mix
+        self.matmul_mix, self.merge_batch_norms = matmul_mix, merge_batch_norms
 
     def compile(self, *args: Any, **kwargs: Any) -> None:
         """`torch.compile` the forward (`search.compile`); arguments as for `torch.compile`.
@@ -438,7 +442,8 @@ class Supernet(nn.Module):
             arch[ct] = fused.prepare_arch(
                 plan, self.op_weights(ct, columns), self.edge_weights(ct), self.cfg.partial_channels > 1,
                 lambda key, make: self._index(key, make, device), sink, self.backend == "fused_dense",
-                self._merged_plans, self.merge_kernel_sizes, self.block_diagonal, self.matmul_mix)
+                self._merged_plans, self.merge_kernel_sizes, self.block_diagonal, self.matmul_mix,
+                self.merge_batch_norms)
         out = self.forward_cells(x, arch, {ct: None for ct in self.cell_types}, columns)
         sink.flush()
         return out

@@ -80,8 +80,9 @@ def test_bench_variants_name_a_backend_and_modifiers():
             bench.main(["--device", "cpu", "--size", "tiny", "--retrain-variants", f"nascore,{bad}"])
     with pytest.raises(SystemExit):
         bench.main(["--device", "cpu", "--size", "tiny", "--retrain-variants", "nascore+fused_dense+unmerged"])
-    assert bench.speed_options("fused_dense+grouped+unmerged+chained") == {
-        "backend": "fused_dense", "block_diagonal": False, "merge_kernel_sizes": False, "matmul_mix": False}
+    assert bench.speed_options("fused_dense+grouped+unmerged+chained+kindbn") == {
+        "backend": "fused_dense", "block_diagonal": False, "merge_kernel_sizes": False, "matmul_mix": False,
+        "merge_batch_norms": False}
     assert bench.retrain_speed("nascore+graph") == "eager+graph"
     assert bench.retrain_speed("nascore+fused_dense+graph+amp") == "fused_dense+graph+amp"
 
@@ -100,11 +101,13 @@ def test_the_kernel_bench_times_every_way_and_its_conv_ways_compute_one_function
         outs = [kernels.conv_case(shape, way, dtype, torch.device("cpu"))[1]() for way in kernels.CONV_WAYS]
         for out in outs[1:]:
             torch.testing.assert_close(out, outs[0], rtol=1e-5, atol=1e-5)
-    # the node sums: `fused.mix` and the chained adds give one sum, paired or not, in either layout
+    # the node sums: `fused.mix` (one block or two) and the chained adds give one sum, paired or
+    # not, in either layout
     for shape in (kernels.MixShape("t", 2, 3, 4, 2, 4, 3, 2), kernels.MixShape("t", 2, 3, 4, 1, 3, 2, 1)):
         for dtype in ("fp32", "fp32+cl"):
             outs = [kernels.mix_case(shape, way, dtype, torch.device("cpu"))[1]() for way in kernels.MIX_WAYS]
-            torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
+            for out in outs[1:]:
+                torch.testing.assert_close(out, outs[0], rtol=1e-5, atol=1e-5)
             assert outs[0].shape == (2, shape.targets, 3, 4, 4)
     # a CPU run of the whole script at tiny shapes: every case and way, in the JSON
     monkeypatch.setattr(kernels, "BN_SHAPES", [("t", (2, 4, 4, 4))])
@@ -345,14 +348,16 @@ def test_the_unmerged_and_grouped_variants_run_fused_dense_without_its_trades():
     name (DARTS space: sep and dil 3×3 apart from 5×5) dispatches more kernels; `+grouped`, what
     `block_diagonal` does: it builds no block-diagonal weights; `+chained`, what `fused.mix` does:
     one weighted add per op kind and state, and sums per merged group and paired pass, instead of
-    one product per pass."""
+    one product per pass; `+kindbn`, what `fused.batch_norm_pass` does: one BN per op kind, not
+    one per pass."""
     spec = importlib.util.spec_from_file_location("search_step", BENCH)
     bench = importlib.util.module_from_spec(spec)
     sys.modules["search_step"] = bench
     spec.loader.exec_module(bench)
     from opcount import CountOps
     writing = {}
-    for variant in ("fused_dense", "fused_dense+unmerged", "fused_dense+grouped", "fused_dense+chained"):
+    for variant in ("fused_dense", "fused_dense+unmerged", "fused_dense+grouped", "fused_dense+chained",
+                    "fused_dense+kindbn"):
         torch.manual_seed(0)
         step, _, counters = bench.nascore_step("darts_first", bench.SIZES["tiny"], torch.device("cpu"),
                                                **bench.speed_options(variant))
@@ -364,3 +369,4 @@ def test_the_unmerged_and_grouped_variants_run_fused_dense_without_its_trades():
     # block-diagonal weights: a mask multiply per strided paired conv, forward and backward
     assert writing["fused_dense"] > writing["fused_dense+grouped"], writing
     assert writing["fused_dense"] < 0.9 * writing["fused_dense+chained"], writing
+    assert writing["fused_dense"] < 0.95 * writing["fused_dense+kindbn"], writing

@@ -125,13 +125,15 @@ def test_the_chained_node_sums_equal_eager_too(space, switches):
 
 
 @pytest.mark.parametrize("nhwc", [False, True])
-@pytest.mark.parametrize("carry,split,strided", [(False, False, False), (True, False, False),
-                                                 (True, True, False), (False, True, True)])
-def test_mix_is_the_weighted_sum_of_its_columns(nhwc, carry, split, strided, float64):
+@pytest.mark.parametrize("carry,split,strided,blocks", [
+    (False, False, False, 1), (True, False, False, 1), (True, True, False, 1), (False, True, True, 1),
+    (True, False, False, 2), (False, True, True, 2)])
+def test_mix_is_the_weighted_sum_of_its_columns(nhwc, carry, split, strided, blocks, float64):
     """`fused.mix` gives carry + Σ_k m[t, k]·X_k with the gradients autograd gives that sum (α's
     only for the first k_alpha columns, the rest being constants), in either layout, for a
     strided output (a node's slice of an earlier pass's sums) and split into the complete node
-    and the rest."""
+    and the rest; with the columns in one block (one concatenation) or two, the second one
+    tensor whose first columns hold α and the rest not (a pass's one BN output)."""
     from nascore.fused import mix
     g = torch.Generator().manual_seed(0)
     b, c, h, w, n = 2, 3, 4, 4, 3
@@ -148,19 +150,25 @@ def test_mix_is_the_weighted_sum_of_its_columns(nhwc, carry, split, strided, flo
     else:
         ident = act(b, 1, c, h, w)
     outs = [ident, pool, conv]                            # columns: 1 + 2 weighted by α, 2n by 1
+    if blocks == 2:                                       # pool's 2 columns and conv's 2n as one tensor
+        pool = act(b, 2 + 2 * n, c, h, w)
+        outs = [[ident], [pool]]
+        conv = pool[:, 2:]
+    else:
+        outs = [outs]
     m_alpha = torch.randn(n, 3, generator=g, requires_grad=True)
     sel = torch.zeros(n, 2 * n)
     for j in range(2 * n):
         sel[j % n, j] = 1.0
     acc = act(b, n, c, h, w) if carry else None
-    inputs = [t for t in (acc, m_alpha, pool, conv, ident) if t is not None]
+    inputs = [t for t in (acc, m_alpha, pool, conv if blocks == 1 else None, ident) if t is not None]
 
     def run(*_):
         out = mix(acc, torch.cat([m_alpha, sel], 1), outs, 3, split=split)
         return torch.cat([t for t in out if t is not None], 1) if split else out
 
     def expected():
-        x = torch.cat([ident, pool.flatten(1, 2), conv], 1)                # (B, K, C, H, W)
+        x = torch.cat([ident, pool.flatten(1, 2), conv], 1) if blocks == 1 else torch.cat([ident, pool], 1)
         s = torch.einsum("tk,bkchw->btchw", torch.cat([m_alpha, sel], 1), x)
         return s if acc is None else acc + s
     assert expected().shape == (b, n, c, h, w) and 1 + 2 + 2 * n == sel.shape[1] + 3
@@ -195,6 +203,8 @@ def test_fused_is_layout_independent():
     assert_same(build("darts"), "fused_dense", channels_last=True, block_diagonal=False)
     # the node sums as one weighted add per op kind (`+chained`), not one product per pass
     assert_same(build("darts"), "fused_dense", channels_last=True, matmul_mix=False)
+    # one BN per op kind (`+kindbn`), not one per pass
+    assert_same(build("darts"), "fused_dense", channels_last=True, merge_batch_norms=False)
     with pytest.raises(ValueError, match="allowed: eager, fused, fused_dense"):
         net.set_backend("triton")
 
@@ -247,7 +257,7 @@ def test_evaluation_runs_the_fused_cells_with_running_statistics():
     x = torch.randn(3, 3, 8, 8, dtype=torch.float64)
     counts = {}
     for backend, training in (("eager", False), ("fused", True), ("fused", False)):
-        net.set_backend(backend)
+        net.set_backend(backend, merge_batch_norms=False)      # training: one BN per op kind, as here
         net.train(training)
         buffers = [b.clone() for b in net.buffers()]
         with torch.no_grad(), CountOps(batch=3) as c:
@@ -261,6 +271,34 @@ def test_evaluation_runs_the_fused_cells_with_running_statistics():
     pool_groups = train["max_pool2d_with_indices"] + train["avg_pool2d"]   # one BN each in training
     assert evaluation["native_batch_norm"] == train["native_batch_norm"] - pool_groups
     assert evaluation["addcmul"] == train["addcmul"] + pool_groups
+
+
+def test_a_pass_ends_in_one_batch_norm():
+    """In training (`merge_batch_norms`, the default), every last BN of a pass (the poolings', each
+    conv kind's) is one batch norm over their concatenated inputs (`fused.batch_norm_pass`),
+    forward and backward; the numbers are the eager ones (`assert_same`). Evaluation mode, whose
+    BNs are affine maps of running statistics, keeps one per op kind."""
+    net = build("darts", columns=[1, 2, 4])      # max_pool, avg_pool, sep_conv_3x3: 3 last BNs per pass
+    assert_same(net)
+    net = copy.deepcopy(net).float()
+    x = torch.randn(3, 3, 8, 8)
+    counts = {}
+    for merge, training in ((True, True), (False, True), (True, False)):
+        net.set_backend("fused", merge_batch_norms=merge)
+        net.train(training)
+        with CountOps(batch=3) as c:
+            out = net(x)
+            if training:
+                out.sum().backward()
+        counts[merge, training] = c.count
+    merged, per_kind = counts[True, True], counts[False, True]
+    passes = 4 * sum(isinstance(m, SearchCell) for m in net.modules())   # (c_{k-2}, c_{k-1}), n0, n1, n2
+    for op in ("native_batch_norm", "native_batch_norm_backward"):
+        assert per_kind[op] - merged[op] == 2 * passes, (op, merged[op], per_kind[op])
+    for op in ("convolution", "convolution_backward", "max_pool2d_with_indices", "avg_pool2d"):
+        assert merged[op] == per_kind[op], op
+    evaluation = counts[True, False]
+    assert evaluation["native_batch_norm"] == per_kind["native_batch_norm"] - 2 * passes   # the poolings' are addcmuls
 
 
 class ActivationDtypes(TorchDispatchMode):
@@ -735,16 +773,17 @@ def test_a_fused_search_follows_the_eager_search(method, space, backend, float64
 
 
 def test_fused_dense_trades_are_search_params_that_change_no_number(float64):
-    """`search.merge_kernel_sizes`, `search.block_diagonal` and `search.matmul_mix` reach the
-    supernet; off, the search runs the unmerged, grouped convs and the chained node sums, and
+    """`search.merge_kernel_sizes`, `search.block_diagonal`, `search.matmul_mix` and
+    `search.merge_batch_norms` reach the supernet; off, the search runs the unmerged, grouped
+    convs, the chained node sums and one BN per op kind, and
     every number stays the same."""
     runs = []
     for on in (True, False):
         cfg = tiny_search_config("darts", "darts", backend="fused_dense", merge_kernel_sizes=on, block_diagonal=on,
-                                 matmul_mix=on)
+                                 matmul_mix=on, merge_batch_norms=on)
         runs.append(search(get_space("darts"), cfg, tiny_data(n=4), log=lambda s: None))
         model = runs[-1].model
-        assert (model.merge_kernel_sizes, model.block_diagonal, model.matmul_mix) == (on, on, on)
+        assert (model.merge_kernel_sizes, model.block_diagonal, model.matmul_mix, model.merge_batch_norms) == (on,) * 4
         merged = {g.repeats > 1 for m in runs[-1].model.modules() if isinstance(m, SearchCell)
                   for plan in m._fused_plans.values() for sp in plan.arch.sources for g in sp.groups}
         assert merged == {True, False} if on else merged == {False}
