@@ -999,9 +999,11 @@ def _pass_batch_norm_eps(kinds_p: Sequence[Sequence[str]], modules: Sequence[Seq
                          ) -> float | None:
     """The eps of every last BN a cell's passes could merge (`batch_norm_pass`), if they can all
     be: each without affine parameters (α is their affine scale; a pooling's BN has none in
-    training) and one eps for all. None where some cannot, or where no pass has two to merge
-    (NB201: one conv group per state): then nothing would change but the caches' keys."""
-    if not any(sum(kind in DEFERRABLE for kind in kinds) > 1 for kinds in kinds_p):
+    training) and one eps for all. None where some cannot, or where no pass has three to merge.
+    Merging k BNs saves k - 1 BNs forward and backward for one cat and, beside the identity, a
+    second product forward and backward: a loss in kernels and bytes for k = 2 (counted on NB201
+    through `fused`: +2% kernel-like ops, +6% bytes moved), a gain from k = 3 (a DARTS pass: 4-5)."""
+    if not any(sum(kind in DEFERRABLE for kind in kinds) >= 3 for kinds in kinds_p):
         return None
     bns = [m[1] if kind == "pool_bn" else LAST_BN[kind](m)
            for kinds, mods_s in zip(kinds_p, modules) for kind, mods in zip(kinds, mods_s)
