@@ -1058,37 +1058,14 @@ class FusedArch:
         key = (id(ap), cell.kinds, cell.paired, channels, unit_columns, defer)
         if key in self._groups:
             return self._groups[key]
-        units = iter(ap.op_index)
-        op_index = [[[next(units) for _ in g.units] for g in sp.groups] for sp in ap.sources]
-        passes = cell.passes(ap)
-        # (type, the units' flat α indices, states side by side) per group, pass by pass
-        layout = [("none" if KINDS[kind] is None else "scaled" if kind in SCALED else "plain",
-                   [i for s in p for i in op_index[s][gi]], len(p))
-                  for p in passes for gi, kind in enumerate(cell.kinds[p[0]])]
-        mixes = None if unit_columns is None else _mix_layouts(ap, cell, passes, op_index, unit_columns,
-                                                                len(self.weights), defer)
-        defer = defer and mixes is not None
-        # defer: per pass, the BN scale's positions (1 = after the α and the 0)
-        bn_scale = [[len(self.weights) + 1] * (len(p) * channels) * cell.kinds[p[0]].count("pool_bn")
-                    + [i for gi, kind in enumerate(cell.kinds[p[0]]) if kind in SCALED
-                       for s in p for i in op_index[s][gi] for _ in range(channels)]
-                    for p in passes] if defer else []
-
-        def gather_index() -> torch.Tensor:
-            parts: dict[str, list[int]] = {"none": [], "plain": [], "scaled": []}
-            for k, index, _ in layout:
-                parts[k] += index
-            plain = parts["plain"] if mixes is None else [i for m in mixes if m is not None for i in m[0]]
-            if defer:
-                return torch.tensor(plain + [i for b in bn_scale for i in b])
-            return torch.tensor(plain + [i for i in parts["scaled"] for _ in range(channels)])
+        passes, layout, mixes, defer, bn_scale, gather_key, gather_index = self._gather_spec(
+            cell, channels, unit_columns, defer)
         source = self.weights
         if mixes is not None:        # the mixing matrices' constant entries: 0 and 1 after the α
             dtype = self.weights.dtype
             source = torch.cat([source, self.constant(("zero-one", dtype), lambda: torch.tensor([0.0, 1.0], dtype=dtype))])
         # the index is a device constant: made once, not per forward
-        gathered = source.index_select(
-            0, self.constant(("gather", ap, cell.kinds, cell.paired, channels, unit_columns, defer), gather_index))
+        gathered = source.index_select(0, self.constant(gather_key, gather_index))
         n_plain = (sum(len(i) for k, i, _ in layout if k == "plain") if mixes is None
                    else sum(len(m[0]) for m in mixes if m is not None))
         n_scaled = (sum(len(b) for b in bn_scale) if defer
@@ -1127,6 +1104,47 @@ class FusedArch:
         self._groups[key] = groups
         self._scaled[key] = scaled_w
         return groups
+
+    def _gather_spec(self, cell: CellPlan, channels: int, unit_columns: tuple[tuple[bool, ...], ...] | None,
+                     defer: bool) -> tuple:
+        """What `group_weights` gathers for these arguments: the passes, the groups' layout, the
+        mixing matrices' and the pass BN scales' positions, whether BNs are merged after all, and
+        the gather index's cache key and maker."""
+        ap = cell.arch or self.plan
+        units = iter(ap.op_index)
+        op_index = [[[next(units) for _ in g.units] for g in sp.groups] for sp in ap.sources]
+        passes = cell.passes(ap)
+        # (type, the units' flat α indices, states side by side) per group, pass by pass
+        layout = [("none" if KINDS[kind] is None else "scaled" if kind in SCALED else "plain",
+                   [i for s in p for i in op_index[s][gi]], len(p))
+                  for p in passes for gi, kind in enumerate(cell.kinds[p[0]])]
+        mixes = None if unit_columns is None else _mix_layouts(ap, cell, passes, op_index, unit_columns,
+                                                                len(self.weights), defer)
+        defer = defer and mixes is not None
+        # defer: per pass, the BN scale's positions (1 = after the α and the 0)
+        bn_scale = [[len(self.weights) + 1] * (len(p) * channels) * cell.kinds[p[0]].count("pool_bn")
+                    + [i for gi, kind in enumerate(cell.kinds[p[0]]) if kind in SCALED
+                       for s in p for i in op_index[s][gi] for _ in range(channels)]
+                    for p in passes] if defer else []
+
+        def gather_index() -> torch.Tensor:
+            parts: dict[str, list[int]] = {"none": [], "plain": [], "scaled": []}
+            for k, index, _ in layout:
+                parts[k] += index
+            plain = parts["plain"] if mixes is None else [i for m in mixes if m is not None for i in m[0]]
+            if defer:
+                return torch.tensor(plain + [i for b in bn_scale for i in b])
+            return torch.tensor(plain + [i for i in parts["scaled"] for _ in range(channels)])
+        key = ("gather", ap, cell.kinds, cell.paired, channels, unit_columns, defer)
+        return passes, layout, mixes, defer, bn_scale, key, gather_index
+
+    def prefill(self, cell: CellPlan, channels: int, unit_columns: tuple[tuple[bool, ...], ...], defer: bool) -> None:
+        """Make the gather index another mode's forward of `cell` will need (evaluation's columns
+        in a training forward), without gathering: every cache entry then exists after a
+        network's first training call, so a compiled forward (`Supernet.compile`), whose guards
+        check the cache, is not traced again after the first validation."""
+        *_, key, make = self._gather_spec(cell, channels, unit_columns, defer)
+        self.constant(key, make)
 
     def scaled_weights(self, cell: CellPlan, channels: int,
                        unit_columns: tuple[tuple[bool, ...], ...] | None = None) -> torch.Tensor | None:
@@ -1544,6 +1562,13 @@ def cell_forward(op_module: Callable[[int, int], nn.Module], shape: CellShape, p
     weights = arch.group_weights(plan, c_op, columns, defer)
     mixes = arch.mix_matrices(plan, c_op, columns, defer) if columns is not None else [None] * len(passes)
     bn_weights = arch.pass_bn_weights(plan, c_op, columns) if defer else [None] * len(passes)
+    if columns is not None and arch.sink.training:
+        # evaluation's gather (a pooling's BN has a column per unit there) made now, not at the
+        # first validation: see `FusedArch.prefill`
+        eval_columns = tuple(tuple(unit_columns(kind, mods, False) for mods, kind in zip(mods_s, kinds))
+                             for mods_s, kinds in zip(modules, kinds_p))
+        if eval_columns != columns:
+            arch.prefill(plan, c_op, eval_columns, defer)
     if defer and not arch.sink.training:     # the SCALED groups' α from each pass's BN scale
         weights = [_scales_of_pass(kinds, mods_s, row, bn_weight, c_op, len(p))
                    for p, kinds, mods_s, row, bn_weight in zip(passes, kinds_p, modules, weights, bn_weights)]

@@ -819,6 +819,27 @@ def test_a_compiled_search_traces_each_kind_of_call_once_and_follows_the_plain_s
     assert len(traces) == 3
 
 
+@pytest.mark.parametrize("backend", ["fused", "fused_dense"])
+@pytest.mark.parametrize("space,switches", [("darts", {}), ("nb201", {}), ("s1", {}),
+                                            ("darts", {"partial_channels": 2, "edge_normalization": True})])
+def test_a_training_forward_makes_every_constant_an_evaluation_forward_needs(space, switches, backend):
+    """The fused forward's index constants (`Supernet._index_cache`) all exist after the first
+    training forward: a compiled forward is guarded on that cache, so an entry the first
+    validation added would retrace every compiled training graph (a DARTS search traced 5 graphs,
+    not 3, until the evaluation gathers were made in training, `FusedArch.prefill`)."""
+    net = build(space, **switches)
+    net.set_backend(backend)
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    net(x).sum().backward()
+    with net.arch_constant():                   # the weight step's call
+        net(x).sum().backward()
+    made = set(net._index_cache)
+    net.eval()
+    with torch.no_grad():
+        net(x)
+    assert set(net._index_cache) == made
+
+
 def test_a_fused_search_resumes_an_eager_checkpoint(tmp_path, float64):
     space = get_space("darts")
     full = search(space, tiny_search_config("pc_darts", "darts"), tiny_data(), log=lambda s: None)
