@@ -37,7 +37,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -284,29 +284,26 @@ def main(argv: list[str] | None = None) -> list[dict]:
                              "gb_per_s": least / us / 1e3})
                 print(f"{label:<48} {way:<15} {us:10.1f} {least / us / 1e3:7.0f}", flush=True)
                 save()
+    def grid(part: str, shapes: list, dtypes: list[str], ways: list[str], case: Callable, head: str,
+             figure: Callable[[Any, float], dict[str, float]]) -> None:
+        """Every shape × dtype × way of `part`, timed; `figure(shape, us)` adds a rate to the row."""
+        print(f"{head:<32} {'dtype':<8} {'way':<15} {'us fwd+bwd':>10}")
+        for shape in shapes:
+            for dtype in dtypes:
+                for way in ways:
+                    step, _ = case(shape, way, dtype, device)
+                    us = time_us(step, device, iters)
+                    extra = figure(shape, us)
+                    rows.append({"part": part, "shape": shape.label, "dtype": dtype, "way": way, "us": us, **extra})
+                    print(f"{shape.label:<32} {dtype:<8} {way:<15} {us:10.1f}"
+                          + "".join(f" {k} {v:.2f}" for k, v in extra.items()), flush=True)
+                    save()
     if "conv" in parts:
-        print(f"{'conv':<32} {'dtype':<8} {'way':<15} {'us fwd+bwd':>10} {'TFLOP/s':>8}")
-        for shape in CONV_SHAPES:
-            for dtype in CONV_DTYPES:
-                for way in CONV_WAYS:
-                    step, _ = conv_case(shape, way, dtype, device)
-                    us = time_us(step, device, iters)
-                    # TFLOP/s of the grouped conv's own work, whichever way computes it
-                    rows.append({"part": "conv", "shape": shape.label, "dtype": dtype, "way": way, "us": us,
-                                 "tflop_per_s": shape.flops() / us / 1e6})
-                    print(f"{shape.label:<32} {dtype:<8} {way:<15} {us:10.1f} {shape.flops() / us / 1e6:8.2f}",
-                          flush=True)
-                    save()
+        # TFLOP/s of the grouped conv's own work, whichever way computes it
+        grid("conv", CONV_SHAPES, CONV_DTYPES, CONV_WAYS, conv_case, "conv",
+             lambda shape, us: {"tflop_per_s": shape.flops() / us / 1e6})
     if "mix" in parts:
-        print(f"{'node sums':<32} {'dtype':<8} {'way':<15} {'us fwd+bwd':>10}")
-        for shape in MIX_SHAPES:
-            for dtype in MIX_DTYPES:
-                for way in MIX_WAYS:
-                    step, _ = mix_case(shape, way, dtype, device)
-                    us = time_us(step, device, iters)
-                    rows.append({"part": "mix", "shape": shape.label, "dtype": dtype, "way": way, "us": us})
-                    print(f"{shape.label:<32} {dtype:<8} {way:<15} {us:10.1f}", flush=True)
-                    save()
+        grid("mix", MIX_SHAPES, MIX_DTYPES, MIX_WAYS, mix_case, "node sums", lambda shape, us: {})
     return rows
 
 

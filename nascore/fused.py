@@ -1052,8 +1052,9 @@ class FusedArch:
 
         `defer` (with `unit_columns`): the DEFERRABLE groups' last BNs run as one per pass
         (`batch_norm_pass`); its affine scale, per pass, comes from the same gather
-        (`pass_bn_weights`: 1 over a pooling's channels, then the SCALED units' α over theirs)
-        and the SCALED groups get None here."""
+        (`pass_bn_weights`: 1 over a pooling's channels, then the SCALED units' α over theirs),
+        and each SCALED group gets its (n, channels) slice of that scale (what evaluation mode,
+        one BN per op kind, applies group by group)."""
         ap = cell.arch or self.plan           # the cell's groups (merged ones: `merge_conv_groups`)
         key = (id(ap), cell.kinds, cell.paired, channels, unit_columns, defer)
         if key in self._groups:
@@ -1078,7 +1079,17 @@ class FusedArch:
         if defer:
             per_pass = iter(scaled_w.split([len(b) for b in bn_scale]) if scaled_w is not None else ())
             self._bn[key] = [next(per_pass) if b else None for b in bn_scale]
-            scaled_parts: Iterator[torch.Tensor] = iter(())
+            slices: list[torch.Tensor] = []
+            entries = iter(layout)
+            for p, scale in zip(passes, self._bn[key]):
+                kinds = cell.kinds[p[0]]
+                pass_entries = [next(entries) for _ in kinds]
+                if scale is None:
+                    continue
+                pools = [states * channels for kind, (_, _, states) in zip(kinds, pass_entries) if kind == "pool_bn"]
+                units = [len(i) * channels for k, i, _ in pass_entries if k == "scaled"]
+                slices += scale.split(pools + units)[len(pools):]
+            scaled_parts: Iterator[torch.Tensor] = iter(slices)
         else:
             scaled_parts = iter(scaled_w.split([len(i) * channels for k, i, _ in layout if k == "scaled"])
                                 if scaled_w is not None else ())
@@ -1096,7 +1107,7 @@ class FusedArch:
             row: list[torch.Tensor | None] = []
             for _ in ap.sources[p[0]].groups:
                 k, _i, states = next(it)
-                row.append(None if k == "none" or (k == "plain" and mixes is not None) or (k == "scaled" and defer)
+                row.append(None if k == "none" or (k == "plain" and mixes is not None)
                            else next(scaled_parts).view(-1, channels) if k == "scaled"
                            else next(plain_parts).view(1, -1, 1, 1, 1) if states == 1
                            else next(plain_parts).view(1, states, -1, 1, 1, 1))
@@ -1393,8 +1404,12 @@ class Mix(torch.autograd.Function):
         for x in xs:
             mb = m[:, at:at + x.shape[1]].to(x.dtype).expand(x.shape[0], -1, -1)
             at += x.shape[1]
-            out = (torch.bmm(mb, x) if out is None else torch.baddbmm(out.to(x.dtype), mb, x) if out is carry
-                   else out.baddbmm_(mb, x))
+            if out is None:
+                out = torch.bmm(mb, x)
+            elif out is carry:
+                out = torch.baddbmm(carry.to(x.dtype), mb, x)
+            else:                            # this forward's own sums: added to in place
+                out.baddbmm_(mb, x)
         ctx.x_dtypes, ctx.widths, ctx.k_alpha, ctx.nhwc = [x.dtype for x in xs], [x.shape[1] for x in xs], k_alpha, nhwc
         ctx.save_for_backward(m, *alpha_outs)
         return out
@@ -1483,19 +1498,6 @@ def unit_columns(kind: str, mods: Sequence[nn.Module], training: bool) -> bool:
     return True
 
 
-def _scales_of_pass(kinds: Sequence[str], mods_s: Sequence[list[nn.Module]], row: list[torch.Tensor | None],
-                    bn_weight: torch.Tensor | None, channels: int, states: int) -> list[torch.Tensor | None]:
-    """A pass's group weights (`FusedArch.group_weights`) with each SCALED group's (n, channels)
-    α scale cut from the pass's BN scale (`pass_bn_weights`: the poolings' channels, then the
-    SCALED groups' in group order)."""
-    if bn_weight is None:
-        return row
-    sizes = ([states * channels] * sum(kind == "pool_bn" for kind in kinds)
-             + [len(mods) * channels for kind, mods in zip(kinds, mods_s) if kind in SCALED])
-    parts = iter(bn_weight.split(sizes)[kinds.count("pool_bn"):])
-    return [next(parts).view(-1, channels) if kind in SCALED else w for kind, w in zip(kinds, row)]
-
-
 def _join_partial(a: torch.Tensor, b: torch.Tensor, k: int, shuffle: bool) -> torch.Tensor:
     """cat(ops' channels, bypassed channels), channel-shuffled (K groups) in the same copy."""
     if not shuffle:
@@ -1569,9 +1571,6 @@ def cell_forward(op_module: Callable[[int, int], nn.Module], shape: CellShape, p
                              for mods_s, kinds in zip(modules, kinds_p))
         if eval_columns != columns:
             arch.prefill(plan, c_op, eval_columns, defer)
-    if defer and not arch.sink.training:     # the SCALED groups' α from each pass's BN scale
-        weights = [_scales_of_pass(kinds, mods_s, row, bn_weight, c_op, len(p))
-                   for p, kinds, mods_s, row, bn_weight in zip(passes, kinds_p, modules, weights, bn_weights)]
     if last:
         # affine last BNs (random features): α·γ and α·β of the whole cell in one product, not
         # two small products per group (each with its own backward); a SCALED kind then gets its
