@@ -2,10 +2,11 @@
 # One lent GPU session, in steps that each fit a 10-minute command (the device tool's limit):
 #
 #   bash bench/gpu.sh lease [SECONDS] # a 15-minute lease's main call (default 420 s): fused_dense's
-#                                     # trades on and off (+unmerged, +grouped, +chained, +kindbn), bench/kernels.py,
-#                                     # torch.compile on NB201, the best variants against the reference,
-#                                     # a bf16 profile; each part in its own JSON (a part cut short
-#                                     # keeps the others)
+#                                     # trades on and off (+unmerged, +grouped, +chained, +kindbn),
+#                                     # bench/kernels.py, the retrain step's kernel profile,
+#                                     # torch.compile on NB201, the best variants against the
+#                                     # reference, a bf16 profile; each part in its own JSON (a part
+#                                     # cut short keeps the others)
 #   bash bench/gpu.sh bench           # bench/search_step.py at the spec's sizes -> $OUT/bench.json
 #   bash bench/gpu.sh profile         # GPU time per kernel of one step (reference, fused, fused_dense);
 #                                     # with the counts, so `live MB` (counted) stands beside `peak MB`
@@ -69,6 +70,11 @@ lease)
       --variants fused_dense+graph+bf16,fused_dense+graph+bf16+kindbn,fused_dense+graph+bf16+chained,fused_dense+graph+bf16+unmerged,fused_dense+graph+bf16+grouped,fused_dense+graph+bf16+unmerged+grouped+chained \
       --json "$OUT/trades.json" 2>&1 | tee -a "$OUT/lease.log"
   timeout 90 python3 bench/kernels.py --json "$OUT/kernels.json" 2>&1 | tee -a "$OUT/lease.log"
+  # the retrain step, the target furthest off (48.3 ms against ~17): where its kernel time goes,
+  # never profiled on a GPU (--profile: an epoch of 11 steps less one of 1, graph off)
+  timeout $(($(left) < 100 ? $(left) : 100)) $B --cases '' --steps 10 --profile \
+      --retrain-variants nascore+fused_dense+graph+bf16,nascore+fused_dense+graph+amp \
+      --json "$OUT/retrain.json" 2>&1 | tee -a "$OUT/lease.log"
   timeout $(($(left) < 150 ? $(left) : 150)) $B --cases nb201 --no-retrain \
       --variants fused_dense+graph+bf16,fused_dense+graph+bf16+compile --json "$OUT/compile.json" 2>&1 | tee -a "$OUT/lease.log"
   timeout $(left) $B --cases darts_first,nb201,pc_darts,darts_second --no-retrain \

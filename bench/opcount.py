@@ -43,6 +43,13 @@ class OpCount:
     peak_bytes: int = 0               # their peak while counting: those alive at the start included
     flops: int = 0                    # of convolutions and matrix products, forward and backward (`_flops`)
     by_op: collections.Counter = field(default_factory=collections.Counter)
+    writing_by_op: collections.Counter = field(default_factory=collections.Counter)  # writing ops per name
+    moved_by_op: collections.Counter = field(default_factory=collections.Counter)    # bytes written + read per name
+
+    def largest(self, n: int = 25) -> list[tuple[str, int, float]]:
+        """(aten op, writing calls, MB moved) of the `n` op names that write most often, largest
+        first: which kernels a step is made of."""
+        return [(name, calls, self.moved_by_op[name] / 2**20) for name, calls in self.writing_by_op.most_common(n)]
 
 
 def _tensors(x: Any) -> list[torch.Tensor]:
@@ -178,7 +185,11 @@ class CountOps(TorchDispatchMode):
             self._hold(t)
         c.peak_bytes = max(c.peak_bytes, self._live_bytes)
         if written:
+            wrote = sum(t.numel() * t.element_size() for t in {id(t): t for t in written}.values())
+            read = _read(name, schema, args, kwargs, out)
             c.writing_ops += 1
-            c.bytes_written += sum(t.numel() * t.element_size() for t in {id(t): t for t in written}.values())
-            c.bytes_read += _read(name, schema, args, kwargs, out)
+            c.bytes_written += wrote
+            c.bytes_read += read
+            c.writing_by_op[name] += 1
+            c.moved_by_op[name] += wrote + read
         return out

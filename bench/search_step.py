@@ -46,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))   # nascore from
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import reference  # noqa: E402
-from opcount import CountOps  # noqa: E402
+from opcount import CountOps, OpCount  # noqa: E402
 
 from nascore.genotype import DARTS_V2  # noqa: E402
 from nascore.methods import get_method  # noqa: E402
@@ -159,6 +159,7 @@ class Figure:
     live_mb: float | None = None               # peak bytes of live tensors in the step, counted (opcount)
     gflop: float | None = None                 # convolutions' and matrix products' FLOPs, counted (opcount)
     profile: dict | None = None                # --profile: where one step's time goes (profile_step)
+    by_op: list | None = None                  # counted: [(aten op, writing calls, MB moved), ...] (OpCount.largest)
     warmup_s: float | None = None              # wall time of the warm-up steps: compile, capture, autotuning
 
 
@@ -300,6 +301,31 @@ def profile_step(run: Callable[[], None], device: torch.device, top: int = 30) -
     time is made of: e.g. depthwise weight gradients vs launch-bound small kernels), on the CPU
     the self time per aten op. {"total_ms", "kernels" (calls), "top": [(name, ms, calls), ...]},
     largest first."""
+    rows = _profile_rows(run, device)
+    rows.sort(key=lambda r: -r[1])
+    return {"total_ms": sum(r[1] for r in rows), "kernels": sum(r[2] for r in rows), "top": rows[:top]}
+
+
+def profile_difference(run_one: Callable[[], None], run_more: Callable[[], None], steps: int,
+                       device: torch.device, top: int = 30) -> dict:
+    """Per step, what `run_more` (a run of 1 + `steps` steps) spends beyond `run_one` (the same
+    run of 1 step), kernel name by kernel name, as `profile_step` reports it: a whole run's
+    per-run and per-epoch work (building, the first step's warm-up, a checkpoint's copies) cancels
+    out, as in the retrain's counts. Only names called more often in the longer run: a name the
+    two runs call as often is per-run work, whatever its timing noise."""
+    one = {name: (ms, calls) for name, ms, calls in _profile_rows(run_one, device)}
+    rows = []
+    for name, ms, calls in _profile_rows(run_more, device):
+        ms0, calls0 = one.get(name, (0.0, 0))
+        if calls > calls0:
+            rows.append((name, max(ms - ms0, 0.0) / steps, round((calls - calls0) / steps)))
+    rows.sort(key=lambda r: -r[1])
+    return {"total_ms": sum(r[1] for r in rows), "kernels": sum(r[2] for r in rows), "top": rows[:top]}
+
+
+def _profile_rows(run: Callable[[], None], device: torch.device) -> list[tuple[str, float, int]]:
+    """(name, ms, calls) of what `run` dispatches: GPU kernels on CUDA, aten ops' self time on the
+    CPU."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
     cuda = device.type == "cuda"
@@ -322,8 +348,7 @@ def profile_step(run: Callable[[], None], device: torch.device, top: int = 30) -
         else:
             continue
         rows.append((e.key, us / 1000, e.count))
-    rows.sort(key=lambda r: -r[1])
-    return {"total_ms": sum(r[1] for r in rows), "kernels": sum(r[2] for r in rows), "top": rows[:top]}
+    return rows
 
 
 def measure(case: str, variant: str, make: Callable[[], Step], device: torch.device, warmup: int,
@@ -362,6 +387,7 @@ def measure(case: str, variant: str, make: Callable[[], Step], device: torch.dev
         c = counter.count
         fig.ops, fig.writing_ops, fig.mb_written, fig.syncs = c.ops, c.writing_ops, c.bytes_written / 2**20, c.syncs
         fig.mb_read, fig.live_mb, fig.gflop = c.bytes_read / 2**20, c.peak_bytes / 2**20, c.flops / 1e9
+        fig.by_op = c.largest()
     if profile:
         # a replayed CUDA graph is one opaque launch to the profiler: profile the variant without
         # the graph for its kernels (they are the same kernels)
@@ -450,6 +476,20 @@ def retrain_figures(size: Size, device: torch.device, warmup: int, steps: int, c
             fig.syncs = (more.syncs - one.syncs) // steps
             fig.gflop = (more.flops - one.flops) / 1e9 / steps
             fig.live_mb = more.peak_bytes / 2**20        # the peak of a run: the network built in it included
+            per_step = OpCount(writing_by_op=more.writing_by_op - one.writing_by_op,
+                               moved_by_op=more.moved_by_op - one.moved_by_op)
+            fig.by_op = [(name, calls // steps, mb / steps) for name, calls, mb in per_step.largest()]
+        if profile:
+            # as the counts: an epoch of 1 + `steps` steps less one of 1 step, kernel by kernel;
+            # without the CUDA graph, a replay being one opaque launch to the profiler (its
+            # kernels are the plain step's)
+            plain, model = dataclasses.replace(cfg, epochs=1, cuda_graph=False), network()
+
+            def epoch(n: int) -> None:
+                with tempfile.TemporaryDirectory() as tmp:
+                    train(model, Batches(n), None, plain, checkpoint_path=Path(tmp) / "ckpt.pt", device=device)
+            epoch(1 + steps)            # unprofiled: cuDNN's autotuning and the allocator's first blocks
+            fig.profile = profile_difference(lambda: epoch(1), lambda: epoch(1 + steps), steps, device)
         figures.append(fig)
     return figures
 
@@ -515,8 +555,12 @@ def main(argv: list[str] | None = None) -> None:
                    help="comma-separated, each 'nascore' then modifiers as for --variants (nascore+fused+graph+amp); "
                         "default: nascore, nascore+fused, nascore+fused_dense (+ graph and bf16 ones on CUDA)")
     p.add_argument("--profile", action="store_true",
-                   help="also profile one step of each variant without a CUDA graph (the retrain: the "
-                        "reference step): GPU time per kernel on CUDA, self time per aten op on the CPU")
+                   help="also profile one step of each variant without a CUDA graph (search variants "
+                        "with one are skipped; a retrain variant's graph is turned off: the same "
+                        "kernels): GPU time per kernel on CUDA, self time per aten op on the CPU")
+    p.add_argument("--by-op", action="store_true",
+                   help="also print each counted variant's writing ops and bytes moved by aten op, "
+                        "the most frequent first (the JSON holds them either way)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
@@ -609,6 +653,12 @@ def main(argv: list[str] | None = None) -> None:
                   f"{'of kernels' if device.type == 'cuda' else 'in aten ops'} in one step; the largest:")
             for name, ms, calls in x.profile["top"][:10]:
                 print(f"  {ms:8.2f} ms {ms / x.profile['total_ms']:6.1%} {calls:6d} calls  {name[:90]}")
+    if args.by_op:
+        for x in figures:
+            if x.by_op:
+                print(f"\nwriting ops of {x.case} {x.variant} by aten op ({x.writing_ops} in all):")
+                for name, calls, mb in x.by_op[:15]:
+                    print(f"  {calls:6d} {calls / x.writing_ops:6.1%} {mb:10.1f} MB moved  {name}")
     for failure in failures:
         print(f"FAILED {failure}")
     save()

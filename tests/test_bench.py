@@ -16,7 +16,7 @@ def test_the_bench_runs_at_tiny_sizes_and_prints_the_ratio_table(tmp_path):
     # the process, and other tests' leftovers (torch.compile's caches) would skew these tiny figures
     run = subprocess.run(
         [sys.executable, str(BENCH), "--device", "cpu", "--size", "tiny", "--cases", "nb201,nb201_valid",
-         "--steps", "1", "--warmup", "1", "--retrain-variants", "nascore,nascore+fused", "--profile",
+         "--steps", "1", "--warmup", "1", "--retrain-variants", "nascore,nascore+fused", "--profile", "--by-op",
          "--json", str(tmp_path / "figures.json")],
         capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
@@ -47,6 +47,18 @@ def test_the_bench_runs_at_tiny_sizes_and_prints_the_ratio_table(tmp_path):
     times = [ms for _, ms, _ in profile["top"]]
     assert times == sorted(times, reverse=True) and 0 < sum(times) <= profile["total_ms"] + 1e-6
     assert "profile nb201 fused:" in out and by["retrain", "reference"]["profile"]["top"]
+    # a retrain variant's profile is per step (a run of 1 + steps steps less a run of 1): the eager
+    # network's step calls its convs' backward as often as the reference's one step does
+    calls = {v: {name: n for name, _, n in by["retrain", v]["profile"]["top"]} for v in ("reference", "nascore")}
+    assert calls["nascore"]["aten::convolution_backward"] == calls["reference"]["aten::convolution_backward"] > 0
+    assert "profile retrain nascore+fused:" in out
+    # --by-op: the counted writing ops by aten op, the most frequent first, in the JSON and printed
+    for key in (("nb201", "fused"), ("retrain", "nascore")):
+        rows = by[key]["by_op"]
+        calls = [n for _, n, _ in rows]
+        assert calls == sorted(calls, reverse=True) and sum(calls) <= by[key]["writing_ops"]
+        assert dict((name, n) for name, n, _ in rows)["convolution"] > 0
+    assert "writing ops of nb201 fused by aten op" in out
 
 
 def test_bench_variants_name_a_backend_and_modifiers():
@@ -160,6 +172,14 @@ def test_the_op_counter_counts_what_each_kernel_writes_and_reads():
     assert counted(lambda: a.new_zeros(3)) == (1, 3 * f32, 0)            # `a` for its dtype only
     # a gather reads the rows it fetches and its index, not the whole source
     assert counted(lambda: a.index_select(0, idx)) == (1, 16 * f32, 16 * f32 + 2 * 8)
+
+    # ... and per aten op: which kernels a step is made of, the most frequent first
+    with CountOps() as k:
+        (a + b).relu().add_(b)
+        a + b
+    assert k.count.largest() == [("add", 2, 2 * (32 + 32 + 8) * f32 / 2**20),
+                                 ("relu", 1, 2 * 32 * f32 / 2**20), ("add_", 1, (32 + 32 + 8) * f32 / 2**20)]
+    assert sum(n for _, n, _ in k.count.largest()) == k.count.writing_ops
 
 
 @pytest.mark.parametrize("groups", [1, 4, 16])
