@@ -301,9 +301,7 @@ def profile_step(run: Callable[[], None], device: torch.device, top: int = 30) -
     time is made of: e.g. depthwise weight gradients vs launch-bound small kernels), on the CPU
     the self time per aten op. {"total_ms", "kernels" (calls), "top": [(name, ms, calls), ...]},
     largest first."""
-    rows = _profile_rows(run, device)
-    rows.sort(key=lambda r: -r[1])
-    return {"total_ms": sum(r[1] for r in rows), "kernels": sum(r[2] for r in rows), "top": rows[:top]}
+    return _largest_first(_profile_rows(run, device), top)
 
 
 def profile_difference(run_one: Callable[[], None], run_more: Callable[[], None], steps: int,
@@ -319,7 +317,11 @@ def profile_difference(run_one: Callable[[], None], run_more: Callable[[], None]
         ms0, calls0 = one.get(name, (0.0, 0))
         if calls > calls0:
             rows.append((name, max(ms - ms0, 0.0) / steps, round((calls - calls0) / steps)))
-    rows.sort(key=lambda r: -r[1])
+    return _largest_first(rows, top)
+
+
+def _largest_first(rows: list[tuple[str, float, int]], top: int) -> dict:
+    rows = sorted(rows, key=lambda r: -r[1])
     return {"total_ms": sum(r[1] for r in rows), "kernels": sum(r[2] for r in rows), "top": rows[:top]}
 
 
