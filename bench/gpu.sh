@@ -4,15 +4,16 @@
 #   bash bench/gpu.sh lease [SECONDS] # a 15-minute lease's main call (default 420 s): fused_dense's
 #                                     # trades on and off (+unmerged, +grouped, +chained, +kindbn),
 #                                     # bench/kernels.py, the retrain step's kernel profile,
-#                                     # torch.compile on NB201, the best variants against the
+#                                     # torch.compile on NB201 (cell by cell), the best variants against the
 #                                     # reference, a bf16 profile; each part in its own JSON (a part
 #                                     # cut short keeps the others)
 #   bash bench/gpu.sh bench           # bench/search_step.py at the spec's sizes -> $OUT/bench.json
 #   bash bench/gpu.sh profile         # GPU time per kernel of one step (reference, fused, fused_dense);
 #                                     # with the counts, so `live MB` (counted) stands beside `peak MB`
-#   bash bench/gpu.sh compile         # torch.compile'd steps: compile time (warm-up s) and ms/step
-#                                     (the first compiled variant of a case pays the compile; the
-#                                     next finds it in inductor's cache)
+#   bash bench/gpu.sh compile         # torch.compile'd steps: compile time (warm-up s) and ms/step,
+#                                     # cell by cell (+compile) and as one network (+compilenet)
+#                                     (the first compiled variant of a case and scope pays the
+#                                     compile; the next of that scope finds it in inductor's cache)
 #   bash bench/gpu.sh dtype           # why bf16 was slower (DARTS b64, retrain): autocast alone (NCHW),
 #                                     channels_last alone (fp32) and both, under the graph
 #   bash bench/gpu.sh sweep-start     # the NB201 comparison in the background, sized to the budget
@@ -75,6 +76,8 @@ lease)
   timeout $(($(left) < 100 ? $(left) : 100)) $B --cases '' --steps 10 --profile \
       --retrain-variants nascore+fused_dense+graph+bf16,nascore+fused_dense+graph+amp \
       --json "$OUT/retrain.json" 2>&1 | tee -a "$OUT/lease.log"
+  # `+compile` compiles cell by cell (search.compile_scope: cells: NB201's 15 cells are 3 traces
+  # per kind of call; on the CPU 3.9× less compile time than the whole network, bench/RESULTS.md)
   timeout $(($(left) < 150 ? $(left) : 150)) $B --cases nb201 --no-retrain \
       --variants fused_dense+graph+bf16,fused_dense+graph+bf16+compile --json "$OUT/compile.json" 2>&1 | tee -a "$OUT/lease.log"
   timeout $(left) $B --cases darts_first,nb201,pc_darts,darts_second --no-retrain \
@@ -94,7 +97,7 @@ profile)
 compile)
   # NB201 first: the smaller graph; a compile that outlives the limit still leaves NB201's figures
   timeout 560 python3 bench/search_step.py --cases nb201,darts_first --no-retrain \
-      --variants fused+graph,fused+compile,fused+graph+compile \
+      --variants fused+graph,fused+compile,fused+graph+compile,fused+graph+compilenet \
       --json "$OUT/compile.json" 2>&1 | tee "$OUT/compile.log"
   ;;
 dtype)

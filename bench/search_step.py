@@ -11,7 +11,7 @@ validation forward, `*_valid`: eval mode, no grad, 512 images at the spec size) 
 `+graph+bf16` of both fused backends), one search step on random data resident on the device.
 A variant is a backend (eager | fused | fused_dense) and modifiers joined by "+": graph (a CUDA
 graph), bf16 (autocast and channels_last), amp (bf16 autocast alone, NCHW), cl (channels_last
-alone, fp32), compile (torch.compile), tuned
+alone, fp32), compile (torch.compile, cell by cell), compilenet (torch.compile of the whole network), tuned
 (cuDNN autotuning: search.cudnn_benchmark).
 - always: ms per step (median on CPU; CUDA events over a fixed number of steps on a GPU), images/s,
   and the wall time of the warm-up steps (where a compile, a graph capture or autotuning is paid);
@@ -99,6 +99,8 @@ DEFAULT_CASES = ("darts_first", "darts_second", "pc_darts", "nb201", "darts_vali
 BACKEND_NAMES = ("eager", "fused", "fused_dense")
 MODIFIERS = {"graph": {"cuda_graph": True}, "bf16": {"amp": "bf16", "channels_last": True},
              "amp": {"amp": "bf16"}, "cl": {"channels_last": True}, "compile": {"compile": True}, "tuned": {"cudnn_benchmark": True},
+             # torch.compile'd as one network, not cell by cell (`search.compile_scope`)
+             "compilenet": {"compile": True, "compile_scope": "network"},
              # fused_dense without one of its trades: convs of several kernel sizes apart; the
              # reduction cells' paired stride-2 convs grouped, not block-diagonal
              "unmerged": {"merge_kernel_sizes": False}, "grouped": {"block_diagonal": False},

@@ -55,7 +55,7 @@ gradients, BN buffers and derived genotypes against the eager path in float64.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Iterator, Sequence
 
 import torch
@@ -582,6 +582,14 @@ class BatchNormSink:
     _affine: tuple[torch.Tensor, torch.Tensor] | None = None   # eval: (1/σ, −μ/σ) of the buffer
     _eps: list[tuple[float, int]] = field(default_factory=list)  # eval: (eps, channels) per BN
 
+    def child(self) -> "BatchNormSink":
+        """An empty sink of the same mode, for one compiled cell (`FusedArch.for_one_cell`)."""
+        return BatchNormSink(training=self.training)
+
+    def absorb(self, child: "BatchNormSink") -> None:
+        """Take over a `child`'s updates, to be flushed with this sink's."""
+        self.updates += child.updates
+
     def begin_cell(self, channels: int, like: torch.Tensor) -> None:
         """One zeroed buffer per cell for every grouped BN in it (one kernel, not one per group)."""
         self._buffer = like.new_zeros((2, channels)) if channels else None
@@ -1033,6 +1041,17 @@ class FusedArch:
     _scaled: dict[tuple, torch.Tensor | None] = field(default_factory=dict)
     _mix: dict[tuple, list[tuple[torch.Tensor, int] | None]] = field(default_factory=dict)
     _bn: dict[tuple, list[torch.Tensor | None]] = field(default_factory=dict)
+    # `search.compile_scope: cells` (`Supernet.compile`): this forward runs each cell through
+    # this compiled function of (cell, cell plan, arch, inputs); None: eagerly
+    compiled_cell: Callable | None = None
+
+    def for_one_cell(self) -> "FusedArch":
+        """A copy for one compiled cell: its own empty sink and memos. Shared, they would differ
+        from cell to cell (the first cell of a channel count fills the memos, each cell adds to
+        the sink's updates), and a compiled cell, guarded on what it reads, would be traced again
+        for every cell. Each cell then gathers its own α weights (a few small ops, fused by the
+        compiler) and its sink's updates go back to the forward's (`BatchNormSink.absorb`)."""
+        return replace(self, sink=self.sink.child(), _groups={}, _scaled={}, _mix={}, _bn={})
 
     def group_weights(self, cell: CellPlan, channels: int,
                       unit_columns: tuple[tuple[bool, ...], ...] | None = None,

@@ -38,7 +38,7 @@ from .metrics import peak_memory, reset_peak_memory
 from .op_schedules import OP_SCHEDULES, ProgressiveConfig
 from .optimisation import UPDATE_RULES, Batch, StepContext, StepStats
 from .spaces import SearchSpace
-from .supernet import BACKENDS, Supernet, SupernetConfig
+from .supernet import BACKENDS, COMPILE_SCOPES, Supernet, SupernetConfig
 
 
 @dataclass(frozen=True)
@@ -96,6 +96,7 @@ class SearchConfig:
     # Defaults are the plain eager path; the GPU figures that would justify others are unmeasured.
     backend: str = "eager"                 # eager | fused | fused_dense: same numbers in fewer kernels
     compile: bool = False                  # torch.compile the supernet's forward
+    compile_scope: str = "cells"           # fused backends: cells (one trace per cell shape) | network
     cuda_graph: bool = False               # capture the whole search step in one CUDA graph (CUDA only)
     amp: str = "none"                      # none | bf16 autocast of the forward passes
     channels_last: bool = False            # NHWC activations (tensor-core GPUs)
@@ -121,7 +122,7 @@ class SearchConfig:
 
 
 SPEED_CHOICES: dict[str, tuple[str, ...]] = {
-    "backend": BACKENDS, "amp": ("none", "bf16"),
+    "backend": BACKENDS, "amp": ("none", "bf16"), "compile_scope": COMPILE_SCOPES,
     "optimizer_impl": ("default", "for_loop", "foreach", "fused"),
 }
 
@@ -242,7 +243,7 @@ class SearchRun:
         _seed_everything(seed)     # the random features ARE the init: seeded, recorded in meta
         self.model = self.build_model()
         if cfg.compile:
-            self.model.compile()
+            self.model.compile(self.cfg.compile_scope)
         self.rule = UPDATE_RULES.get(cfg.optimisation)()
         self.schedule = OP_SCHEDULES.get(cfg.op_schedule)(cfg.opp, cfg.epochs)
         self.lr_segment = (0, cfg.lr)          # (start epoch, start lr) of the cosine schedule

@@ -178,7 +178,12 @@ class SearchCell(nn.Module):
                 plan = self._fused_plans[key] = fused.build_cell_plan(
                     self.op_module, weights.plan, columns, pair_inputs=pair, dense=weights.dense,
                     shared=weights.merged_plans, merge=weights.merge)
-            return fused.cell_forward(self.op_module, self.fused_shape, plan, weights, inputs)
+            if weights.compiled_cell is not None:      # `search.compile_scope: cells`
+                own = weights.for_one_cell()
+                out = compiled_call(weights.compiled_cell, self, plan, own, inputs)
+                weights.sink.absorb(own.sink)
+                return out
+            return fused_cell(self, plan, weights, inputs)
         states = list(inputs)
         e = 0
         for _ in range(self.num_nodes):
@@ -195,7 +200,28 @@ class SearchCell(nn.Module):
         return states[-1]
 
 
+def fused_cell(cell: SearchCell, plan: fused.CellPlan, arch: fused.FusedArch,
+               inputs: Sequence[torch.Tensor]) -> torch.Tensor:
+    """A search cell's fused forward: what `search.compile_scope: cells` compiles. A function of
+    the cell, not a method bound to it, so that every cell of one shape runs the same compiled
+    code: dynamo guards a bound method's module by identity, a module argument by its contents."""
+    return fused.cell_forward(cell.op_module, cell.fused_shape, plan, arch, inputs)
+
+
+# Dynamo keeps at most `recompile_limit` (8) traces of one function, then runs it eagerly with a
+# warning. A search needs more: a cell scope traces each kind of call (3 in a first-order search,
+# 4 in a second-order one) per cell shape (DARTS: 5), and OPP-DARTS traces again per op stage.
+RECOMPILE_LIMIT = 256
+
+
+def compiled_call(fn: Callable[..., torch.Tensor], *args: Any) -> torch.Tensor:
+    """`fn(*args)` for a `torch.compile`d `fn`, allowed `RECOMPILE_LIMIT` traces."""
+    with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
+        return fn(*args)
+
+
 BACKENDS = fused.BACKENDS
+COMPILE_SCOPES = ("cells", "network")
 
 
 class Supernet(nn.Module):
@@ -393,8 +419,16 @@ class Supernet(nn.Module):
         self.backend, self.merge_kernel_sizes, self.block_diagonal = backend, merge_kernel_sizes, block_diagonal
         self.matmul_mix, self.merge_batch_norms = matmul_mix, merge_batch_norms
 
-    def compile(self, *args: Any, **kwargs: Any) -> None:
-        """`torch.compile` the forward (`search.compile`); arguments as for `torch.compile`.
+    def compile(self, scope: str = "cells", **kwargs: Any) -> None:
+        """`torch.compile` the forward (`search.compile`); keyword arguments as for `torch.compile`.
+
+        `scope` (`search.compile_scope`): "cells" compiles the fused backends' cell forward
+        (`fused_cell`), one trace per cell shape and kind of call, shared by the cells of that
+        shape: a DARTS network's 8 cells have 5 shapes, NB201's 15 cells 3; the stem, the
+        preprocessing, α's softmax and the classifier run eagerly. Static shapes unless
+        `dynamic` says otherwise (automatic dynamic shapes would turn the second cell shape into a
+        symbolic-shape trace). "network" compiles the whole forward as one function, traced
+        once per kind of call. The eager backend has no cell scope: it always compiles the network.
 
         Each kind of call (train or eval mode, grad on or off, α constant or not, op set) runs
         eagerly the first time. That call fills the plan and index caches which the forward builds
@@ -403,33 +437,42 @@ class Supernet(nn.Module):
         call: a second compile of minutes. A copy (`copy.deepcopy`) runs eagerly, as a copy of
         an `nn.Module.compile`d module does.
         """
-        self._compiled_forward = torch.compile(self._forward, *args, **kwargs)
+        if scope not in COMPILE_SCOPES:
+            raise ValueError(f"compile scope {scope!r} is unknown; allowed: {', '.join(COMPILE_SCOPES)}")
+        self.__dict__.pop("_compiled_forward", None)
+        self.__dict__.pop("_compiled_cell", None)
+        if scope == "cells" and self.backend != "eager":
+            kwargs.setdefault("dynamic", False)
+            self._compiled_cell = torch.compile(fused_cell, **kwargs)
+        else:
+            self._compiled_forward = torch.compile(self._forward, **kwargs)
         self._warm_calls: set[tuple] = set()
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
-        state.pop("_compiled_forward", None)        # bound to this module, not to a copy
-        state.pop("_warm_calls", None)
+        for name in ("_compiled_forward", "_compiled_cell", "_warm_calls"):
+            state.pop(name, None)                   # bound to this module, not to a copy
         return state
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        compiled = self.__dict__.get("_compiled_forward")
-        if compiled is not None:
+        network, cell = self.__dict__.get("_compiled_forward"), self.__dict__.get("_compiled_cell")
+        if network is not None or cell is not None:
             call = (self.training, torch.is_grad_enabled(), self._arch_constant, self._columns)
             if call in self._warm_calls:
-                return compiled(x)
+                return compiled_call(network, x) if network is not None else self._forward(x, cell)
             self._warm_calls.add(call)
         return self._forward(x)
 
-    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _forward(self, x: torch.Tensor, compiled_cell: Callable | None = None) -> torch.Tensor:
         columns = self.active_columns()
         if self.backend != "eager":
-            return self._forward_fused(x, columns)
+            return self._forward_fused(x, columns, compiled_cell)
         weights = {ct: self.op_weights(ct, columns) for ct in self.cell_types}
         edge_weights = {ct: self.edge_weights(ct) for ct in self.cell_types}
         return self.forward_cells(x, weights, edge_weights, columns)
 
-    def _forward_fused(self, x: torch.Tensor, columns: list[int]) -> torch.Tensor:
+    def _forward_fused(self, x: torch.Tensor, columns: list[int], compiled_cell: Callable | None = None
+                       ) -> torch.Tensor:
         sink = fused.BatchNormSink(training=self.training)
         arch = {}
         for ct in self.cell_types:
@@ -444,6 +487,7 @@ class Supernet(nn.Module):
                 lambda key, make: self._index(key, make, device), sink, self.backend == "fused_dense",
                 self._merged_plans, self.merge_kernel_sizes, self.block_diagonal, self.matmul_mix,
                 self.merge_batch_norms)
+            arch[ct].compiled_cell = compiled_cell
         out = self.forward_cells(x, arch, {ct: None for ct in self.cell_types}, columns)
         sink.flush()
         return out

@@ -83,6 +83,10 @@ def test_bench_variants_name_a_backend_and_modifiers():
     # a replayed CUDA graph dispatches nothing to count
     assert not bench.countable("fused+graph", "cuda") and bench.countable("fused+bf16", "cuda")
     assert not bench.countable("fused+compile") and not bench.countable("eager+graph+compile")
+    # cell by cell (`search.compile_scope`'s default) or as one network
+    assert bench.speed_options("fused+compile") == {"backend": "fused", "compile": True}
+    assert bench.speed_options("fused+compilenet") == {"backend": "fused", "compile": True, "compile_scope": "network"}
+    assert not bench.countable("fused+compilenet")
     with pytest.raises(SystemExit):              # refused before any variant is measured
         bench.main(["--device", "cpu", "--size", "tiny", "--variants", "fused,fused+grpah"])
     with pytest.raises(SystemExit):

@@ -196,6 +196,7 @@ def test_every_method_and_space_resolves_or_says_why_not(params, method, space):
     ({"transfer__data": "/no/such/imagenet"}, "transfer.data='/no/such/imagenet' does not exist"),
     ({"data__split_fraction": 1.5}, "split_fraction=1.5 must be in"),
     ({"search__drop_path": 1.5}, r"search.drop_path=1.5 must be in \[0, 1\)"),
+    ({"search__compile_scope": "layers"}, "search.compile_scope='layers'; allowed: cells, network"),
     ({"search__cutout": -4}, "search.cutout=-4 must be >= 0"),
     ({"search": [1, 2]}, "search must be a mapping"),
     ({"retrain__train__cuda_graph": True, "retrain__train__nonfinite": "skip"},

@@ -790,11 +790,17 @@ def test_fused_dense_trades_are_search_params_that_change_no_number(float64):
     assert_same_search(*runs)
 
 
-def test_a_compiled_search_traces_each_kind_of_call_once_and_follows_the_plain_search(float64):
+@pytest.mark.parametrize("scope,layers,traces_per_kind,cells_per_call", [
+    ("network", 1, 1, 1),
+    # 6 cells in 3 shapes: a trace per shape, shared by its 2 cells; 3 kinds × 3 shapes = 9
+    # traces, more than dynamo's default limit of 8 (`supernet.RECOMPILE_LIMIT`)
+    ("cells", 2, 3, 6)])
+def test_a_compiled_search_traces_each_kind_of_call_once_and_follows_the_plain_search(
+        scope, layers, traces_per_kind, cells_per_call, float64):
     """`search.compile`: the supernet's first call of each kind (the α step's train forward, the
     weight step's with α constant, eval without grad) runs eagerly and fills the lazy plan and
-    index caches, so dynamo traces each kind once. A trace with the caches still empty would be
-    guarded on their emptiness and traced again."""
+    index caches, so dynamo traces each kind once (per cell shape with `compile_scope: cells`). A
+    trace with the caches still empty would be guarded on their emptiness and traced again."""
     traces, calls = [], []
 
     def backend(gm, example_inputs):          # dynamo's trace, run as traced (no inductor: fast)
@@ -805,18 +811,19 @@ def test_a_compiled_search_traces_each_kind_of_call_once_and_follows_the_plain_s
             return gm.forward(*args)
         return run
     torch._dynamo.reset()             # no trace left over from another test of this worker
-    space, cfg = get_space("nb201"), tiny_search_config("darts", "nb201", backend="fused", epochs=2)
+    space = get_space("nb201")
+    cfg = tiny_search_config("darts", "nb201", backend="fused", epochs=2, layers=layers)
     plain = search(space, cfg, tiny_data(n=8), log=lambda s: None)
     run = SearchRun(space, cfg, tiny_data(n=8), log=lambda s: None)
-    run.model.compile(backend=backend)
+    run.model.compile(scope, backend=backend)
     compiled = run.run()
-    assert len(traces) == 3                                  # train (α step, w step), eval
+    assert len(traces) == 3 * traces_per_kind               # train (α step, w step), eval
     # the compiled code ran: 2 epochs × 2 batches × (α, w) training calls and 2 validation
     # forwards (one merged batch per epoch), less the first of each kind, which runs eagerly
-    assert len(calls) == (2 * 2 * 2 - 2) + (2 - 1)
+    assert len(calls) == ((2 * 2 * 2 - 2) + (2 - 1)) * cells_per_call
     assert_same_search(plain, compiled)
     copy.deepcopy(run.model)(torch.randn(2, 3, 4, 4))         # a copy runs eagerly: no new trace
-    assert len(traces) == 3
+    assert len(traces) == 3 * traces_per_kind
 
 
 @pytest.mark.parametrize("backend", ["fused", "fused_dense"])
