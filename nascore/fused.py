@@ -582,14 +582,6 @@ class BatchNormSink:
     _affine: tuple[torch.Tensor, torch.Tensor] | None = None   # eval: (1/σ, −μ/σ) of the buffer
     _eps: list[tuple[float, int]] = field(default_factory=list)  # eval: (eps, channels) per BN
 
-    def child(self) -> "BatchNormSink":
-        """An empty sink of the same mode, for one compiled cell (`FusedArch.for_one_cell`)."""
-        return BatchNormSink(training=self.training)
-
-    def absorb(self, child: "BatchNormSink") -> None:
-        """Take over a `child`'s updates, to be flushed with this sink's."""
-        self.updates += child.updates
-
     def begin_cell(self, channels: int, like: torch.Tensor) -> None:
         """One zeroed buffer per cell for every grouped BN in it (one kernel, not one per group)."""
         self._buffer = like.new_zeros((2, channels)) if channels else None
@@ -1049,9 +1041,10 @@ class FusedArch:
         """A copy for one compiled cell: its own empty sink and memos. Shared, they would differ
         from cell to cell (the first cell of a channel count fills the memos, each cell adds to
         the sink's updates), and a compiled cell, guarded on what it reads, would be traced again
-        for every cell. Each cell then gathers its own α weights (a few small ops, fused by the
-        compiler) and its sink's updates go back to the forward's (`BatchNormSink.absorb`)."""
-        return replace(self, sink=self.sink.child(), _groups={}, _scaled={}, _mix={}, _bn={})
+        for every cell. Each cell then gathers its own α weights (a few small ops) and the
+        caller hands its sink's updates back to the forward's sink, to be flushed with them."""
+        return replace(self, sink=BatchNormSink(training=self.sink.training), _groups={}, _scaled={}, _mix={},
+                       _bn={})
 
     def group_weights(self, cell: CellPlan, channels: int,
                       unit_columns: tuple[tuple[bool, ...], ...] | None = None,

@@ -181,7 +181,7 @@ class SearchCell(nn.Module):
             if weights.compiled_cell is not None:      # `search.compile_scope: cells`
                 own = weights.for_one_cell()
                 out = compiled_call(weights.compiled_cell, self, plan, own, inputs)
-                weights.sink.absorb(own.sink)
+                weights.sink.updates += own.sink.updates
                 return out
             return fused_cell(self, plan, weights, inputs)
         states = list(inputs)
