@@ -465,7 +465,7 @@ def retrain_figures(size: Size, device: torch.device, warmup: int, steps: int, c
         peak = run_peak_memory(result.history)
         reserved = run_peak_memory(result.history, "peak_reserved_mb")
         fig = Figure("retrain", variant, size.retrain_batch, 1000 * size.retrain_batch / ips, ips, peak, reserved)
-        if count:
+        if count and countable(retrain_speed(variant), device.type):
             # `train` runs whole epochs: the difference between an epoch of 1 + `steps` steps and
             # one of 1 step is `steps` steps without the per-run and per-epoch work around them
             counts = []

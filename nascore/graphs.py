@@ -1,4 +1,5 @@
-"""CUDA graphs for a whole training step: the two pieces the search loop and `train` share.
+"""The speed machinery the search loop and `train` share: CUDA graphs of a whole training step,
+and the trace limit of torch.compile'd calls.
 
 A step captured once and replayed removes the host's per-kernel launch cost, which bounds the
 small-kernel steps of NAS (bench/RESULTS.md: 1.8-4.1x over the fused step alone on an H100). Callers keep their own static
@@ -7,7 +8,7 @@ buffers and warm-up logic; tests replace `cuda_graph` with a plain re-run of the
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterator, Protocol
+from typing import Any, Callable, Iterator, Protocol
 
 import torch
 
@@ -45,3 +46,23 @@ def side_stream(device: torch.device) -> Iterator[None]:
     with torch.cuda.stream(side):
         yield
     torch.cuda.current_stream(device).wait_stream(side)
+
+
+# Dynamo keeps at most `recompile_limit` (8) traces of one function, then runs it eagerly with a
+# warning. A search needs more: a cell scope traces each kind of call (3 in a first-order search,
+# 4 in a second-order one) per cell shape (DARTS: 5), and OPP-DARTS traces again per op stage. A
+# retrain traces 3-5 times, but a process that trains several configurations (the bench) adds them up.
+RECOMPILE_LIMIT = 256
+
+
+@contextlib.contextmanager
+def more_traces() -> Iterator[None]:
+    """torch.compile'd calls inside may keep `RECOMPILE_LIMIT` traces of one function."""
+    with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
+        yield
+
+
+def compiled_call(fn: Callable[..., Any], *args: Any) -> Any:
+    """`fn(*args)` for a `torch.compile`d `fn`, allowed `RECOMPILE_LIMIT` traces."""
+    with more_traces():
+        return fn(*args)

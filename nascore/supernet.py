@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import fused
+from .graphs import compiled_call
 from .ops import POOLING_OPS, Identity, build_op, drop_path
 
 if TYPE_CHECKING:
@@ -206,18 +207,6 @@ def fused_cell(cell: SearchCell, plan: fused.CellPlan, arch: fused.FusedArch,
     the cell, not a method bound to it, so that every cell of one shape runs the same compiled
     code: dynamo guards a bound method's module by identity, a module argument by its contents."""
     return fused.cell_forward(cell.op_module, cell.fused_shape, plan, arch, inputs)
-
-
-# Dynamo keeps at most `recompile_limit` (8) traces of one function, then runs it eagerly with a
-# warning. A search needs more: a cell scope traces each kind of call (3 in a first-order search,
-# 4 in a second-order one) per cell shape (DARTS: 5), and OPP-DARTS traces again per op stage.
-RECOMPILE_LIMIT = 256
-
-
-def compiled_call(fn: Callable[..., torch.Tensor], *args: Any) -> torch.Tensor:
-    """`fn(*args)` for a `torch.compile`d `fn`, allowed `RECOMPILE_LIMIT` traces."""
-    with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
-        return fn(*args)
 
 
 BACKENDS = fused.BACKENDS

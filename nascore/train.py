@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from . import distributed as D
 from .fused import BACKENDS
-from .graphs import StepGraph, cuda_graph, side_stream
+from .graphs import StepGraph, cuda_graph, more_traces, side_stream
 from .io import CheckpointError, checkpoint_progress, load_checkpoint, save_checkpoint
 from .metrics import peak_memory, reset_peak_memory
 
@@ -94,7 +94,7 @@ class TrainConfig:
     deterministic: bool = False       # deterministic kernels (slower); off = cudnn autotuning
     eval_every: int = 1               # evaluate every n epochs and always after the last
     compile: bool = False             # torch.compile the network
-    cuda_graph: bool = False          # capture the training step in a CUDA graph (one GPU, no compile)
+    cuda_graph: bool = False          # capture the training step in a CUDA graph (one GPU)
     backend: str = "eager"            # fused: a cell's ops that read one state in one pass (same numbers);
                                       # fused_dense: and each separable conv as one dense conv
     nonfinite: str = "stop"           # non-finite loss: stop with an error, or skip that batch
@@ -194,7 +194,8 @@ def train(model: nn.Module, train_loader: Loader, eval_loader: Loader | None, cf
           checkpoint_path: str | Path, device: torch.device | str,
           on_epoch_end: Callable[[dict[str, Any]], None] | None = None,
           meta: Mapping[str, Any] | None = None,
-          capture_step: Callable[[Callable[[], None]], StepGraph] | None = None) -> TrainResult:
+          capture_step: Callable[[Callable[[], None]], StepGraph] | None = None,
+          compile_backend: str | Callable[..., Any] = "inductor") -> TrainResult:
     """Train `model` by `cfg`, resuming from `checkpoint_path` if it exists.
 
     `meta` (plain data: genotype, method, dataset...) is stored in the checkpoint and must match
@@ -208,6 +209,7 @@ def train(model: nn.Module, train_loader: Loader, eval_loader: Loader | None, cf
 
     `cfg.cuda_graph` captures the step in a CUDA graph (`capture_step`, when given, replaces the
     CUDA graph: tests pass a plain re-run to check the static-buffer logic on CPU).
+    `cfg.compile` compiles with `compile_backend` (tests pass one that only traces).
     """
     device = torch.device(device)
     meta = _plain(dict(meta or {}), "meta")
@@ -232,7 +234,6 @@ def train(model: nn.Module, train_loader: Loader, eval_loader: Loader | None, cf
         problems = [why for bad, why in (
             (device.type != "cuda", f"needs a CUDA device (this run is on {device.type})"),
             (world > 1, "runs on one GPU only (not under torchrun/DDP)"),
-            (cfg.compile, "does not combine with compile"),
             (cfg.nonfinite != "stop", "needs nonfinite='stop' (skipping reads the loss on the host)"))
             if bad]
         if problems:
@@ -269,7 +270,7 @@ def train(model: nn.Module, train_loader: Loader, eval_loader: Loader | None, cf
                                       device_ids=[device.index] if device.type == "cuda" else None)
     eval_net: nn.Module = model
     if cfg.compile:
-        net, eval_net = torch.compile(net), torch.compile(model)
+        net, eval_net = torch.compile(net, backend=compile_backend), torch.compile(model, backend=compile_backend)
     guard = None
     if cfg.nonfinite == "skip":
         guard = _StepGuard([*params, *(optimizer.state[p]["momentum_buffer"] for p in params
@@ -277,7 +278,7 @@ def train(model: nn.Module, train_loader: Loader, eval_loader: Loader | None, cf
     clip = cfg.grad_clip or math.inf        # inf: the norm is still computed for the skip check
     mode = _progress_mode(cfg.progress, is_main=rank == 0)
 
-    with _backend_flags(cfg.deterministic, device), \
+    with _backend_flags(cfg.deterministic, device), more_traces(), \
             tqdm(total=cfg.epochs, initial=start, unit="epoch", disable=mode != "bar") as epoch_bar:
         for epoch in range(start, cfg.epochs):
             reset_peak_memory(device)

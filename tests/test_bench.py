@@ -88,6 +88,9 @@ def test_bench_variants_name_a_backend_and_modifiers():
     assert bench.speed_options("fused+compile") == {"backend": "fused", "compile": True}
     assert bench.speed_options("fused+compilenet") == {"backend": "fused", "compile": True, "compile_scope": "network"}
     assert not bench.countable("fused+compilenet")
+    # the retrain's variants by the same rule (`train` compiles with retrain.train.compile)
+    assert not bench.countable(bench.retrain_speed("nascore+fused_dense+graph+compile"))
+    assert bench.countable(bench.retrain_speed("nascore+fused_dense+graph"))
     with pytest.raises(SystemExit):              # refused before any variant is measured
         bench.main(["--device", "cpu", "--size", "tiny", "--variants", "fused,fused+grpah"])
     with pytest.raises(SystemExit):

@@ -793,7 +793,7 @@ def test_fused_dense_trades_are_search_params_that_change_no_number(float64):
 @pytest.mark.parametrize("scope,layers,traces_per_kind,cells_per_call", [
     ("network", 1, 1, 1),
     # 6 cells in 3 shapes: a trace per shape, shared by its 2 cells; 3 kinds × 3 shapes = 9
-    # traces, more than dynamo's default limit of 8 (`supernet.RECOMPILE_LIMIT`)
+    # traces, more than dynamo's default limit of 8 (`graphs.RECOMPILE_LIMIT`)
     ("cells", 2, 3, 6)])
 def test_a_compiled_search_traces_each_kind_of_call_once_and_follows_the_plain_search(
         scope, layers, traces_per_kind, cells_per_call, float64):

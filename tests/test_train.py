@@ -15,7 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nascore.genotype import DARTS_V2
 from nascore.io import CheckpointError, load_checkpoint, save_torch
+from nascore.networks import NetworkCIFAR
 from nascore.train import (PRESETS, NonFiniteLossError, TrainConfig, evaluate, lr_at, seed_all,
                            train)
 
@@ -385,9 +387,46 @@ def test_a_nonfinite_loss_inside_the_graph_names_its_step(tmp_path: Path) -> Non
               capture_step=Rerun)
 
 
+@pytest.mark.parametrize("backend, graphed", [("eager", False), ("fused_dense", False), ("fused_dense", True)])
+def test_a_compiled_retrain_traces_a_fixed_number_of_times_and_follows_the_plain_loop(
+        tmp_path: Path, backend: str, graphed: bool) -> None:
+    """`compile`: a DARTS network whose drop-path probability changes every epoch is traced in the
+    first two epochs only (p = 0, then p > 0 as a symbolic float), not once per epoch: past
+    dynamo's 8 traces a 600-epoch retrain would run eagerly. The loop keeps more than dynamo's
+    default limit of traces (here lowered to 1). The compiled loop, captured in a 'graph' too,
+    gives the plain loop's records and weights."""
+    traces: list[int] = []
+
+    def tracing_only(gm: torch.fx.GraphModule, example_inputs: Any) -> Any:
+        traces.append(1)
+        return gm.forward
+
+    def run(name: str, compiled: bool) -> tuple[nn.Module, list[dict[str, Any]], list[int]]:
+        torch.manual_seed(0)
+        model = NetworkCIFAR(DARTS_V2, C=4, num_classes=4, layers=3, auxiliary=False)
+        seen: list[int] = []
+        result = train(model, *loaders(n_train=64), cfg(epochs=5, drop_path=0.3, backend=backend,
+                                                         compile=compiled),
+                       checkpoint_path=tmp_path / f"{name}.pt", device="cpu", compile_backend=tracing_only,
+                       capture_step=Rerun if graphed else None,
+                       on_epoch_end=lambda record: seen.append(len(traces)))
+        return model, result.history, seen
+
+    plain_model, plain, _ = run("plain", compiled=False)
+    assert not traces
+    torch._dynamo.reset()                   # no trace of an earlier test's network is reused
+    with torch._dynamo.config.patch(recompile_limit=1):
+        compiled_model, compiled, seen = run("compiled", compiled=True)
+    # epoch 1: the training and evaluation forwards (the fused cells' index memos, filled by the
+    # first call, add one training trace); epoch 2: p > 0; then nothing more
+    assert seen[0] >= 2 and seen[1] > seen[0] and seen[1:] == [seen[1]] * 4, seen
+    assert without_timing(compiled) == without_timing(plain)
+    for (k, a), b in zip(plain_model.state_dict().items(), compiled_model.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
 @pytest.mark.parametrize("kw, message", [
-    (dict(), "needs a CUDA device"), (dict(compile=True), "does not combine with compile"),
-    (dict(nonfinite="skip"), "needs nonfinite='stop'"),
+    (dict(), "needs a CUDA device"), (dict(nonfinite="skip"), "needs nonfinite='stop'"),
 ])
 def test_cuda_graph_says_what_it_needs(tmp_path: Path, kw: dict[str, Any], message: str) -> None:
     with pytest.raises(ValueError, match=f"TrainConfig.cuda_graph=True .*{message}"):
