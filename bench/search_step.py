@@ -20,8 +20,11 @@ alone, fp32), compile (torch.compile, cell by cell), compilenet (torch.compile o
   bytes read, host syncs and the peak of the bytes live tensors hold (`live MB`: a GPU's `peak
   MB` less cuDNN's workspaces; what a CUDA graph's pool must hold) for one step
   (bench/opcount.py); not for a `compile` variant (see `countable`).
-Then the retrain step (DARTS_V2 network). The ratio table divides the reference's figure by each
-variant's. nascore variants step through `EpochSteps`, the function the search loop runs.
+Then the retrain step (DARTS_V2 network) and its test pass (`retrain_eval`: 4 batches of the
+stage's test batch, 256 images, per step; every retrain epoch runs one over the test set), and the
+hours 600 CIFAR-10 epochs of both take at the measured speeds. The ratio table divides the
+reference's figure by each variant's. nascore variants step through `EpochSteps`, the function the
+search loop runs.
 """
 from __future__ import annotations
 
@@ -29,6 +32,7 @@ import argparse
 import dataclasses
 import gc
 import json
+import math
 import os
 import platform
 import statistics
@@ -38,9 +42,10 @@ import time
 import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))   # nascore from this checkout
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -54,7 +59,7 @@ from nascore.metrics import run_peak_memory  # noqa: E402
 from nascore.networks import NetworkCIFAR  # noqa: E402
 from nascore.search import EpochSteps, SearchConfig, SearchData, SearchRun  # noqa: E402
 from nascore.spaces import get_space  # noqa: E402
-from nascore.train import TrainConfig, train  # noqa: E402
+from nascore.train import TrainConfig, evaluate, train  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -95,6 +100,7 @@ CASES = {
     "nb201_valid": ("nb201", "darts", 512),
 }
 VALIDATION_CASES = ("darts_valid", "nb201_valid")
+EVAL_BATCHES = 4      # a `retrain_eval` step: the retrain's test pass over this many batches
 DEFAULT_CASES = ("darts_first", "darts_second", "pc_darts", "nb201", "darts_valid", "nb201_valid")
 BACKEND_NAMES = ("eager", "fused", "fused_dense")
 MODIFIERS = {"graph": {"cuda_graph": True}, "bf16": {"amp": "bf16", "channels_last": True},
@@ -419,9 +425,9 @@ def retrain_speed(variant: str) -> str:
 
 
 def retrain_figures(size: Size, device: torch.device, warmup: int, steps: int, count: bool,
-                    variants: list[str], profile: bool = False) -> list[Figure]:
-    """The DARTS_V2 network's training step: the reference-style loop and nascore's `train`."""
-    figures = []
+                    variants: list[str], profile: bool = False) -> Iterator[Figure]:
+    """The DARTS_V2 network's training step and test pass: the reference-style loop and nascore's
+    `train`, each figure as soon as it is measured (a run cut short keeps the ones before)."""
     data = batches(4, size.retrain_batch, 32, 10, device)
 
     def network() -> NetworkCIFAR:
@@ -435,7 +441,26 @@ def retrain_figures(size: Size, device: torch.device, warmup: int, steps: int, c
         cuda_like(device, opt)
         objs, top1 = reference.Meter(), reference.Meter()
         return (lambda i: reference.retrain_step(model, opt, *data[i % 4], objs, top1)), size.retrain_batch, list
-    figures.append(measure("retrain", "reference", make_reference, device, warmup, steps, count, profile))
+    yield measure("retrain", "reference", make_reference, device, warmup, steps, count, profile)
+
+    # the test pass every retrain epoch runs (eval_every 1): the stage's loader batch, 4 batches a step
+    eval_batch = max(size.retrain_batch, 256)
+    eval_data = batches(EVAL_BATCHES, eval_batch, 32, 10, device)
+
+    def make_reference_eval() -> Step:
+        model, objs, top1, top5 = network(), reference.Meter(), reference.Meter(), reference.Meter()
+
+        def infer(i: int) -> None:              # DARTS' `infer`: host reads of every batch's figures
+            model.eval()
+            with torch.no_grad():
+                for x, y in eval_data:
+                    logits, _ = model(x)
+                    prec1, prec5 = reference.accuracy(logits, y)
+                    objs.update(F.cross_entropy(logits, y).item(), y.size(0))
+                    top1.update(prec1.item(), y.size(0))
+                    top5.update(prec5.item(), y.size(0))
+        return infer, EVAL_BATCHES * eval_batch, list
+    yield measure("retrain_eval", "reference", make_reference_eval, device, warmup, steps, count)
 
     class Batches:
         def __init__(self, n: int) -> None:
@@ -447,6 +472,7 @@ def retrain_figures(size: Size, device: torch.device, warmup: int, steps: int, c
         def __iter__(self):
             return (data[i % 4] for i in range(self.n))
 
+    evaluated: set[tuple] = set()
     for variant in variants:
         speed = speed_options(retrain_speed(variant))
         # drop-path 0: the reference step above has none either; 2 epochs: the first warms up
@@ -496,8 +522,47 @@ def retrain_figures(size: Size, device: torch.device, warmup: int, steps: int, c
                     train(model, Batches(n), None, plain, checkpoint_path=Path(tmp) / "ckpt.pt", device=device)
             epoch(1 + steps)            # unprofiled: cuDNN's autotuning and the allocator's first blocks
             fig.profile = profile_difference(lambda: epoch(1), lambda: epoch(1 + steps), steps, device)
-        figures.append(fig)
-    return figures
+        yield fig
+        if eval_settings(variant) not in evaluated:
+            # `train`'s `evaluate`, as the variant's network runs it; a CUDA graph changes nothing
+            # here (the test pass runs plainly), so variants that differ by it share one figure
+            evaluated.add(eval_settings(variant))
+
+            def make_eval() -> Step:
+                model = network().to(memory_format=torch.channels_last if cfg.channels_last
+                                     else torch.preserve_format)
+                model.set_backend(cfg.backend)
+                net = torch.compile(model) if cfg.compile else model
+
+                def test_pass(i: int) -> None:
+                    evaluate(net, eval_data, device, amp=cfg.amp, channels_last=cfg.channels_last)
+                return test_pass, EVAL_BATCHES * eval_batch, list
+            yield measure("retrain_eval", variant, make_eval, device, warmup, steps,
+                          count and countable(retrain_speed(variant), device.type))
+            free(device)
+
+
+def eval_settings(variant: str) -> tuple:
+    """What a retrain variant's test pass depends on: not its CUDA graph (training only)."""
+    speed = speed_options(retrain_speed(variant))
+    return tuple(sorted((k, v) for k, v in speed.items() if k != "cuda_graph"))
+
+
+def retrain_estimate(figures: list[Figure], epochs: int = 600, train_images: int = 50_000,
+                     test_images: int = 10_000) -> list[tuple[str, float, float]]:
+    """Per retrain variant: hours of `epochs` epochs of training steps and of test passes (CIFAR-10,
+    evaluated every epoch), from its `retrain` and `retrain_eval` figures."""
+    evals = {(x.variant if x.variant == "reference" else eval_settings(x.variant)): x
+             for x in figures if x.case == "retrain_eval"}
+    rows = []
+    for x in figures:
+        if x.case != "retrain":
+            continue
+        ev = evals.get(x.variant if x.variant == "reference" else eval_settings(x.variant))
+        train_h = epochs * (train_images // x.batch) * x.ms_per_step / 3.6e6
+        test_h = epochs * test_images / ev.images_per_s / 3600 if ev else math.nan
+        rows.append((x.variant, train_h, test_h))
+    return rows
 
 
 # --- report ---------------------------------------------------------------------------------------
@@ -645,7 +710,10 @@ def main(argv: list[str] | None = None) -> None:
             print(f"  {case} {variant}: {fig.ms_per_step:.1f} ms/step", flush=True)
     if not args.no_retrain:
         try:
-            figures += retrain_figures(size, device, warmup, steps, count, retrain_variants, args.profile)
+            for fig in retrain_figures(size, device, warmup, steps, count, retrain_variants, args.profile):
+                figures.append(fig)
+                save()
+                print(f"  {fig.case} {fig.variant}: {fig.ms_per_step:.1f} ms/step", flush=True)
         except Exception as e:
             failures.append(f"retrain: {type(e).__name__}: {e}")
             traceback.print_exc()
@@ -653,6 +721,13 @@ def main(argv: list[str] | None = None) -> None:
     print(table(figures))
     print()
     print(ratio_table(figures))
+    estimates = retrain_estimate(figures)
+    if estimates:
+        print(f"\nretrain, 600 CIFAR-10 epochs at these figures (size {args.size or ('full' if cuda else 'small')}; "
+              f"the issue's target: 1.5 h in all at the full size):")
+        for variant, train_h, test_h in estimates:
+            print(f"  {variant:<40} {train_h + test_h:7.2f} h = {train_h:.2f} h of training steps "
+                  f"+ {test_h:.2f} h of test passes")
     for x in figures:
         if x.profile:
             print(f"\nprofile {x.case} {x.variant}: {x.profile['total_ms']:.1f} ms "

@@ -1,6 +1,7 @@
 """bench/search_step.py runs end to end at tiny sizes and prints its tables (so it cannot rot)."""
 import importlib.util
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -60,6 +61,13 @@ def test_the_bench_runs_at_tiny_sizes_and_prints_the_ratio_table(tmp_path):
         assert calls == sorted(calls, reverse=True) and sum(calls) <= by[key]["writing_ops"]
         assert dict((name, n) for name, n, _ in rows)["convolution"] > 0
     assert "writing ops of nb201 fused by aten op" in out
+    # the retrain's test pass, 4 batches of 256 a step: the fused evaluation cells write fewer
+    # ops than the eager ones; DARTS' `infer` reads every batch's figures on the host, `evaluate` none
+    assert {v for c, v in by if c == "retrain_eval"} == {"reference", "nascore", "nascore+fused"}
+    assert by["retrain_eval", "nascore"]["batch"] == 4 * 256
+    assert by["retrain_eval", "nascore+fused"]["writing_ops"] < by["retrain_eval", "nascore"]["writing_ops"]
+    assert by["retrain_eval", "reference"]["syncs"] >= 4 > by["retrain_eval", "nascore"]["syncs"]
+    assert "retrain, 600 CIFAR-10 epochs at these figures" in out
 
 
 def test_bench_variants_name_a_backend_and_modifiers():
@@ -104,6 +112,15 @@ def test_bench_variants_name_a_backend_and_modifiers():
         "backend": "fused_dense", "block_diagonal": False, "merge_kernel_sizes": False, "matmul_mix": False,
         "merge_batch_norms": False}
     assert bench.retrain_speed("nascore+graph") == "eager+graph"
+    # 600 epochs: 520 steps of 96 and a test pass over 10,000 images each; a graphed variant's
+    # test pass is its ungraphed sibling's (the graph is training's only)
+    figures = [bench.Figure("retrain", "nascore+fused+graph", 96, 48.3, 96 / 0.0483),
+               bench.Figure("retrain_eval", "nascore+fused", 1024, 40.0, 25_600.0),
+               bench.Figure("retrain", "reference", 96, 142.4, 96 / 0.1424)]
+    (v1, train_h, test_h), (v2, ref_train_h, ref_test_h) = bench.retrain_estimate(figures)
+    assert (v1, v2) == ("nascore+fused+graph", "reference")
+    assert train_h == pytest.approx(600 * 520 * 48.3 / 3.6e6) and test_h == pytest.approx(600 * 10_000 / 25_600 / 3600)
+    assert ref_train_h == pytest.approx(600 * 520 * 142.4 / 3.6e6) and math.isnan(ref_test_h)   # no figure: unknown
     assert bench.retrain_speed("nascore+fused_dense+graph+amp") == "fused_dense+graph+amp"
 
 
