@@ -535,7 +535,8 @@ def retrain_figures(size: Size, device: torch.device, warmup: int, steps: int, c
                 net = torch.compile(model) if cfg.compile else model
 
                 def test_pass(i: int) -> None:
-                    evaluate(net, eval_data, device, amp=cfg.amp, channels_last=cfg.channels_last)
+                    # as `train`: the first pass runs eagerly, filling the fused cells' caches before a trace
+                    evaluate(net if i else model, eval_data, device, amp=cfg.amp, channels_last=cfg.channels_last)
                 return test_pass, EVAL_BATCHES * eval_batch, list
             yield measure("retrain_eval", variant, make_eval, device, warmup, steps,
                           count and countable(retrain_speed(variant), device.type))

@@ -268,9 +268,21 @@ def train(model: nn.Module, train_loader: Loader, eval_loader: Loader | None, cf
     if world > 1:
         net = DistributedDataParallel(model,
                                       device_ids=[device.index] if device.type == "cuda" else None)
-    eval_net: nn.Module = model
+    # `compile`: the run's first training call and first test pass run eagerly. They fill the
+    # fused cells' lazy index caches; a trace made with those still empty is guarded on their
+    # emptiness, and the next call traces the whole network again (a second compile).
+    compiled: dict[str, nn.Module] = {}
     if cfg.compile:
-        net, eval_net = torch.compile(net, backend=compile_backend), torch.compile(model, backend=compile_backend)
+        compiled = {"train": torch.compile(net, backend=compile_backend),
+                    "eval": torch.compile(model, backend=compile_backend)}
+    warm: set[str] = set()
+
+    def network(kind: str) -> nn.Module:
+        """The module to call for `kind` (train | eval): compiled once `kind` has run eagerly."""
+        if kind in warm and kind in compiled:
+            return compiled[kind]
+        warm.add(kind)
+        return net if kind == "train" else model
     guard = None
     if cfg.nonfinite == "skip":
         guard = _StepGuard([*params, *(optimizer.state[p]["momentum_buffer"] for p in params
@@ -301,7 +313,7 @@ def train(model: nn.Module, train_loader: Loader, eval_loader: Loader | None, cf
                 if guard is not None:
                     guard.snapshot()
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp == "bf16"):
-                    logits, aux = _split(net(x))
+                    logits, aux = _split(network("train")(x))
                 loss = _loss(logits, aux, y, cfg)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -358,7 +370,7 @@ def train(model: nn.Module, train_loader: Loader, eval_loader: Loader | None, cf
             D.broadcast_buffers(model)
             evaluated = eval_loader is not None and ((epoch + 1) % cfg.eval_every == 0
                                                      or epoch + 1 == cfg.epochs)
-            ev = (evaluate(eval_net, eval_loader, device, amp=cfg.amp, channels_last=cfg.channels_last)
+            ev = (evaluate(network("eval"), eval_loader, device, amp=cfg.amp, channels_last=cfg.channels_last)
                   if evaluated else {})
             record = {
                 "epoch": epoch + 1, "lr": lr, "drop_path_prob": drop_path_at(cfg, epoch),
