@@ -391,7 +391,7 @@ def test_a_nonfinite_loss_inside_the_graph_names_its_step(tmp_path: Path) -> Non
 def test_a_compiled_retrain_traces_a_fixed_number_of_times_and_follows_the_plain_loop(
         tmp_path: Path, backend: str, graphed: bool) -> None:
     """`compile`: a DARTS network whose drop-path probability changes every epoch is traced in the
-    first two epochs only (p = 0, then p > 0 as a symbolic float), not once per epoch: past
+    first epochs only (here: p = 0, then p > 0 as a symbolic float), not once per epoch: past
     dynamo's 8 traces a 600-epoch retrain would run eagerly. The run's first training call and
     first test pass run eagerly, so the fused cells' index caches are full when traced (else
     each would be traced twice). The loop keeps more than dynamo's default limit of traces (here
