@@ -51,7 +51,7 @@ def side_stream(device: torch.device) -> Iterator[None]:
 # Dynamo keeps at most `recompile_limit` (8) traces of one function, then runs it eagerly with a
 # warning. A search needs more: a cell scope traces each kind of call (3 in a first-order search,
 # 4 in a second-order one) per cell shape (DARTS: 5), and OPP-DARTS traces again per op stage. A
-# retrain traces 3-5 times, but a process that trains several configurations (the bench) adds them up.
+# retrain traces 3-4 times, but a process that trains several configurations (the bench) adds them up.
 RECOMPILE_LIMIT = 256
 
 

@@ -45,8 +45,28 @@ common=(-S "method=$METHOD" -S "space=$SPACE" -S "dataset=$DATASET" -S "profile=
         -S "data.root=$DATA" ${extra[@]+"${extra[@]}"})
 
 wait_for_queue() {
+  # Until no task is queued or running and no worker is left. A worker stops ~15 s after the queue
+  # empties; a task queued before it has stopped can be taken by it and dropped, left "Running"
+  # for ever (seen in CI: the final run queued right after the candidates). A task running with
+  # no worker to run it is reported, not waited on.
   # (status captured first: `cmd | grep -q` under pipefail ends the loop early on SIGPIPE)
-  while status=$(dvc queue status) && grep -qE '\b(Queued|Running)\b' <<<"$status"; do sleep 30; done
+  local orphaned=0
+  while status=$(dvc queue status); do
+    if grep -qE 'Worker status: [1-9][0-9]* active|[1-9][0-9]* idle' <<<"$status"; then
+      orphaned=0
+    elif grep -qE '\bRunning\b' <<<"$status"; then
+      orphaned=$((orphaned + 1))
+      if [ "$orphaned" -ge 6 ]; then
+        echo "$status" >&2
+        echo "error: a DVC queue task is Running but no worker has been alive for a minute: the queue" \
+             "lost it. Remove it (dvc queue kill / dvc queue remove) and run this script again." >&2
+        exit 1
+      fi
+    elif ! grep -qE '\bQueued\b' <<<"$status"; then
+      break
+    fi
+    sleep 10
+  done
   echo "$status"
 }
 
