@@ -545,6 +545,8 @@ def retrain_figures(size: Size, device: torch.device, warmup: int, steps: int, c
 
 def eval_settings(variant: str) -> tuple:
     """What a retrain variant's test pass depends on: not its CUDA graph (training only)."""
+    if variant == "reference":
+        return (variant,)
     speed = speed_options(retrain_speed(variant))
     return tuple(sorted((k, v) for k, v in speed.items() if k != "cuda_graph"))
 
@@ -553,13 +555,12 @@ def retrain_estimate(figures: list[Figure], epochs: int = 600, train_images: int
                      test_images: int = 10_000) -> list[tuple[str, float, float]]:
     """Per retrain variant: hours of `epochs` epochs of training steps and of test passes (CIFAR-10,
     evaluated every epoch), from its `retrain` and `retrain_eval` figures."""
-    evals = {(x.variant if x.variant == "reference" else eval_settings(x.variant)): x
-             for x in figures if x.case == "retrain_eval"}
+    evals = {eval_settings(x.variant): x for x in figures if x.case == "retrain_eval"}
     rows = []
     for x in figures:
         if x.case != "retrain":
             continue
-        ev = evals.get(x.variant if x.variant == "reference" else eval_settings(x.variant))
+        ev = evals.get(eval_settings(x.variant))
         train_h = epochs * (train_images // x.batch) * x.ms_per_step / 3.6e6
         test_h = epochs * test_images / ev.images_per_s / 3600 if ev else math.nan
         rows.append((x.variant, train_h, test_h))
