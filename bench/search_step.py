@@ -425,10 +425,26 @@ def retrain_speed(variant: str) -> str:
 
 
 def retrain_figures(size: Size, device: torch.device, warmup: int, steps: int, count: bool,
-                    variants: list[str], profile: bool = False) -> Iterator[Figure]:
+                    variants: list[str], profile: bool = False,
+                    failures: list[str] | None = None) -> Iterator[Figure]:
     """The DARTS_V2 network's training step and test pass: the reference-style loop and nascore's
-    `train`, each figure as soon as it is measured (a run cut short keeps the ones before)."""
+    `train`, each figure as soon as it is measured (a run cut short keeps the ones before). A
+    figure that raises is appended to `failures` and the others are still measured (without
+    `failures`, it raises)."""
     data = batches(4, size.retrain_batch, 32, 10, device)
+
+    def attempt(case: str, variant: str, figure: Callable[[], Figure]) -> Figure | None:
+        try:
+            return figure()
+        except Exception as e:          # one broken variant must not cost the others' figures
+            if failures is None:
+                raise
+            failures.append(f"{case} {variant}: {type(e).__name__}: {e}")
+            print(f"  {case} {variant}: FAILED {failures[-1]}", flush=True)
+            traceback.print_exc()
+            return None
+        finally:
+            free(device)
 
     def network() -> NetworkCIFAR:
         torch.manual_seed(0)
@@ -441,7 +457,9 @@ def retrain_figures(size: Size, device: torch.device, warmup: int, steps: int, c
         cuda_like(device, opt)
         objs, top1 = reference.Meter(), reference.Meter()
         return (lambda i: reference.retrain_step(model, opt, *data[i % 4], objs, top1)), size.retrain_batch, list
-    yield measure("retrain", "reference", make_reference, device, warmup, steps, count, profile)
+    if fig := attempt("retrain", "reference",
+                      lambda: measure("retrain", "reference", make_reference, device, warmup, steps, count, profile)):
+        yield fig
 
     # the test pass every retrain epoch runs (eval_every 1): the stage's loader batch, 4 batches a step
     eval_batch = max(size.retrain_batch, 256)
@@ -460,7 +478,9 @@ def retrain_figures(size: Size, device: torch.device, warmup: int, steps: int, c
                     top1.update(prec1.item(), y.size(0))
                     top5.update(prec5.item(), y.size(0))
         return infer, EVAL_BATCHES * eval_batch, list
-    yield measure("retrain_eval", "reference", make_reference_eval, device, warmup, steps, count)
+    if fig := attempt("retrain_eval", "reference",
+                      lambda: measure("retrain_eval", "reference", make_reference_eval, device, warmup, steps, count)):
+        yield fig
 
     class Batches:
         def __init__(self, n: int) -> None:
@@ -472,14 +492,16 @@ def retrain_figures(size: Size, device: torch.device, warmup: int, steps: int, c
         def __iter__(self):
             return (data[i % 4] for i in range(self.n))
 
-    evaluated: set[tuple] = set()
-    for variant in variants:
+    def train_config(variant: str) -> TrainConfig:
         speed = speed_options(retrain_speed(variant))
         # drop-path 0: the reference step above has none either; 2 epochs: the first warms up
-        cfg = TrainConfig(epochs=2, drop_path=0.0, amp=str(speed.get("amp", "none")),
-                          channels_last=bool(speed.get("channels_last", False)), progress="none",
-                          cuda_graph=bool(speed.get("cuda_graph", False)), compile=bool(speed.get("compile", False)),
-                          backend=str(speed.get("backend", "eager")))
+        return TrainConfig(epochs=2, drop_path=0.0, amp=str(speed.get("amp", "none")),
+                           channels_last=bool(speed.get("channels_last", False)), progress="none",
+                           cuda_graph=bool(speed.get("cuda_graph", False)), compile=bool(speed.get("compile", False)),
+                           backend=str(speed.get("backend", "eager")))
+
+    def train_figure(variant: str) -> Figure:
+        cfg = train_config(variant)
         with tempfile.TemporaryDirectory() as tmp:
             # a graphed epoch spends its first steps warming up and capturing: give it more steps
             n = max(warmup, steps) * (5 if cfg.cuda_graph else 1)
@@ -522,25 +544,35 @@ def retrain_figures(size: Size, device: torch.device, warmup: int, steps: int, c
                     train(model, Batches(n), None, plain, checkpoint_path=Path(tmp) / "ckpt.pt", device=device)
             epoch(1 + steps)            # unprofiled: cuDNN's autotuning and the allocator's first blocks
             fig.profile = profile_difference(lambda: epoch(1), lambda: epoch(1 + steps), steps, device)
-        yield fig
+        return fig
+
+    def eval_figure(variant: str) -> Figure:
+        """`train`'s `evaluate`, as the variant's network runs it."""
+        cfg = train_config(variant)
+
+        def make_eval() -> Step:
+            model = network().to(memory_format=torch.channels_last if cfg.channels_last
+                                 else torch.preserve_format)
+            model.set_backend(cfg.backend)
+            net = torch.compile(model) if cfg.compile else model
+
+            def test_pass(i: int) -> None:
+                # as `train`: the first pass runs eagerly, filling the fused cells' caches before a trace
+                evaluate(net if i else model, eval_data, device, amp=cfg.amp, channels_last=cfg.channels_last)
+            return test_pass, EVAL_BATCHES * eval_batch, list
+        return measure("retrain_eval", variant, make_eval, device, warmup, steps,
+                       count and countable(retrain_speed(variant), device.type))
+
+    evaluated: set[tuple] = set()
+    for variant in variants:
+        if fig := attempt("retrain", variant, lambda: train_figure(variant)):
+            yield fig
         if eval_settings(variant) not in evaluated:
             # `train`'s `evaluate`, as the variant's network runs it; a CUDA graph changes nothing
             # here (the test pass runs plainly), so variants that differ by it share one figure
             evaluated.add(eval_settings(variant))
-
-            def make_eval() -> Step:
-                model = network().to(memory_format=torch.channels_last if cfg.channels_last
-                                     else torch.preserve_format)
-                model.set_backend(cfg.backend)
-                net = torch.compile(model) if cfg.compile else model
-
-                def test_pass(i: int) -> None:
-                    # as `train`: the first pass runs eagerly, filling the fused cells' caches before a trace
-                    evaluate(net if i else model, eval_data, device, amp=cfg.amp, channels_last=cfg.channels_last)
-                return test_pass, EVAL_BATCHES * eval_batch, list
-            yield measure("retrain_eval", variant, make_eval, device, warmup, steps,
-                          count and countable(retrain_speed(variant), device.type))
-            free(device)
+            if fig := attempt("retrain_eval", variant, lambda: eval_figure(variant)):
+                yield fig
 
 
 def eval_settings(variant: str) -> tuple:
@@ -711,14 +743,10 @@ def main(argv: list[str] | None = None) -> None:
             save()               # a run cut short by a time limit keeps what it measured
             print(f"  {case} {variant}: {fig.ms_per_step:.1f} ms/step", flush=True)
     if not args.no_retrain:
-        try:
-            for fig in retrain_figures(size, device, warmup, steps, count, retrain_variants, args.profile):
-                figures.append(fig)
-                save()
-                print(f"  {fig.case} {fig.variant}: {fig.ms_per_step:.1f} ms/step", flush=True)
-        except Exception as e:
-            failures.append(f"retrain: {type(e).__name__}: {e}")
-            traceback.print_exc()
+        for fig in retrain_figures(size, device, warmup, steps, count, retrain_variants, args.profile, failures):
+            figures.append(fig)
+            save()
+            print(f"  {fig.case} {fig.variant}: {fig.ms_per_step:.1f} ms/step", flush=True)
     print()
     print(table(figures))
     print()

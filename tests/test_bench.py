@@ -124,6 +124,24 @@ def test_bench_variants_name_a_backend_and_modifiers():
     assert bench.retrain_speed("nascore+fused_dense+graph+amp") == "fused_dense+graph+amp"
 
 
+def test_a_failing_retrain_variant_costs_no_other_figure(tmp_path):
+    spec = importlib.util.spec_from_file_location("search_step", BENCH)
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules["search_step"] = bench
+    spec.loader.exec_module(bench)
+    out = tmp_path / "figures.json"
+    # a CUDA graph needs a GPU: on the CPU `train` refuses it, and the variants after it still run
+    with pytest.raises(SystemExit) as exit_:
+        bench.main(["--device", "cpu", "--size", "tiny", "--cases", "", "--steps", "1", "--warmup", "1",
+                    "--no-count", "--retrain-variants", "nascore+graph,nascore+fused", "--json", str(out)])
+    assert exit_.value.code == 1
+    saved = json.loads(out.read_text())
+    measured = {(f["case"], f["variant"]) for f in saved["figures"]}
+    assert measured == {("retrain", "reference"), ("retrain_eval", "reference"), ("retrain_eval", "nascore+graph"),
+                        ("retrain", "nascore+fused"), ("retrain_eval", "nascore+fused")}
+    assert [f.split(":")[0] for f in saved["failures"]] == ["retrain nascore+graph"]
+
+
 def test_the_kernel_bench_times_every_way_and_its_conv_ways_compute_one_function(tmp_path, monkeypatch):
     import torch
     sys.path.insert(0, str(BENCH.parent))
