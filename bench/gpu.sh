@@ -23,6 +23,10 @@
 #                                     # (~4 min of H100 per seed at the defaults below; resumable)
 #   bash bench/gpu.sh wait SECONDS    # until what was started ends or SECONDS pass; results -> $OUT
 #
+# CHECK=1 bash bench/gpu.sh lease|bench|profile|compile|dtype: on any machine, in seconds, every
+# bench command of that call with --check (its settings built and validated, nothing measured):
+# a typo or a refused combination shows here, not minutes into a lent GPU's 15 (tests/test_bench.py)
+#
 # The machine has torch but neither DVC nor MLflow: the sweep runs the stages as plain commands
 # (sweeps/plain.py; tracking degrades to a warning) and the report is built afterwards with
 # `python -m stages.compare --from dirs --runs runs/nb201_methods`.
@@ -48,6 +52,11 @@ EAGER_SEEDS=${EAGER_SEEDS:-1,2,3}
 JOBS=${JOBS:-6}
 LOG=/tmp/nascore-sweep
 
+gpu_info() {
+  [ -n "${CHECK:-}" ] && { echo "CHECK=1: validating the bench commands, measuring nothing"; return; }
+  nvidia-smi -L; python3 -c 'import torch; print("torch", torch.__version__, torch.cuda.get_device_name())'
+}
+
 common() {
   echo --set space=nb201 --set dataset=cifar10 --set "data.root=$DATA_DIR/cifar10-jpeg.tar.gz" \
        --set "evaluate.nb201_table=$DATA_DIR/nb201-accuracy.csv" --set "search.epochs=$1" \
@@ -61,9 +70,8 @@ lease)
   # open, the never-measured torch.compile, then the best variants beside the reference
   end=$((SECONDS + ${2:-420}))
   left() { echo $((end - SECONDS > 5 ? end - SECONDS : 5)); }
-  { nvidia-smi -L; python3 -c 'import torch; print("torch", torch.__version__, torch.cuda.get_device_name())'; } \
-      2>&1 | tee "$OUT/lease.log"
-  B="python3 bench/search_step.py"
+  gpu_info 2>&1 | tee "$OUT/lease.log"
+  B="python3 bench/search_step.py ${CHECK:+--check --device cuda}"
   # fused_dense's two trades of multiply-adds for kernels (42cd9ee), the one-product node sums
   # (`fused.mix`) and one BN per pass (`fused.batch_norm_pass`), each on and off, side by side
   # (`+unmerged+grouped+chained` is fused_dense as the 2026-12-04 H200 run timed it; `+chained`
@@ -71,7 +79,7 @@ lease)
   timeout $(($(left) < 150 ? $(left) : 150)) $B --cases darts_first,pc_darts,nb201 --no-retrain \
       --variants fused_dense+graph+bf16,fused_dense+graph+bf16+kindbn,fused_dense+graph+bf16+chained,fused_dense+graph+bf16+unmerged,fused_dense+graph+bf16+grouped,fused_dense+graph+bf16+unmerged+grouped+chained \
       --json "$OUT/trades.json" 2>&1 | tee -a "$OUT/lease.log"
-  timeout 90 python3 bench/kernels.py --json "$OUT/kernels.json" 2>&1 | tee -a "$OUT/lease.log"
+  [ -n "${CHECK:-}" ] || timeout 90 python3 bench/kernels.py --json "$OUT/kernels.json" 2>&1 | tee -a "$OUT/lease.log"
   # the retrain step, the target furthest off (48.3 ms against ~17): where its kernel time goes,
   # never profiled on a GPU (--profile: an epoch of 11 steps less one of 1, graph off), and the
   # test pass every retrain epoch runs (retrain_eval, never timed: the 90-minute target covers it)
@@ -88,27 +96,27 @@ lease)
       --no-retrain --json "$OUT/profile.json" 2>&1 | tee -a "$OUT/lease.log"
   ;;
 bench)
-  nvidia-smi -L; python3 -c 'import torch; print("torch", torch.__version__, torch.cuda.get_device_name())'
-  timeout 560 python3 bench/search_step.py --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log"
+  gpu_info
+  timeout 560 python3 bench/search_step.py ${CHECK:+--check --device cuda} --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log"
   ;;
 profile)
-  nvidia-smi -L
-  timeout 560 python3 bench/search_step.py --variants reference,fused,fused_dense --steps 3 --profile --count \
+  gpu_info
+  timeout 560 python3 bench/search_step.py ${CHECK:+--check --device cuda} --variants reference,fused,fused_dense --steps 3 --profile --count \
       --json "$OUT/profile.json" 2>&1 | tee "$OUT/profile.log"
   ;;
 compile)
   # NB201 first: the smaller graph; a compile that outlives the limit still leaves NB201's figures
-  timeout 380 python3 bench/search_step.py --cases nb201,darts_first --no-retrain \
+  timeout 380 python3 bench/search_step.py ${CHECK:+--check --device cuda} --cases nb201,darts_first --no-retrain \
       --variants fused+graph,fused+compile,fused+graph+compile,fused+graph+compilenet \
       --json "$OUT/compile.json" 2>&1 | tee "$OUT/compile.log"
   # the retrain step (retrain.train.compile, with the CUDA graph since 2026-12-05): its first
   # epoch pays the compile, the second is timed
-  timeout 170 python3 bench/search_step.py --cases '' \
+  timeout 170 python3 bench/search_step.py ${CHECK:+--check --device cuda} --cases '' \
       --retrain-variants nascore+fused_dense+graph+bf16,nascore+fused_dense+graph+bf16+compile \
       --json "$OUT/compile-retrain.json" 2>&1 | tee -a "$OUT/compile.log"
   ;;
 dtype)
-  timeout 560 python3 bench/search_step.py --cases darts_first,nb201,pc_darts \
+  timeout 560 python3 bench/search_step.py ${CHECK:+--check --device cuda} --cases darts_first,nb201,pc_darts \
       --variants fused+graph,fused+graph+amp,fused+graph+cl,fused+graph+bf16 \
       --retrain-variants nascore+fused+graph,nascore+fused+graph+amp,nascore+fused+graph+cl,nascore+fused+graph+bf16 \
       --json "$OUT/dtype.json" 2>&1 | tee "$OUT/dtype.log"

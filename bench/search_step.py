@@ -599,6 +599,40 @@ def retrain_estimate(figures: list[Figure], epochs: int = 600, train_images: int
     return rows
 
 
+def check(cases: list[str], variants: list[str], retrain_variants: list[str], size: Size) -> int:
+    """What a run would measure, with every search setting and retrain config built (and so
+    validated) without a network or a device: a refused combination shows here, in a second, not
+    minutes into a lent GPU's call. Returns the exit status."""
+    problems: list[str] = []
+    plan: list[str] = []
+    for case in cases:
+        for variant in variants:
+            if case in VALIDATION_CASES and not validates_differently(variant):
+                continue
+            try:
+                if variant == "reference":
+                    if search_settings(case, size)[1].features == "random":
+                        raise ValueError("bench/reference.py has no random-features search")
+                else:
+                    search_settings(case, size, **speed_options(variant))
+                plan.append(f"{case} {variant}")
+            except (ValueError, TypeError) as e:
+                problems.append(f"{case} {variant}: {e}")
+    for variant in retrain_variants:
+        speed = speed_options(retrain_speed(variant))
+        try:
+            TrainConfig(epochs=2, amp=str(speed.get("amp", "none")), channels_last=bool(speed.get("channels_last", False)),
+                        cuda_graph=bool(speed.get("cuda_graph", False)), compile=bool(speed.get("compile", False)),
+                        backend=str(speed.get("backend", "eager")))
+            plan.append(f"retrain {variant}")
+        except (ValueError, TypeError) as e:
+            problems.append(f"retrain {variant}: {e}")
+    print(f"check: {len(plan)} to measure: {', '.join(plan) or 'nothing'}")
+    for problem in problems:
+        print(f"check: REFUSED {problem}")
+    return 1 if problems else 0
+
+
 # --- report ---------------------------------------------------------------------------------------
 def table(figures: list[Figure]) -> str:
     v = max([17] + [len(x.variant) for x in figures])
@@ -668,6 +702,9 @@ def main(argv: list[str] | None = None) -> None:
                         "the most frequent first (the JSON holds them either way)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--check", action="store_true",
+                   help="build every case's and variant's settings, print the plan and stop, measuring "
+                        "nothing (`CHECK=1 bash bench/gpu.sh ...` runs this for every command of a GPU call)")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     if args.threads:
@@ -707,6 +744,8 @@ def main(argv: list[str] | None = None) -> None:
                                  f"switches; the retrain's evaluation cells have one op per edge")
         except ValueError as e:
             p.error(str(e))
+    if args.check:
+        sys.exit(check(cases, variants, [] if args.no_retrain else retrain_variants, size))
     info = machine(device)
     print(f"# search step on {info.device} ({info.gpu or info.cpu}, {info.cores} cores, {info.threads} threads, "
           f"torch {info.torch}), "

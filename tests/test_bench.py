@@ -2,6 +2,7 @@
 import importlib.util
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -140,6 +141,40 @@ def test_a_failing_retrain_variant_costs_no_other_figure(tmp_path):
     assert measured == {("retrain", "reference"), ("retrain_eval", "reference"), ("retrain_eval", "nascore+graph"),
                         ("retrain", "nascore+fused"), ("retrain_eval", "nascore+fused")}
     assert [f.split(":")[0] for f in saved["failures"]] == ["retrain nascore+graph"]
+
+
+def test_check_validates_a_run_without_measuring_it(capsys):
+    spec = importlib.util.spec_from_file_location("search_step", BENCH)
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules["search_step"] = bench
+    spec.loader.exec_module(bench)
+    with pytest.raises(SystemExit) as ok:
+        bench.main(["--check", "--device", "cuda", "--cases", "nb201,nb201_valid",
+                    "--variants", "reference,fused_dense+graph+bf16", "--retrain-variants", "nascore+fused_dense+graph"])
+    assert ok.value.code == 0
+    out = capsys.readouterr().out
+    # the validation case runs only variants that validate differently (no graph in a validation)
+    assert ("check: 4 to measure: nb201 reference, nb201 fused_dense+graph+bf16, nb201_valid reference, "
+            "retrain nascore+fused_dense+graph") in out
+    # the reference has no random-features search: refused at once, with the reason
+    with pytest.raises(SystemExit) as refused:
+        bench.main(["--check", "--cases", "rf_darts", "--variants", "reference,fused", "--no-retrain"])
+    assert refused.value.code == 1
+    assert "check: REFUSED rf_darts reference: bench/reference.py has no random-features search" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("call, commands", [("lease", 5), ("bench", 1), ("profile", 1), ("compile", 2), ("dtype", 1)])
+def test_every_bench_command_of_a_gpu_call_is_valid(call, commands, tmp_path):
+    # a lent GPU has 15 minutes in all: a typo in bench/gpu.sh must fail here, not there
+    env = {**os.environ, "CHECK": "1", "OUT": str(tmp_path),
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    run = subprocess.run(["bash", str(BENCH.parent / "gpu.sh"), call], capture_output=True, text=True,
+                         env=env, timeout=600)
+    out = run.stdout + run.stderr
+    assert "REFUSED" not in out and "error:" not in out and "Traceback" not in out, out[-3000:]
+    checked = [line for line in out.splitlines() if line.startswith("check: ") and " to measure: " in line]
+    assert len(checked) == commands, out[-3000:]
+    assert all(not line.startswith("check: 0 ") for line in checked)
 
 
 def test_the_kernel_bench_times_every_way_and_its_conv_ways_compute_one_function(tmp_path, monkeypatch):
