@@ -390,24 +390,34 @@ def _memory_order(p: torch.Tensor) -> list[int]:
 
 class GatherWeights(torch.autograd.Function):
     """All of a cell's requested weight tensors from its parameters: one cat, one index_select;
-    backward: one index_select, whose slices are the parameters' gradients in their own layout."""
+    backward: one index_select, whose slices are the parameters' gradients in their own layout.
+
+    `dtype` (autocast's, or None): the gathered weights in that dtype, cast once for the cell (one
+    kernel, and one back in backward) where autocast would cast every conv's weight on its own,
+    forward and backward."""
 
     @staticmethod
     def forward(ctx, index: torch.Tensor, inverse: torch.Tensor, zero: torch.Tensor,
-                *params: torch.Tensor) -> torch.Tensor:
+                dtype: torch.dtype | None, *params: torch.Tensor) -> torch.Tensor:
         # (shape, memory order) per parameter; order None: plainly contiguous (the usual case)
         ctx.metas = [(p.shape, None if p.is_contiguous() else _memory_order(p)) for p in params]
+        ctx.dtype = zero.dtype
         ctx.save_for_backward(inverse)
         flat = torch.cat([p.view(-1) if o is None else p.permute(o).reshape(-1)
                           for p, (_, o) in zip(params, ctx.metas)] + [zero])
+        if dtype is not None and dtype != flat.dtype:
+            flat = flat.to(dtype)          # before the gather: it then moves the narrower values
         return flat.index_select(0, index)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (inverse,) = ctx.saved_tensors
-        pieces = grad.index_select(0, inverse).split([math.prod(shape) for shape, _ in ctx.metas])
+        grad = grad.index_select(0, inverse)
+        if grad.dtype != ctx.dtype:
+            grad = grad.to(ctx.dtype)       # the parameters' dtype, accumulated as such
+        pieces = grad.split([math.prod(shape) for shape, _ in ctx.metas])
         grads = []
-        for piece, (shape, order), needed in zip(pieces, ctx.metas, ctx.needs_input_grad[3:]):
+        for piece, (shape, order), needed in zip(pieces, ctx.metas, ctx.needs_input_grad[4:]):
             if not needed:
                 grads.append(None)
             elif order is None:
@@ -415,7 +425,7 @@ class GatherWeights(torch.autograd.Function):
             else:              # the parameter's own layout: AccumulateGrad then copies nothing
                 back = sorted(range(len(order)), key=order.__getitem__)
                 grads.append(piece.view([shape[d] for d in order]).permute(back))
-        return (None, None, None, *grads)
+        return (None, None, None, None, *grads)
 
 
 def _layout_shape(kind: str, ps: Sequence[torch.Tensor]) -> tuple[int, ...]:
@@ -512,11 +522,27 @@ def _compose(requests: Sequence[Request], gathered: Callable[[list[Request]], li
 
 
 def gather_weights(requests: Sequence[Request],
-                   constant: Callable[[tuple, Callable[[], torch.Tensor]], torch.Tensor]) -> list[torch.Tensor]:
+                   constant: Callable[[tuple, Callable[[], torch.Tensor]], torch.Tensor],
+                   autocast: torch.dtype | None = None) -> list[torch.Tensor]:
     """The requested tensors, in request order. `constant(key, make)` caches the index on the
-    parameters' device (built once per cell structure, not per forward)."""
+    parameters' device (built once per cell structure, not per forward). `autocast` (the dtype
+    autocast runs convs in, or None): conv weights (parameters of more than one dimension) come in
+    that dtype, gathered apart from the rest (BN's γ and β stay in their own dtype, as autocast
+    leaves them)."""
     if any(kind in SEPARABLE for kind, _ in requests):
-        return _compose(requests, lambda rs: gather_weights(rs, constant))
+        # composed in the autocast dtype: the products of weights autocast would round anyway
+        return _compose(requests, lambda rs: gather_weights(rs, constant, autocast))
+    if autocast is not None:
+        convs = [i for i, (_, ps) in enumerate(requests) if ps and ps[0].dim() > 1]
+        rest = [i for i, (_, ps) in enumerate(requests) if not (ps and ps[0].dim() > 1)]
+        if convs and rest:
+            out: list[torch.Tensor | None] = [None] * len(requests)
+            for members, dtype in ((convs, autocast), (rest, None)):
+                for i, w in zip(members, gather_weights([requests[i] for i in members], constant, dtype)):
+                    out[i] = w
+            return out                                                      # type: ignore[return-value]
+        if not convs:
+            autocast = None
     params = [p for _, ps in requests for p in ps]
     if not params:
         return []
@@ -534,7 +560,7 @@ def gather_weights(requests: Sequence[Request],
     dtype = params[0].dtype
     zero = constant(("zero", dtype), lambda: torch.zeros(1, dtype=dtype))
     shapes = [_layout_shape(kind, ps) for kind, ps in requests]
-    pieces = GatherWeights.apply(index, inverse, zero, *params).split([math.prod(s) for s in shapes])
+    pieces = GatherWeights.apply(index, inverse, zero, autocast, *params).split([math.prod(s) for s in shapes])
     out = []
     for (kind, ps), shape, piece in zip(requests, shapes, pieces):
         if _channels_last(ps):
@@ -1012,6 +1038,13 @@ def _pass_batch_norm_eps(kinds_p: Sequence[Sequence[str]], modules: Sequence[Seq
     return eps.pop() if len(eps) == 1 and not any(bn.affine for bn in bns) else None
 
 
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype autocast runs convs and matrix products in on `device_type` now, or None."""
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
 # --- per-forward α weights ---------------------------------------------------------------------
 @dataclass
 class FusedArch:
@@ -1247,11 +1280,9 @@ def prepare_arch(plan: ArchPlan, op_weights: torch.Tensor,
     w = op_weights if edge_weights is None else op_weights * edge_weights[:, None]
     bypass = (edge_weights.index_select(0, index(plan.edge_index))
               if partial and edge_weights is not None else None)
-    device_type = w.device.type
-    autocast = None
-    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
-        autocast = torch.get_autocast_dtype(device_type)
-        bypass = bypass.to(autocast) if bypass is not None else None
+    autocast = autocast_dtype(w.device.type)
+    if autocast is not None and bypass is not None:
+        bypass = bypass.to(autocast)
     edge_parts = iter(bypass.split([len(sp.edges) for sp in plan.sources]) if bypass is not None else ())
     bypass_weights = [next(edge_parts).view(1, -1, 1, 1, 1) if bypass is not None else None for _ in plan.sources]
     return FusedArch(plan, w.reshape(-1), bypass_weights, sink, constant, autocast, dense,
@@ -1563,7 +1594,7 @@ def cell_forward(op_module: Callable[[int, int], nn.Module], shape: CellShape, p
             requests += rs
     if last:
         requests.append(("cat", [g for gs, _ in last for g in gs] + [b for _, bs in last for b in bs]))
-    gathered = gather_weights(requests, arch.constant)
+    gathered = gather_weights(requests, arch.constant, arch.autocast)
     # `mix`: per pass, per group, whether its output has a column per unit (else one for all)
     columns = (tuple(tuple(unit_columns(kind, mods, arch.sink.training) for mods, kind in zip(mods_s, kinds))
                      for mods_s, kinds in zip(modules, kinds_p)) if arch.mix else None)
@@ -1757,7 +1788,7 @@ def eval_cell_forward(plan: EvalCellPlan, ops: Sequence[nn.Module], inputs: Sequ
     layout = _dense_layout(dense, x0)
     ws = iter(gather_weights([r for groups in plan.sources for g in groups if g.kind in REQUESTS
                               for r in REQUESTS[g.kind]([ops[k] for k in g.ops], layout, 1)],
-                             cached_on(constants, x0.device)))
+                             cached_on(constants, x0.device), autocast_dtype(x0.device.type)))
     states = list(inputs)
     totals: list[torch.Tensor | None] = [None] * plan.num_nodes
     for state, groups in enumerate(plan.sources):

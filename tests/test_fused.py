@@ -330,6 +330,67 @@ def test_evaluation_under_bf16_autocast_keeps_activations_in_bf16():
     torch.testing.assert_close(outs["fused"], outs["eager"], rtol=0.05, atol=0.01)
 
 
+class WeightCasts(TorchDispatchMode):
+    """Casts of float tensors to bfloat16, other than a batch's (tensors whose first dim is
+    `batch`): the weights autocast casts for its convs and products, forward and backward."""
+
+    def __init__(self, batch: int) -> None:
+        super().__init__()
+        self.batch, self.shapes = batch, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        x = args[0] if args else None
+        if (func.overloadpacket is torch.ops.aten._to_copy and out.dtype == torch.bfloat16
+                and x.is_floating_point() and x.dtype != out.dtype and not (x.dim() and x.shape[0] == self.batch)):
+            self.shapes.append(tuple(x.shape))
+        return out
+
+
+@pytest.mark.parametrize("network", ["darts", "nb201", "evaluation"])
+def test_under_autocast_a_fused_cell_casts_its_weights_once_and_computes_as_eager(network):
+    # autocast casts each conv's weight on its own (a kernel per conv, and one more back in
+    # backward); the fused cells cast their gathered weights once per cell instead
+    from nascore.genotype import DARTS_V2
+    from nascore.networks import NetworkCIFAR
+    torch.manual_seed(0)
+    if network == "evaluation":               # a derived network in training mode (the retrain)
+        net, size = NetworkCIFAR(DARTS_V2, 8, 10, 5, auxiliary=True), 32
+    else:
+        net, size = build(network).float(), 8
+    x = torch.randn(5, 3, size, size, generator=torch.Generator().manual_seed(2))
+    weights = [n for n, p in net.named_parameters() if p.dim() > 1 and "alphas" not in n]
+    outside_cells = [n for n in weights if ".ops." not in n]     # stem, preprocessing, classifiers
+    results = {}
+    for backend, amp in (("eager", False), ("eager", True), ("fused", True), ("fused_dense", True)):
+        model = copy.deepcopy(net)
+        model.set_backend(backend)
+        with WeightCasts(x.shape[0]) as casts:
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+                out = model(x)
+                out = out[0] if isinstance(out, tuple) else out
+            (out.float() * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+        assert all(g.dtype == torch.float32 for g in grads.values())
+        weight_casts = [s for s in casts.shapes if len(s) > 1]
+        results[backend, amp] = out.float().detach(), grads, weight_casts
+    assert len(results["eager", True][2]) == len(weights)
+    for backend in ("fused", "fused_dense"):
+        assert len(results[backend, True][2]) == len(outside_cells), backend
+    # bf16's error against fp32 is the eager path's, not more (tiny BN batches make both large)
+    out32, g32, _ = results["eager", False]
+
+    def error(key):
+        out, g, _ = results[key]
+        assert g.keys() == g32.keys()
+        grad_err = sum(((g[n] - g32[n]) ** 2).sum() for n in g32).sqrt() / sum((g32[n] ** 2).sum() for n in g32).sqrt()
+        return (out - out32).norm() / out32.norm(), grad_err
+    eager_out, eager_grad = error(("eager", True))
+    for backend in ("fused", "fused_dense"):
+        out_err, grad_err = error((backend, True))
+        assert out_err <= 1.25 * eager_out and grad_err <= 1.1 * eager_grad, backend
+
+
 @pytest.mark.parametrize("eps", [(1e-5, 1e-5), (1e-5, 0.1)])
 def test_evaluation_statistics_as_affine_maps_are_each_bns_own(eps, float64):
     bns = [nn.BatchNorm2d(3, eps=e) for e in eps]
