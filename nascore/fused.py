@@ -331,7 +331,8 @@ def _layout(kind: str, parts: list[torch.Tensor]) -> torch.Tensor:
     """Arrange per-parameter tensors of element positions as a kind's op consumes the values
     (the gather index of `_gather_index`; ZERO marks a constant 0).
 
-    - cat: along dim 0 (grouped convs, unit-major; 1×1 and dense convs; biases; BN γ/β);
+    - cat: along dim 0 (grouped convs, unit-major; 1×1 and dense convs; conv biases);
+    - affine: BN γ/β, as "cat" (the one kind autocast leaves in float32, see `gather_weights`);
     - interleave: n depthwise weights (C, 1, k, k) as one conv with channel multiplier n over a
       shared input: output channel c·n + u is unit u's channel c;
     - dense: n 1×1 weights (D, C, 1, 1) as one dense 1×1 conv reading that (c, u) order, zero
@@ -359,7 +360,7 @@ def _layout(kind: str, parts: list[torch.Tensor]) -> torch.Tensor:
         k = max(q.shape[-1] for q in parts)
         parts = [F.pad(q, [(k - q.shape[-1]) // 2] * 4, value=ZERO) for q in parts]
         kind = kind.removeprefix("centred").removeprefix("_") or "cat"
-    if kind == "cat":
+    if kind in ("cat", "affine"):
         return torch.cat(parts) if len(parts) > 1 else parts[0]
     n = len(parts)
     if kind == "interleave":
@@ -392,40 +393,53 @@ class GatherWeights(torch.autograd.Function):
     """All of a cell's requested weight tensors from its parameters: one cat, one index_select;
     backward: one index_select, whose slices are the parameters' gradients in their own layout.
 
-    `dtype` (autocast's, or None): the gathered weights in that dtype, cast once for the cell (one
-    kernel, and one back in backward) where autocast would cast every conv's weight on its own,
-    forward and backward."""
+    `dtype` (autocast's, or None): the first `low` gathered values (a cell's conv weights) in that
+    dtype, cast once for the cell where autocast would cast every conv's weight on its own,
+    forward and backward. Then two outputs, those and the rest (in the parameters' dtype: BN's γ
+    and β, which autocast leaves as they are), unless the rest is empty."""
 
     @staticmethod
     def forward(ctx, index: torch.Tensor, inverse: torch.Tensor, zero: torch.Tensor,
-                dtype: torch.dtype | None, *params: torch.Tensor) -> torch.Tensor:
+                dtype: torch.dtype | None, low: int, *params: torch.Tensor):
         # (shape, memory order) per parameter; order None: plainly contiguous (the usual case)
         ctx.metas = [(p.shape, None if p.is_contiguous() else _memory_order(p)) for p in params]
-        ctx.dtype = zero.dtype
+        ctx.dtype, ctx.low, ctx.numel = zero.dtype, low, index.numel()
         ctx.save_for_backward(inverse)
         flat = torch.cat([p.view(-1) if o is None else p.permute(o).reshape(-1)
                           for p, (_, o) in zip(params, ctx.metas)] + [zero])
-        if dtype is not None and dtype != flat.dtype:
-            flat = flat.to(dtype)          # before the gather: it then moves the narrower values
-        return flat.index_select(0, index)
+        if dtype is None:
+            return flat.index_select(0, index)
+        if low == index.numel():     # all cast: before the gather, which then moves narrower values
+            return flat.to(dtype).index_select(0, index)
+        out = flat.index_select(0, index)
+        return out[:low].to(dtype), out[low:]
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor):
+    def backward(ctx, *grads: torch.Tensor | None):
         (inverse,) = ctx.saved_tensors
-        grad = grad.index_select(0, inverse)
-        if grad.dtype != ctx.dtype:
-            grad = grad.to(ctx.dtype)       # the parameters' dtype, accumulated as such
+        if len(grads) == 1:
+            grad = grads[0].index_select(0, inverse)
+            if grad.dtype != ctx.dtype:
+                grad = grad.to(ctx.dtype)    # the parameters' dtype, accumulated as such
+        else:                                # both parts into one buffer of the parameters' dtype
+            joined = inverse.new_empty(ctx.numel, dtype=ctx.dtype)
+            for part, g in zip(joined.split([ctx.low, ctx.numel - ctx.low]), grads):
+                if g is None:
+                    part.zero_()
+                else:
+                    part.copy_(g)
+            grad = joined.index_select(0, inverse)
         pieces = grad.split([math.prod(shape) for shape, _ in ctx.metas])
-        grads = []
-        for piece, (shape, order), needed in zip(pieces, ctx.metas, ctx.needs_input_grad[4:]):
+        grads_out = []
+        for piece, (shape, order), needed in zip(pieces, ctx.metas, ctx.needs_input_grad[5:]):
             if not needed:
-                grads.append(None)
+                grads_out.append(None)
             elif order is None:
-                grads.append(piece.view(shape))
+                grads_out.append(piece.view(shape))
             else:              # the parameter's own layout: AccumulateGrad then copies nothing
                 back = sorted(range(len(order)), key=order.__getitem__)
-                grads.append(piece.view([shape[d] for d in order]).permute(back))
-        return (None, None, None, None, *grads)
+                grads_out.append(piece.view([shape[d] for d in order]).permute(back))
+        return (None, None, None, None, None, *grads_out)
 
 
 def _layout_shape(kind: str, ps: Sequence[torch.Tensor]) -> tuple[int, ...]:
@@ -521,28 +535,29 @@ def _compose(requests: Sequence[Request], gathered: Callable[[list[Request]], li
     return out                                                              # type: ignore[return-value]
 
 
+def _autocast_casts(request: Request) -> bool:
+    """Whether autocast would cast these values for their op: conv weights and biases, not BN's."""
+    return bool(request[1]) and request[0] != "affine"
+
+
 def gather_weights(requests: Sequence[Request],
                    constant: Callable[[tuple, Callable[[], torch.Tensor]], torch.Tensor],
                    autocast: torch.dtype | None = None) -> list[torch.Tensor]:
     """The requested tensors, in request order. `constant(key, make)` caches the index on the
     parameters' device (built once per cell structure, not per forward). `autocast` (the dtype
-    autocast runs convs in, or None): conv weights (parameters of more than one dimension) come in
-    that dtype, gathered apart from the rest (BN's γ and β stay in their own dtype, as autocast
-    leaves them)."""
+    autocast runs convs in, or None): conv weights and biases come in that dtype, cast once by the
+    gather (BN's γ and β, "affine" requests, stay in their own dtype, as autocast leaves them)."""
     if any(kind in SEPARABLE for kind, _ in requests):
         # composed in the autocast dtype: the products of weights autocast would round anyway
         return _compose(requests, lambda rs: gather_weights(rs, constant, autocast))
     if autocast is not None:
-        convs = [i for i, (_, ps) in enumerate(requests) if ps and ps[0].dim() > 1]
-        rest = [i for i, (_, ps) in enumerate(requests) if not (ps and ps[0].dim() > 1)]
-        if convs and rest:
+        # what autocast casts first: one slice of the gather, cast once
+        order = sorted(range(len(requests)), key=lambda i: not _autocast_casts(requests[i]))
+        if order != list(range(len(requests))):
             out: list[torch.Tensor | None] = [None] * len(requests)
-            for members, dtype in ((convs, autocast), (rest, None)):
-                for i, w in zip(members, gather_weights([requests[i] for i in members], constant, dtype)):
-                    out[i] = w
+            for i, w in zip(order, gather_weights([requests[i] for i in order], constant, autocast)):
+                out[i] = w
             return out                                                      # type: ignore[return-value]
-        if not convs:
-            autocast = None
     params = [p for _, ps in requests for p in ps]
     if not params:
         return []
@@ -560,7 +575,14 @@ def gather_weights(requests: Sequence[Request],
     dtype = params[0].dtype
     zero = constant(("zero", dtype), lambda: torch.zeros(1, dtype=dtype))
     shapes = [_layout_shape(kind, ps) for kind, ps in requests]
-    pieces = GatherWeights.apply(index, inverse, zero, autocast, *params).split([math.prod(s) for s in shapes])
+    sizes = [math.prod(s) for s in shapes]
+    casts = sum(_autocast_casts(r) for r in requests) if autocast is not None else 0
+    low = sum(sizes[:casts])
+    gathered = GatherWeights.apply(index, inverse, zero, autocast if casts else None, low, *params)
+    if isinstance(gathered, tuple):          # the cast conv weights, the rest
+        pieces = gathered[0].split(sizes[:casts]) + gathered[1].split(sizes[casts:])
+    else:
+        pieces = gathered.split(sizes)
     out = []
     for (kind, ps), shape, piece in zip(requests, shapes, pieces):
         if _channels_last(ps):
@@ -667,7 +689,7 @@ class BatchNormSink:
 
 def _bn_requests(bns: Sequence[nn.BatchNorm2d]) -> list[Request]:
     """γ and β of n affine BNs, each (n·C,); nothing for BNs without affine parameters."""
-    return [("cat", [b.weight for b in bns]), ("cat", [b.bias for b in bns])] if bns[0].affine else []
+    return [("affine", [b.weight for b in bns]), ("affine", [b.bias for b in bns])] if bns[0].affine else []
 
 
 def _bn_blocks(y: torch.Tensor, bns: Sequence[nn.BatchNorm2d], sink: BatchNormSink,
@@ -1593,7 +1615,7 @@ def cell_forward(op_module: Callable[[int, int], nn.Module], shape: CellShape, p
                 last.append((gamma[1], beta[1]))
             requests += rs
     if last:
-        requests.append(("cat", [g for gs, _ in last for g in gs] + [b for _, bs in last for b in bs]))
+        requests.append(("affine", [g for gs, _ in last for g in gs] + [b for _, bs in last for b in bs]))
     gathered = gather_weights(requests, arch.constant, arch.autocast)
     # `mix`: per pass, per group, whether its output has a column per unit (else one for all)
     columns = (tuple(tuple(unit_columns(kind, mods, arch.sink.training) for mods, kind in zip(mods_s, kinds))

@@ -546,6 +546,51 @@ def test_gathered_weights_are_the_layouts_and_their_gradients(channels_last, flo
     assert torch.equal(index[inverse], torch.arange(total))
 
 
+@pytest.mark.parametrize("affine", [False, True])
+def test_under_autocast_the_gather_casts_a_cells_conv_values_once_and_bn_affines_never(affine):
+    # what autocast would cast conv by conv (weights and biases) is cast once, in the gather, and
+    # its gradient once back; BN's γ, β ("affine") stay float32, as autocast leaves them
+    from nascore.fused import gather_weights
+    param, _ = parameters(0, False)
+    requests = [("cat", [param(4, 3, 3, 3), param(2, 3, 3, 3)]), ("cat", [param(6)]),     # conv, bias
+                ("centred", [param(2, 4, 1, 1), param(3, 4, 3, 3)])]
+    if affine:
+        requests.insert(1, ("affine", [param(6), param(6)]))
+    params = [q for _, ps in requests for q in ps]
+    store = {}
+
+    def gather(dtype):
+        return gather_weights(requests, lambda key, make: store.setdefault(key, make()), dtype)
+    plain = gather(None)
+
+    class Casts(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.n += func.overloadpacket is torch.ops.aten._to_copy
+            return func(*args, **(kwargs or {}))
+    with Casts() as forward:
+        low = gather(torch.bfloat16)
+    assert forward.n == 1
+    for (kind, _), a, b in zip(requests, low, plain):
+        assert a.dtype == (torch.float32 if kind == "affine" else torch.bfloat16), kind
+        torch.testing.assert_close(a, b.to(a.dtype), rtol=0, atol=0)      # the same values, rounded once
+    # backward: float32 gradients, each the bf16 gradient's values; one cast back (and, with a
+    # float32 rest, one copy of each part into one buffer)
+    grads_out = [torch.randn(w.shape, generator=torch.Generator().manual_seed(i)).to(w.dtype)
+                 for i, w in enumerate(low)]
+    with Casts() as backward:
+        expected = torch.autograd.grad(plain, params, [g.float() for g in grads_out])
+        casts_plain = backward.n
+        got = torch.autograd.grad(low, params, grads_out)
+    assert backward.n - casts_plain == (0 if affine else 1)   # with a rest, copy_ casts in place
+    for e, g in zip(expected, got):
+        assert g.dtype == torch.float32
+        torch.testing.assert_close(g, e, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("nhwc", [False, True])
 def test_separable_weights_compose_into_one_dense_conv(nhwc, float64):
     """`fused_dense`: the weights of n separable convs (depthwise k×k, then 1×1) gather into ONE
