@@ -1789,18 +1789,32 @@ def build_eval_plan(ops: Sequence[nn.Module], names: Sequence[str], inputs: Sequ
     return EvalCellPlan(tuple(sources), num_inputs, num_nodes, column, bn, bn_op)
 
 
+PREPROCESS_KINDS = ("relu_conv_bn", "factorized_reduce")
+
+
 def eval_cell_forward(plan: EvalCellPlan, ops: Sequence[nn.Module], inputs: Sequence[torch.Tensor],
                       channels: int, drop_prob: float, sink: BatchNormSink,
-                      constants: dict[tuple, torch.Tensor], dense: bool = False) -> list[torch.Tensor]:
-    """A derived cell's nodes, state by state: every op reading a state in one pass (`dense`:
-    separable convs as one dense conv each), in training or evaluation mode (`sink.training`).
-    Outputs, gradients and BN buffers are the eager cell's (summation order aside); with
-    drop-path (training only) the masks are drawn once per cell, so they are other random numbers
-    than the eager cell's per-op draws, from the same distribution."""
-    bn = (next(m for m in ops[plan.bn_op].modules() if isinstance(m, nn.BatchNorm2d))
-          if plan.bn_op is not None else None)
-    _begin_bn(sink, plan.bn_channels * channels, bn,
-              ((g.kind, [ops[k] for k in g.ops]) for groups in plan.sources for g in groups))
+                      constants: dict[tuple, torch.Tensor], dense: bool = False,
+                      preprocess: Sequence[nn.Module] = ()) -> list[torch.Tensor]:
+    """A derived cell's states after its inputs (its nodes), state by state: every op reading a
+    state in one pass (`dense`: separable convs as one dense conv each), in training or
+    evaluation mode (`sink.training`). Outputs, gradients and BN buffers are the eager cell's
+    (summation order aside); with drop-path (training only) the masks are drawn once per cell, so
+    they are other random numbers than the eager cell's per-op draws, from the same distribution.
+
+    `preprocess`: one module per input (a DARTS cell's ReLUConvBN or FactorizedReduce), run first
+    through the same kinds, weight gather and BN buffer as the ops (no cast of their own under
+    autocast; FactorizedReduce as one conv); then the preprocessed inputs come first in the
+    returned states."""
+    pre_kinds = [classify(m) for m in preprocess]
+    if any(kind not in PREPROCESS_KINDS for kind in pre_kinds):       # another structure: as it is
+        inputs, preprocess, pre_kinds = [m(x) for m, x in zip(preprocess, inputs)], (), []
+    pre_groups = [(kind, [m]) for kind, m in zip(pre_kinds, preprocess)]
+    groups_in_order = pre_groups + [(g.kind, [ops[k] for k in g.ops]) for groups in plan.sources for g in groups]
+    # any of the cell's grouped BNs: the buffer's dtype and device
+    bn = next((m for kind, mods in groups_in_order if BN_CHANNELS[kind](1) for m in mods[0].modules()
+               if isinstance(m, nn.BatchNorm2d)), None)
+    _begin_bn(sink, (plan.bn_channels + len(pre_groups)) * channels, bn, iter(groups_in_order))
     x0 = inputs[-1]
     mask = None
     if drop_prob > 0.0 and plan.droppable and sink.training:
@@ -1808,10 +1822,11 @@ def eval_cell_forward(plan: EvalCellPlan, ops: Sequence[nn.Module], inputs: Sequ
         mask = torch.full((x0.shape[0], plan.droppable), keep, dtype=x0.dtype, device=x0.device)
         mask = torch.bernoulli(mask).div_(keep)
     layout = _dense_layout(dense, x0)
-    ws = iter(gather_weights([r for groups in plan.sources for g in groups if g.kind in REQUESTS
-                              for r in REQUESTS[g.kind]([ops[k] for k in g.ops], layout, 1)],
+    ws = iter(gather_weights([r for kind, mods in groups_in_order if kind in REQUESTS
+                              for r in REQUESTS[kind](mods, layout, 1)],
                              cached_on(constants, x0.device), autocast_dtype(x0.device.type)))
-    states = list(inputs)
+    states = [KINDS[kind](mods, _Source(x, sink, {}, dense), (), None, ws).squeeze(1)
+              for (kind, mods), x in zip(pre_groups, inputs)] or list(inputs)
     totals: list[torch.Tensor | None] = [None] * plan.num_nodes
     for state, groups in enumerate(plan.sources):
         if state >= plan.num_inputs:
@@ -1825,4 +1840,5 @@ def eval_cell_forward(plan: EvalCellPlan, ops: Sequence[nn.Module], inputs: Sequ
             parts = out.unbind(1) if out.shape[1] > 1 else [out.squeeze(1)] * len(g.nodes)
             for node, y in zip(g.nodes, parts):
                 totals[node] = y if totals[node] is None else totals[node] + y
-    return states[plan.num_inputs:] + [totals[-1]]      # the last node feeds no state
+    # the last node feeds no state
+    return states[0 if pre_groups else plan.num_inputs:] + [totals[-1]]

@@ -106,11 +106,11 @@ class DartsEvalCell(nn.Module):
                 sink: "fused.BatchNormSink | None" = None, dense: bool = False) -> torch.Tensor:
         """`sink`: the fused forward, whose grouped BNs the caller flushes (training); `dense`:
         its separable convs as dense convs."""
+        if sink is not None:          # the preprocessing too, in the cell's gather and BN buffer
+            states = fused.eval_cell_forward(self.fused_plan, self.ops, [s0, s1], self.C, drop_prob, sink,
+                                             self._fused_constants, dense, (self.preprocess0, self.preprocess1))
+            return torch.cat([states[i] for i in self.concat], dim=1)
         states = [self.preprocess0(s0), self.preprocess1(s1)]
-        if sink is not None:
-            nodes = fused.eval_cell_forward(self.fused_plan, self.ops, states, self.C, drop_prob, sink,
-                                            self._fused_constants, dense)
-            return torch.cat([(states + nodes)[i] for i in self.concat], dim=1)
         apply_drop = self.training and drop_prob > 0.0
         for node in range(len(self.ops) // 2):
             total = None
