@@ -393,10 +393,10 @@ class GatherWeights(torch.autograd.Function):
     """All of a cell's requested weight tensors from its parameters: one cat, one index_select;
     backward: one index_select, whose slices are the parameters' gradients in their own layout.
 
-    `dtype` (autocast's, or None): the first `low` gathered values (a cell's conv weights) in that
-    dtype, cast once for the cell where autocast would cast every conv's weight on its own,
-    forward and backward. Then two outputs, those and the rest (in the parameters' dtype: BN's γ
-    and β, which autocast leaves as they are), unless the rest is empty."""
+    `dtype` (autocast's, or None): the first `low` gathered values (a cell's conv weights and
+    biases) in that dtype, cast once for the cell where autocast would cast every conv's weight
+    on its own, forward and backward. Then two outputs, those and the rest (in the parameters'
+    dtype: BN's γ and β, which autocast leaves as they are), unless the rest is empty."""
 
     @staticmethod
     def forward(ctx, index: torch.Tensor, inverse: torch.Tensor, zero: torch.Tensor,

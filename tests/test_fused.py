@@ -379,7 +379,9 @@ def test_under_autocast_a_fused_cell_casts_its_weights_once_and_computes_as_eage
     assert len(results["eager", True][2]) == len(weights)
     for backend in ("fused", "fused_dense"):
         assert len(results[backend, True][2]) == len(outside_cells), backend
-    # bf16's error against fp32 is the eager path's, not more (tiny BN batches make both large)
+    # bf16's error against fp32 is about the eager path's (measured: fused within 1.1× of it;
+    # a wrong gather would be far off), with margin for other CPUs' bf16 kernels; tiny BN
+    # batches make both large
     out32, g32, _ = results["eager", False]
 
     def error(key):
@@ -390,7 +392,7 @@ def test_under_autocast_a_fused_cell_casts_its_weights_once_and_computes_as_eage
     eager_out, eager_grad = error(("eager", True))
     for backend in ("fused", "fused_dense"):
         out_err, grad_err = error((backend, True))
-        assert out_err <= 1.25 * eager_out and grad_err <= 1.1 * eager_grad, backend
+        assert out_err <= 1.5 * eager_out and grad_err <= 1.25 * eager_grad, backend
 
 
 @pytest.mark.parametrize("eps", [(1e-5, 1e-5), (1e-5, 0.1)])
