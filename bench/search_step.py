@@ -424,6 +424,16 @@ def retrain_speed(variant: str) -> str:
     return "+".join([backend] + tokens)
 
 
+def train_config(variant: str) -> TrainConfig:
+    """The `train` config a retrain variant measures with ("nascore+fused_dense+graph+bf16")."""
+    speed = speed_options(retrain_speed(variant))
+    # drop-path 0: the reference step has none either; 2 epochs: the first warms up
+    return TrainConfig(epochs=2, drop_path=0.0, amp=str(speed.get("amp", "none")),
+                       channels_last=bool(speed.get("channels_last", False)), progress="none",
+                       cuda_graph=bool(speed.get("cuda_graph", False)), compile=bool(speed.get("compile", False)),
+                       backend=str(speed.get("backend", "eager")))
+
+
 def retrain_figures(size: Size, device: torch.device, warmup: int, steps: int, count: bool,
                     variants: list[str], profile: bool = False,
                     failures: list[str] | None = None) -> Iterator[Figure]:
@@ -491,14 +501,6 @@ def retrain_figures(size: Size, device: torch.device, warmup: int, steps: int, c
 
         def __iter__(self):
             return (data[i % 4] for i in range(self.n))
-
-    def train_config(variant: str) -> TrainConfig:
-        speed = speed_options(retrain_speed(variant))
-        # drop-path 0: the reference step above has none either; 2 epochs: the first warms up
-        return TrainConfig(epochs=2, drop_path=0.0, amp=str(speed.get("amp", "none")),
-                           channels_last=bool(speed.get("channels_last", False)), progress="none",
-                           cuda_graph=bool(speed.get("cuda_graph", False)), compile=bool(speed.get("compile", False)),
-                           backend=str(speed.get("backend", "eager")))
 
     def train_figure(variant: str) -> Figure:
         cfg = train_config(variant)
@@ -619,11 +621,8 @@ def check(cases: list[str], variants: list[str], retrain_variants: list[str], si
             except (ValueError, TypeError) as e:
                 problems.append(f"{case} {variant}: {e}")
     for variant in retrain_variants:
-        speed = speed_options(retrain_speed(variant))
         try:
-            TrainConfig(epochs=2, amp=str(speed.get("amp", "none")), channels_last=bool(speed.get("channels_last", False)),
-                        cuda_graph=bool(speed.get("cuda_graph", False)), compile=bool(speed.get("compile", False)),
-                        backend=str(speed.get("backend", "eager")))
+            train_config(variant)
             plan.append(f"retrain {variant}")
         except (ValueError, TypeError) as e:
             problems.append(f"retrain {variant}: {e}")
