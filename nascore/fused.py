@@ -54,6 +54,7 @@ gradients, BN buffers and derived genotypes against the eager path in float64.
 """
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field, replace
 from typing import Callable, Iterator, Sequence
@@ -1590,11 +1591,31 @@ def _draw_noise(plan: CellPlan, shape: CellShape, inputs: Sequence[torch.Tensor]
     return out
 
 
+PREPROCESS_KINDS = ("relu_conv_bn", "factorized_reduce")
+
+
+def _preprocess_groups(preprocess: Sequence[nn.Module]) -> list[tuple[str, list[nn.Module]]] | None:
+    """A cell's preprocessing modules as (kind, [module]) groups, one per input; None where one of
+    them is not of a `PREPROCESS_KINDS` structure (the caller then runs them as modules)."""
+    kinds = [classify(m) for m in preprocess]
+    if any(kind not in PREPROCESS_KINDS for kind in kinds):
+        return None
+    return [(kind, [m]) for kind, m in zip(kinds, preprocess)]
+
+
 def cell_forward(op_module: Callable[[int, int], nn.Module], shape: CellShape, plan: CellPlan,
-                 arch: FusedArch, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
+                 arch: FusedArch, inputs: Sequence[torch.Tensor],
+                 preprocess: Sequence[nn.Module] = ()) -> torch.Tensor:
     """A search cell's output, state by state: every edge leaving a state in one pass (the two
-    inputs of a paired plan in one pass over both: `pairable`)."""
+    inputs of a paired plan in one pass over both: `pairable`).
+
+    `preprocess`: one module per input (a DARTS cell's ReLUConvBN or FactorizedReduce), run first
+    through the cell's kinds, weight gather and BN buffer, as `eval_cell_forward` does: under
+    autocast their weights are cast with the cell's, not one by one."""
     ap, k, c_op = plan.arch or arch.plan, shape.partial, shape.op_channels
+    pre_groups = _preprocess_groups(preprocess)
+    if pre_groups is None:                    # another structure: as it is
+        inputs, pre_groups = [m(x) for m, x in zip(preprocess, inputs)], []
     passes = plan.passes(ap)
     # per pass, per group: the modules of its units (paired: the first input's, then the second's)
     modules = [[[op_module(e, c) for s in p for e, c in ap.sources[s].groups[gi].units]
@@ -1602,11 +1623,15 @@ def cell_forward(op_module: Callable[[int, int], nn.Module], shape: CellShape, p
     kinds_p = [plan.kinds[p[0]] for p in passes]
     bn = (next(m for m in op_module(*plan.bn_unit).modules() if isinstance(m, nn.BatchNorm2d))
           if plan.bn_unit is not None else None)
-    _begin_bn(arch.sink, plan.bn_channels * c_op, bn,
-              ((kind, mods) for mods_s, kinds in zip(modules, kinds_p) for mods, kind in zip(mods_s, kinds)))
-    noise = _draw_noise(plan, shape, inputs, ap.num_inputs)
+    pre_bns = [bn for kind, mods in pre_groups for block in BN_CALLS[kind](mods) for bn in block]
+    _begin_bn(arch.sink, plan.bn_channels * c_op + sum(b.num_features for b in pre_bns),
+              bn or next(iter(pre_bns), None),
+              itertools.chain(pre_groups, ((kind, mods) for mods_s, kinds in zip(modules, kinds_p)
+                                           for mods, kind in zip(mods_s, kinds))))
     dense = _dense_layout(arch.dense, inputs[0])
-    requests, last = [], []
+    # the preprocessing's weights first: it runs first
+    requests = [r for kind, mods in pre_groups for r in REQUESTS[kind](mods, dense, 1)]
+    last = []
     for p, mods_s, kinds in zip(passes, modules, kinds_p):
         for mods, kind in zip(mods_s, kinds):
             rs = REQUESTS[kind](mods, dense, len(p)) if kind in REQUESTS else []
@@ -1646,6 +1671,10 @@ def cell_forward(op_module: Callable[[int, int], nn.Module], shape: CellShape, p
         weights = [[next(pairs) if kind in SCALED else w for kind, w in zip(kinds, row)]
                    for kinds, row in zip(kinds_p, weights)]
     ws = iter(gathered)
+    if pre_groups:
+        inputs = [KINDS[kind](mods, _Source(x, arch.sink, {}, arch.dense), (), None, ws).squeeze(1)
+                  for (kind, mods), x in zip(pre_groups, inputs)]
+    noise = _draw_noise(plan, shape, inputs, ap.num_inputs)
     states = list(inputs)
     carry = carry_b = None           # partial sums of the nodes not complete yet
     # paired strided convs (`_dil_blocks`) as one ungrouped conv, their weights made so here
@@ -1789,9 +1818,6 @@ def build_eval_plan(ops: Sequence[nn.Module], names: Sequence[str], inputs: Sequ
     return EvalCellPlan(tuple(sources), num_inputs, num_nodes, column, bn, bn_op)
 
 
-PREPROCESS_KINDS = ("relu_conv_bn", "factorized_reduce")
-
-
 def eval_cell_forward(plan: EvalCellPlan, ops: Sequence[nn.Module], inputs: Sequence[torch.Tensor],
                       channels: int, drop_prob: float, sink: BatchNormSink,
                       constants: dict[tuple, torch.Tensor], dense: bool = False,
@@ -1806,10 +1832,9 @@ def eval_cell_forward(plan: EvalCellPlan, ops: Sequence[nn.Module], inputs: Sequ
     through the same kinds, weight gather and BN buffer as the ops (no cast of their own under
     autocast; FactorizedReduce as one conv); then the preprocessed inputs come first in the
     returned states."""
-    pre_kinds = [classify(m) for m in preprocess]
-    if any(kind not in PREPROCESS_KINDS for kind in pre_kinds):       # another structure: as it is
-        inputs, preprocess, pre_kinds = [m(x) for m, x in zip(preprocess, inputs)], (), []
-    pre_groups = [(kind, [m]) for kind, m in zip(pre_kinds, preprocess)]
+    pre_groups = _preprocess_groups(preprocess)
+    if pre_groups is None:                    # another structure: as it is
+        inputs, pre_groups = [m(x) for m, x in zip(preprocess, inputs)], []
     groups_in_order = pre_groups + [(g.kind, [ops[k] for k in g.ops]) for groups in plan.sources for g in groups]
     # any of the cell's grouped BNs: the buffer's dtype and device
     bn = next((m for kind, mods in groups_in_order if BN_CHANNELS[kind](1) for m in mods[0].modules()

@@ -166,9 +166,11 @@ class SearchCell(nn.Module):
         return self.edges[edge].ops[column]
 
     def forward(self, inputs: Sequence[torch.Tensor], weights: "torch.Tensor | fused.FusedArch",
-                columns: Sequence[int], edge_weights: torch.Tensor | None = None) -> torch.Tensor:
+                columns: Sequence[int], edge_weights: torch.Tensor | None = None,
+                preprocess: Sequence[nn.Module] = ()) -> torch.Tensor:
         """`weights`: softmax(α) over `columns` (edges × columns), or a `FusedArch` (fused backend,
-        β already folded in)."""
+        β already folded in). `preprocess`: a module per input, applied to it first (the macro
+        network's, e.g. DARTS' ReLUConvBN; the fused backend runs them inside the cell)."""
         if isinstance(weights, fused.FusedArch):
             key = (weights.plan, weights.dense, weights.merge)
             plan = self._fused_plans.get(key)
@@ -181,11 +183,14 @@ class SearchCell(nn.Module):
                     shared=weights.merged_plans, merge=weights.merge)
             if weights.compiled_cell is not None:      # `search.compile_scope: cells`
                 own = weights.for_one_cell()
+                # the preprocessing outside the trace: its inputs' shapes differ from cell to
+                # cell (DARTS: 8 cells, 8 traces), the preprocessed ones do not (5 traces)
+                inputs = [m(x) for m, x in zip(preprocess, inputs)] if preprocess else inputs
                 out = compiled_call(weights.compiled_cell, self, plan, own, inputs)
                 weights.sink.updates += own.sink.updates
                 return out
-            return fused_cell(self, plan, weights, inputs)
-        states = list(inputs)
+            return fused.cell_forward(self.op_module, self.fused_shape, plan, weights, inputs, preprocess)
+        states = [m(x) for m, x in zip(preprocess, inputs)] if preprocess else list(inputs)
         e = 0
         for _ in range(self.num_nodes):
             total = None
@@ -203,9 +208,10 @@ class SearchCell(nn.Module):
 
 def fused_cell(cell: SearchCell, plan: fused.CellPlan, arch: fused.FusedArch,
                inputs: Sequence[torch.Tensor]) -> torch.Tensor:
-    """A search cell's fused forward: what `search.compile_scope: cells` compiles. A function of
-    the cell, not a method bound to it, so that every cell of one shape runs the same compiled
-    code: dynamo guards a bound method's module by identity, a module argument by its contents."""
+    """A search cell's fused forward from its preprocessed inputs: what `search.compile_scope:
+    cells` compiles. A function of the cell, not a method bound to it, so that every cell of one
+    shape runs the same compiled code: dynamo guards a bound method's module by identity, a
+    module argument by its contents."""
     return fused.cell_forward(cell.op_module, cell.fused_shape, plan, arch, inputs)
 
 

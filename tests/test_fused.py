@@ -360,9 +360,9 @@ def test_under_autocast_a_fused_cell_casts_its_weights_once_and_computes_as_eage
         net, size = build(network).float(), 8
     x = torch.randn(5, 3, size, size, generator=torch.Generator().manual_seed(2))
     weights = [n for n, p in net.named_parameters() if p.dim() > 1 and "alphas" not in n]
-    # the stem, classifiers and the search networks' preprocessing (a derived cell gathers its
-    # own preprocessing's weights with its ops')
-    outside_cells = [n for n in weights if ".ops." not in n and ".preprocess" not in n]
+    # the stem and the classifiers: a cell (search or derived) gathers its preprocessing's
+    # weights with its ops'
+    outside_cells = [n for n in weights if ".ops." not in n and "preprocess" not in n]
     results = {}
     for backend, amp in (("eager", False), ("eager", True), ("fused", True), ("fused_dense", True)):
         model = copy.deepcopy(net)
@@ -427,15 +427,17 @@ def test_the_fused_forward_weights_ops_inside_their_batch_norm():
 
 
 def test_a_cell_reads_its_op_weights_with_one_gather():
-    """The op weights of a cell are arranged (concatenated, interleaved, spread into the dense 1×1
-    conv) by one cat and one index_select, whatever its op count, and their gradients come back by
-    one index_select: no per-group cat / transpose copy / identity multiply, forward or backward.
-    FactorizedReduce (skip_connect at stride 2) is one 2×2 conv: no slice, no zero-filled gradient."""
+    """The op weights of a cell, its preprocessing's included, are arranged (concatenated,
+    interleaved, spread into the dense 1×1 conv) by one cat and one index_select, whatever its op
+    count, and their gradients come back by one index_select: no per-group cat / transpose copy /
+    identity multiply, forward or backward. FactorizedReduce (skip_connect at stride 2, and the
+    preprocessing after a reduction cell) is one 2×2 conv: no slice, no zero-filled gradient."""
     net = build("darts", columns=[3, 4, 5, 6, 7], random_features=True)   # FR, sep, dil convs; affine BNs
     assert_same(net)
     net = copy.deepcopy(net).float()
     net.set_backend("fused")
     op_storage = {p.untyped_storage().data_ptr() for cell in net.cells for p in cell.edges.parameters()}
+    op_storage |= {p.untyped_storage().data_ptr() for p in net.preprocess.parameters()}
     views = {"view", "_reshape_alias", "reshape", "permute", "detach", "alias", "as_strided", "t"}
 
     class ParamReads(TorchDispatchMode):
@@ -475,8 +477,19 @@ def test_a_cell_reads_its_op_weights_with_one_gather():
     assert all(n <= 7 * 2 * 4 for n in clones.sizes), clones.sizes
     # affine BNs (random features): α·(γ, β) is one product per cell, not two per op kind
     assert reads.small_products == len(net.cells), reads.small_products
-    from nascore.ops import FactorizedReduce           # only the eager preprocessing slices (rows, columns)
-    assert every.count["slice_backward"] == 2 * sum(isinstance(m, FactorizedReduce) for m in net.preprocess.modules())
+    # nothing slices: FactorizedReduce's offset branch is a tap of one 2×2 conv
+    assert every.count["slice_backward"] == 0, every.count
+
+
+def test_a_search_cells_preprocessing_of_another_structure_runs_as_its_modules():
+    # the fused cell runs a ReLUConvBN or FactorizedReduce preprocessing as its own kinds; a
+    # module of any other structure (here a plain Sequential) runs as it is, with the same result
+    net = build("darts", columns=[3, 4])
+    conv = net.preprocess[2][1][1]
+    net.preprocess[2][1] = nn.Sequential(nn.ReLU(), nn.Conv2d(conv.in_channels, conv.out_channels, 1, bias=False),
+                                         nn.BatchNorm2d(conv.out_channels, affine=False)).double()
+    assert [fused.classify(m) for m in net.preprocess[2]] == ["factorized_reduce", "eager"]
+    assert_same(net)
 
 
 def parameters(seed: int, channels_last: bool):

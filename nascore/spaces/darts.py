@@ -56,7 +56,7 @@ class DartsSupernet(Supernet):
         s0 = s1 = self.stem(x)
         for cell, (pre0, pre1), reduction in zip(self.cells, self.preprocess, self.reductions):
             ct = "reduce" if reduction else "normal"
-            s0, s1 = s1, cell([pre0(s0), pre1(s1)], weights[ct], columns, edge_weights[ct])
+            s0, s1 = s1, cell([s0, s1], weights[ct], columns, edge_weights[ct], preprocess=(pre0, pre1))
         return self.classifier(self.global_pooling(s1).flatten(1))
 
 
