@@ -332,7 +332,8 @@ def _layout(kind: str, parts: list[torch.Tensor]) -> torch.Tensor:
     """Arrange per-parameter tensors of element positions as a kind's op consumes the values
     (the gather index of `_gather_index`; ZERO marks a constant 0).
 
-    - cat: along dim 0 (grouped convs, unit-major; 1×1 and dense convs; conv biases);
+    - cat: along dim 0 (grouped convs, unit-major; 1×1 and dense convs; conv biases; a pooling's
+      BN γ/β, `_pool_bn_requests`);
     - affine: BN γ/β, as "cat" (the one kind autocast leaves in float32, see `gather_weights`);
     - interleave: n depthwise weights (C, 1, k, k) as one conv with channel multiplier n over a
       shared input: output channel c·n + u is unit u's channel c;
@@ -847,7 +848,11 @@ def _pool(mods: list[nn.Module], src: _Source, units: Units, scale: None, ws: It
 
 
 def _pool_bn_requests(mods: list[nn.Module], dense: Dense, states: int) -> list[Request]:
-    return _bn_requests([m[1] for m in mods])
+    # γ, β as "cat", not "affine": a product with the activations applies them (`_bn_shared`),
+    # so under autocast they come cast with the conv weights. Float32, they would promote that
+    # output and with it the pass's concatenation (`mix`): a cast of every activation there,
+    # forward and backward (random features' affine BNs: 60 each way per forward of the bench's small DARTS supernet)
+    return [("cat", ps) for _, ps in _bn_requests([m[1] for m in mods])]
 
 
 def _pool_bn(mods: list[nn.Module], src: _Source, units: Units, scale: None, ws: Iterator

@@ -332,22 +332,25 @@ def test_evaluation_under_bf16_autocast_keeps_activations_in_bf16():
 
 class WeightCasts(TorchDispatchMode):
     """Casts of float tensors to bfloat16, other than a batch's (tensors whose first dim is
-    `batch`): the weights autocast casts for its convs and products, forward and backward."""
+    `batch`): the weights autocast casts for its convs and products, forward and backward.
+    `activations`: the casts of a batch's tensors, either way."""
 
     def __init__(self, batch: int) -> None:
         super().__init__()
-        self.batch, self.shapes = batch, []
+        self.batch, self.shapes, self.activations = batch, [], []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         x = args[0] if args else None
-        if (func.overloadpacket is torch.ops.aten._to_copy and out.dtype == torch.bfloat16
-                and x.is_floating_point() and x.dtype != out.dtype and not (x.dim() and x.shape[0] == self.batch)):
-            self.shapes.append(tuple(x.shape))
+        if (func.overloadpacket is torch.ops.aten._to_copy and x.is_floating_point() and x.dtype != out.dtype):
+            if x.dim() > 1 and x.shape[0] == self.batch:
+                self.activations.append((tuple(x.shape), x.dtype))
+            elif out.dtype == torch.bfloat16:
+                self.shapes.append(tuple(x.shape))
         return out
 
 
-@pytest.mark.parametrize("network", ["darts", "nb201", "evaluation"])
+@pytest.mark.parametrize("network", ["darts", "rf_darts", "nb201", "evaluation"])
 def test_under_autocast_a_fused_cell_casts_its_weights_once_and_computes_as_eager(network):
     # autocast casts each conv's weight on its own (a kernel per conv, and one more back in
     # backward); the fused cells cast their gathered weights once per cell instead
@@ -356,6 +359,8 @@ def test_under_autocast_a_fused_cell_casts_its_weights_once_and_computes_as_eage
     torch.manual_seed(0)
     if network == "evaluation":               # a derived network in training mode (the retrain)
         net, size = NetworkCIFAR(DARTS_V2, 8, 10, 5, auxiliary=True), 32
+    elif network == "rf_darts":               # affine BNs (random features)
+        net, size = build("darts", random_features=True).float(), 8
     else:
         net, size = build(network).float(), 8
     x = torch.randn(5, 3, size, size, generator=torch.Generator().manual_seed(2))
@@ -363,7 +368,7 @@ def test_under_autocast_a_fused_cell_casts_its_weights_once_and_computes_as_eage
     # the stem and the classifiers: a cell (search or derived) gathers its preprocessing's
     # weights with its ops'
     outside_cells = [n for n in weights if ".ops." not in n and "preprocess" not in n]
-    results = {}
+    results, activation_casts = {}, {}
     for backend, amp in (("eager", False), ("eager", True), ("fused", True), ("fused_dense", True)):
         model = copy.deepcopy(net)
         model.set_backend(backend)
@@ -376,9 +381,14 @@ def test_under_autocast_a_fused_cell_casts_its_weights_once_and_computes_as_eage
         assert all(g.dtype == torch.float32 for g in grads.values())
         weight_casts = [s for s in casts.shapes if len(s) > 1]
         results[backend, amp] = out.float().detach(), grads, weight_casts
+        activation_casts[backend, amp] = casts.activations
     assert len(results["eager", True][2]) == len(weights)
     for backend in ("fused", "fused_dense"):
         assert len(results[backend, True][2]) == len(outside_cells), backend
+        # no activation cast inside the cells: only the image's, the logits' and their gradient's,
+        # as eager (float32 values applied to bf16 activations, e.g. an affine pooling BN's γ and
+        # β, would promote them and the pass's concatenation after them, both ways)
+        assert activation_casts[backend, True] == activation_casts["eager", True], backend
     # bf16's error against fp32 is about the eager path's (measured: fused within 1.1× of it;
     # a wrong gather would be far off), with margin for other CPUs' bf16 kernels; tiny BN
     # batches make both large
