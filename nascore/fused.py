@@ -851,7 +851,8 @@ def _pool_bn_requests(mods: list[nn.Module], dense: Dense, states: int) -> list[
     # γ, β as "cat", not "affine": a product with the activations applies them (`_bn_shared`),
     # so under autocast they come cast with the conv weights. Float32, they would promote that
     # output and with it the pass's concatenation (`mix`): a cast of every activation there,
-    # forward and backward (random features' affine BNs: 60 each way per forward of the bench's small DARTS supernet)
+    # forward and backward (random features' affine BNs: 60 each way per forward of the bench's
+    # small DARTS supernet)
     return [("cat", ps) for _, ps in _bn_requests([m[1] for m in mods])]
 
 
@@ -1628,7 +1629,7 @@ def cell_forward(op_module: Callable[[int, int], nn.Module], shape: CellShape, p
     kinds_p = [plan.kinds[p[0]] for p in passes]
     bn = (next(m for m in op_module(*plan.bn_unit).modules() if isinstance(m, nn.BatchNorm2d))
           if plan.bn_unit is not None else None)
-    pre_bns = [bn for kind, mods in pre_groups for block in BN_CALLS[kind](mods) for bn in block]
+    pre_bns = [b for kind, mods in pre_groups for block in BN_CALLS[kind](mods) for b in block]
     _begin_bn(arch.sink, plan.bn_channels * c_op + sum(b.num_features for b in pre_bns),
               bn or next(iter(pre_bns), None),
               itertools.chain(pre_groups, ((kind, mods) for mods_s, kinds in zip(modules, kinds_p)
