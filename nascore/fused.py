@@ -689,9 +689,10 @@ class BatchNormSink:
         self.updates.clear()
 
 
-def _bn_requests(bns: Sequence[nn.BatchNorm2d]) -> list[Request]:
-    """γ and β of n affine BNs, each (n·C,); nothing for BNs without affine parameters."""
-    return [("affine", [b.weight for b in bns]), ("affine", [b.bias for b in bns])] if bns[0].affine else []
+def _bn_requests(bns: Sequence[nn.BatchNorm2d], kind: str = "affine") -> list[Request]:
+    """γ and β of n affine BNs, each (n·C,); nothing for BNs without affine parameters. `kind`
+    "affine" (float32 under autocast, as BN keeps them) or "cat" (cast with the conv weights)."""
+    return [(kind, [b.weight for b in bns]), (kind, [b.bias for b in bns])] if bns[0].affine else []
 
 
 def _bn_blocks(y: torch.Tensor, bns: Sequence[nn.BatchNorm2d], sink: BatchNormSink,
@@ -853,7 +854,7 @@ def _pool_bn_requests(mods: list[nn.Module], dense: Dense, states: int) -> list[
     # output and with it the pass's concatenation (`mix`): a cast of every activation there,
     # forward and backward (random features' affine BNs: 60 each way per forward of the bench's
     # small DARTS supernet)
-    return [("cat", ps) for _, ps in _bn_requests([m[1] for m in mods])]
+    return _bn_requests([m[1] for m in mods], kind="cat")
 
 
 def _pool_bn(mods: list[nn.Module], src: _Source, units: Units, scale: None, ws: Iterator
@@ -1600,13 +1601,22 @@ def _draw_noise(plan: CellPlan, shape: CellShape, inputs: Sequence[torch.Tensor]
 PREPROCESS_KINDS = ("relu_conv_bn", "factorized_reduce")
 
 
-def _preprocess_groups(preprocess: Sequence[nn.Module]) -> list[tuple[str, list[nn.Module]]] | None:
-    """A cell's preprocessing modules as (kind, [module]) groups, one per input; None where one of
-    them is not of a `PREPROCESS_KINDS` structure (the caller then runs them as modules)."""
+def _preprocess_groups(preprocess: Sequence[nn.Module], inputs: Sequence[torch.Tensor]
+                       ) -> tuple[list[tuple[str, list[nn.Module]]], Sequence[torch.Tensor]]:
+    """A cell's preprocessing modules as (kind, [module]) groups, one per input, to run with the
+    cell (`_run_preprocess`), and the inputs; where one of them is not of a `PREPROCESS_KINDS`
+    structure, no group and the inputs run through the modules as they are."""
     kinds = [classify(m) for m in preprocess]
     if any(kind not in PREPROCESS_KINDS for kind in kinds):
-        return None
-    return [(kind, [m]) for kind, m in zip(kinds, preprocess)]
+        return [], [m(x) for m, x in zip(preprocess, inputs)]
+    return [(kind, [m]) for kind, m in zip(kinds, preprocess)], inputs
+
+
+def _run_preprocess(groups: Sequence[tuple[str, list[nn.Module]]], inputs: Sequence[torch.Tensor],
+                    sink: BatchNormSink, dense: bool, ws: Iterator[torch.Tensor]) -> list[torch.Tensor]:
+    """The inputs preprocessed by `groups` (`_preprocess_groups`), their weights the first in `ws`."""
+    return [KINDS[kind](mods, _Source(x, sink, {}, dense), (), None, ws).squeeze(1)
+            for (kind, mods), x in zip(groups, inputs)]
 
 
 def cell_forward(op_module: Callable[[int, int], nn.Module], shape: CellShape, plan: CellPlan,
@@ -1619,9 +1629,7 @@ def cell_forward(op_module: Callable[[int, int], nn.Module], shape: CellShape, p
     through the cell's kinds, weight gather and BN buffer, as `eval_cell_forward` does: under
     autocast their weights are cast with the cell's, not one by one."""
     ap, k, c_op = plan.arch or arch.plan, shape.partial, shape.op_channels
-    pre_groups = _preprocess_groups(preprocess)
-    if pre_groups is None:                    # another structure: as it is
-        inputs, pre_groups = [m(x) for m, x in zip(preprocess, inputs)], []
+    pre_groups, inputs = _preprocess_groups(preprocess, inputs)
     passes = plan.passes(ap)
     # per pass, per group: the modules of its units (paired: the first input's, then the second's)
     modules = [[[op_module(e, c) for s in p for e, c in ap.sources[s].groups[gi].units]
@@ -1678,8 +1686,7 @@ def cell_forward(op_module: Callable[[int, int], nn.Module], shape: CellShape, p
                    for kinds, row in zip(kinds_p, weights)]
     ws = iter(gathered)
     if pre_groups:
-        inputs = [KINDS[kind](mods, _Source(x, arch.sink, {}, arch.dense), (), None, ws).squeeze(1)
-                  for (kind, mods), x in zip(pre_groups, inputs)]
+        inputs = _run_preprocess(pre_groups, inputs, arch.sink, arch.dense, ws)
     noise = _draw_noise(plan, shape, inputs, ap.num_inputs)
     states = list(inputs)
     carry = carry_b = None           # partial sums of the nodes not complete yet
@@ -1838,9 +1845,7 @@ def eval_cell_forward(plan: EvalCellPlan, ops: Sequence[nn.Module], inputs: Sequ
     through the same kinds, weight gather and BN buffer as the ops (no cast of their own under
     autocast; FactorizedReduce as one conv); then the preprocessed inputs come first in the
     returned states."""
-    pre_groups = _preprocess_groups(preprocess)
-    if pre_groups is None:                    # another structure: as it is
-        inputs, pre_groups = [m(x) for m, x in zip(preprocess, inputs)], []
+    pre_groups, inputs = _preprocess_groups(preprocess, inputs)
     groups_in_order = pre_groups + [(g.kind, [ops[k] for k in g.ops]) for groups in plan.sources for g in groups]
     # any of the cell's grouped BNs: the buffer's dtype and device
     bn = next((m for kind, mods in groups_in_order if BN_CHANNELS[kind](1) for m in mods[0].modules()
@@ -1856,8 +1861,7 @@ def eval_cell_forward(plan: EvalCellPlan, ops: Sequence[nn.Module], inputs: Sequ
     ws = iter(gather_weights([r for kind, mods in groups_in_order if kind in REQUESTS
                               for r in REQUESTS[kind](mods, layout, 1)],
                              cached_on(constants, x0.device), autocast_dtype(x0.device.type)))
-    states = [KINDS[kind](mods, _Source(x, sink, {}, dense), (), None, ws).squeeze(1)
-              for (kind, mods), x in zip(pre_groups, inputs)] or list(inputs)
+    states = _run_preprocess(pre_groups, inputs, sink, dense, ws) or list(inputs)
     totals: list[torch.Tensor | None] = [None] * plan.num_nodes
     for state, groups in enumerate(plan.sources):
         if state >= plan.num_inputs:
