@@ -10,6 +10,8 @@ from __future__ import annotations
 import collections
 import gc
 import math
+import os
+import sys
 import warnings
 import weakref
 from dataclasses import dataclass, field
@@ -45,11 +47,38 @@ class OpCount:
     by_op: collections.Counter = field(default_factory=collections.Counter)
     writing_by_op: collections.Counter = field(default_factory=collections.Counter)  # writing ops per name
     moved_by_op: collections.Counter = field(default_factory=collections.Counter)    # bytes written + read per name
+    # with `CountOps(sites=True)`: writing ops per (aten op, where the code called it, `_site`)
+    writing_by_site: collections.Counter = field(default_factory=collections.Counter)
 
     def largest(self, n: int = 25) -> list[tuple[str, int, float]]:
         """(aten op, writing calls, MB moved) of the `n` op names that write most often, largest
         first: which kernels a step is made of."""
         return [(name, calls, self.moved_by_op[name] / 2**20) for name, calls in self.writing_by_op.most_common(n)]
+
+    def by_site(self, n: int = 40) -> list[tuple[str, str, int]]:
+        """(aten op, site, writing calls) of the `n` most frequent pairs (`CountOps(sites=True)`)."""
+        return [(name, site, calls) for (name, site), calls in self.writing_by_site.most_common(n)]
+
+
+PROJECT = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
+_NOT_A_SITE = (os.path.abspath(__file__), os.path.join(PROJECT, "bench", "search_step.py"))
+
+
+def _site() -> str:
+    """Where the op being dispatched comes from. In a backward pass, the autograd node running
+    ("backward of ConvolutionBackward0"; a gradient accumulation's add is counted under the node
+    whose output it adds in). Else the innermost frame of the project's own code (nascore/,
+    bench/reference.py, tests/; not a virtual environment inside the project) that called it, as "path:line (function)"; "elsewhere" if none."""
+    node = torch._C._current_autograd_node()
+    if node is not None:
+        return f"backward of {node.name()}"
+    frame = sys._getframe(2)
+    while frame is not None:
+        path = frame.f_code.co_filename
+        if path.startswith(PROJECT) and path not in _NOT_A_SITE and "site-packages" not in path:
+            return f"{path[len(PROJECT):]}:{frame.f_lineno} ({frame.f_code.co_name})"
+        frame = frame.f_back
+    return "elsewhere"
 
 
 def _tensors(x: Any) -> list[torch.Tensor]:
@@ -109,12 +138,16 @@ class CountOps(TorchDispatchMode):
     Tensors made outside any op, and ops' internal workspaces, are not seen.
     """
 
-    def __init__(self, host_scalars: Iterable[torch.Tensor] = (), device: str | None = None) -> None:
+    def __init__(self, host_scalars: Iterable[torch.Tensor] = (), device: str | None = None,
+                 sites: bool = False) -> None:
         """`host_scalars`: tensors whose value reads are no device sync (the optimisers' step
         counters, which torch keeps on the host even when the parameters are on a GPU).
-        `device`: the device type whose live bytes are counted (None: every device)."""
+        `device`: the device type whose live bytes are counted (None: every device).
+        `sites`: also count writing ops by where they come from (`OpCount.writing_by_site`; a
+        stack walk per op, so a slower count)."""
         super().__init__()
         self.count = OpCount()
+        self._sites = sites
         self._host = {t.data_ptr() for t in host_scalars}
         self._device = device
         self._live: dict[int, int] = {}       # storage address -> bytes, while it is alive
@@ -192,4 +225,6 @@ class CountOps(TorchDispatchMode):
             c.bytes_read += read
             c.writing_by_op[name] += 1
             c.moved_by_op[name] += wrote + read
+            if self._sites:
+                c.writing_by_site[name, _site()] += 1
         return out

@@ -168,6 +168,7 @@ class Figure:
     gflop: float | None = None                 # convolutions' and matrix products' FLOPs, counted (opcount)
     profile: dict | None = None                # --profile: where one step's time goes (profile_step)
     by_op: list | None = None                  # counted: [(aten op, writing calls, MB moved), ...] (OpCount.largest)
+    by_site: list | None = None                # --by-site: [(aten op, site, writing calls), ...] (OpCount.by_site)
     warmup_s: float | None = None              # wall time of the warm-up steps: compile, capture, autotuning
 
 
@@ -364,7 +365,7 @@ def _profile_rows(run: Callable[[], None], device: torch.device) -> list[tuple[s
 
 
 def measure(case: str, variant: str, make: Callable[[], Step], device: torch.device, warmup: int,
-            steps: int, count: bool, profile: bool = False) -> Figure:
+            steps: int, count: bool, profile: bool = False, sites: bool = False) -> Figure:
     step, batch, host_scalars = make()
     t0 = time.perf_counter()
     for i in range(warmup):
@@ -394,12 +395,13 @@ def measure(case: str, variant: str, make: Callable[[], Step], device: torch.dev
         ms, peak, reserved = 1000 * statistics.median(times), None, None
     fig = Figure(case, variant, batch, ms, 1000 * batch / ms, peak, reserved, warmup_s=warmup_s)
     if count:
-        with CountOps(host_scalars(), device=device.type) as counter:
+        with CountOps(host_scalars(), device=device.type, sites=sites) as counter:
             step(warmup + steps)
         c = counter.count
         fig.ops, fig.writing_ops, fig.mb_written, fig.syncs = c.ops, c.writing_ops, c.bytes_written / 2**20, c.syncs
         fig.mb_read, fig.live_mb, fig.gflop = c.bytes_read / 2**20, c.peak_bytes / 2**20, c.flops / 1e9
         fig.by_op = c.largest()
+        fig.by_site = c.by_site() if sites else None
     if profile:
         # a replayed CUDA graph is one opaque launch to the profiler: profile the variant without
         # the graph for its kernels (they are the same kernels)
@@ -699,6 +701,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--by-op", action="store_true",
                    help="also print each counted variant's writing ops and bytes moved by aten op, "
                         "the most frequent first (the JSON holds them either way)")
+    p.add_argument("--by-site", action="store_true",
+                   help="also count each search case's writing ops by where they come from (the "
+                        "nascore or reference line in a forward, the autograd node in a backward) and "
+                        "print the most frequent (slower counts; not for the retrain variants)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--check", action="store_true",
@@ -769,7 +775,7 @@ def main(argv: list[str] | None = None) -> None:
                 make = lambda: nascore_step(case, size, device, **speed_options(variant))  # noqa: E731
             try:
                 fig = measure(case, variant, make, device, warmup, steps, count and countable(variant, device.type),
-                              args.profile and "graph" not in variant)
+                              args.profile and "graph" not in variant, sites=args.by_site)
             except Exception as e:     # one broken variant must not cost the others' figures
                 failures.append(f"{case} {variant}: {type(e).__name__}: {e}")
                 print(f"  {case} {variant}: FAILED {failures[-1]}", flush=True)
@@ -808,6 +814,11 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"\nwriting ops of {x.case} {x.variant} by aten op ({x.writing_ops} in all):")
                 for name, calls, mb in x.by_op[:15]:
                     print(f"  {calls:6d} {calls / x.writing_ops:6.1%} {mb:10.1f} MB moved  {name}")
+    for x in figures:
+        if x.by_site:
+            print(f"\nwriting ops of {x.case} {x.variant} by site ({x.writing_ops} in all):")
+            for name, site, calls in x.by_site[:25]:
+                print(f"  {calls:6d} {calls / x.writing_ops:6.1%}  {name:<28} {site}")
     for failure in failures:
         print(f"FAILED {failure}")
     save()

@@ -18,7 +18,7 @@ def test_the_bench_runs_at_tiny_sizes_and_prints_the_ratio_table(tmp_path):
     # the process, and other tests' leftovers (torch.compile's caches) would skew these tiny figures
     run = subprocess.run(
         [sys.executable, str(BENCH), "--device", "cpu", "--size", "tiny", "--cases", "nb201,nb201_valid",
-         "--steps", "1", "--warmup", "1", "--retrain-variants", "nascore,nascore+fused", "--profile", "--by-op",
+         "--steps", "1", "--warmup", "1", "--retrain-variants", "nascore,nascore+fused", "--profile", "--by-op", "--by-site",
          "--json", str(tmp_path / "figures.json")],
         capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
@@ -62,6 +62,13 @@ def test_the_bench_runs_at_tiny_sizes_and_prints_the_ratio_table(tmp_path):
         assert calls == sorted(calls, reverse=True) and sum(calls) <= by[key]["writing_ops"]
         assert dict((name, n) for name, n, _ in rows)["convolution"] > 0
     assert "writing ops of nb201 fused by aten op" in out
+    # --by-site: where the writing ops come from, a forward's line or a backward's autograd node
+    sites = {(name, site): n for name, site, n in by["nb201", "fused"]["by_site"]}
+    assert sites[("convolution_backward", "backward of ConvolutionBackward0")] > 0
+    assert any(name == "convolution" and site.startswith("nascore/fused.py:") for name, site in sites)
+    assert any(site.startswith("bench/reference.py:") for _, site, _ in by["nb201", "reference"]["by_site"])
+    assert by["retrain", "nascore"]["by_site"] is None
+    assert "writing ops of nb201 fused by site" in out
     # the retrain's test pass, 4 batches of 256 a step: the fused evaluation cells write fewer
     # ops than the eager ones; DARTS' `infer` reads every batch's figures on the host, `evaluate` none
     assert {v for c, v in by if c == "retrain_eval"} == {"reference", "nascore", "nascore+fused"}
@@ -258,6 +265,28 @@ def test_the_op_counter_counts_what_each_kernel_writes_and_reads():
     assert k.count.largest() == [("add", 2, 2 * (32 + 32 + 8) * f32 / 2**20),
                                  ("relu", 1, 2 * 32 * f32 / 2**20), ("add_", 1, (32 + 32 + 8) * f32 / 2**20)]
     assert sum(n for _, n, _ in k.count.largest()) == k.count.writing_ops
+
+
+def test_the_op_counter_names_where_each_writing_op_comes_from():
+    sys.path.insert(0, str(BENCH.parent))
+    from opcount import CountOps
+
+    x = torch.randn(4, 8, requires_grad=True)
+
+    def loss():
+        return (x * 2).relu().sum()
+    with CountOps(sites=True) as k:
+        loss().backward()
+    sites = {(name, site): n for name, site, n in k.count.by_site()}
+    here = f"tests/test_bench.py:{loss.__code__.co_firstlineno + 1} (loss)"
+    assert sites[("mul", here)] == sites[("relu", here)] == sites[("sum", here)] == 1
+    assert sites[("threshold_backward", "backward of ReluBackward0")] == 1
+    assert sites[("mul", "backward of MulBackward0")] == 1
+    assert sum(sites.values()) == k.count.writing_ops
+    x.grad = None
+    with CountOps() as plain:                  # by default no stack walk, no sites
+        loss().backward()
+    assert plain.count.writing_ops == k.count.writing_ops and not plain.count.writing_by_site
 
 
 @pytest.mark.parametrize("groups", [1, 4, 16])
