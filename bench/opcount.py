@@ -68,7 +68,8 @@ def _site() -> str:
     """Where the op being dispatched comes from. In a backward pass, the autograd node running
     ("backward of ConvolutionBackward0"; a gradient accumulation's add is counted under the node
     whose output it adds in). Else the innermost frame of the project's own code (nascore/,
-    bench/reference.py, tests/; not a virtual environment inside the project) that called it, as "path:line (function)"; "elsewhere" if none."""
+    bench/reference.py, tests/; not a virtual environment inside the project) that called it,
+    as "path:line (function)"; "elsewhere" if none."""
     node = torch._C._current_autograd_node()
     if node is not None:
         return f"backward of {node.name()}"

@@ -704,7 +704,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--by-site", action="store_true",
                    help="also count each search case's writing ops by where they come from (the "
                         "nascore or reference line in a forward, the autograd node in a backward) and "
-                        "print the most frequent (slower counts; not for the retrain variants)")
+                        "print the most frequent (slower counts, on CUDA too unless --no-count; not "
+                        "for the retrain variants)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--check", action="store_true",
@@ -718,7 +719,7 @@ def main(argv: list[str] | None = None) -> None:
     size = SIZES[args.size or ("full" if cuda else "small")]
     steps = args.steps or (10 if cuda else 3)
     warmup = args.warmup if args.warmup is not None else 3
-    count = (not cuda) if args.count is None else args.count
+    count = (not cuda or args.by_site) if args.count is None else args.count
     variants = (args.variants.split(",") if args.variants else
                 ["reference", "eager", "fused", "fused_dense"] + (
                     ["fused+graph", "fused+graph+bf16", "fused+graph+tuned", "fused_dense+graph",
