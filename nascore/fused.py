@@ -458,9 +458,11 @@ def _layout_shape(kind: str, ps: Sequence[torch.Tensor]) -> tuple[int, ...]:
 
 
 def _channels_last(ps: Sequence[torch.Tensor]) -> bool:
-    """Hand a conv weight over in channels_last where its parameters are (no conversion per conv)."""
-    p = ps[0]
-    return p.dim() == 4 and not p.is_contiguous() and p.is_contiguous(memory_format=torch.channels_last)
+    """Hand a conv weight over in channels_last where its parameters are (no conversion per conv,
+    and its gradient, channels_last like the activations', comes back without a copy). A 1×1
+    weight is both layouts at once, so any of `ps` decides (a merged group's first may be 1×1)."""
+    return all(p.dim() == 4 and p.is_contiguous(memory_format=torch.channels_last) for p in ps) and \
+        any(not p.is_contiguous() for p in ps)
 
 
 def _gather_index(requests: Sequence[Request]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -748,14 +750,27 @@ def _bn_shared(y: torch.Tensor, bns: Sequence[nn.BatchNorm2d], sink: BatchNormSi
             scale, shift = scale.to(y.dtype), shift.to(y.dtype)
         if len(bns) == 1:
             return torch.addcmul(shift.view(-1, 1, 1), y, scale.view(-1, 1, 1)).unsqueeze(1)
-        return torch.addcmul(shift.view(unit_shape), y.view(y_shape), scale.view(unit_shape))
+        return _unit_affine(y.view(y_shape), scale.view(unit_shape), shift.view(unit_shape))
     mean, var = sink.take(y.shape[1])
     out = F.batch_norm(y, mean, var, None, None, True, 1.0, bns[0].eps).view(y_shape)
     _record_shared(sink, bns, mean, var, states)
     if not bns[0].affine:
         return out
-    gamma, beta = next(ws).view(unit_shape), next(ws).view(unit_shape)
-    return torch.addcmul(beta, out, gamma)
+    return _unit_affine(out, next(ws).view(unit_shape), next(ws).view(unit_shape))
+
+
+def _unit_affine(y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """shift + y·scale, y (B, [S,] 1, C, H, W) and the units' scale, shift (1, [S,] n, C, 1, 1) ->
+    (B, [S,] n, C, H, W), in y's memory format. With channels innermost (channels_last), computed
+    as (B, H, W, [S,] n, C): a plain `addcmul` lays its output out as the broadcast (n, C) vectors
+    are (NCHW), and every op after it (the pass's cat, its backward, the next convs) then ran in
+    the other layout (random features' pooling BNs: most of a step's activations)."""
+    if y.stride(-3) != 1 or y.shape[-1] * y.shape[-2] == 1:
+        return torch.addcmul(shift, y, scale)
+    d = y.dim()
+    order = (0, d - 2, d - 1, *range(1, d - 2))                   # (B, H, W, [S,] n, C)
+    out = torch.addcmul(shift.permute(order), y.permute(order), scale.permute(order))
+    return out.permute(sorted(range(d), key=order.__getitem__))
 
 
 def _record_shared(sink: BatchNormSink, bns: Sequence[nn.BatchNorm2d], mean: torch.Tensor,
@@ -1383,6 +1398,14 @@ class WeightedAdd(torch.autograd.Function):
             elif broadcast:
                 # (1, S, 1, n) @ (B, S, n, N) -> (B, S, 1, N): one bmm over B·S
                 grad_out = torch.matmul(w.view(1, w.shape[1], 1, -1).to(grad.dtype), g).view(out.shape)
+            elif out.shape[t] == 1 and grad.shape[t] > 1 and _nhwc(out.flatten(0, t)):
+                # a channels_last out (PC-DARTS' bypassed channels): summed in (B, [S,] H, W, n, C)
+                # order, the reduction writes out's gradient channels_last too (in grad's
+                # order it came out NCHW, and so did the state's gradient it is a part of)
+                d = grad.dim()
+                order = (*range(t), d - 2, d - 1, *range(t, d - 2))
+                grad_out = (grad.permute(order) * w.permute(order)).sum(t + 2, keepdim=True)
+                grad_out = grad_out.permute(sorted(range(d), key=order.__getitem__))
             else:
                 grad_out = grad * w
                 if out.shape[t] == 1 and grad.shape[t] > 1:
@@ -1576,6 +1599,10 @@ def _join_partial(a: torch.Tensor, b: torch.Tensor, k: int, shuffle: bool) -> to
     if not shuffle:
         return torch.cat([a, b], dim=1)
     # shuffle: channel g·C/K + i moves to i·K + g; group 0 is `a`, groups 1..K-1 are `b`
+    if _nhwc(a if a.shape[1] > 1 else b):     # the cat in (B, H, W, C/K, K) order: the output stays channels_last
+        nhwc = torch.cat([a.permute(0, 2, 3, 1).unsqueeze(4),
+                          b.permute(0, 2, 3, 1).unflatten(3, (k - 1, -1)).transpose(3, 4)], dim=4)
+        return nhwc.flatten(3, 4).permute(0, 3, 1, 2)
     return torch.cat([a.unsqueeze(2), b.unflatten(1, (k - 1, -1)).transpose(1, 2)], dim=2).flatten(1, 2)
 
 

@@ -21,7 +21,7 @@ from torch import nn
 
 from . import fused
 from .genotype import NB201_EDGES, AnyGenotype, Genotype, NB201Genotype
-from .ops import FactorizedReduce, Identity, ReLUConvBN, build_op, drop_path
+from .ops import FactorizedReduce, GlobalAvgPool, Identity, ReLUConvBN, build_op, drop_path
 from .spaces.nb201 import nb201_skeleton
 
 __all__ = [
@@ -211,7 +211,7 @@ class _DartsEvalNetwork(_DropPathMixin, nn.Module):
                 C_aux = C_prev
         self.cells = nn.ModuleList(cells)
         self.auxiliary_head = aux_cls(C_aux, num_classes) if auxiliary else None
-        self.global_pooling = nn.AdaptiveAvgPool2d(1)   # = AvgPool2d(7) at 224 px, any size else
+        self.global_pooling = GlobalAvgPool()   # = AvgPool2d(7) at 224 px, any size else
         self.classifier = nn.Linear(C_prev, num_classes)
 
     def _forward_cells(self, s0: torch.Tensor, s1: torch.Tensor) -> Output:
@@ -329,7 +329,7 @@ class NB201Network(_DropPathMixin, nn.Module):
         self.genotype = genotype
         skeleton = nb201_skeleton(C, N, lambda channels: NB201Cell(genotype, channels))
         self.stem, self.blocks, self.lastact = skeleton.stem, skeleton.blocks, skeleton.lastact
-        self.global_pooling = nn.AdaptiveAvgPool2d(1)
+        self.global_pooling = GlobalAvgPool()
         self.classifier = nn.Linear(skeleton.channels, num_classes)
 
     def forward(self, x: torch.Tensor) -> Output:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .registry import Registry
@@ -158,3 +159,19 @@ OPS.register(
     "nor_conv_3x3",
     lambda C, stride, affine: ReLUConvBN(C, C, 3, stride, 1, affine, bias=not affine),
 )
+
+
+class GlobalAvgPool(nn.Module):
+    """The mean over all pixels, (B, C, H, W) -> (B, C, 1, 1): `nn.AdaptiveAvgPool2d(1)`, with the
+    gradient in the input's memory format. Adaptive pooling to 1×1 runs as `mean`, whose backward
+    (an expand, then a divide) writes an NCHW gradient even for channels_last activations, so the
+    last cell's backward ran in the other layout (on a GPU, a layout conversion in every cuDNN
+    call it reached). One average pool over the whole map computes the same mean (up to the order
+    of the sum) and its backward keeps the layout. Under torch.compile, which picks layouts itself,
+    it stays a `mean`: a reduction inductor fuses with the ops before it (a pooling window this
+    large is a fallback kernel there)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            return x.mean((2, 3), keepdim=True)
+        return F.avg_pool2d(x, x.shape[-2:])

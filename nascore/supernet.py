@@ -65,8 +65,12 @@ def edge_softmax(beta: torch.Tensor, edges_per_node: Sequence[int]) -> torch.Ten
 
 
 def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
-    """Channel `g·C/K + i` moves to position `i·K + g` (PC-DARTS)."""
+    """Channel `g·C/K + i` moves to position `i·K + g` (PC-DARTS). One copy, in x's memory format
+    (channels_last stays channels_last, for the convs after it)."""
     b, c, h, w = x.shape
+    if x.stride(1) == 1 and h * w > 1:                   # channels_last: shuffle (B, H, W, C)
+        nhwc = x.permute(0, 2, 3, 1)
+        return nhwc.reshape(b, h, w, groups, c // groups).transpose(3, 4).reshape(b, h, w, c).permute(0, 3, 1, 2)
     return x.view(b, groups, c // groups, h, w).transpose(1, 2).reshape(b, c, h, w)
 
 

@@ -194,7 +194,8 @@ def test_progressive_op_sets_match_and_leave_inactive_ops_untouched(space, colum
 
 
 def test_fused_is_layout_independent():
-    for net in (build("darts"), build("darts", partial_channels=2, edge_normalization=True)):   # paired, not
+    for net in (build("darts"), build("darts", partial_channels=2, edge_normalization=True),   # paired, not
+                build("darts", random_features=True)):       # affine pooling BNs, channels_last
         assert_same(net, channels_last=True)
         assert_same(net, "fused_dense", channels_last=True)
     # fused_dense without its trades (the bench's `+unmerged`, `+grouped`): the same numbers too
@@ -207,6 +208,58 @@ def test_fused_is_layout_independent():
     assert_same(build("darts"), "fused_dense", channels_last=True, merge_batch_norms=False)
     with pytest.raises(ValueError, match="allowed: eager, fused, fused_dense"):
         net.set_backend("triton")
+
+
+class NCHWWrites(TorchDispatchMode):
+    """(batch, C, H, W) tensors written with their channels not innermost (C > 1, H·W > 1): in a
+    channels_last network, activations or their gradients in the other layout."""
+
+    def __init__(self, batch: int) -> None:
+        super().__init__()
+        self.batch, self.found = batch, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.is_view:                     # writes nothing
+            return out
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dim() == 4 and t.shape[0] == self.batch \
+                    and t.shape[1] > 1 and t.shape[2] * t.shape[3] > 1 and t.stride(1) != 1:
+                self.found.append((func.__name__, tuple(t.shape)))
+        return out
+
+
+@pytest.mark.parametrize("network", ["nb201", "pc_darts", "rf_darts", "retrain"])
+def test_a_channels_last_network_writes_every_activation_and_gradient_channels_last(network):
+    # on a GPU each NCHW tensor in a channels_last step is a layout conversion inside the cuDNN
+    # calls it reaches, or an elementwise kernel reading against the grain. Found so: PC-DARTS'
+    # channel shuffle wrote its nodes NCHW, and then the whole search ran so; random features'
+    # pooling BNs (their γ, β applied by an addcmul) too; every network's global pooling (a
+    # `mean`) handed the last cell an NCHW gradient
+    from nascore.genotype import DARTS_V2
+    from nascore.networks import NetworkCIFAR
+    torch.manual_seed(0)
+    if network == "retrain":
+        net = NetworkCIFAR(DARTS_V2, 8, 10, 5, auxiliary=True).double()
+    else:
+        switches = {"pc_darts": {"partial_channels": 2, "edge_normalization": True},
+                    "rf_darts": {"random_features": True}}.get(network, {})
+        net = build("darts" if network != "nb201" else "nb201", **switches)
+    net = net.to(memory_format=torch.channels_last)
+    batch = 3                            # no weight has 3 output channels
+    x = torch.randn(batch, 3, 32 if network == "retrain" else 8, 8 if network != "retrain" else 32,
+                    dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    for backend in ("fused", "fused_dense"):
+        model = copy.deepcopy(net)
+        model.set_backend(backend)
+        for training in (True, False):
+            model.train(training)
+            with NCHWWrites(batch) as writes, torch.set_grad_enabled(training):
+                out = model(x)
+                out = out[0] if isinstance(out, tuple) else out
+                if training:
+                    (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+            assert writes.found == [], (backend, training, writes.found[:5])
 
 
 @pytest.mark.parametrize("space,switches,paired", [
@@ -268,7 +321,8 @@ def test_evaluation_runs_the_fused_cells_with_running_statistics():
     eager, train, evaluation = counts["eager", False], counts["fused", True], counts["fused", False]
     for op in ("convolution", "max_pool2d_with_indices", "avg_pool2d", "relu"):
         assert evaluation[op] == train[op] < eager[op], op
-    pool_groups = train["max_pool2d_with_indices"] + train["avg_pool2d"]   # one BN each in training
+    # one BN each in training; one of the average poolings is the network's global pooling
+    pool_groups = train["max_pool2d_with_indices"] + train["avg_pool2d"] - 1
     assert evaluation["native_batch_norm"] == train["native_batch_norm"] - pool_groups
     assert evaluation["addcmul"] == train["addcmul"] + pool_groups
 
@@ -565,6 +619,9 @@ def test_gathered_weights_are_the_layouts_and_their_gradients(channels_last, flo
     torch.testing.assert_close(dense, expected_dense, rtol=0, atol=0)
     torch.testing.assert_close(cat, torch.cat(dense_conv), rtol=0, atol=0)
     assert cat.is_contiguous(memory_format=torch.channels_last) == channels_last
+    # a merged group whose first kernel is 1×1 (contiguous in both formats) too: handed over in
+    # NCHW, its channels_last gradient would be copied back per conv
+    assert centred.is_contiguous(memory_format=torch.channels_last) == channels_last
     torch.testing.assert_close(bn_cat, torch.cat(bn), rtol=0, atol=0)
     torch.autograd.gradcheck(gather, flat)
     index, inverse = _gather_index(requests)

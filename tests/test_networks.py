@@ -18,7 +18,7 @@ from nascore.networks import (
     AuxiliaryHeadCIFAR, DartsEvalCell, NB201Network, NetworkCIFAR, NetworkImageNet,
     build_eval_network, drop_path,
 )
-from nascore.ops import Identity
+from nascore.ops import GlobalAvgPool, Identity
 from tests._tiny import scramble_bn_statistics
 
 
@@ -510,3 +510,21 @@ def test_a_runs_peak_memory_is_its_largest_epoch_and_none_off_a_gpu():
     assert run_peak_memory(history) == 12.0 and run_peak_memory(history, "peak_reserved_mb") == 30.0
     assert run_peak_memory([{"epoch": 1}]) is None          # a CPU run measured none
     assert peak_memory(torch.device("cpu")) == {}
+
+
+def test_global_pooling_is_adaptive_pooling_with_its_gradient_in_the_input_layout():
+    x = torch.randn(3, 5, 6, 4, dtype=torch.float64)
+    g = torch.randn(3, 5, 1, 1, dtype=torch.float64)
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        a, b = (x.contiguous(memory_format=fmt).requires_grad_() for _ in range(2))
+        ya, yb = torch.nn.AdaptiveAvgPool2d(1)(a * 1), GlobalAvgPool()(b * 1)
+        torch.testing.assert_close(yb, ya)
+        (ga,), (gb,) = torch.autograd.grad(ya, [a], g), torch.autograd.grad(yb, [b], g)
+        torch.testing.assert_close(gb, ga)
+    # the gradient reaching the op before it (not a leaf: AccumulateGrad would re-lay it out)
+    x = x.contiguous(memory_format=torch.channels_last).requires_grad_()
+    seen = []
+    h = x * 1
+    h.register_hook(lambda grad: seen.append(grad.is_contiguous(memory_format=torch.channels_last)))
+    GlobalAvgPool()(h).backward(g)
+    assert seen == [True]

@@ -36,6 +36,16 @@ def test_channel_shuffle_moves_channel_g_c_plus_i_to_i_k_plus_g():
             assert y[i * k + g] == g * c + i
 
 
+def test_channel_shuffle_keeps_the_memory_format():
+    # channels_last in, channels_last out (one copy): an NCHW shuffle turned every later op of a
+    # channels_last PC-DARTS search NCHW
+    x = torch.randn(2, 12, 3, 5)
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        y = channel_shuffle(x.contiguous(memory_format=fmt), 4)
+        assert torch.equal(y, torch.channel_shuffle(x, 4))
+        assert y.is_contiguous(memory_format=fmt)
+
+
 def test_partial_channels_only_first_quarter_goes_through_ops_and_stride2_pools_the_rest():
     torch.manual_seed(0)
     pc = PartialChannelMixedOp(["skip_connect"], 8, 2, affine=False, pool_bn=False, k=4, shuffle=False)

@@ -6,7 +6,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from ..ops import FactorizedReduce, ReLUConvBN
+from ..ops import FactorizedReduce, GlobalAvgPool, ReLUConvBN
 from ..supernet import SearchCell, Supernet, SupernetConfig
 from . import SPACES, SearchSpace
 
@@ -48,7 +48,7 @@ class DartsSupernet(Supernet):
             self.reductions.append(reduction)
             reduction_prev = reduction
             C_pp, C_p = C_p, STEPS * C_curr
-        self.global_pooling = nn.AdaptiveAvgPool2d(1)
+        self.global_pooling = GlobalAvgPool()
         self.classifier = nn.Linear(C_p, cfg.num_classes)
         self.init_arch(dict(space.edge_ops), EDGES_PER_NODE)
 

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ..genotype import NB201_OPS
-from ..ops import ReLUConvBN
+from ..ops import GlobalAvgPool, ReLUConvBN
 from ..supernet import SearchCell, Supernet, SupernetConfig
 from . import SPACES, SearchSpace
 
@@ -68,7 +68,7 @@ class NB201Supernet(Supernet):
             space.edge_ops["cell"], num_inputs=1, num_nodes=NUM_NODES, C=C, cfg=cfg, pool_bn=False,
             output="last"))
         self.stem, self.blocks, self.lastact = skeleton.stem, skeleton.blocks, skeleton.lastact
-        self.global_pooling = nn.AdaptiveAvgPool2d(1)
+        self.global_pooling = GlobalAvgPool()
         self.classifier = nn.Linear(skeleton.channels, cfg.num_classes)
         self.init_arch(dict(space.edge_ops), EDGES_PER_NODE)
 
