@@ -49,6 +49,9 @@ class OpCount:
     moved_by_op: collections.Counter = field(default_factory=collections.Counter)    # bytes written + read per name
     # with `CountOps(sites=True)`: writing ops per (aten op, where the code called it, `_site`)
     writing_by_site: collections.Counter = field(default_factory=collections.Counter)
+    # with `CountOps(batch=B)`: tensors written of shape (B, C, H, W), C > 1, H·W > 1 (activations
+    # and their gradients), by memory format: "nhwc" (channels innermost, channels_last) or "nchw"
+    activation_writes: collections.Counter = field(default_factory=collections.Counter)
 
     def largest(self, n: int = 25) -> list[tuple[str, int, float]]:
         """(aten op, writing calls, MB moved) of the `n` op names that write most often, largest
@@ -140,15 +143,19 @@ class CountOps(TorchDispatchMode):
     """
 
     def __init__(self, host_scalars: Iterable[torch.Tensor] = (), device: str | None = None,
-                 sites: bool = False) -> None:
+                 sites: bool = False, batch: int | None = None) -> None:
         """`host_scalars`: tensors whose value reads are no device sync (the optimisers' step
         counters, which torch keeps on the host even when the parameters are on a GPU).
         `device`: the device type whose live bytes are counted (None: every device).
         `sites`: also count writing ops by where they come from (`OpCount.writing_by_site`; a
-        stack walk per op, so a slower count)."""
+        stack walk per op, so a slower count).
+        `batch`: also count the (batch, C, H, W) tensors written by memory format
+        (`OpCount.activation_writes`): in a channels_last step every NCHW one is a layout a GPU's
+        kernels convert, or read against the grain, and the other way round."""
         super().__init__()
         self.count = OpCount()
         self._sites = sites
+        self._batch = batch
         self._host = {t.data_ptr() for t in host_scalars}
         self._device = device
         self._live: dict[int, int] = {}       # storage address -> bytes, while it is alive
@@ -219,7 +226,12 @@ class CountOps(TorchDispatchMode):
             self._hold(t)
         c.peak_bytes = max(c.peak_bytes, self._live_bytes)
         if written:
-            wrote = sum(t.numel() * t.element_size() for t in {id(t): t for t in written}.values())
+            unique = {id(t): t for t in written}.values()
+            wrote = sum(t.numel() * t.element_size() for t in unique)
+            if self._batch is not None:
+                for t in unique:
+                    if t.dim() == 4 and t.shape[0] == self._batch and t.shape[1] > 1 and t.shape[2] * t.shape[3] > 1:
+                        c.activation_writes["nhwc" if t.stride(1) == 1 else "nchw"] += 1
             read = _read(name, schema, args, kwargs, out)
             c.writing_ops += 1
             c.bytes_written += wrote

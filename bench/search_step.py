@@ -170,6 +170,9 @@ class Figure:
     by_op: list | None = None                  # counted: [(aten op, writing calls, MB moved), ...] (OpCount.largest)
     by_site: list | None = None                # --by-site: [(aten op, site, writing calls), ...] (OpCount.by_site)
     warmup_s: float | None = None              # wall time of the warm-up steps: compile, capture, autotuning
+    # counted: (batch, C, H, W) tensors written in the other memory format than the variant's
+    # (NCHW ones in a channels_last variant, NHWC ones else; `opcount.OpCount.activation_writes`)
+    off_layout: int | None = None
 
 
 @dataclass
@@ -364,8 +367,24 @@ def _profile_rows(run: Callable[[], None], device: torch.device) -> list[tuple[s
     return rows
 
 
+def channels_last_variant(variant: str) -> bool:
+    """Whether a search or retrain variant runs its activations channels_last."""
+    if variant == "reference":
+        return False
+    return bool(speed_options(retrain_speed(variant) if variant.startswith("nascore") else variant)
+                .get("channels_last", False))
+
+
+def off_layout(count: OpCount, variant: str) -> int:
+    """The (batch, C, H, W) tensors a counted step wrote in the other memory format than the variant's."""
+    return count.activation_writes["nchw" if channels_last_variant(variant) else "nhwc"]
+
+
 def measure(case: str, variant: str, make: Callable[[], Step], device: torch.device, warmup: int,
-            steps: int, count: bool, profile: bool = False, sites: bool = False) -> Figure:
+            steps: int, count: bool, profile: bool = False, sites: bool = False,
+            activation_batch: int | None = None) -> Figure:
+    """`activation_batch`: the batch of the step's activations, where `make`'s batch (the images
+    per step, for images/s) is not it."""
     step, batch, host_scalars = make()
     t0 = time.perf_counter()
     for i in range(warmup):
@@ -395,9 +414,10 @@ def measure(case: str, variant: str, make: Callable[[], Step], device: torch.dev
         ms, peak, reserved = 1000 * statistics.median(times), None, None
     fig = Figure(case, variant, batch, ms, 1000 * batch / ms, peak, reserved, warmup_s=warmup_s)
     if count:
-        with CountOps(host_scalars(), device=device.type, sites=sites) as counter:
+        with CountOps(host_scalars(), device=device.type, sites=sites, batch=activation_batch or batch) as counter:
             step(warmup + steps)
         c = counter.count
+        fig.off_layout = off_layout(c, variant)
         fig.ops, fig.writing_ops, fig.mb_written, fig.syncs = c.ops, c.writing_ops, c.bytes_written / 2**20, c.syncs
         fig.mb_read, fig.live_mb, fig.gflop = c.bytes_read / 2**20, c.peak_bytes / 2**20, c.flops / 1e9
         fig.by_op = c.largest()
@@ -491,7 +511,8 @@ def retrain_figures(size: Size, device: torch.device, warmup: int, steps: int, c
                     top5.update(prec5.item(), y.size(0))
         return infer, EVAL_BATCHES * eval_batch, list
     if fig := attempt("retrain_eval", "reference",
-                      lambda: measure("retrain_eval", "reference", make_reference_eval, device, warmup, steps, count)):
+                      lambda: measure("retrain_eval", "reference", make_reference_eval, device, warmup, steps, count,
+                                      activation_batch=eval_batch)):
         yield fig
 
     class Batches:
@@ -522,7 +543,8 @@ def retrain_figures(size: Size, device: torch.device, warmup: int, steps: int, c
             # one of 1 step is `steps` steps without the per-run and per-epoch work around them
             counts = []
             for n in (1, 1 + steps):
-                with tempfile.TemporaryDirectory() as tmp, CountOps(device=device.type) as counter:
+                with tempfile.TemporaryDirectory() as tmp, \
+                        CountOps(device=device.type, batch=size.retrain_batch) as counter:
                     train(network(), Batches(n), None, dataclasses.replace(cfg, epochs=1),
                           checkpoint_path=Path(tmp) / "ckpt.pt", device=device)
                 counts.append(counter.count)
@@ -534,6 +556,7 @@ def retrain_figures(size: Size, device: torch.device, warmup: int, steps: int, c
             fig.syncs = (more.syncs - one.syncs) // steps
             fig.gflop = (more.flops - one.flops) / 1e9 / steps
             fig.live_mb = more.peak_bytes / 2**20        # the peak of a run: the network built in it included
+            fig.off_layout = (off_layout(more, variant) - off_layout(one, variant)) // steps
             per_step = OpCount(writing_by_op=more.writing_by_op - one.writing_by_op,
                                moved_by_op=more.moved_by_op - one.moved_by_op)
             fig.by_op = [(name, calls // steps, mb / steps) for name, calls, mb in per_step.largest()]
@@ -565,7 +588,7 @@ def retrain_figures(size: Size, device: torch.device, warmup: int, steps: int, c
                 evaluate(net if i else model, eval_data, device, amp=cfg.amp, channels_last=cfg.channels_last)
             return test_pass, EVAL_BATCHES * eval_batch, list
         return measure("retrain_eval", variant, make_eval, device, warmup, steps,
-                       count and countable(retrain_speed(variant), device.type))
+                       count and countable(retrain_speed(variant), device.type), activation_batch=eval_batch)
 
     evaluated: set[tuple] = set()
     for variant in variants:
@@ -638,7 +661,8 @@ def check(cases: list[str], variants: list[str], retrain_variants: list[str], si
 def table(figures: list[Figure]) -> str:
     v = max([17] + [len(x.variant) for x in figures])
     head = f"{'case':<13} {'variant':<{v}} {'batch':>5} {'ms/step':>9} {'img/s':>8} {'peak MB':>8} {'rsrvd MB':>8} {'live MB':>8} " \
-           f"{'ops':>7} {'writing':>7} {'MB written':>10} {'MB read':>9} {'GFLOP':>8} {'syncs':>5} {'warm-up s':>9}"
+           f"{'ops':>7} {'writing':>7} {'MB written':>10} {'MB read':>9} {'GFLOP':>8} {'syncs':>5} {'warm-up s':>9} " \
+           f"{'off-layout':>10}"
     rows = [head, "-" * len(head)]
 
     def f(v: float | int | None, spec: str) -> str:
@@ -649,7 +673,7 @@ def table(figures: list[Figure]) -> str:
                     f"{f(x.live_mb, '8.0f')} "
                     f"{f(x.ops, '7d')} "
                     f"{f(x.writing_ops, '7d')} {f(x.mb_written, '10.1f')} {f(x.mb_read, '9.1f')} "
-                    f"{f(x.gflop, '8.2f')} {f(x.syncs, '5d')} {f(x.warmup_s, '9.1f')}")
+                    f"{f(x.gflop, '8.2f')} {f(x.syncs, '5d')} {f(x.warmup_s, '9.1f')} {f(x.off_layout, '10d')}")
     return "\n".join(rows)
 
 

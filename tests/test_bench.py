@@ -76,13 +76,21 @@ def test_the_bench_runs_at_tiny_sizes_and_prints_the_ratio_table(tmp_path):
     assert by["retrain_eval", "nascore+fused"]["writing_ops"] < by["retrain_eval", "nascore"]["writing_ops"]
     assert by["retrain_eval", "reference"]["syncs"] >= 4 > by["retrain_eval", "nascore"]["syncs"]
     assert "retrain, 600 CIFAR-10 epochs at these figures" in out
+    # NCHW variants all: no activation written channels_last
+    assert all(f["off_layout"] == 0 for f in figures if f["writing_ops"] is not None)
 
 
-def test_bench_variants_name_a_backend_and_modifiers():
+def load_bench():
+    """bench/search_step.py as a module."""
     spec = importlib.util.spec_from_file_location("search_step", BENCH)
     bench = importlib.util.module_from_spec(spec)
     sys.modules["search_step"] = bench
     spec.loader.exec_module(bench)
+    return bench
+
+
+def test_bench_variants_name_a_backend_and_modifiers():
+    bench = load_bench()
     assert bench.speed_options("eager") == {}
     assert bench.speed_options("fused_dense+graph+bf16") == {
         "backend": "fused_dense", "cuda_graph": True, "amp": "bf16", "channels_last": True}
@@ -133,10 +141,7 @@ def test_bench_variants_name_a_backend_and_modifiers():
 
 
 def test_a_failing_retrain_variant_costs_no_other_figure(tmp_path):
-    spec = importlib.util.spec_from_file_location("search_step", BENCH)
-    bench = importlib.util.module_from_spec(spec)
-    sys.modules["search_step"] = bench
-    spec.loader.exec_module(bench)
+    bench = load_bench()
     out = tmp_path / "figures.json"
     # a CUDA graph needs a GPU: on the CPU `train` refuses it, and the variants after it still run
     with pytest.raises(SystemExit) as exit_:
@@ -151,10 +156,7 @@ def test_a_failing_retrain_variant_costs_no_other_figure(tmp_path):
 
 
 def test_check_validates_a_run_without_measuring_it(capsys):
-    spec = importlib.util.spec_from_file_location("search_step", BENCH)
-    bench = importlib.util.module_from_spec(spec)
-    sys.modules["search_step"] = bench
-    spec.loader.exec_module(bench)
+    bench = load_bench()
     with pytest.raises(SystemExit) as ok:
         bench.main(["--check", "--device", "cuda", "--cases", "nb201,nb201_valid",
                     "--variants", "reference,fused_dense+graph+bf16", "--retrain-variants", "nascore+fused_dense+graph"])
@@ -287,6 +289,32 @@ def test_the_op_counter_names_where_each_writing_op_comes_from():
     with CountOps() as plain:                  # by default no stack walk, no sites
         loss().backward()
     assert plain.count.writing_ops == k.count.writing_ops and not plain.count.writing_by_site
+
+
+def test_the_op_counter_counts_a_batchs_4d_writes_by_memory_format():
+    sys.path.insert(0, str(BENCH.parent))
+    import collections
+
+    from opcount import CountOps, OpCount
+    bench = load_bench()
+
+    x = torch.randn(2, 3, 4, 4).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(5, 3, 3, 3).contiguous(memory_format=torch.channels_last)
+    with CountOps(batch=2) as k:
+        y = torch.nn.functional.conv2d(x, w, padding=1).relu()     # 2 NHWC activations
+        y.contiguous()                                             # 1 NCHW copy
+        y.permute(0, 2, 3, 1)                                      # a view: writes nothing
+        w * 2                                                      # not the batch's
+        x[:, :1] * 2                                               # one channel: either layout
+        x.mean((2, 3), keepdim=True) * 2                           # 1×1: either layout
+    assert k.count.activation_writes == collections.Counter(nhwc=2, nchw=1)
+    with CountOps() as plain:                                      # without a batch: not counted
+        y.contiguous()
+    assert not plain.count.activation_writes
+    # a variant's off-layout writes: NCHW ones if it runs channels_last, NHWC ones else
+    count = OpCount(activation_writes=collections.Counter(nchw=2, nhwc=5))
+    assert bench.off_layout(count, "fused_dense+cl") == bench.off_layout(count, "nascore+fused+bf16") == 2
+    assert bench.off_layout(count, "reference") == bench.off_layout(count, "nascore+fused+amp") == 5
 
 
 @pytest.mark.parametrize("groups", [1, 4, 16])
@@ -477,10 +505,7 @@ def test_the_unmerged_and_grouped_variants_run_fused_dense_without_its_trades():
     one weighted add per op kind and state, and sums per merged group and paired pass, instead of
     one product per pass; `+kindbn`, what `fused.batch_norm_pass` does: one BN per op kind, not
     one per pass."""
-    spec = importlib.util.spec_from_file_location("search_step", BENCH)
-    bench = importlib.util.module_from_spec(spec)
-    sys.modules["search_step"] = bench
-    spec.loader.exec_module(bench)
+    bench = load_bench()
     from opcount import CountOps
     writing = {}
     for variant in ("fused_dense", "fused_dense+unmerged", "fused_dense+grouped", "fused_dense+chained",
