@@ -765,12 +765,10 @@ def _unit_affine(y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> t
     as (B, H, W, [S,] n, C): a plain `addcmul` lays its output out as the broadcast (n, C) vectors
     are (NCHW), and every op after it (the pass's cat, its backward, the next convs) then ran in
     the other layout (random features' pooling BNs: most of a step's activations)."""
-    if y.stride(-3) != 1 or y.shape[-1] * y.shape[-2] == 1:
+    if not _nhwc(y):
         return torch.addcmul(shift, y, scale)
-    d = y.dim()
-    order = (0, d - 2, d - 1, *range(1, d - 2))                   # (B, H, W, [S,] n, C)
-    out = torch.addcmul(shift.permute(order), y.permute(order), scale.permute(order))
-    return out.permute(sorted(range(d), key=order.__getitem__))
+    order, back = _pixels_first(y.dim(), 1)                      # (B, H, W, [S,] n, C)
+    return torch.addcmul(shift.permute(order), y.permute(order), scale.permute(order)).permute(back)
 
 
 def _record_shared(sink: BatchNormSink, bns: Sequence[nn.BatchNorm2d], mean: torch.Tensor,
@@ -1398,14 +1396,12 @@ class WeightedAdd(torch.autograd.Function):
             elif broadcast:
                 # (1, S, 1, n) @ (B, S, n, N) -> (B, S, 1, N): one bmm over B·S
                 grad_out = torch.matmul(w.view(1, w.shape[1], 1, -1).to(grad.dtype), g).view(out.shape)
-            elif out.shape[t] == 1 and grad.shape[t] > 1 and _nhwc(out.flatten(0, t)):
+            elif out.shape[t] == 1 and grad.shape[t] > 1 and _nhwc(out):
                 # a channels_last out (PC-DARTS' bypassed channels): summed in (B, [S,] H, W, n, C)
                 # order, the reduction writes out's gradient channels_last too (in grad's
                 # order it came out NCHW, and so did the state's gradient it is a part of)
-                d = grad.dim()
-                order = (*range(t), d - 2, d - 1, *range(t, d - 2))
-                grad_out = (grad.permute(order) * w.permute(order)).sum(t + 2, keepdim=True)
-                grad_out = grad_out.permute(sorted(range(d), key=order.__getitem__))
+                order, back = _pixels_first(grad.dim(), t)
+                grad_out = (grad.permute(order) * w.permute(order)).sum(t + 2, keepdim=True).permute(back)
             else:
                 grad_out = grad * w
                 if out.shape[t] == 1 and grad.shape[t] > 1:
@@ -1470,9 +1466,19 @@ class SumStates(torch.autograd.Function):
 
 
 def _nhwc(x: torch.Tensor) -> bool:
-    """Whether (B, K·C, H, W) `x` has its channels innermost (channels_last); at 1×1 both layouts
-    are the same."""
-    return x.stride(1) == 1 and x.shape[2] * x.shape[3] > 1
+    """Whether (..., C, H, W) `x` (a (B, K·C, H, W) activation, or a 5-D view of one) has its
+    channels innermost (channels_last); at 1×1 both layouts are the same."""
+    return x.stride(-3) == 1 and x.shape[-2] * x.shape[-1] > 1
+
+
+def _pixels_first(dim: int, lead: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """For a (lead dims, units..., C, H, W) tensor of `dim` dims: the permutation that moves H, W
+    right after the `lead` dims, as channels_last holds them in memory, and its inverse. An
+    elementwise op or reduction over tensors so permuted writes its output channels_last; over
+    the tensors as they are, it follows their logical order (NCHW) where broadcast per-unit
+    vectors leave the layout open."""
+    order = (*range(lead), dim - 2, dim - 1, *range(lead, dim - 2))
+    return order, tuple(sorted(range(dim), key=order.__getitem__))
 
 
 def _items(x: torch.Tensor, columns: int, nhwc: bool) -> torch.Tensor:
