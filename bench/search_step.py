@@ -539,10 +539,12 @@ def retrain_figures(size: Size, device: torch.device, warmup: int, steps: int, c
         reserved = run_peak_memory(result.history, "peak_reserved_mb")
         fig = Figure("retrain", variant, size.retrain_batch, 1000 * size.retrain_batch / ips, ips, peak, reserved)
         if count and countable(retrain_speed(variant), device.type):
-            # `train` runs whole epochs: the difference between an epoch of 1 + `steps` steps and
-            # one of 1 step is `steps` steps without the per-run and per-epoch work around them
+            # `train` runs whole epochs: the difference between an epoch of 2 + `steps` steps and
+            # one of 2 steps is `steps` steps without the per-run and per-epoch work around them
+            # (a fused network's first step records its cells, its second builds their one gather
+            # index: `nascore.fused.ForwardRecord`)
             counts = []
-            for n in (1, 1 + steps):
+            for n in (2, 2 + steps):
                 with tempfile.TemporaryDirectory() as tmp, \
                         CountOps(device=device.type, batch=size.retrain_batch) as counter:
                     train(network(), Batches(n), None, dataclasses.replace(cfg, epochs=1),

@@ -46,7 +46,9 @@ progressive op set work unchanged, and gradients reach the same parameters. Runn
 the grouped BNs are written back to each module's buffers (one `_foreach_lerp_` per forward).
 Evaluation mode runs the same grouping: a grouped BN normalises with its units' running
 statistics (one `cat` per cell), and a pooling's BN, whose batch statistics a state's edges share
-in training, becomes one `addcmul` of the edges' own affine maps.
+in training, becomes one `addcmul` of the edges' own affine maps. From a network's second forward
+on, its cells' weights are gathered in one gather and their BN statistics kept in one buffer for
+the whole forward (`ForwardRecord`), not one per cell.
 Ops the fused forward does not recognise run their own eager module per edge ("eager" kind).
 
 Numbers differ from the eager path only by float rounding (summation order); tests check outputs,
@@ -54,10 +56,9 @@ gradients, BN buffers and derived genotypes against the eager path in float64.
 """
 from __future__ import annotations
 
-import itertools
 import math
 from dataclasses import dataclass, field, replace
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -483,7 +484,10 @@ def _gather_index(requests: Sequence[Request]) -> tuple[torch.Tensor, torch.Tens
     index = torch.where(index == ZERO, base, index)           # the constant 0 after the parameters
     # slot `base` (the 0) is written many times and dropped
     inverse = torch.empty(base + 1, dtype=torch.long).scatter_(0, index, torch.arange(index.numel()))
-    return index, inverse[:base]
+    inverse = inverse[:base]
+    if max(index.numel(), base) < 2**31:  # int32, as index_select takes: half the memory a network's index holds
+        return index.int(), inverse.int()
+    return index, inverse
 
 
 SEPARABLE = ("separable", "separable_nhwc")
@@ -617,10 +621,49 @@ class _BNUpdate:
     shared: bool                              # every module saw the same batch statistics
 
 
+@dataclass(frozen=True)
+class CellNeeds:
+    """What a fused cell takes from its forward's scratch before it runs (`BatchNormSink.begin`)."""
+
+    key: tuple                                # the cell and the layout it runs in (see `ForwardRecord`)
+    requests: Callable[[], list[Request]]     # its weight requests, made from its modules' tensors now
+    bn_channels: int                          # training: its grouped BNs' channels of zeroed scratch
+    bn_like: nn.BatchNorm2d | None            # ... of this BN's dtype and device (None: no grouped BN)
+    bns: Callable[[], list[nn.BatchNorm2d]]   # evaluation: the grouped BNs it reads, in `take` order
+
+
+class ForwardRecord:
+    """A network's fused cells, as its last forward met them (`CellNeeds`, in order), so that the
+    next forward gathers every cell's weights at its first cell in ONE gather (`gather_weights`:
+    a cat, a cast, an index_select forward and an index_select and a cast backward per forward,
+    not per cell) and keeps every cell's BN statistics in ONE buffer (one zero-fill in training,
+    one cat of the running statistics and one affine map in evaluation), not one per cell.
+
+    Requests are made again at each forward's first cell from the modules' tensors of the moment,
+    so parameters swapped in by `functional_call` (the second-order step) are the ones gathered.
+    The replay holds while each cell's key matches its place in the record; the first cell that
+    does not (another op set, layout or network) gathers on its own, as do the rest, and the
+    record becomes that forward's. The whole network's gather index is kept here, not among the
+    cells' constants, which a compiled cell's guards read. A copy of the network (`copy.deepcopy`,
+    pickling) starts with an empty record: the cells it holds are the original's."""
+
+    def __init__(self) -> None:
+        self.cells: list[CellNeeds] = []
+        self.constants: dict[tuple, torch.Tensor] = {}
+
+    def __getstate__(self) -> dict:
+        return {}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__()
+
+
 @dataclass
 class BatchNormSink:
     """Per-forward scratch. Grouped BNs compute their batch statistics into temporaries here and
     `flush` folds them into the modules' running buffers; small constants are made once here.
+    With a `ForwardRecord` (`network`), the cells' weights are gathered once for the forward and
+    the BN scratch of every cell is one buffer.
 
     `F.batch_norm` with momentum 1 on zero buffers leaves exactly the batch mean and the unbiased
     batch variance there, which each module then folds into its own running buffers as nn.BatchNorm
@@ -628,24 +671,55 @@ class BatchNormSink:
     """
 
     training: bool = True                     # False: evaluation mode (running statistics)
+    network: ForwardRecord | None = None      # the network's record of its cells: one gather per forward
     updates: list[_BNUpdate] = field(default_factory=list)
     _buffer: torch.Tensor | None = None
     _used: int = 0
     _affine: tuple[torch.Tensor, torch.Tensor] | None = None   # eval: (1/σ, −μ/σ) of the buffer
     _eps: list[tuple[float, int]] = field(default_factory=list)  # eval: (eps, channels) per BN
+    _cells: list[CellNeeds] = field(default_factory=list)       # this forward's cells so far
+    _replayed: list[list[torch.Tensor]] | None = None            # the recorded cells' weights, while they match
 
-    def begin_cell(self, channels: int, like: torch.Tensor) -> None:
-        """One zeroed buffer per cell for every grouped BN in it (one kernel, not one per group)."""
-        self._buffer = like.new_zeros((2, channels)) if channels else None
-        self._used = 0
+    def begin(self, cell: CellNeeds, constant: Callable[[tuple, Callable[[], torch.Tensor]], torch.Tensor],
+              autocast: torch.dtype | None) -> list[torch.Tensor]:
+        """A cell starts: its requested weights (`gather_weights`), its BN statistics ready to `take`."""
+        record = self.network.cells if self.network is not None else []
+        i = len(self._cells)
+        self._cells.append(cell)
+        if i == 0 and len(record) > 1 and record[0].key == cell.key:
+            # the recorded network again: every cell's weights in one gather, its BNs in one buffer
+            counts, requests = [], []
+            for c in record:
+                rs = c.requests()
+                counts.append(len(rs))
+                requests += rs
+            device = next((p.device for _, ps in requests for p in ps), torch.device("cpu"))
+            gathered = iter(gather_weights(requests, cached_on(self.network.constants, device), autocast))
+            self._replayed = [[next(gathered) for _ in range(n)] for n in counts]
+            self._begin_buffer(record)
+        elif self._replayed is not None and (i >= len(record) or record[i].key != cell.key):
+            self._replayed = None            # not the recorded network: this cell and the rest on their own
+        if self._replayed is not None:
+            return list(self._replayed[i])
+        self._begin_buffer([cell])
+        return gather_weights(cell.requests(), constant, autocast)
+
+    def _begin_buffer(self, cells: Sequence[CellNeeds]) -> None:
+        """One buffer for `cells`' grouped BNs, taken from in order: zeroed scratch (training), or
+        their running statistics side by side (evaluation: one cat)."""
+        self._used, self._affine = 0, None
+        if self.training:
+            channels = sum(c.bn_channels for c in cells)
+            like = next((c.bn_like for c in cells if c.bn_like is not None), None)
+            self._buffer = like.running_mean.new_zeros((2, channels)) if like is not None and channels else None
+            return
+        bns = [b for c in cells for b in c.bns()]
+        self._buffer = torch.cat([b.running_mean for b in bns] + [b.running_var for b in bns]).view(2, -1) if bns else None
+        self._eps = [(b.eps, b.num_features) for b in bns]
 
     def begin_eval_cell(self, bns: Sequence[nn.BatchNorm2d]) -> None:
-        """Evaluation mode: the running statistics of the cell's grouped BNs, in the order their
-        blocks are taken (`BN_CALLS`), side by side in one buffer (one cat per cell)."""
-        self._buffer = (torch.cat([b.running_mean for b in bns] + [b.running_var for b in bns]).view(2, -1)
-                        if bns else None)
-        self._eps = [(b.eps, b.num_features) for b in bns]
-        self._used, self._affine = 0, None
+        """Evaluation mode: the running statistics of `bns` side by side, taken in this order."""
+        self._begin_buffer([CellNeeds((), list, 0, None, lambda: list(bns))])
 
     def take(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The next n channels' statistics: zeroed scratch (training) or running mean and var."""
@@ -689,6 +763,10 @@ class BatchNormSink:
                 torch._foreach_lerp_([t.data for t in running], batch, momentum)
                 torch._foreach_add_(counters, 1)
         self.updates.clear()
+        record = self.network.cells if self.network is not None else None
+        if record is not None and not (self._replayed is not None and len(self._cells) == len(record)):
+            self.network.cells = self._cells  # type: ignore[union-attr]
+        self._cells, self._replayed = [], None
 
 
 def _bn_requests(bns: Sequence[nn.BatchNorm2d], kind: str = "affine") -> list[Request]:
@@ -1042,16 +1120,9 @@ BN_CALLS: dict[str, Callable[[list[nn.Module]], list[list[nn.BatchNorm2d]]]] = {
 }
 
 
-def _begin_bn(sink: BatchNormSink, bn_channels: int, like: "nn.BatchNorm2d | None",
-              groups: Iterator[tuple[str, list[nn.Module]]]) -> None:
-    """A cell's grouped-BN buffer: zeroed scratch for `bn_channels` channels (training), or the
-    running statistics of the BNs of `groups` (kind, modules), in the order they are taken."""
-    if sink.training:
-        if like is not None:
-            sink.begin_cell(bn_channels, like.running_mean)
-    else:
-        sink.begin_eval_cell([bn for kind, mods in groups if kind in BN_CALLS
-                              for block in BN_CALLS[kind](mods) for bn in block])
+def _grouped_bns(groups: Iterable[tuple[str, list[nn.Module]]]) -> list[nn.BatchNorm2d]:
+    """The grouped BNs of `groups` (kind, modules), in the order their blocks take statistics."""
+    return [bn for kind, mods in groups if kind in BN_CALLS for block in BN_CALLS[kind](mods) for bn in block]
 
 
 SCALED = frozenset({"dil", "sep", "relu_conv_bn", "factorized_reduce"})
@@ -1670,25 +1741,32 @@ def cell_forward(op_module: Callable[[int, int], nn.Module], shape: CellShape, p
     kinds_p = [plan.kinds[p[0]] for p in passes]
     bn = (next(m for m in op_module(*plan.bn_unit).modules() if isinstance(m, nn.BatchNorm2d))
           if plan.bn_unit is not None else None)
-    pre_bns = [b for kind, mods in pre_groups for block in BN_CALLS[kind](mods) for b in block]
-    _begin_bn(arch.sink, plan.bn_channels * c_op + sum(b.num_features for b in pre_bns),
-              bn or next(iter(pre_bns), None),
-              itertools.chain(pre_groups, ((kind, mods) for mods_s, kinds in zip(modules, kinds_p)
-                                           for mods, kind in zip(mods_s, kinds))))
+    pre_bns = _grouped_bns(pre_groups)
+    groups = pre_groups + [(kind, mods) for mods_s, kinds in zip(modules, kinds_p) for mods, kind in zip(mods_s, kinds)]
     dense = _dense_layout(arch.dense, inputs[0])
-    # the preprocessing's weights first: it runs first
-    requests = [r for kind, mods in pre_groups for r in REQUESTS[kind](mods, dense, 1)]
-    last = []
-    for p, mods_s, kinds in zip(passes, modules, kinds_p):
-        for mods, kind in zip(mods_s, kinds):
-            rs = REQUESTS[kind](mods, dense, len(p)) if kind in REQUESTS else []
-            if plan.scaled_affine and kind in SCALED:
-                *rs, gamma, beta = rs                       # the last BN's γ, β: see below
-                last.append((gamma[1], beta[1]))
-            requests += rs
-    if last:
-        requests.append(("affine", [g for gs, _ in last for g in gs] + [b for _, bs in last for b in bs]))
-    gathered = gather_weights(requests, arch.constant, arch.autocast)
+
+    def requests() -> list[Request]:
+        # the preprocessing's weights first: it runs first
+        rs = [r for kind, mods in pre_groups for r in REQUESTS[kind](mods, dense, 1)]
+        last = []
+        for p, mods_s, kinds in zip(passes, modules, kinds_p):
+            for mods, kind in zip(mods_s, kinds):
+                group = REQUESTS[kind](mods, dense, len(p)) if kind in REQUESTS else []
+                if plan.scaled_affine and kind in SCALED:
+                    *group, gamma, beta = group             # the last BN's γ, β: see below
+                    last.append((gamma[1], beta[1]))
+                rs += group
+        if last:
+            rs.append(("affine", [g for gs, _ in last for g in gs] + [b for _, bs in last for b in bs]))
+        return rs
+    # which cell (the one whose modules these are) in which layout; no key where no record is
+    # kept (a compiled cell: dynamo would guard on the identities)
+    key = ((id(getattr(op_module, "__self__", op_module)), id(plan), dense, tuple(map(id, preprocess)))
+           if arch.sink.network is not None else ())
+    gathered = arch.sink.begin(CellNeeds(
+        key, requests,
+        plan.bn_channels * c_op + sum(b.num_features for b in pre_bns), bn or next(iter(pre_bns), None),
+        lambda: _grouped_bns(groups)), arch.constant, arch.autocast)
     # `mix`: per pass, per group, whether its output has a column per unit (else one for all)
     columns = (tuple(tuple(unit_columns(kind, mods, arch.sink.training) for mods, kind in zip(mods_s, kinds))
                      for mods_s, kinds in zip(modules, kinds_p)) if arch.mix else None)
@@ -1708,12 +1786,13 @@ def cell_forward(op_module: Callable[[int, int], nn.Module], shape: CellShape, p
                              for mods_s, kinds in zip(modules, kinds_p))
         if eval_columns != columns:
             arch.prefill(plan, c_op, eval_columns, defer)
-    if last:
-        # affine last BNs (random features): α·γ and α·β of the whole cell in one product, not
-        # two small products per group (each with its own backward); a SCALED kind then gets its
-        # BN's (weight, bias) instead of α
+    # affine last BNs (random features): their γ and β, SCALED group by group, came last
+    sizes = [sum(LAST_BN[kind](m).num_features for m in mods) for mods_s, kinds in zip(modules, kinds_p)
+             for mods, kind in zip(mods_s, kinds) if kind in SCALED] if plan.scaled_affine else []
+    if sizes:
+        # α·γ and α·β of the whole cell in one product, not two small products per group (each
+        # with its own backward); a SCALED kind then gets its BN's (weight, bias) instead of α
         scaled = gathered.pop().view(2, -1) * arch.scaled_weights(plan, c_op, columns)
-        sizes = [sum(p.numel() for p in gs) for gs, _ in last]
         pairs = iter(zip(*(t.split(sizes) for t in scaled.unbind(0))))
         weights = [[next(pairs) if kind in SCALED else w for kind, w in zip(kinds, row)]
                    for kinds, row in zip(kinds_p, weights)]
@@ -1883,7 +1962,6 @@ def eval_cell_forward(plan: EvalCellPlan, ops: Sequence[nn.Module], inputs: Sequ
     # any of the cell's grouped BNs: the buffer's dtype and device
     bn = next((m for kind, mods in groups_in_order if BN_CHANNELS[kind](1) for m in mods[0].modules()
                if isinstance(m, nn.BatchNorm2d)), None)
-    _begin_bn(sink, (plan.bn_channels + len(pre_groups)) * channels, bn, iter(groups_in_order))
     x0 = inputs[-1]
     mask = None
     if drop_prob > 0.0 and plan.droppable and sink.training:
@@ -1891,9 +1969,11 @@ def eval_cell_forward(plan: EvalCellPlan, ops: Sequence[nn.Module], inputs: Sequ
         mask = torch.full((x0.shape[0], plan.droppable), keep, dtype=x0.dtype, device=x0.device)
         mask = torch.bernoulli(mask).div_(keep)
     layout = _dense_layout(dense, x0)
-    ws = iter(gather_weights([r for kind, mods in groups_in_order if kind in REQUESTS
-                              for r in REQUESTS[kind](mods, layout, 1)],
-                             cached_on(constants, x0.device), autocast_dtype(x0.device.type)))
+    ws = iter(sink.begin(CellNeeds(
+        (id(plan), id(ops), layout, tuple(map(id, preprocess))) if sink.network is not None else (),
+        lambda: [r for kind, mods in groups_in_order if kind in REQUESTS for r in REQUESTS[kind](mods, layout, 1)],
+        (plan.bn_channels + len(pre_groups)) * channels, bn, lambda: _grouped_bns(groups_in_order)),
+        cached_on(constants, x0.device), autocast_dtype(x0.device.type)))
     states = _run_preprocess(pre_groups, inputs, sink, dense, ws) or list(inputs)
     totals: list[torch.Tensor | None] = [None] * plan.num_nodes
     for state, groups in enumerate(plan.sources):

@@ -472,7 +472,13 @@ class Supernet(nn.Module):
 
     def _forward_fused(self, x: torch.Tensor, columns: list[int], compiled_cell: Callable | None = None
                        ) -> torch.Tensor:
-        sink = fused.BatchNormSink(training=self.training)
+        # one weight gather and BN buffer per forward (`fused.ForwardRecord`); a compiled network,
+        # its eager first calls included, gathers cell by cell as it was traced (inductor fuses
+        # each cell's gather; a record's identities would be guards, its index a new constant)
+        compiled = "_compiled_forward" in self.__dict__ or "_compiled_cell" in self.__dict__
+        record = None if compiled or torch.compiler.is_compiling() else \
+            self.__dict__.setdefault("_fused_record", fused.ForwardRecord())
+        sink = fused.BatchNormSink(training=self.training, network=record)
         arch = {}
         for ct in self.cell_types:
             key = (ct, tuple(columns))

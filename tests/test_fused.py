@@ -15,11 +15,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.func import functional_call
 from torch.utils._pytree import tree_flatten
 
 from nascore import fused
 from nascore.config import ConfigError
+from nascore.genotype import PUBLISHED_GENOTYPES, NB201Genotype
 from nascore.methods import get_method
+from nascore.networks import NB201Network, NetworkCIFAR
 from nascore.search import EpochSteps, SearchConfig, SearchData, SearchRun, search
 from nascore.spaces import SPACES, get_space
 from nascore.supernet import SearchCell, SupernetConfig
@@ -480,7 +483,8 @@ def test_the_fused_forward_weights_ops_inside_their_batch_norm():
     net = copy.deepcopy(net).float()
     net.set_backend("fused")
     x = torch.randn(7, 3, 4, 4)
-    net(x).sum().backward()                       # the first forward builds its constants (indices)
+    for _ in range(2):      # the first forward builds its constants (indices), the second the network's gather's
+        net(x).sum().backward()
     with CountOps(batch=7) as on_activations, CountOps() as every:
         net(x).sum().backward()
     assert on_activations.count["native_batch_norm"] > 0     # it does see the cells' activations
@@ -489,10 +493,11 @@ def test_the_fused_forward_weights_ops_inside_their_batch_norm():
     assert every.count["zeros"] == 0, every.count
 
 
-def test_a_cell_reads_its_op_weights_with_one_gather():
-    """The op weights of a cell, its preprocessing's included, are arranged (concatenated,
-    interleaved, spread into the dense 1×1 conv) by one cat and one index_select, whatever its op
-    count, and their gradients come back by one index_select: no per-group cat / transpose copy /
+def test_a_network_reads_its_op_weights_with_one_gather():
+    """The op weights of every cell, their preprocessing's included, are arranged (concatenated,
+    interleaved, spread into the dense 1×1 conv) by one cat and one index_select per forward
+    (`fused.ForwardRecord`), whatever the op and cell counts, and their gradients come back by one
+    index_select: no per-cell or per-group cat / transpose copy /
     identity multiply, forward or backward. FactorizedReduce (skip_connect at stride 2, and the
     preprocessing after a reduction cell) is one 2×2 conv: no slice, no zero-filled gradient."""
     net = build("darts", columns=[3, 4, 5, 6, 7], random_features=True)   # FR, sep, dil convs; affine BNs
@@ -530,10 +535,11 @@ def test_a_cell_reads_its_op_weights_with_one_gather():
             return func(*args, **(kwargs or {}))
 
     x = torch.randn(7, 3, 4, 4)
-    net(x).sum().backward()                       # the first forward builds the gather indices
+    for _ in range(2):    # the first forward records the cells, gathering cell by cell; the second builds the index
+        net(x).sum().backward()
     with ParamReads() as reads, CountOps() as every, Clones() as clones:
         net(x).sum().backward()
-    assert dict(reads.count) == {"cat": len(net.cells)}, reads.count
+    assert dict(reads.count) == {"cat": 1}, reads.count
     assert every.count["eye"] == 0, every.count
     # the one clone a paired pass may make: its broadcast α weights, (batch, 2 inputs, 1, targets),
     # for the identity's batched gradient; never an activation or a weight
@@ -542,6 +548,141 @@ def test_a_cell_reads_its_op_weights_with_one_gather():
     assert reads.small_products == len(net.cells), reads.small_products
     # nothing slices: FactorizedReduce's offset branch is a tap of one 2×2 conv
     assert every.count["slice_backward"] == 0, every.count
+
+
+def _darts_eval_network():
+    torch.manual_seed(0)
+    return NetworkCIFAR(PUBLISHED_GENOTYPES["DARTS_V2"], 4, 3, 3, auxiliary=False).double()
+
+
+def _nb201_eval_network():
+    torch.manual_seed(0)
+    arch = "|nor_conv_3x3~0|+|skip_connect~0|nor_conv_1x1~1|+|avg_pool_3x3~0|nor_conv_3x3~1|none~2|"
+    return NB201Network(NB201Genotype.from_arch_string(arch), 4, 1, 3).double()
+
+
+REPLAYS = {
+    "darts-fused": (lambda: build("darts"), "fused", False),
+    "pc_darts-fused_dense-cl": (lambda: build("darts", partial_channels=2, edge_normalization=True), "fused_dense", True),
+    "nb201-fused_dense": (lambda: build("nb201"), "fused_dense", False),
+    "rf_darts-fused": (lambda: build("darts", random_features=True), "fused", False),
+    "s4-rf-pc-fused_dense": (lambda: build("s4", random_features=True, partial_channels=2, edge_normalization=True),
+                             "fused_dense", False),
+    "retrain-darts_v2-fused_dense-cl": (_darts_eval_network, "fused_dense", True),
+    "retrain-nb201-fused": (_nb201_eval_network, "fused", False),
+}
+
+
+def _loss_step(net, x):
+    torch.manual_seed(1)                          # S4's noise: the same draws
+    out = net(x)
+    out = out[0] if isinstance(out, tuple) else out
+    (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
+    return out
+
+
+def _count_gathers(monkeypatch):
+    calls = []
+    apply = fused.GatherWeights.apply
+    monkeypatch.setattr(fused.GatherWeights, "apply", lambda *args: (calls.append(1), apply(*args))[1])
+    return calls
+
+
+def _assert_same_state(a, b, out_a, out_b):
+    torch.testing.assert_close(out_a, out_b, rtol=1e-12, atol=1e-14)
+    grads = dict(b.named_parameters())
+    for n, p in a.named_parameters():
+        if p.grad is None:
+            assert grads[n].grad is None, n
+        else:
+            torch.testing.assert_close(p.grad, grads[n].grad, rtol=1e-12, atol=1e-14, msg=n)
+    buffers = dict(b.named_buffers())
+    for n, t in a.named_buffers():
+        torch.testing.assert_close(t, buffers[n], rtol=1e-12, atol=1e-14, msg=n)
+
+
+@pytest.mark.parametrize("case", list(REPLAYS))
+def test_a_replayed_forward_computes_what_a_forward_cell_by_cell_does(case, monkeypatch):
+    """From its second forward on, a fused network gathers every cell's weights at once and keeps
+    every cell's BN statistics in one buffer (`fused.ForwardRecord`): the outputs, gradients,
+    running statistics and evaluation outputs a forward cell by cell gives (a copy's first)."""
+    make, backend, channels_last = REPLAYS[case]
+    net = make()
+    net.set_backend(backend)
+    size = 8 if case.startswith("retrain") else 4
+    x = torch.randn(3, 3, size, size, dtype=torch.float64)
+    if channels_last:
+        net = net.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    _loss_step(net, x)                            # records its cells
+    cells = len(net._fused_record.cells)
+    assert cells > 1
+    for _ in range(2):                            # training, then evaluation mode
+        fresh = copy.deepcopy(net)                # a copy's record is empty: it gathers cell by cell
+        assert fresh._fused_record.cells == []
+        net.zero_grad(set_to_none=True)
+        calls = _count_gathers(monkeypatch)
+        out = _loss_step(net, x)
+        assert len(calls) == 1
+        calls.clear()
+        out_fresh = _loss_step(fresh, x)
+        assert len(calls) == cells
+        _assert_same_state(net, fresh, out, out_fresh)
+        monkeypatch.undo()
+        scramble_bn_statistics(net)
+        net.eval()
+
+
+def test_a_replayed_forward_gathers_the_tensors_functional_call_swaps_in(float64):
+    """The second-order step calls the network on other weights (`functional_call`): a replay makes
+    its cells' requests again at its first cell, from the tensors the modules hold then."""
+    net = build("darts")
+    net.set_backend("fused_dense")
+    x = torch.randn(3, 3, 4, 4)
+    _loss_step(net, x)
+    swapped = {n: (p.detach() * 1.5).requires_grad_() for n, p in net.named_parameters()}
+    ref = copy.deepcopy(net)
+    with torch.no_grad():
+        for n, p in ref.named_parameters():
+            p.copy_(swapped[n])
+    out = functional_call(net, swapped, (x,))
+    assert len(net._fused_record.cells) == 3
+    torch.testing.assert_close(out, ref(x), rtol=1e-12, atol=1e-14)
+    names = list(swapped)
+    grads = torch.autograd.grad(out.sum(), [swapped[n] for n in names], allow_unused=True)
+    ref_grads = torch.autograd.grad(ref(x).sum(), [dict(ref.named_parameters())[n] for n in names], allow_unused=True)
+    for n, g, r in zip(names, grads, ref_grads):
+        assert (g is None) == (r is None), n
+        if g is not None:
+            torch.testing.assert_close(g, r, rtol=1e-12, atol=1e-14, msg=n)
+
+
+def test_a_forward_that_leaves_the_record_gathers_cell_by_cell_and_records_anew(monkeypatch, float64):
+    net = build("darts")
+    net.set_backend("fused")
+    x = torch.randn(3, 3, 4, 4)
+    _loss_step(net, x)
+    record = net._fused_record
+    # a record whose second cell is not the network's second: the replay ends there
+    record.cells[1], record.cells[2] = record.cells[2], record.cells[1]
+    net.zero_grad(set_to_none=True)
+    fresh = copy.deepcopy(net)
+    calls = _count_gathers(monkeypatch)
+    _assert_same_state(net, fresh, _loss_step(net, x), _loss_step(fresh, x))
+    assert len(calls) == 1 + 2 + 3                # the replay's and two cells' own; the copy's three
+    calls.clear()
+    _loss_step(net, x)                            # the record is that forward's: a whole replay
+    assert len(calls) == 1
+    # another op set (OPP-DARTS' stages): its first cell is another, so no replay, and a new record
+    net.set_active_columns([3, 4])
+    net.zero_grad(set_to_none=True)
+    fresh = copy.deepcopy(net)
+    calls.clear()
+    _assert_same_state(net, fresh, _loss_step(net, x), _loss_step(fresh, x))
+    assert len(calls) == 3 + 3
+    calls.clear()
+    _loss_step(net, x)
+    assert len(calls) == 1
 
 
 def test_a_search_cells_preprocessing_of_another_structure_runs_as_its_modules():
@@ -624,6 +765,7 @@ def test_gathered_weights_are_the_layouts_and_their_gradients(channels_last, flo
     torch.testing.assert_close(bn_cat, torch.cat(bn), rtol=0, atol=0)
     torch.autograd.gradcheck(gather, flat)
     index, inverse = _gather_index(requests)
+    assert index.dtype == inverse.dtype == torch.int32            # half a long index's memory
     total = sum(p.numel() for p in flat)
     assert torch.bincount(index[index < total], minlength=total).eq(1).all()
     assert torch.equal(index[inverse], torch.arange(total))
@@ -643,7 +785,8 @@ def test_under_autocast_the_gather_casts_a_cells_conv_values_once_and_bn_affines
     store = {}
 
     def gather(dtype):
-        return gather_weights(requests, lambda key, make: store.setdefault(key, make()), dtype)
+        return gather_weights(requests, lambda key, make: store[key] if key in store else store.setdefault(key, make()),
+                              dtype)
     plain = gather(None)
 
     class Casts(TorchDispatchMode):
@@ -654,6 +797,7 @@ def test_under_autocast_the_gather_casts_a_cells_conv_values_once_and_bn_affines
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             self.n += func.overloadpacket is torch.ops.aten._to_copy
             return func(*args, **(kwargs or {}))
+    gather(torch.bfloat16)                        # the index: a constant, made once
     with Casts() as forward:
         low = gather(torch.bfloat16)
     assert forward.n == 1
