@@ -1,5 +1,5 @@
 """The speed machinery the search loop and `train` share: CUDA graphs of a whole training step,
-and the trace limit of torch.compile'd calls.
+the trace limit of torch.compile'd calls, and a check of the CPU's bf16 channels_last convs.
 
 A step captured once and replayed removes the host's per-kernel launch cost, which bounds the
 small-kernel steps of NAS (bench/RESULTS.md: 1.8-4.1x over the fused step alone on an H100). Callers keep their own static
@@ -11,6 +11,8 @@ import contextlib
 from typing import Any, Callable, Iterator, Protocol
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 
 class StepGraph(Protocol):
@@ -66,3 +68,39 @@ def compiled_call(fn: Callable[..., Any], *args: Any) -> Any:
     """`fn(*args)` for a `torch.compile`d `fn`, allowed `RECOMPILE_LIMIT` traces."""
     with more_traces():
         return fn(*args)
+
+
+def cpu_bf16_dilated_grads_ok(memory_format: torch.memory_format = torch.channels_last) -> bool:
+    """Whether this torch computes a bf16 channels_last dilated conv's weight gradient on the CPU
+    right (`memory_format`: the probe's layout). torch 2.14.1's does not (oneDNN): from about
+    batch 32 at 32×32 px, relative errors of 1 and more, at times 1e33 or NaN, different from run
+    to run (bench/RESULTS.md, 2026-12-05); NCHW, fp32 and undilated convs are right. Probed at
+    that size against a float64 reference (a few hundred ms), not assumed from a version number."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(32, 16, 32, 32, generator=g, dtype=torch.float64)
+    w = torch.randn(16, 16, 3, 3, generator=g, dtype=torch.float64) * 0.1
+    grad_out = torch.randn(32, 16, 32, 32, generator=g, dtype=torch.float64)
+    weight = w.to(torch.bfloat16).contiguous(memory_format=memory_format).requires_grad_(True)
+    y = F.conv2d(x.to(torch.bfloat16).contiguous(memory_format=memory_format), weight, padding=2, dilation=2)
+    (got,) = torch.autograd.grad(y, weight, grad_out.to(torch.bfloat16).contiguous(memory_format=memory_format))
+    expected = torch.nn.grad.conv2d_weight(x, w.shape, grad_out, padding=2, dilation=2)
+    error = (got.double() - expected).abs().max() / expected.abs().max()
+    return bool(torch.isfinite(error)) and float(error) < 0.05
+
+
+def bf16_layout_problem(model: nn.Module, device: torch.device, amp: str, channels_last: bool,
+                        grads_ok: Callable[[], bool] | None = None) -> str | None:
+    """What is wrong with running `model` with `amp` and `channels_last` on `device`, or None: on
+    a CPU whose bf16 channels_last dilated convs get their weight gradients wrong (`grads_ok`),
+    a network that trains such a conv's weights (the DARTS space's `dil_conv` ops; random
+    features' frozen convs need none) would learn from garbage, silently or with a NaN."""
+    if device.type != "cpu" or amp != "bf16" or not channels_last:
+        return None
+    if not any(isinstance(m, nn.Conv2d) and max(m.dilation) > 1 and m.weight.requires_grad for m in model.modules()):
+        return None
+    if (grads_ok or cpu_bf16_dilated_grads_ok)():
+        return None
+    return ("amp: bf16 with channels_last: true on the CPU: this torch "
+            f"({torch.__version__}) computes the weight gradients of bf16 channels_last dilated "
+            "convolutions (dil_conv ops) wrong on the CPU (checked at start-up); on the CPU set "
+            "amp: none or channels_last: false (GPUs are not affected)")

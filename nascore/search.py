@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from .diagnostics import collapse_diagnostics, hessian_eigenvalue
 from .genotype import AnyGenotype
-from .graphs import StepGraph, cuda_graph, side_stream
+from .graphs import StepGraph, bf16_layout_problem, cuda_graph, side_stream
 from .io import CheckpointError, checkpoint_progress, load_checkpoint, save_checkpoint
 from .metrics import peak_memory, reset_peak_memory
 from .op_schedules import OP_SCHEDULES, ProgressiveConfig
@@ -242,6 +242,10 @@ class SearchRun:
             cuda_graph if cfg.cuda_graph else None)
         _seed_everything(seed)     # the random features ARE the init: seeded, recorded in meta
         self.model = self.build_model()
+        problem = bf16_layout_problem(self.model, self.device, cfg.amp, cfg.channels_last)
+        if problem:
+            from .config import ConfigError
+            raise ConfigError(f"params.yaml: search.{problem}")
         if cfg.compile:
             self.model.compile(self.cfg.compile_scope)
         self.rule = UPDATE_RULES.get(cfg.optimisation)()

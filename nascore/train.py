@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from . import distributed as D
 from .fused import BACKENDS
-from .graphs import StepGraph, cuda_graph, more_traces, side_stream
+from .graphs import StepGraph, bf16_layout_problem, cuda_graph, more_traces, side_stream
 from .io import CheckpointError, checkpoint_progress, load_checkpoint, save_checkpoint
 from .metrics import peak_memory, reset_peak_memory
 
@@ -219,6 +219,10 @@ def train(model: nn.Module, train_loader: Loader, eval_loader: Loader | None, cf
                          f"drop_path_prob attribute; set drop_path=0 for networks without it")
     if cfg.amp == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise ValueError("amp='bf16' needs a GPU with bfloat16 support (Ampere or newer)")
+    problem = bf16_layout_problem(model, device, cfg.amp, cfg.channels_last)
+    if problem:
+        from .config import ConfigError   # here, as in search: the CLI reports it without a traceback
+        raise ConfigError(f"train.{problem}")
     model.to(device, memory_format=torch.channels_last if cfg.channels_last else torch.preserve_format)
     if cfg.backend != "eager":
         if not hasattr(model, "set_backend"):

@@ -1,8 +1,10 @@
-"""nascore/graphs.py: the CUDA-graph capture the search loop and `train` share (GPU only)."""
+"""nascore/graphs.py: the CUDA-graph capture the search loop and `train` share (GPU only), and the
+check of the CPU's bf16 channels_last dilated convs."""
 import pytest
 import torch
+from torch import nn
 
-from nascore.graphs import cuda_graph, side_stream
+from nascore.graphs import bf16_layout_problem, cpu_bf16_dilated_grads_ok, cuda_graph, side_stream
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
@@ -30,3 +32,57 @@ def test_an_epochs_capture_does_not_stack_on_the_last_ones_memory():
     # each epoch's side-stream blocks and graph pool are new: unless the capture releases the
     # cached blocks, nothing reuses the last epoch's and the reserved memory grows per epoch
     assert reserved[-1] <= reserved[0] + 4 * 2**20, [r / 2**20 for r in reserved]
+
+
+# --- the CPU's bf16 channels_last dilated convs (`bf16_layout_problem`) -----------------------
+def test_the_probe_measures_a_dilated_convs_bf16_weight_gradient():
+    # NCHW bf16 is right on every torch we know: the probe must say so (its channels_last answer
+    # is this torch's and is what the check below uses; torch 2.14.1 on the CPU: wrong)
+    assert cpu_bf16_dilated_grads_ok(torch.contiguous_format) is True
+    assert isinstance(cpu_bf16_dilated_grads_ok(), bool)
+
+
+def _dilated_network(frozen: bool = False) -> nn.Module:
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=2, dilation=2), nn.BatchNorm2d(4))
+    net[0].weight.requires_grad_(not frozen)
+    return net
+
+
+@pytest.mark.parametrize("device,amp,channels_last,frozen,dilated,problem", [
+    ("cpu", "bf16", True, False, True, True),
+    ("cpu", "bf16", True, True, True, False),       # random features: no weight gradient needed
+    ("cpu", "bf16", True, False, False, False),     # no dilated conv
+    ("cpu", "bf16", False, False, True, False),
+    ("cpu", "none", True, False, True, False),
+    ("cuda", "bf16", True, False, True, False),     # cuDNN: not affected
+])
+def test_bf16_channels_last_on_a_cpu_that_gets_dilated_gradients_wrong_is_refused(
+        device, amp, channels_last, frozen, dilated, problem):
+    net = _dilated_network(frozen) if dilated else nn.Sequential(nn.Conv2d(3, 4, 3, padding=1))
+    probed = []
+    msg = bf16_layout_problem(net, torch.device(device), amp, channels_last,
+                              grads_ok=lambda: probed.append(1) or False)
+    assert (msg is not None) == problem
+    if problem:
+        assert "channels_last: false" in msg and "amp: none" in msg and torch.__version__ in msg
+    assert bf16_layout_problem(net, torch.device(device), amp, channels_last, grads_ok=lambda: True) is None
+    assert len(probed) == problem        # probed only where it matters: it costs a conv at batch 32
+
+
+def test_a_search_and_a_retrain_refuse_it_with_a_params_error(monkeypatch, tmp_path):
+    from nascore.config import ConfigError
+    from nascore.genotype import PUBLISHED_GENOTYPES
+    from nascore.networks import NetworkCIFAR
+    from nascore.search import SearchRun
+    from nascore.spaces import get_space
+    from nascore.train import TrainConfig, train
+    from tests.test_fused import tiny_data, tiny_search_config
+    monkeypatch.setattr("nascore.graphs.cpu_bf16_dilated_grads_ok", lambda: False)
+    cfg = tiny_search_config("darts", "darts", amp="bf16", channels_last=True, epochs=1)
+    with pytest.raises(ConfigError, match=r"params.yaml: search.amp: bf16 with channels_last: true on the CPU"):
+        SearchRun(get_space("darts"), cfg, tiny_data(dtype=torch.float32), log=lambda s: None)
+    net = NetworkCIFAR(PUBLISHED_GENOTYPES["DARTS_V2"], 4, 10, 3, auxiliary=False)   # a normal cell: dil_conv_3x3
+    with pytest.raises(ConfigError, match="train.amp: bf16 with channels_last: true on the CPU"):
+        train(net, [(torch.randn(2, 3, 8, 8), torch.tensor([0, 1]))], None,
+              TrainConfig(epochs=1, amp="bf16", channels_last=True, progress="none"),
+              checkpoint_path=tmp_path / "ckpt.pt", device="cpu")
