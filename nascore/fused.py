@@ -769,6 +769,17 @@ class BatchNormSink:
         self._cells, self._replayed = [], None
 
 
+def forward_sink(network: nn.Module, training: bool, record: bool = True) -> BatchNormSink:
+    """A fused network forward's scratch, with the network's `ForwardRecord` (kept on it, made at
+    its first forward) unless `record` is off or the forward is being traced by torch.compile
+    (a compiled network gathers cell by cell, as traced: a record's identities would be guards)."""
+    if not record or torch.compiler.is_compiling():
+        return BatchNormSink(training=training)
+    if "_fused_record" not in network.__dict__:
+        network.__dict__["_fused_record"] = ForwardRecord()
+    return BatchNormSink(training=training, network=network.__dict__["_fused_record"])
+
+
 def _bn_requests(bns: Sequence[nn.BatchNorm2d], kind: str = "affine") -> list[Request]:
     """γ and β of n affine BNs, each (n·C,); nothing for BNs without affine parameters. `kind`
     "affine" (float32 under autocast, as BN keeps them) or "cat" (cast with the conv weights)."""

@@ -51,10 +51,7 @@ class _DropPathMixin:
     def _sink(self) -> "fused.BatchNormSink | None":
         """The fused forward's scratch (its cells' one weight gather and grouped-BN buffer:
         `fused.ForwardRecord`), or None for the eager forward."""
-        if self.backend == "eager":
-            return None
-        record = None if torch.compiler.is_compiling() else self.__dict__.setdefault("_fused_record", fused.ForwardRecord())
-        return fused.BatchNormSink(training=self.training, network=record)
+        return fused.forward_sink(self, self.training) if self.backend != "eager" else None
 
     @property
     def drop_path_prob(self) -> float:

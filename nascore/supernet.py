@@ -68,7 +68,7 @@ def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
     """Channel `g·C/K + i` moves to position `i·K + g` (PC-DARTS). One copy, in x's memory format
     (channels_last stays channels_last, for the convs after it)."""
     b, c, h, w = x.shape
-    if x.stride(1) == 1 and h * w > 1:                   # channels_last: shuffle (B, H, W, C)
+    if fused._nhwc(x):                                   # channels_last: shuffle (B, H, W, C)
         nhwc = x.permute(0, 2, 3, 1)
         return nhwc.reshape(b, h, w, groups, c // groups).transpose(3, 4).reshape(b, h, w, c).permute(0, 3, 1, 2)
     return x.view(b, groups, c // groups, h, w).transpose(1, 2).reshape(b, c, h, w)
@@ -473,12 +473,9 @@ class Supernet(nn.Module):
     def _forward_fused(self, x: torch.Tensor, columns: list[int], compiled_cell: Callable | None = None
                        ) -> torch.Tensor:
         # one weight gather and BN buffer per forward (`fused.ForwardRecord`); a compiled network,
-        # its eager first calls included, gathers cell by cell as it was traced (inductor fuses
-        # each cell's gather; a record's identities would be guards, its index a new constant)
+        # its eager first calls included, gathers cell by cell as it was traced
         compiled = "_compiled_forward" in self.__dict__ or "_compiled_cell" in self.__dict__
-        record = None if compiled or torch.compiler.is_compiling() else \
-            self.__dict__.setdefault("_fused_record", fused.ForwardRecord())
-        sink = fused.BatchNormSink(training=self.training, network=record)
+        sink = fused.forward_sink(self, self.training, record=not compiled)
         arch = {}
         for ct in self.cell_types:
             key = (ct, tuple(columns))
