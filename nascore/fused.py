@@ -28,8 +28,10 @@ states), so here every op of every edge leaving a state is computed in one pass 
   channel, so the numbers are the same; the product then reads that output as it is, beside the
   identity (a DARTS pass: 2 BNs forward and backward, not 5);
 - partial channels (PC-DARTS): the ops see the state's first C/K channels; the bypassed channels
-  (max-pooled once per state on stride-2 edges) are summed per node with the β weights, and
-  concatenation and channel shuffle are one copy per node;
+  (max-pooled once per state on stride-2 edges) are K-1 more columns of the pass's product, β
+  their weights, and a node's K rows of sums are its channels before the shuffle (one copy per
+  node); a state one pass reads goes into that product whole, its identity's C/K channels and
+  the bypassed rest one block, copied by nothing (`StateParts`);
 - S4's `noise` is drawn per edge in the eager loop's order, so both paths see the same numbers;
 - `fused_dense` only: a separable conv (depthwise k×k, then 1×1) is linear, so it runs as ONE dense
   k×k conv whose weight is the two weights' product (`_compose`): more multiply-adds, on tensor
@@ -1187,6 +1189,9 @@ class FusedArch:
     block_diagonal: bool = True               # dense: paired strided convs block-diagonal (`block_diagonal`)
     mix: bool = True                          # a pass's weighted sums as one matrix product (`mix`)
     merge_bn: bool = True                     # mix: a pass's last BNs as one (`batch_norm_pass`)
+    # mix with partial channels (PC-DARTS): (K, where β starts in `weights`, None for no β); the
+    # bypassed channels then go into each pass's matrix product as K-1 more columns per state
+    bypass: tuple[int, int | None] | None = None
     _groups: dict[tuple, list[list[torch.Tensor | None]]] = field(default_factory=dict)
     _scaled: dict[tuple, torch.Tensor | None] = field(default_factory=dict)
     _mix: dict[tuple, list[tuple[torch.Tensor, int] | None]] = field(default_factory=dict)
@@ -1300,7 +1305,7 @@ class FusedArch:
                    [i for s in p for i in op_index[s][gi]], len(p))
                   for p in passes for gi, kind in enumerate(cell.kinds[p[0]])]
         mixes = None if unit_columns is None else _mix_layouts(ap, cell, passes, op_index, unit_columns,
-                                                                len(self.weights), defer)
+                                                                len(self.weights), defer, self.bypass)
         defer = defer and mixes is not None
         # defer: per pass, the BN scale's positions (1 = after the α and the 0)
         bn_scale = [[len(self.weights) + 1] * (len(p) * channels) * cell.kinds[p[0]].count("pool_bn")
@@ -1316,7 +1321,8 @@ class FusedArch:
             if defer:
                 return torch.tensor(plain + [i for b in bn_scale for i in b])
             return torch.tensor(plain + [i for i in parts["scaled"] for _ in range(channels)])
-        key = ("gather", ap, cell.kinds, cell.paired, channels, unit_columns, defer)
+        key = ("gather", ap, cell.kinds, cell.paired, channels, unit_columns, defer,
+               self.bypass if mixes is not None else None)
         return passes, layout, mixes, defer, bn_scale, key, gather_index
 
     def prefill(self, cell: CellPlan, channels: int, unit_columns: tuple[tuple[bool, ...], ...], defer: bool) -> None:
@@ -1349,7 +1355,8 @@ class FusedArch:
 
 def _mix_layouts(ap: ArchPlan, cell: CellPlan, passes: Sequence[tuple[int, ...]],
                  op_index: list[list[list[int]]], unit_columns: tuple[tuple[bool, ...], ...],
-                 n_weights: int, defer: bool = False) -> list[tuple[list[int], int, int] | None]:
+                 n_weights: int, defer: bool = False, bypass: tuple[int, int | None] | None = None
+                 ) -> list[tuple[list[int], int, int] | None]:
     """Per pass, its mixing matrix as positions into (α weights, 0, 1), row-major, with its
     number of rows (targets) and of α columns; None for a pass without outputs.
 
@@ -1360,12 +1367,21 @@ def _mix_layouts(ap: ArchPlan, cell: CellPlan, passes: Sequence[tuple[int, ...]]
     that unit's target row; a merged group (`repeats`) has blocks of units, one per target each.
     The paired inputs' columns go to the same rows: the product sums the two states too.
     `defer` (`batch_norm_pass`): the poolings' BN outputs come out of the pass's one BN, before
-    the SCALED groups': their columns after the other weighted ones."""
+    the SCALED groups': their columns after the other weighted ones.
+
+    `bypass` (partial channels, `FusedArch.bypass`: K and where β starts in the weights, or None
+    for no β): each target gets K rows, its ops' sums (the C/K channels the ops see) and then the
+    K-1 chunks of C/K bypassed channels, in the order a node concatenates them; each state's
+    bypassed channels are K-1 more columns, after the other weighted ones, chunk c into row c of
+    every target, times that edge's β. A node's K rows are then its channels before the shuffle.
+    A pass over one state puts them right after its identity's column, if it has one."""
     zero, one = n_weights, n_weights + 1
+    k, beta_at = bypass if bypass is not None else (1, None)
     out: list[tuple[list[int], int, int] | None] = []
     for p, per_unit in zip(passes, unit_columns):
         targets = len(ap.sources[p[-1]].edges)
         plain, pooled, scaled = [], [], []    # columns: one target row -> position each
+        identity_end = None
         for gi, kind in enumerate(cell.kinds[p[0]]):
             if KINDS[kind] is None:
                 continue
@@ -1379,22 +1395,35 @@ def _mix_layouts(ap: ArchPlan, cell: CellPlan, passes: Sequence[tuple[int, ...]]
                     weighted += [{r: a} for r, a in zip(rows, alphas)]
                 else:
                     weighted.append(dict(zip(rows, alphas)))
-        plain += pooled
-        columns = plain + scaled
+            if kind == "identity" and len(p) == 1:
+                identity_end = len(plain)
+        bypassed = []                         # keyed by (target, row within the target)
+        if k > 1:
+            for s in p:
+                beta = [one if beta_at is None else beta_at + e for e in ap.sources[s].edges]
+                bypassed += [{(t, c): beta[t] for t in range(targets)} for c in range(1, k)]
+        # one state's bypassed columns right after its identity's: the two are the state itself
+        # (its first C/K channels, then the rest), one column block the product reads uncopied
+        at = identity_end if identity_end is not None else len(plain)
+        weighted = plain[:at] + bypassed + plain[at:] + pooled
+        columns = weighted + scaled
         if not columns:
             out.append(None)
             continue
-        out.append(([col.get(r, zero) for r in range(targets) for col in columns], targets, len(plain)))
+        out.append(([col.get(t if c == 0 else (t, c), zero) for t in range(targets) for c in range(k)
+                     for col in columns], targets * k, len(weighted)))
     return out
 
 
 def prepare_arch(plan: ArchPlan, op_weights: torch.Tensor,
-                 edge_weights: torch.Tensor | None, partial: bool,
+                 edge_weights: torch.Tensor | None, partial: int,
                  constant: Callable[[tuple, Callable[[], torch.Tensor]], torch.Tensor],
                  sink: BatchNormSink, dense: bool = False, merged_plans: dict | None = None,
                  merge: bool = True, block_diagonal: bool = True, mix: bool = True,
                  merge_bn: bool = True) -> FusedArch:
-    """α weights with β folded in; the β weights of PC-DARTS' bypassed channels, per source.
+    """α weights with β folded in; the β weights of PC-DARTS' bypassed channels (`partial`: K > 1):
+    with `mix`, after the α·β in the weights the mixing matrices gather from (`FusedArch.bypass`),
+    else per source, for `WeightedAdd`.
 
     `constant(key, make)` returns `make()` on the weights' device, made once per key and cached by
     the caller (an index tensor made per step would be a host→device copy per step).
@@ -1403,15 +1432,23 @@ def prepare_arch(plan: ArchPlan, op_weights: torch.Tensor,
         return constant(("index", values), lambda: torch.tensor(values))
 
     w = op_weights if edge_weights is None else op_weights * edge_weights[:, None]
-    bypass = (edge_weights.index_select(0, index(plan.edge_index))
-              if partial and edge_weights is not None else None)
+    weights = w.reshape(-1)
     autocast = autocast_dtype(w.device.type)
-    if autocast is not None and bypass is not None:
-        bypass = bypass.to(autocast)
-    edge_parts = iter(bypass.split([len(sp.edges) for sp in plan.sources]) if bypass is not None else ())
-    bypass_weights = [next(edge_parts).view(1, -1, 1, 1, 1) if bypass is not None else None for _ in plan.sources]
-    return FusedArch(plan, w.reshape(-1), bypass_weights, sink, constant, autocast, dense,
-                     {} if merged_plans is None else merged_plans, merge, block_diagonal, mix, merge_bn)
+    bypass_weights: list[torch.Tensor | None] = [None] * len(plan.sources)
+    mixed_bypass = None
+    if partial > 1 and mix:
+        mixed_bypass = (partial, weights.numel() if edge_weights is not None else None)
+        if edge_weights is not None:
+            weights = torch.cat([weights, edge_weights])
+    elif partial > 1 and edge_weights is not None:
+        bypass = edge_weights.index_select(0, index(plan.edge_index))
+        if autocast is not None:
+            bypass = bypass.to(autocast)
+        edge_parts = iter(bypass.split([len(sp.edges) for sp in plan.sources]))
+        bypass_weights = [next(edge_parts).view(1, -1, 1, 1, 1) for _ in plan.sources]
+    return FusedArch(plan, weights, bypass_weights, sink, constant, autocast, dense,
+                     {} if merged_plans is None else merged_plans, merge, block_diagonal, mix, merge_bn,
+                     mixed_bypass)
 
 
 # --- the cell ----------------------------------------------------------------------------------
@@ -1622,7 +1659,7 @@ class Mix(torch.autograd.Function):
 
 
 def mix(carry: torch.Tensor | None, m: torch.Tensor, blocks: Sequence[Sequence[torch.Tensor]], k_alpha: int,
-        split: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
+        split: bool = False, head: int = 1) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
     """A pass's node sums in matrix products: carry + Σ_k m[t, k]·X_k for every target t, where
     X is the concatenation of the pass's outputs (`blocks`, lists of (B, [S,] u, C, H, W)
     tensors: K columns in all, the first `k_alpha` weighted by α here) and `carry` (B, n, C, H,
@@ -1632,9 +1669,10 @@ def mix(carry: torch.Tensor | None, m: torch.Tensor, blocks: Sequence[Sequence[t
     add per group and a sum per merged group and per paired pass took about seven; in the
     backward a product per block and two more kernels where α needs a gradient.
 
-    `split`: the first target's sums (the node complete now) and the rest apart, (B, 1, C, H, W)
-    and (B, n-1, C, H, W) or None, split in the product's own layout, so that the split's
-    backward (a cat) writes the gradient in the layout the product's backward reads."""
+    `split`: the first target's sums (the node complete now: its first `head` rows, K with partial
+    channels, `_mix_layouts`) and the rest apart, (B, head, C, H, W) and (B, n-head, C, H, W) or
+    None, split in the product's own layout, so that the split's backward (a cat) writes the
+    gradient in the layout the product's backward reads."""
     flats = [[o.flatten(1, o.dim() - 3) for o in block] for block in blocks if block]   # (B, u·C, H, W) each
     xs = [torch.cat(f, dim=1) if len(f) > 1 else f[0] for f in flats]
     n, k = m.shape
@@ -1665,10 +1703,10 @@ def mix(carry: torch.Tensor | None, m: torch.Tensor, blocks: Sequence[Sequence[t
         return t.view(b, -1, c, h, w)
     if not split:
         return nodes(out)
-    if n == 1:
+    if n == head:
         return nodes(out), None
-    head, rest = out.split([1, n - 1], dim=1)
-    return nodes(head), nodes(rest)
+    first, rest = out.split([head, n - head], dim=1)
+    return nodes(first), nodes(rest)
 
 
 def unit_columns(kind: str, mods: Sequence[nn.Module], training: bool) -> bool:
@@ -1692,6 +1730,43 @@ def _join_partial(a: torch.Tensor, b: torch.Tensor, k: int, shuffle: bool) -> to
                           b.permute(0, 2, 3, 1).unflatten(3, (k - 1, -1)).transpose(3, 4)], dim=4)
         return nhwc.flatten(3, 4).permute(0, 3, 1, 2)
     return torch.cat([a.unsqueeze(2), b.unflatten(1, (k - 1, -1)).transpose(1, 2)], dim=2).flatten(1, 2)
+
+
+class StateParts(torch.autograd.Function):
+    """A partial-channel state x (B, C, H, W) as a whole and as its first C/K channels (the ops'
+    input), views both: the whole is a block of `mix` columns, the identity's C/K channels and
+    the bypassed rest. The backward adds the ops' gradient into the first channels of the
+    block's, in place: one kernel where a split (whose backward is a cat) and the sum of the
+    identity's and the ops' gradients took two. Out of place where the backward is itself
+    differentiated or traced."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, c: int) -> tuple[torch.Tensor, torch.Tensor]:
+        ctx.c, ctx.rest = c, x.shape[1] - c
+        ctx.set_materialize_grads(False)
+        return x.view_as(x), x[:, :c]
+
+    @staticmethod
+    def backward(ctx, grad_whole: torch.Tensor | None, grad_ops: torch.Tensor | None):
+        if grad_ops is None or grad_whole is None:          # one of the two was not used
+            return grad_whole if grad_ops is None else F.pad(grad_ops, (0, 0, 0, 0, 0, ctx.rest)), None
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+            grad = grad_whole.clone()
+        else:
+            grad = grad_whole          # a slice of the product's fresh gradient, read by nothing else
+        grad.narrow(1, 0, ctx.c).add_(grad_ops)
+        return grad, None
+
+
+def _node_channels(rows: torch.Tensor, shuffle: bool) -> torch.Tensor:
+    """A node's (B, K, C/K, H, W) rows (`mix` with partial channels: the ops' channels, then the
+    bypassed ones) as its (B, C, H, W) channels, channel-shuffled (channel g·C/K + i to i·K + g)
+    in one copy in the rows' layout; a view without the shuffle."""
+    if not shuffle:
+        return rows.flatten(1, 2)
+    if _nhwc(rows):                           # copied in (B, H, W, C/K, K) order: channels_last
+        return rows.permute(0, 3, 4, 2, 1).contiguous().flatten(3, 4).permute(0, 3, 1, 2)
+    return rows.transpose(1, 2).contiguous().flatten(1, 2)
 
 
 def _draw_noise(plan: CellPlan, shape: CellShape, inputs: Sequence[torch.Tensor],
@@ -1813,6 +1888,9 @@ def cell_forward(op_module: Callable[[int, int], nn.Module], shape: CellShape, p
     noise = _draw_noise(plan, shape, inputs, ap.num_inputs)
     states = list(inputs)
     carry = carry_b = None           # partial sums of the nodes not complete yet
+    # partial channels with `mix`: the bypassed channels are columns of each pass's product and
+    # a node's K rows (`_mix_layouts`), not sums of their own (`WeightedAdd`)
+    rows = arch.bypass[0] if arch.bypass is not None else 1
     # paired strided convs (`_dil_blocks`) as one ungrouped conv, their weights made so here
     spread = (lambda w, n: block_diagonal(w, n, arch.constant)) if arch.block_diagonal else None
     for p, mods_s, kinds, weights_s, mixing, bn_weight in zip(passes, modules, kinds_p, weights, mixes, bn_weights):
@@ -1823,9 +1901,14 @@ def cell_forward(op_module: Callable[[int, int], nn.Module], shape: CellShape, p
         # partial channels: the ops' channels and the bypassed ones by one split, whose backward
         # is one cat (two slices would each zero-fill a full-size gradient, then be added)
         parts = []
+        whole = None                 # a partial-channel state read whole by the product (`StateParts`)
         for s in p:
             x = states[ap.sources[s].state]
-            parts.append(x.split([c_op, x.shape[1] - c_op], dim=1) if k > 1 else (x, None))
+            if rows > 1 and len(p) == 1 and "identity" in kinds:
+                whole, xa = StateParts.apply(x, c_op)
+                parts.append((xa, None))
+            else:
+                parts.append(x.split([c_op, x.shape[1] - c_op], dim=1) if k > 1 else (x, None))
         if len(p) == 1:
             xa = parts[0][0]
         else:
@@ -1836,6 +1919,8 @@ def cell_forward(op_module: Callable[[int, int], nn.Module], shape: CellShape, p
                                  f"and {tuple(states[1].shape)}")
             xa = torch.cat([a for a, _ in parts], dim=1)
         src = _Source(xa, arch.sink, noise, arch.dense, len(p), spread, defer and arch.sink.training)
+        # the bypassed channels (max-pooled on stride-2 edges) as they are: no copy of their own
+        bypassed = [xb if stride == 1 else F.max_pool2d(xb, 2, 2) for _, xb in parts if xb is not None]
         acc = carry
         weighted, alphaless = [], []         # `mix`: the outputs to weight, those weighted already
         pooled, convs = [], []               # defer: the poolings' and SCALED groups' BN inputs
@@ -1850,6 +1935,10 @@ def cell_forward(op_module: Callable[[int, int], nn.Module], shape: CellShape, p
                 (convs if scaled else pooled).append(out)
                 continue
             if arch.mix:
+                if kind == "identity" and whole is not None:
+                    # the identity's C/K channels and the bypassed rest: the state itself, as one
+                    # block of columns (`_mix_layouts`)
+                    out = whole
                 (alphaless if scaled else pooled_eval if defer and kind == "pool_bn" else weighted).append(out)
                 continue
             pos = (arch.constant(("index", g.positions), lambda: torch.tensor(g.positions))
@@ -1858,7 +1947,7 @@ def cell_forward(op_module: Callable[[int, int], nn.Module], shape: CellShape, p
         complete = sp.state >= ap.num_inputs - 1      # every edge into the next node is summed now
         split = None
         if mixing is not None:               # every term of the pass, both paired states', at once
-            blocks = [weighted + pooled_eval + alphaless]
+            blocks = [weighted + bypassed + pooled_eval + alphaless]
             if pooled or convs:              # the pass's one BN: its output a block of its own
                 normed = batch_norm_pass(pooled + convs, bn_weight, arch.sink, eps)
                 if len(pooled) + len(convs) > 1:
@@ -1866,7 +1955,7 @@ def cell_forward(op_module: Callable[[int, int], nn.Module], shape: CellShape, p
                 else:                        # nothing merged: one cat, one product, as without
                     blocks[0].append(normed)
             if complete:
-                split = mix(carry, mixing[0], blocks, mixing[1], split=True)
+                split = mix(carry, mixing[0], blocks, mixing[1], split=True, head=rows)
             else:
                 acc = mix(carry, mixing[0], blocks, mixing[1])
         elif acc is not None and len(p) > 1:
@@ -1875,7 +1964,7 @@ def cell_forward(op_module: Callable[[int, int], nn.Module], shape: CellShape, p
             acc = xa.new_zeros((xa.shape[0], targets, c_op, *_out_hw(xa, stride)))
         acc_b = carry_b
         for s, (_, xb) in zip(p, parts):         # PC-DARTS' bypassed channels, state by state
-            if xb is None:
+            if xb is None or rows > 1:
                 continue
             xb, bw = (xb if stride == 1 else F.max_pool2d(xb, 2, 2)).unsqueeze(1), arch.bypass_weights[s]
             if bw is None:
@@ -1891,6 +1980,8 @@ def cell_forward(op_module: Callable[[int, int], nn.Module], shape: CellShape, p
                 head, carry = acc.split([1, targets - 1], dim=1) if targets > 1 else (acc, None)
             if k == 1:
                 node, carry_b = head.squeeze(1), None
+            elif rows > 1:
+                node = _node_channels(head, shape.shuffle)
             else:
                 head_b, carry_b = acc_b.split([1, targets - 1], dim=1) if targets > 1 else (acc_b, None)
                 node = _join_partial(head.squeeze(1), head_b.squeeze(1), k, shape.shuffle)

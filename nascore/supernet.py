@@ -485,7 +485,7 @@ class Supernet(nn.Module):
                     self.edge_ops[ct], self.edges_per_node, columns)
             device = self.alphas[ct].device
             arch[ct] = fused.prepare_arch(
-                plan, self.op_weights(ct, columns), self.edge_weights(ct), self.cfg.partial_channels > 1,
+                plan, self.op_weights(ct, columns), self.edge_weights(ct), self.cfg.partial_channels,
                 lambda key, make: self._index(key, make, device), sink, self.backend == "fused_dense",
                 self._merged_plans, self.merge_kernel_sizes, self.block_diagonal, self.matmul_mix,
                 self.merge_batch_norms)

@@ -99,6 +99,7 @@ def assert_same_evaluation(net, backend, x, channels_last=False, **options):
 CASES = [(space, {}) for space in SPACES.names()] + [
     ("darts", {"partial_channels": 2, "edge_normalization": True}),          # PC-DARTS
     ("darts", {"partial_channels": 4, "channel_shuffle": False}),
+    ("darts", {"partial_channels": 4, "edge_normalization": True}),          # 3 bypassed chunks, shuffled
     ("nb201", {"partial_channels": 2, "edge_normalization": True}),
     ("s1", {"partial_channels": 2, "edge_normalization": True}),
     ("darts", {"random_features": True}),                                    # RF-DARTS
@@ -1038,6 +1039,51 @@ def test_parameter_free_ops_are_weighted_without_full_size_products(matmul_mix):
         assert products.count["addcmul", "forward"] > 0          # the weighting is there
         assert products.count["mul", "backward"] == 0, products.count
     assert every.count["bmm"] > 0
+
+
+def test_partial_channels_bypass_through_each_passs_product():
+    """PC-DARTS' bypassed channels (C - C/K of each state) are K-1 more columns of each pass's
+    matrix product and a node's K rows are its channels (`_mix_layouts`): no weighted add of
+    their own (an addcmul forward, products and reductions backward). A state one pass reads is
+    split by no op: its identity's C/K channels and the bypassed rest are the state itself
+    (`StateParts`), whose backward adds the ops' gradient in place."""
+    net = copy.deepcopy(build("darts", partial_channels=4, edge_normalization=True)).float()
+    net.set_backend("fused")
+    x = torch.randn(7, 3, 4, 4)
+    with CountOps() as every:
+        out = net(x)
+    nodes, stack, seen = collections.Counter(), [out.grad_fn], set()
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        nodes[type(fn).__name__] += 1
+        stack += [f for f, _ in fn.next_functions]
+    assert every.count["addcmul"] == 0 and nodes["WeightedAddBackward"] == 0, (every.count, nodes)
+    # 3 cells, each with 3 passes over one state that has an identity (n0, n1, n2; the inputs paired)
+    assert nodes["StatePartsBackward"] == 9, nodes
+    with CountOps() as backward:
+        out.sum().backward()
+    assert backward.count["add_"] >= 9, backward.count              # StateParts: in place
+
+
+def test_state_parts_are_views_whose_gradient_is_the_sum_of_both(float64):
+    from nascore.fused import StateParts
+    x = torch.randn(2, 6, 3, 3, requires_grad=True)
+    w_whole, w_ops = torch.randn(2, 6, 3, 3), torch.randn(2, 2, 3, 3)
+
+    def run(x):
+        whole, ops = StateParts.apply(x, 2)
+        return (whole * w_whole).sum() + (ops * w_ops).sum()
+    whole, ops = StateParts.apply(x, 2)
+    assert whole.data_ptr() == ops.data_ptr() == x.data_ptr() and ops.shape == (2, 2, 3, 3)
+    (g,) = torch.autograd.grad(run(x), x)
+    torch.testing.assert_close(g, w_whole + F.pad(w_ops, (0, 0, 0, 0, 0, 4)))
+    torch.autograd.gradcheck(run, (x,))
+    torch.autograd.gradgradcheck(run, (x,))               # the out-of-place backward
+    only_ops = torch.autograd.grad((StateParts.apply(x, 2)[1] * w_ops).sum(), x)[0]
+    torch.testing.assert_close(only_ops, F.pad(w_ops, (0, 0, 0, 0, 0, 4)))
 
 
 @pytest.mark.parametrize("space,switches,backend", [
