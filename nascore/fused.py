@@ -1615,23 +1615,30 @@ class Mix(torch.autograd.Function):
     m's columns for block b, carry (G, n, N) or None -> (G, n, N). Only m's first `k_alpha`
     columns get a gradient (the rest are constants: `_mix_layouts`), computed from `alpha_outs`,
     the (B, u·C, H, W) outputs whose concatenation those columns are, kept as they are: no copy
-    of x, which the backward would otherwise keep whole."""
+    of x, which the backward would otherwise keep whole.
+
+    `step` > 1 (partial channels: K rows per target, `_mix_layouts`): the blocks after the first
+    feed only every step-th row (the targets' ops' sums; the first block holds the bypassed
+    channels' columns), so their products read and write those rows alone, not K× as many rows
+    of zeros."""
 
     @staticmethod
     def forward(ctx, carry: torch.Tensor | None, m: torch.Tensor, k_alpha: int, nhwc: bool, blocks: int,
-                *xs_and_alpha_outs: torch.Tensor) -> torch.Tensor:
+                step: int, *xs_and_alpha_outs: torch.Tensor) -> torch.Tensor:
         xs, alpha_outs = xs_and_alpha_outs[:blocks], xs_and_alpha_outs[blocks:]
         out, at = carry, 0
-        for x in xs:
-            mb = m[:, at:at + x.shape[1]].to(x.dtype).expand(x.shape[0], -1, -1)
+        for i, x in enumerate(xs):
+            rows = slice(None, None, step if i else 1)
+            mb = m[rows, at:at + x.shape[1]].to(x.dtype).expand(x.shape[0], -1, -1)
             at += x.shape[1]
             if out is None:
                 out = torch.bmm(mb, x)
             elif out is carry:
                 out = torch.baddbmm(carry.to(x.dtype), mb, x)
             else:                            # this forward's own sums: added to in place
-                out.baddbmm_(mb, x)
+                out[:, rows].baddbmm_(mb, x)
         ctx.x_dtypes, ctx.widths, ctx.k_alpha, ctx.nhwc = [x.dtype for x in xs], [x.shape[1] for x in xs], k_alpha, nhwc
+        ctx.step = step
         ctx.save_for_backward(m, *alpha_outs)
         return out
 
@@ -1642,9 +1649,10 @@ class Mix(torch.autograd.Function):
         grad_m = None
         grad_xs: list[torch.Tensor | None] = []
         at = 0
-        for needs_x, width, dtype in zip(ctx.needs_input_grad[5:], ctx.widths, ctx.x_dtypes):
-            mt = m[:, at:at + width].t().to(grad.dtype).expand(grad.shape[0], -1, -1)
-            grad_xs.append(torch.bmm(mt, grad).to(dtype) if needs_x else None)
+        for i, (needs_x, width, dtype) in enumerate(zip(ctx.needs_input_grad[6:], ctx.widths, ctx.x_dtypes)):
+            rows = slice(None, None, ctx.step if i else 1)
+            mt = m[rows, at:at + width].t().to(grad.dtype).expand(grad.shape[0], -1, -1)
+            grad_xs.append(torch.bmm(mt, grad[:, rows]).to(dtype) if needs_x else None)
             at += width
         if needs_m:
             k = ctx.k_alpha
@@ -1654,12 +1662,12 @@ class Mix(torch.autograd.Function):
                 x_alpha = torch.cat(alpha_outs, dim=1) if len(alpha_outs) > 1 else alpha_outs[0]
                 g = torch.bmm(grad, _items(x_alpha, k, ctx.nhwc).transpose(1, 2).to(grad.dtype)).sum(0)
                 grad_m = F.pad(g, (0, m.shape[1] - k)).to(m.dtype)
-        return ((grad if needs_carry else None), grad_m, None, None, None, *grad_xs,
+        return ((grad if needs_carry else None), grad_m, None, None, None, None, *grad_xs,
                 *([None] * len(alpha_outs)))
 
 
 def mix(carry: torch.Tensor | None, m: torch.Tensor, blocks: Sequence[Sequence[torch.Tensor]], k_alpha: int,
-        split: bool = False, head: int = 1) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
+        split: bool = False, rows: int = 1) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
     """A pass's node sums in matrix products: carry + Σ_k m[t, k]·X_k for every target t, where
     X is the concatenation of the pass's outputs (`blocks`, lists of (B, [S,] u, C, H, W)
     tensors: K columns in all, the first `k_alpha` weighted by α here) and `carry` (B, n, C, H,
@@ -1669,10 +1677,13 @@ def mix(carry: torch.Tensor | None, m: torch.Tensor, blocks: Sequence[Sequence[t
     add per group and a sum per merged group and per paired pass took about seven; in the
     backward a product per block and two more kernels where α needs a gradient.
 
-    `split`: the first target's sums (the node complete now: its first `head` rows, K with partial
-    channels, `_mix_layouts`) and the rest apart, (B, head, C, H, W) and (B, n-head, C, H, W) or
-    None, split in the product's own layout, so that the split's backward (a cat) writes the
-    gradient in the layout the product's backward reads."""
+    `rows`: rows per target, K with partial channels (`_mix_layouts`): the first block then holds
+    the bypassed channels' columns, and the others feed only each target's first row (`Mix`).
+
+    `split`: the first target's sums (the node complete now: its `rows` rows) and the rest apart,
+    (B, rows, C, H, W) and (B, n-rows, C, H, W) or None, split in the product's own layout, so
+    that the split's backward (a cat) writes the gradient in the layout the product's backward
+    reads."""
     flats = [[o.flatten(1, o.dim() - 3) for o in block] for block in blocks if block]   # (B, u·C, H, W) each
     xs = [torch.cat(f, dim=1) if len(f) > 1 else f[0] for f in flats]
     n, k = m.shape
@@ -1695,7 +1706,8 @@ def mix(carry: torch.Tensor | None, m: torch.Tensor, blocks: Sequence[Sequence[t
     if carry is not None:
         carry = carry.permute(0, 3, 4, 1, 2).reshape(b * h * w, n, c) if nhwc else carry.reshape(b, n, c * h * w)
     items = [_items(x, x.shape[1] // c, nhwc) for x in xs]
-    out = Mix.apply(carry, m, k_alpha, nhwc, len(items), *items, *alpha_outs)     # (G, n, N)
+    step = rows if rows > 1 and blocks[0] else 1
+    out = Mix.apply(carry, m, k_alpha, nhwc, len(items), step, *items, *alpha_outs)     # (G, n, N)
 
     def nodes(t: torch.Tensor) -> torch.Tensor:                          # (G, n', N) -> (B, n', C, H, W)
         if nhwc:
@@ -1703,9 +1715,9 @@ def mix(carry: torch.Tensor | None, m: torch.Tensor, blocks: Sequence[Sequence[t
         return t.view(b, -1, c, h, w)
     if not split:
         return nodes(out)
-    if n == head:
+    if n == rows:
         return nodes(out), None
-    first, rest = out.split([head, n - head], dim=1)
+    first, rest = out.split([rows, n - rows], dim=1)
     return nodes(first), nodes(rest)
 
 
@@ -1955,9 +1967,9 @@ def cell_forward(op_module: Callable[[int, int], nn.Module], shape: CellShape, p
                 else:                        # nothing merged: one cat, one product, as without
                     blocks[0].append(normed)
             if complete:
-                split = mix(carry, mixing[0], blocks, mixing[1], split=True, head=rows)
+                split = mix(carry, mixing[0], blocks, mixing[1], split=True, rows=rows)
             else:
-                acc = mix(carry, mixing[0], blocks, mixing[1])
+                acc = mix(carry, mixing[0], blocks, mixing[1], rows=rows)
         elif acc is not None and len(p) > 1:
             acc = SumStates.apply(acc)   # (B, S, targets, C, H, W): the paired inputs' terms summed
         if acc is None and split is None:    # only `none` ops leave this state

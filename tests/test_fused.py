@@ -183,6 +183,46 @@ def test_mix_is_the_weighted_sum_of_its_columns(nhwc, carry, split, strided, blo
         torch.testing.assert_close(run(), expected())
 
 
+@pytest.mark.parametrize("nhwc", [False, True])
+@pytest.mark.parametrize("carry,split", [(False, False), (True, True), (False, True)])
+def test_mix_with_k_rows_per_target_reads_only_the_ops_rows_of_later_blocks(nhwc, carry, split, float64):
+    """Partial channels: K rows per target (its ops' sums, then K-1 chunks of bypassed channels).
+    The first block holds the bypassed columns and feeds every row; the later ones (a pass's one
+    BN output) feed only each target's first row, the only non-zero entries their columns have,
+    and their products skip the others. Same sums and gradients as the whole matrix's."""
+    from nascore.fused import mix
+    g = torch.Generator().manual_seed(0)
+    b, c, h, w, n, k = 2, 3, 4, 4, 3, 2
+
+    def act(*shape):
+        t = torch.randn(*shape, generator=g)
+        if nhwc:
+            t = t.flatten(1, t.dim() - 3).contiguous(memory_format=torch.channels_last).view(t.shape)
+        return t.requires_grad_()
+    state = act(b, k, c, h, w)                            # identity's columns and the bypassed chunk
+    normed = act(b, 2 + n, c, h, w)                       # a pass's one BN: 2 α columns, n by 1
+    m_first = torch.randn(n * k, k, generator=g, requires_grad=True)
+    alpha = torch.randn(n, 2, generator=g, requires_grad=True)   # the BN output's α columns
+    ones = torch.randn(n, n, generator=g)                 # ... and its constant ones
+
+    def matrix(m_first, alpha):
+        ops = torch.zeros(n * k, 2 + n)
+        ops[::k] = torch.cat([alpha, ones], 1)            # later blocks: the ops' rows only
+        return torch.cat([m_first, ops], 1)
+    acc = act(b, n * k, c, h, w) if carry else None
+
+    def run(m_first, alpha, state, normed, *acc_):
+        out = mix(acc_[0] if acc_ else None, matrix(m_first, alpha), [[state], [normed]], k + 2,
+                  split=split, rows=k)
+        return torch.cat([t for t in out if t is not None], 1) if split else out
+    expected = torch.einsum("tk,bkchw->btchw", matrix(m_first, alpha), torch.cat([state, normed], 1))
+    if carry:
+        expected = expected + acc
+    inputs = (m_first, alpha, state, normed) + ((acc,) if carry else ())
+    torch.testing.assert_close(run(*inputs), expected)
+    torch.autograd.gradcheck(run, inputs)
+
+
 @pytest.mark.parametrize("backend", ["fused", "fused_dense"])
 @pytest.mark.parametrize("space,columns", [("darts", [4]), ("darts", [5, 0, 3, 1]), ("nb201", [3, 0]),
                                            ("nb201", [3, 1, 2]),      # fused_dense: 3×3 and 1×1 merged, in that order
