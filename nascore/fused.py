@@ -1178,7 +1178,7 @@ class FusedArch:
     """What the cells of one type need for one fused forward (prepared once, shared by them)."""
 
     plan: ArchPlan
-    weights: torch.Tensor                     # (edges × active columns,) α weights, β folded in
+    weights: torch.Tensor                     # (edges × active columns,) α weights, β folded in (+ β: `bypass`)
     bypass_weights: list[torch.Tensor | None]  # per source: (1, targets, 1, 1, 1) β weights (PC)
     sink: BatchNormSink
     constant: Callable[[tuple, Callable[[], torch.Tensor]], torch.Tensor]
