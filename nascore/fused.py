@@ -1243,7 +1243,7 @@ class FusedArch:
         # the index is a device constant: made once, not per forward
         gathered = source.index_select(0, self.constant(gather_key, gather_index))
         n_plain = (sum(len(i) for k, i, _ in layout if k == "plain") if mixes is None
-                   else sum(len(m[0]) for m in mixes if m is not None))
+                   else sum(len(m[0]) + m[1] * m[2] for m in mixes if m is not None))
         n_scaled = (sum(len(b) for b in bn_scale) if defer
                     else sum(len(i) for k, i, _ in layout if k == "scaled") * channels)
         plain_w, scaled_w = gathered.split([n_plain, n_scaled]) if n_plain and n_scaled else (
@@ -1269,8 +1269,14 @@ class FusedArch:
             scaled_parts = iter(scaled_w.split([len(i) * channels for k, i, _ in layout if k == "scaled"])
                                 if scaled_w is not None else ())
         if mixes is not None:
-            matrices = iter(plain_w.split([len(m[0]) for m in mixes if m is not None]) if plain_w is not None else ())
-            self._mix[key] = [None if m is None else (next(matrices).view(m[1], -1), m[2]) for m in mixes]
+            sizes = [len(m[0]) for m in mixes if m is not None]
+            alpha_sizes = [m[1] * m[2] for m in mixes if m is not None]
+            if plain_w is not None:
+                whole, alpha = plain_w.split([sum(sizes), sum(alpha_sizes)])
+                # the whole matrices detached: their α entries get their gradient as `alpha`
+                matrices, alphas = iter(whole.detach().split(sizes)), iter(alpha.split(alpha_sizes))
+            self._mix[key] = [None if m is None else (next(matrices).view(m[1], -1), m[2], next(alphas).view(m[1], m[2]))
+                              for m in mixes]
             plain_parts: Iterator[torch.Tensor] = iter(())
         else:
             # one split per part, not a slice per group: its backward is one cat
@@ -1317,7 +1323,11 @@ class FusedArch:
             parts: dict[str, list[int]] = {"none": [], "plain": [], "scaled": []}
             for k, index, _ in layout:
                 parts[k] += index
-            plain = parts["plain"] if mixes is None else [i for m in mixes if m is not None for i in m[0]]
+            # `mix`: every pass's whole matrix (a constant to autograd), then its α columns again
+            # (the entries α's gradient goes to: `Mix` writes theirs only, no zero-padded rest)
+            plain = parts["plain"] if mixes is None else (
+                [i for m in mixes if m is not None for i in m[0]]
+                + [i for m in mixes if m is not None for i in _alpha_entries(*m)])
             if defer:
                 return torch.tensor(plain + [i for b in bn_scale for i in b])
             return torch.tensor(plain + [i for i in parts["scaled"] for _ in range(channels)])
@@ -1340,9 +1350,10 @@ class FusedArch:
         return self._scaled[(id(cell.arch or self.plan), cell.kinds, cell.paired, channels, unit_columns, False)]
 
     def mix_matrices(self, cell: CellPlan, channels: int, unit_columns: tuple[tuple[bool, ...], ...],
-                     defer: bool = False) -> list[tuple[torch.Tensor, int] | None]:
-        """Per pass: its mixing matrix (targets, columns) and how many of its first columns hold α
-        (`mix`); None where no op leaves the pass's states."""
+                     defer: bool = False) -> list[tuple[torch.Tensor, int, torch.Tensor] | None]:
+        """Per pass: its mixing matrix (targets, columns), detached, how many of its first columns
+        hold α, and those columns (targets, that many), which α's gradient reaches (`mix`); None
+        where no op leaves the pass's states."""
         self.group_weights(cell, channels, unit_columns, defer)
         return self._mix[(id(cell.arch or self.plan), cell.kinds, cell.paired, channels, unit_columns, defer)]
 
@@ -1413,6 +1424,12 @@ def _mix_layouts(ap: ArchPlan, cell: CellPlan, passes: Sequence[tuple[int, ...]]
         out.append(([col.get(t if c == 0 else (t, c), zero) for t in range(targets) for c in range(k)
                      for col in columns], targets * k, len(weighted)))
     return out
+
+
+def _alpha_entries(entries: list[int], rows: int, n_alpha: int) -> list[int]:
+    """A `_mix_layouts` matrix's first n_alpha columns, row-major."""
+    width = len(entries) // rows
+    return [entries[r * width + j] for r in range(rows) for j in range(n_alpha)]
 
 
 def prepare_arch(plan: ArchPlan, op_weights: torch.Tensor,
@@ -1612,10 +1629,11 @@ def _items(x: torch.Tensor, columns: int, nhwc: bool) -> torch.Tensor:
 
 class Mix(torch.autograd.Function):
     """carry + Σ_b m_b @ x_b, item by item: x_b (G, K_b, N) the blocks of columns, m_b (n, K_b)
-    m's columns for block b, carry (G, n, N) or None -> (G, n, N). Only m's first `k_alpha`
-    columns get a gradient (the rest are constants: `_mix_layouts`), computed from `alpha_outs`,
-    the (B, u·C, H, W) outputs whose concatenation those columns are, kept as they are: no copy
-    of x, which the backward would otherwise keep whole.
+    m's columns for block b, carry (G, n, N) or None -> (G, n, N). m is a constant here; its
+    first `k_alpha` columns are also `m_alpha`, the input that gets their gradient (the rest are
+    constants: `_mix_layouts`), computed from `alpha_outs`, the (B, u·C, H, W) outputs whose
+    concatenation those columns are, kept as they are: no copy of x, which the backward would
+    otherwise keep whole.
 
     `step` > 1 (partial channels: K rows per target, `_mix_layouts`): the blocks after the first
     feed only every step-th row (the targets' ops' sums; the first block holds the bypassed
@@ -1623,8 +1641,8 @@ class Mix(torch.autograd.Function):
     of zeros."""
 
     @staticmethod
-    def forward(ctx, carry: torch.Tensor | None, m: torch.Tensor, k_alpha: int, nhwc: bool, blocks: int,
-                step: int, *xs_and_alpha_outs: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, carry: torch.Tensor | None, m: torch.Tensor, m_alpha: torch.Tensor, k_alpha: int, nhwc: bool,
+                blocks: int, step: int, *xs_and_alpha_outs: torch.Tensor) -> torch.Tensor:
         xs, alpha_outs = xs_and_alpha_outs[:blocks], xs_and_alpha_outs[blocks:]
         out, at = carry, 0
         for i, x in enumerate(xs):
@@ -1638,36 +1656,35 @@ class Mix(torch.autograd.Function):
             else:                            # this forward's own sums: added to in place
                 out[:, rows].baddbmm_(mb, x)
         ctx.x_dtypes, ctx.widths, ctx.k_alpha, ctx.nhwc = [x.dtype for x in xs], [x.shape[1] for x in xs], k_alpha, nhwc
-        ctx.step = step
+        ctx.step, ctx.alpha_dtype = step, m_alpha.dtype
         ctx.save_for_backward(m, *alpha_outs)
         return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         m, *alpha_outs = ctx.saved_tensors
-        needs_carry, needs_m = ctx.needs_input_grad[:2]
+        needs_carry, needs_m = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
         grad_m = None
         grad_xs: list[torch.Tensor | None] = []
         at = 0
-        for i, (needs_x, width, dtype) in enumerate(zip(ctx.needs_input_grad[6:], ctx.widths, ctx.x_dtypes)):
+        for i, (needs_x, width, dtype) in enumerate(zip(ctx.needs_input_grad[7:], ctx.widths, ctx.x_dtypes)):
             rows = slice(None, None, ctx.step if i else 1)
             mt = m[rows, at:at + width].t().to(grad.dtype).expand(grad.shape[0], -1, -1)
             grad_xs.append(torch.bmm(mt, grad[:, rows]).to(dtype) if needs_x else None)
             at += width
         if needs_m:
             k = ctx.k_alpha
-            if not alpha_outs or not k:
-                grad_m = torch.zeros_like(m)
-            else:        # (G, n, N) @ (G, N, k) summed over G: the α columns' gradient
+            if alpha_outs and k:        # (G, n, N) @ (G, N, k) summed over G: the α columns' gradient
                 x_alpha = torch.cat(alpha_outs, dim=1) if len(alpha_outs) > 1 else alpha_outs[0]
                 g = torch.bmm(grad, _items(x_alpha, k, ctx.nhwc).transpose(1, 2).to(grad.dtype)).sum(0)
-                grad_m = F.pad(g, (0, m.shape[1] - k)).to(m.dtype)
-        return ((grad if needs_carry else None), grad_m, None, None, None, None, *grad_xs,
+                grad_m = g.to(ctx.alpha_dtype)
+        return ((grad if needs_carry else None), None, grad_m, None, None, None, None, *grad_xs,
                 *([None] * len(alpha_outs)))
 
 
 def mix(carry: torch.Tensor | None, m: torch.Tensor, blocks: Sequence[Sequence[torch.Tensor]], k_alpha: int,
-        split: bool = False, rows: int = 1) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
+        split: bool = False, rows: int = 1, m_alpha: torch.Tensor | None = None
+        ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
     """A pass's node sums in matrix products: carry + Σ_k m[t, k]·X_k for every target t, where
     X is the concatenation of the pass's outputs (`blocks`, lists of (B, [S,] u, C, H, W)
     tensors: K columns in all, the first `k_alpha` weighted by α here) and `carry` (B, n, C, H,
@@ -1676,6 +1693,10 @@ def mix(carry: torch.Tensor | None, m: torch.Tensor, blocks: Sequence[Sequence[t
     `batch_norm_pass`) is not copied. Per block two kernels (a cat, a product) where one weighted
     add per group and a sum per merged group and per paired pass took about seven; in the
     backward a product per block and two more kernels where α needs a gradient.
+
+    `m_alpha`: m's first k_alpha columns as the tensor α's gradient goes to, m then taken as a
+    constant (`FusedArch.mix_matrices` gathers both, so that the gradient needs no zero-padding
+    to m's width); None: m's own columns, m's gradient through their slice.
 
     `rows`: rows per target, K with partial channels (`_mix_layouts`): the first block then holds
     the bypassed channels' columns, and the others feed only each target's first row (`Mix`).
@@ -1692,7 +1713,9 @@ def mix(carry: torch.Tensor | None, m: torch.Tensor, blocks: Sequence[Sequence[t
     nhwc = _nhwc(xs[0])
     # the α columns' outputs, kept for α's gradient (not in a weight step: α is constant there)
     alpha_outs: list[torch.Tensor] = []
-    if torch.is_grad_enabled() and m.requires_grad:
+    if m_alpha is None:
+        m, m_alpha = m.detach(), m[:, :k_alpha]
+    if torch.is_grad_enabled() and m_alpha.requires_grad:
         columns = 0
         for f in (f for fs in flats for f in fs):
             if columns >= k_alpha:
@@ -1707,7 +1730,7 @@ def mix(carry: torch.Tensor | None, m: torch.Tensor, blocks: Sequence[Sequence[t
         carry = carry.permute(0, 3, 4, 1, 2).reshape(b * h * w, n, c) if nhwc else carry.reshape(b, n, c * h * w)
     items = [_items(x, x.shape[1] // c, nhwc) for x in xs]
     step = rows if rows > 1 and blocks[0] else 1
-    out = Mix.apply(carry, m, k_alpha, nhwc, len(items), step, *items, *alpha_outs)     # (G, n, N)
+    out = Mix.apply(carry, m, m_alpha, k_alpha, nhwc, len(items), step, *items, *alpha_outs)     # (G, n, N)
 
     def nodes(t: torch.Tensor) -> torch.Tensor:                          # (G, n', N) -> (B, n', C, H, W)
         if nhwc:
@@ -1967,9 +1990,9 @@ def cell_forward(op_module: Callable[[int, int], nn.Module], shape: CellShape, p
                 else:                        # nothing merged: one cat, one product, as without
                     blocks[0].append(normed)
             if complete:
-                split = mix(carry, mixing[0], blocks, mixing[1], split=True, rows=rows)
+                split = mix(carry, mixing[0], blocks, mixing[1], split=True, rows=rows, m_alpha=mixing[2])
             else:
-                acc = mix(carry, mixing[0], blocks, mixing[1], rows=rows)
+                acc = mix(carry, mixing[0], blocks, mixing[1], rows=rows, m_alpha=mixing[2])
         elif acc is not None and len(p) > 1:
             acc = SumStates.apply(acc)   # (B, S, targets, C, H, W): the paired inputs' terms summed
         if acc is None and split is None:    # only `none` ops leave this state
