@@ -1692,7 +1692,8 @@ def mix(carry: torch.Tensor | None, m: torch.Tensor, blocks: Sequence[Sequence[t
     batched product: a block that is one tensor already (a pass's one BN output,
     `batch_norm_pass`) is not copied. Per block two kernels (a cat, a product) where one weighted
     add per group and a sum per merged group and per paired pass took about seven; in the
-    backward a product per block and two more kernels where α needs a gradient.
+    backward a product per block and, where α needs a gradient, a product and a sum (and a cat
+    of α's outputs where they are several).
 
     `m_alpha`: m's first k_alpha columns as the tensor α's gradient goes to, m then taken as a
     constant (`FusedArch.mix_matrices` gathers both, so that the gradient needs no zero-padding
@@ -1954,8 +1955,10 @@ def cell_forward(op_module: Callable[[int, int], nn.Module], shape: CellShape, p
                                  f"and {tuple(states[1].shape)}")
             xa = torch.cat([a for a, _ in parts], dim=1)
         src = _Source(xa, arch.sink, noise, arch.dense, len(p), spread, defer and arch.sink.training)
-        # the bypassed channels (max-pooled on stride-2 edges) as they are: no copy of their own
-        bypassed = [xb if stride == 1 else F.max_pool2d(xb, 2, 2) for _, xb in parts if xb is not None]
+        # `mix`: the bypassed channels (max-pooled on stride-2 edges) as they are, no copy of their
+        # own (chained, `WeightedAdd` below pools them)
+        bypassed = ([xb if stride == 1 else F.max_pool2d(xb, 2, 2) for _, xb in parts if xb is not None]
+                    if rows > 1 else [])
         acc = carry
         weighted, alphaless = [], []         # `mix`: the outputs to weight, those weighted already
         pooled, convs = [], []               # defer: the poolings' and SCALED groups' BN inputs

@@ -1113,6 +1113,19 @@ def test_partial_channels_bypass_through_each_passs_product():
     assert backward.count["add_"] >= 9, backward.count              # StateParts: in place
 
 
+def test_partial_channels_pool_each_strided_states_bypass_once_either_way():
+    """The bypassed channels of a stride-2 state are max-pooled once per state, whether they go
+    into the pass's product or into weighted adds of their own (`search.matmul_mix: false`)."""
+    counts = {}
+    for matmul_mix in (True, False):
+        net = copy.deepcopy(build("darts", columns=[4], partial_channels=2, edge_normalization=True)).float()
+        net.set_backend("fused", matmul_mix=matmul_mix)     # sep_conv_3x3 only: no pooling op
+        with CountOps() as c:
+            net(torch.randn(3, 3, 8, 8))
+        counts[matmul_mix] = c.count["max_pool2d_with_indices"]
+    assert counts[True] == counts[False] == 4, counts     # 2 reduction cells × 2 strided inputs
+
+
 def test_state_parts_are_views_whose_gradient_is_the_sum_of_both(float64):
     from nascore.fused import StateParts
     x = torch.randn(2, 6, 3, 3, requires_grad=True)
