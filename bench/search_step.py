@@ -22,7 +22,11 @@ alone, fp32), compile (torch.compile, cell by cell), compilenet (torch.compile o
   (bench/opcount.py); not for a `compile` variant (see `countable`).
 Then the retrain step (DARTS_V2 network) and its test pass (`retrain_eval`: 4 batches of the
 stage's test batch, 256 images, per step; every retrain epoch runs one over the test set), and the
-hours 600 CIFAR-10 epochs of both take at the measured speeds. The ratio table divides the
+hours 600 CIFAR-10 epochs of both take at the measured speeds. A retrain variant runs `train`
+itself; its ms/step is the steady step, from two epochs of different lengths, and what each
+epoch adds once (a CUDA graph's warm-up steps and capture) is its `epoch_overhead_ms`, which the
+estimate counts once per 520-step epoch (before 2026-12-06 both were one 50-step epoch's mean,
+the overhead spread over a tenth of a real epoch's steps). The ratio table divides the
 reference's figure by each variant's. nascore variants step through `EpochSteps`, the function the
 search loop runs.
 """
@@ -60,7 +64,7 @@ from nascore.metrics import run_peak_memory  # noqa: E402
 from nascore.networks import NetworkCIFAR  # noqa: E402
 from nascore.search import EpochSteps, SearchConfig, SearchData, SearchRun  # noqa: E402
 from nascore.spaces import get_space  # noqa: E402
-from nascore.train import TrainConfig, evaluate, train  # noqa: E402
+from nascore.train import TrainConfig, _GraphedSteps, evaluate, train  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -171,6 +175,9 @@ class Figure:
     by_op: list | None = None                  # counted: [(aten op, writing calls, MB moved), ...] (OpCount.largest)
     by_site: list | None = None                # --by-site: [(aten op, site, writing calls), ...] (OpCount.by_site)
     warmup_s: float | None = None              # wall time of the warm-up steps: compile, capture, autotuning
+    # retrain only: what every epoch adds once to its steps (a CUDA graph's eager warm-up steps
+    # and capture, the epoch's end), from epochs of two lengths (`steady_epoch`)
+    epoch_overhead_ms: float | None = None
     # counted: (batch, C, H, W) tensors written in the other memory format than the variant's
     # (NCHW ones in a channels_last variant, NHWC ones else; `opcount.OpCount.activation_writes`)
     off_layout: int | None = None
@@ -517,8 +524,12 @@ def retrain_figures(size: Size, device: torch.device, warmup: int, steps: int, c
         yield fig
 
     class Batches:
-        def __init__(self, n: int) -> None:
-            self.n = n
+        """`lengths[e]` batches in epoch e (the last length for later epochs)."""
+        def __init__(self, *lengths: int) -> None:
+            self.lengths, self.n = lengths, lengths[0]
+
+        def set_epoch(self, epoch: int) -> None:        # `train` calls it before each epoch
+            self.n = self.lengths[min(epoch, len(self.lengths) - 1)]
 
         def __len__(self) -> int:
             return self.n
@@ -528,17 +539,25 @@ def retrain_figures(size: Size, device: torch.device, warmup: int, steps: int, c
 
     def train_figure(variant: str) -> Figure:
         cfg = train_config(variant)
+        # Three epochs: one to warm up, then `short` steps and `short + extra`. A graphed epoch's
+        # first steps run eagerly and capture (`train._GraphedSteps`), once per epoch since the
+        # epoch's lr is a constant of its graph; a real epoch has 520 steps to spread that over,
+        # the bench's a few dozen, so it is measured apart (`steady_epoch`), not averaged in.
+        short = max(warmup, 2) + (_GraphedSteps.WARMUP_STEPS + 1 if cfg.cuda_graph else 0)
+        extra = steps * (5 if cfg.cuda_graph else 1)
         with tempfile.TemporaryDirectory() as tmp:
-            # a graphed epoch spends its first steps warming up and capturing: give it more steps
-            n = max(warmup, steps) * (5 if cfg.cuda_graph else 1)
-            result = train(network(), Batches(n), None, cfg,
+            result = train(network(), Batches(short, short, short + extra), None,
+                           dataclasses.replace(cfg, epochs=3),
                            checkpoint_path=Path(tmp) / "ckpt.pt", device=device)
-        ips = result.history[-1]["images_per_s"]
+        # an epoch's training time: its images over its images/s (test pass and checkpoint excluded)
+        seconds = [size.retrain_batch * n / r["images_per_s"] for r, n in zip(result.history[1:], (short, short + extra))]
+        ms, overhead = steady_epoch(seconds[0], short, seconds[1], short + extra)
         # `train` records each epoch's peak itself (resetting the statistics per epoch): the run's
         # is the largest
         peak = run_peak_memory(result.history)
         reserved = run_peak_memory(result.history, "peak_reserved_mb")
-        fig = Figure("retrain", variant, size.retrain_batch, 1000 * size.retrain_batch / ips, ips, peak, reserved)
+        fig = Figure("retrain", variant, size.retrain_batch, ms, 1000 * size.retrain_batch / ms, peak, reserved,
+                     epoch_overhead_ms=overhead)
         if count and countable(retrain_speed(variant), device.type):
             # `train` runs whole epochs: the difference between an epoch of 2 + `steps` steps and
             # one of 2 steps is `steps` steps without the per-run and per-epoch work around them
@@ -613,17 +632,30 @@ def eval_settings(variant: str) -> tuple:
     return tuple(sorted((k, v) for k, v in speed.items() if k != "cuda_graph"))
 
 
+def steady_epoch(short_s: float, short_steps: int, long_s: float, long_steps: int) -> tuple[float, float]:
+    """(ms per step, ms per epoch) from the training times of two epochs of `short_steps` and
+    `long_steps` steps: the steps' time is their difference's, and what the shorter epoch took
+    beyond its steps is what each epoch adds once (never below 0: timing noise)."""
+    if long_steps <= short_steps:
+        raise ValueError(f"the longer epoch needs more steps: {long_steps} <= {short_steps}")
+    ms = 1000 * (long_s - short_s) / (long_steps - short_steps)
+    if ms <= 0:      # noise larger than the extra steps: the longer epoch's mean, overhead in it
+        return 1000 * long_s / long_steps, 0.0
+    return ms, max(0.0, 1000 * short_s - short_steps * ms)
+
+
 def retrain_estimate(figures: list[Figure], epochs: int = 600, train_images: int = 50_000,
                      test_images: int = 10_000) -> list[tuple[str, float, float]]:
     """Per retrain variant: hours of `epochs` epochs of training steps and of test passes (CIFAR-10,
-    evaluated every epoch), from its `retrain` and `retrain_eval` figures."""
+    evaluated every epoch; the stage drops the last partial batch), from its `retrain` and
+    `retrain_eval` figures; an epoch's overhead (graph warm-up and capture) counted once per epoch."""
     evals = {eval_settings(x.variant): x for x in figures if x.case == "retrain_eval"}
     rows = []
     for x in figures:
         if x.case != "retrain":
             continue
         ev = evals.get(eval_settings(x.variant))
-        train_h = epochs * (train_images // x.batch) * x.ms_per_step / 3.6e6
+        train_h = epochs * ((train_images // x.batch) * x.ms_per_step + (x.epoch_overhead_ms or 0.0)) / 3.6e6
         test_h = epochs * test_images / ev.images_per_s / 3600 if ev else math.nan
         rows.append((x.variant, train_h, test_h))
     return rows
@@ -840,9 +872,12 @@ def _main(argv: list[str] | None) -> None:
     if estimates:
         print(f"\nretrain, 600 CIFAR-10 epochs at these figures (size {args.size or ('full' if cuda else 'small')}; "
               f"the issue's target: 1.5 h in all at the full size):")
+        overheads = {x.variant: x.epoch_overhead_ms for x in figures if x.case == "retrain"}
         for variant, train_h, test_h in estimates:
+            extra = overheads.get(variant)
             print(f"  {variant:<40} {train_h + test_h:7.2f} h = {train_h:.2f} h of training steps "
-                  f"+ {test_h:.2f} h of test passes")
+                  f"+ {test_h:.2f} h of test passes"
+                  + ("" if extra is None else f" (each epoch {extra:.0f} ms besides its steps: graph warm-up, capture)"))
     for x in figures:
         if x.profile:
             print(f"\nprofile {x.case} {x.variant}: {x.profile['total_ms']:.1f} ms "

@@ -76,6 +76,9 @@ def test_the_bench_runs_at_tiny_sizes_and_prints_the_ratio_table(tmp_path):
     assert by["retrain_eval", "nascore+fused"]["writing_ops"] < by["retrain_eval", "nascore"]["writing_ops"]
     assert by["retrain_eval", "reference"]["syncs"] >= 4 > by["retrain_eval", "nascore"]["syncs"]
     assert "retrain, 600 CIFAR-10 epochs at these figures" in out
+    # a retrain step is timed apart from what each epoch adds once (`steady_epoch`)
+    assert by["retrain", "nascore"]["epoch_overhead_ms"] >= 0 and by["retrain", "nascore"]["ms_per_step"] > 0
+    assert by["retrain", "reference"]["epoch_overhead_ms"] is None
     # NCHW variants all: no activation written channels_last
     assert all(f["off_layout"] == 0 for f in figures if f["writing_ops"] is not None)
 
@@ -138,6 +141,24 @@ def test_bench_variants_name_a_backend_and_modifiers():
     assert train_h == pytest.approx(600 * 520 * 48.3 / 3.6e6) and test_h == pytest.approx(600 * 10_000 / 25_600 / 3600)
     assert ref_train_h == pytest.approx(600 * 520 * 142.4 / 3.6e6) and math.isnan(ref_test_h)   # no figure: unknown
     assert bench.retrain_speed("nascore+fused_dense+graph+amp") == "fused_dense+graph+amp"
+    # an epoch's overhead (a graph's warm-up and capture) is paid once per epoch, not per step
+    figures[0].epoch_overhead_ms = 400.0
+    (_, with_overhead, _), _ = bench.retrain_estimate(figures)
+    assert with_overhead == pytest.approx(600 * (520 * 48.3 + 400.0) / 3.6e6)
+
+
+def test_a_retrain_step_is_timed_apart_from_what_each_epoch_adds_once():
+    # epochs of 5 and 55 steps at 40 ms a step, each with 450 ms of warm-up and capture: the
+    # bench's old figure, the 55-step epoch's mean, was 48.2 ms; the run's 520-step epochs see 40.9
+    bench = load_bench()
+    ms, overhead = bench.steady_epoch(5 * 0.040 + 0.450, 5, 55 * 0.040 + 0.450, 55)
+    assert ms == pytest.approx(40.0) and overhead == pytest.approx(450.0)
+    # noise can put the shorter epoch's steps above the difference's: no negative overhead
+    assert bench.steady_epoch(0.1, 5, 2.0, 55) == (pytest.approx(38.0), 0.0)
+    # noise larger than the extra steps: the longer epoch's mean, its overhead in it
+    assert bench.steady_epoch(1.0, 5, 0.9, 10) == (pytest.approx(90.0), 0.0)
+    with pytest.raises(ValueError, match="more steps"):
+        bench.steady_epoch(1.0, 5, 2.0, 5)
 
 
 def test_a_failing_retrain_variant_costs_no_other_figure(tmp_path):
