@@ -1406,7 +1406,7 @@ def _mix_layouts(ap: ArchPlan, cell: CellPlan, passes: Sequence[tuple[int, ...]]
                     weighted += [{r: a} for r, a in zip(rows, alphas)]
                 else:
                     weighted.append(dict(zip(rows, alphas)))
-            if kind == "identity" and len(p) == 1:
+            if kind == "identity" and _reads_state_whole(cell.kinds[p[0]], p):
                 identity_end = len(plain)
         bypassed = []                         # keyed by (target, row within the target)
         if k > 1:
@@ -1424,6 +1424,13 @@ def _mix_layouts(ap: ArchPlan, cell: CellPlan, passes: Sequence[tuple[int, ...]]
         out.append(([col.get(t if c == 0 else (t, c), zero) for t in range(targets) for c in range(k)
                      for col in columns], targets * k, len(weighted)))
     return out
+
+
+def _reads_state_whole(kinds: Sequence[str], p: Sequence[int]) -> bool:
+    """Whether a pass with partial channels puts its state into the product whole (`StateParts`):
+    one state, with an identity, whose C/K channels and the bypassed rest are then one block of
+    columns. `_mix_layouts` orders the columns so and `cell_forward` passes the state so: one rule."""
+    return len(p) == 1 and "identity" in kinds
 
 
 def _alpha_entries(entries: list[int], rows: int, n_alpha: int) -> list[int]:
@@ -1940,7 +1947,7 @@ def cell_forward(op_module: Callable[[int, int], nn.Module], shape: CellShape, p
         whole = None                 # a partial-channel state read whole by the product (`StateParts`)
         for s in p:
             x = states[ap.sources[s].state]
-            if rows > 1 and len(p) == 1 and "identity" in kinds:
+            if rows > 1 and _reads_state_whole(kinds, p):
                 whole, xa = StateParts.apply(x, c_op)
                 parts.append((xa, None))
             else:
