@@ -183,7 +183,8 @@ class TrainResult:
 
 
 class NonFiniteLossError(RuntimeError):
-    """The training loss became NaN/inf; the checkpoint of the last good epoch was kept."""
+    """The training loss or the gradients' norm became NaN/inf; the checkpoint of the last good
+    epoch was kept."""
 
     def __init__(self, message: str, epoch: int, step: int) -> None:
         super().__init__(message)
@@ -366,7 +367,7 @@ def train(model: nn.Module, train_loader: Loader, eval_loader: Loader | None, cf
                 kept = (f"the checkpoint of epoch {epoch} ({path}) is kept" if epoch else
                         "no checkpoint had been written yet")
                 raise NonFiniteLossError(
-                    f"non-finite training loss at epoch {epoch + 1}/{cfg.epochs}, step "
+                    f"non-finite training loss or gradient norm at epoch {epoch + 1}/{cfg.epochs}, step "
                     f"{bad_step + 1}/{n_steps} (lr {lr:.4g}); {kept}. Lower the lr, check the data, "
                     f"or set nonfinite='skip' to drop such batches", epoch=epoch + 1, step=bad_step + 1)
             train_seconds = time.perf_counter() - t0

@@ -61,14 +61,14 @@ class EpochLoader:
 class TinyNet(nn.Module):
     """conv-BN-ReLU, drop-path on the features (global RNG), a classifier and an auxiliary head."""
 
-    def __init__(self, classes: int = 4, nan_at: int | None = None) -> None:
+    def __init__(self, classes: int = 4, nan_at: int | None = None, inf_grad_at: int | None = None) -> None:
         super().__init__()
         self.conv = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8),
                                   nn.ReLU())
         self.head, self.aux_head = nn.Linear(8, classes), nn.Linear(8, classes)
         self.drop_path_prob = 0.0
         self.seen_drop_path: list[float] = []
-        self.nan_at, self.steps = nan_at, 0
+        self.nan_at, self.inf_grad_at, self.steps = nan_at, inf_grad_at, 0
 
     def forward(self, x: torch.Tensor) -> Any:
         if self.training:
@@ -77,6 +77,8 @@ class TinyNet(nn.Module):
             self.steps += 1
             self.seen_drop_path.append(self.drop_path_prob)
         h = self.conv(x)
+        if self.training and self.steps - 1 == self.inf_grad_at:   # a finite loss, an infinite gradient
+            h.register_hook(lambda g: g * math.inf)
         if self.training and self.drop_path_prob > 0:
             keep = (torch.rand(h.size(0), 1, 1, 1) >= self.drop_path_prob).to(h.dtype)
             h = h * keep / (1 - self.drop_path_prob)
@@ -323,6 +325,12 @@ def test_nonfinite_stop_names_epoch_and_step_and_keeps_the_last_checkpoint(tmp_p
     assert (err.value.epoch, err.value.step) == (2, 3)
     assert str(ck) in str(err.value)
     assert load_checkpoint(ck, kind="train")["epoch"] == 1
+
+
+def test_a_nonfinite_gradient_with_a_finite_loss_stops_too_and_says_so(tmp_path: Path) -> None:
+    model = fresh_model(inf_grad_at=8 + 4)     # epoch 2, step 5
+    with pytest.raises(NonFiniteLossError, match=r"loss or gradient norm at epoch 2/2, step 5/8"):
+        train(model, *loaders(), cfg(epochs=2), checkpoint_path=tmp_path / "ck.pt", device="cpu")
 
 
 def test_nonfinite_skip_drops_exactly_that_batch(tmp_path: Path) -> None:
