@@ -64,7 +64,10 @@ from nascore.metrics import run_peak_memory  # noqa: E402
 from nascore.networks import NetworkCIFAR  # noqa: E402
 from nascore.search import EpochSteps, SearchConfig, SearchData, SearchRun  # noqa: E402
 from nascore.spaces import get_space  # noqa: E402
-from nascore.train import TrainConfig, _GraphedSteps, evaluate, train  # noqa: E402
+from nascore.train import NonFiniteLossError, TrainConfig, _GraphedSteps, evaluate, train  # noqa: E402
+
+# the probe itself: on the CPU `main` turns nascore's check off for the bench's own runs
+cpu_bf16_dilated_grads_ok = graphs.cpu_bf16_dilated_grads_ok
 
 
 @dataclass(frozen=True)
@@ -454,11 +457,32 @@ def retrain_speed(variant: str) -> str:
     return "+".join([backend] + tokens)
 
 
+# The recipe's drop-path (methods.md: p = 0.2·e/epochs, on every op output but identities): every
+# epoch after the first pays its masks, so the retrain figures time a step with it. What it costs
+# does not depend on p > 0; the reference runs at the schedule's middle value.
+RETRAIN_DROP_PATH = 0.2
+
+
+def why_nonfinite(error: Exception, variant: str, device: torch.device) -> str:
+    """The likely cause of a CPU retrain variant's non-finite loss, or "": the CPU's wrong bf16
+    channels_last dilated-conv weight gradients, which nascore refuses in a real run and the bench
+    lets through for its counts (`main`); from about 32×32 px, so the full size hits them."""
+    if not isinstance(error, NonFiniteLossError) or device.type != "cpu" or variant == "reference":
+        return ""
+    cfg = train_config(variant)
+    if cfg.amp != "bf16" or not cfg.channels_last or cpu_bf16_dilated_grads_ok():
+        return ""
+    return (f" (likely this torch's ({torch.__version__}) wrong CPU bf16 channels_last dilated-conv "
+            "weight gradients, nascore.graphs.cpu_bf16_dilated_grads_ok: on the CPU measure "
+            "the +amp variant, bf16 in NCHW)")
+
+
 def train_config(variant: str) -> TrainConfig:
-    """The `train` config a retrain variant measures with ("nascore+fused_dense+graph+bf16")."""
+    """The `train` config a retrain variant measures with ("nascore+fused_dense+graph+bf16"): the
+    recipe's drop-path, which `train` applies from the second epoch on (epoch e of E at
+    `RETRAIN_DROP_PATH`·e/E); 2 epochs: the first warms up."""
     speed = speed_options(retrain_speed(variant))
-    # drop-path 0: the reference step has none either; 2 epochs: the first warms up
-    return TrainConfig(epochs=2, drop_path=0.0, amp=str(speed.get("amp", "none")),
+    return TrainConfig(epochs=2, drop_path=RETRAIN_DROP_PATH, amp=str(speed.get("amp", "none")),
                        channels_last=bool(speed.get("channels_last", False)), progress="none",
                        cuda_graph=bool(speed.get("cuda_graph", False)), compile=bool(speed.get("compile", False)),
                        backend=str(speed.get("backend", "eager")))
@@ -479,7 +503,7 @@ def retrain_figures(size: Size, device: torch.device, warmup: int, steps: int, c
         except Exception as e:          # one broken variant must not cost the others' figures
             if failures is None:
                 raise
-            failures.append(f"{case} {variant}: {type(e).__name__}: {e}")
+            failures.append(f"{case} {variant}: {type(e).__name__}: {e}{why_nonfinite(e, variant, device)}")
             print(f"  {case} {variant}: FAILED {failures[-1]}", flush=True)
             traceback.print_exc()
             return None
@@ -492,7 +516,7 @@ def retrain_figures(size: Size, device: torch.device, warmup: int, steps: int, c
 
     def make_reference() -> Step:
         model = network()
-        model.drop_path_prob = 0.0
+        model.drop_path_prob = RETRAIN_DROP_PATH / 2
         opt = torch.optim.SGD(model.parameters(), 0.025, momentum=0.9, weight_decay=3e-4)
         cuda_like(device, opt)
         objs, top1 = reference.Meter(), reference.Meter()
@@ -539,7 +563,8 @@ def retrain_figures(size: Size, device: torch.device, warmup: int, steps: int, c
 
     def train_figure(variant: str) -> Figure:
         cfg = train_config(variant)
-        # Three epochs: one to warm up, then `short` steps and `short + extra`. A graphed epoch's
+        # Three epochs: one to warm up (no drop-path, as a real run's first), then `short` steps
+        # and `short + extra` (drop-path on: `RETRAIN_DROP_PATH`). A graphed epoch's
         # first steps run eagerly and capture (`train._GraphedSteps`), once per epoch since the
         # epoch's lr is a constant of its graph; a real epoch has 520 steps to spread that over,
         # the bench's a few dozen, so it is measured apart (`steady_epoch`), not averaged in.
@@ -559,15 +584,16 @@ def retrain_figures(size: Size, device: torch.device, warmup: int, steps: int, c
         fig = Figure("retrain", variant, size.retrain_batch, ms, 1000 * size.retrain_batch / ms, peak, reserved,
                      epoch_overhead_ms=overhead)
         if count and countable(retrain_speed(variant), device.type):
-            # `train` runs whole epochs: the difference between an epoch of 2 + `steps` steps and
-            # one of 2 steps is `steps` steps without the per-run and per-epoch work around them
-            # (a fused network's first step records its cells, its second builds their one gather
-            # index: `nascore.fused.ForwardRecord`)
+            # `train` runs whole epochs: the difference between a run whose second epoch has
+            # 2 + `steps` steps and one whose second has 2 is `steps` steps without the per-run and
+            # per-epoch work around them (a fused network's first step records its cells, its
+            # second builds their one gather index: `nascore.fused.ForwardRecord`); the second
+            # epoch, as every epoch but a real run's first, with drop-path
             counts = []
             for n in (2, 2 + steps):
                 with tempfile.TemporaryDirectory() as tmp, \
                         CountOps(device=device.type, batch=size.retrain_batch) as counter:
-                    train(network(), Batches(n), None, dataclasses.replace(cfg, epochs=1),
+                    train(network(), Batches(1, n), None, dataclasses.replace(cfg, epochs=2),
                           checkpoint_path=Path(tmp) / "ckpt.pt", device=device)
                 counts.append(counter.count)
             one, more = counts
@@ -583,14 +609,14 @@ def retrain_figures(size: Size, device: torch.device, warmup: int, steps: int, c
                                moved_by_op=more.moved_by_op - one.moved_by_op)
             fig.by_op = [(name, calls // steps, mb / steps) for name, calls, mb in per_step.largest()]
         if profile:
-            # as the counts: an epoch of 1 + `steps` steps less one of 1 step, kernel by kernel;
-            # without the CUDA graph, a replay being one opaque launch to the profiler (its
-            # kernels are the plain step's)
-            plain, model = dataclasses.replace(cfg, epochs=1, cuda_graph=False), network()
+            # as the counts: a second epoch (drop-path on) of 1 + `steps` steps less one of 1 step,
+            # kernel by kernel; without the CUDA graph, a replay being one opaque launch to the
+            # profiler (its kernels are the plain step's)
+            plain, model = dataclasses.replace(cfg, epochs=2, cuda_graph=False), network()
 
             def epoch(n: int) -> None:
                 with tempfile.TemporaryDirectory() as tmp:
-                    train(model, Batches(n), None, plain, checkpoint_path=Path(tmp) / "ckpt.pt", device=device)
+                    train(model, Batches(1, n), None, plain, checkpoint_path=Path(tmp) / "ckpt.pt", device=device)
             epoch(1 + steps)            # unprofiled: cuDNN's autotuning and the allocator's first blocks
             fig.profile = profile_difference(lambda: epoch(1), lambda: epoch(1 + steps), steps, device)
         return fig
@@ -850,7 +876,7 @@ def _main(argv: list[str] | None) -> None:
                 fig = measure(case, variant, make, device, warmup, steps, count and countable(variant, device.type),
                               args.profile and "graph" not in variant, sites=args.by_site)
             except Exception as e:     # one broken variant must not cost the others' figures
-                failures.append(f"{case} {variant}: {type(e).__name__}: {e}")
+                failures.append(f"{case} {variant}: {type(e).__name__}: {e}{why_nonfinite(e, variant, device)}")
                 print(f"  {case} {variant}: FAILED {failures[-1]}", flush=True)
                 traceback.print_exc()
                 continue

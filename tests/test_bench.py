@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from nascore.train import NonFiniteLossError
+
 BENCH = Path(__file__).resolve().parent.parent / "bench" / "search_step.py"
 
 
@@ -62,6 +64,10 @@ def test_the_bench_runs_at_tiny_sizes_and_prints_the_ratio_table(tmp_path):
         assert calls == sorted(calls, reverse=True) and sum(calls) <= by[key]["writing_ops"]
         assert dict((name, n) for name, n, _ in rows)["convolution"] > 0
     assert "writing ops of nb201 fused by aten op" in out
+    # the retrain step is timed and counted as the recipe runs it after its first epoch: with
+    # drop-path masks (one per droppable op in the eager cells; one per cell in the fused ones)
+    for variant in ("reference", "nascore", "nascore+fused"):
+        assert dict((name, n) for name, n, _ in by["retrain", variant]["by_op"]).get("bernoulli", 0) > 0, variant
     # --by-site: where the writing ops come from, a forward's line or a backward's autograd node
     sites = {(name, site): n for name, site, n in by["nb201", "fused"]["by_site"]}
     assert sites[("convolution_backward", "backward of ConvolutionBackward0")] > 0
@@ -543,3 +549,21 @@ def test_the_unmerged_and_grouped_variants_run_fused_dense_without_its_trades():
     assert writing["fused_dense"] > writing["fused_dense+grouped"], writing
     assert writing["fused_dense"] < 0.9 * writing["fused_dense+chained"], writing
     assert writing["fused_dense"] < 0.95 * writing["fused_dense+kindbn"], writing
+
+
+def test_a_cpu_bf16_channels_last_retrain_nan_is_blamed_on_the_cpus_dilated_conv_gradients(monkeypatch):
+    # the bench turns nascore's refusal off for its CPU counts: a non-finite loss of such a
+    # variant then says why, and where the probe finds the gradients right, nothing is added
+    bench = load_bench()
+    error = NonFiniteLossError("non-finite training loss or gradient norm at epoch 1/3", 1, 1)
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(bench, "cpu_bf16_dilated_grads_ok", lambda: False)
+    hint = bench.why_nonfinite(error, "nascore+fused_dense+bf16", cpu)
+    assert "dilated-conv" in hint and "+amp" in hint and torch.__version__ in hint
+    for other in ((ValueError("x"), "nascore+fused_dense+bf16", cpu),     # another failure
+                  (error, "nascore+fused_dense+amp", cpu),                # bf16 in NCHW: right
+                  (error, "nascore+fused_dense+bf16", torch.device("cuda")),
+                  (error, "reference", cpu)):
+        assert bench.why_nonfinite(*other) == ""
+    monkeypatch.setattr(bench, "cpu_bf16_dilated_grads_ok", lambda: True)
+    assert bench.why_nonfinite(error, "nascore+fused_dense+bf16", cpu) == ""
