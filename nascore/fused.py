@@ -2090,15 +2090,30 @@ def build_eval_plan(ops: Sequence[nn.Module], names: Sequence[str], inputs: Sequ
     return EvalCellPlan(tuple(sources), num_inputs, num_nodes, column, bn, bn_op)
 
 
+def drop_path_masks(columns: Sequence[int], drop_prob: float, like: torch.Tensor) -> list[torch.Tensor | None]:
+    """The drop-path masks of a network's derived cells, all from one draw: cell i gets a
+    (batch, columns[i]) view (one column per droppable op, `EvalCellPlan.droppable`) of one
+    Bernoulli(1 - p) draw scaled by 1/(1 - p), in `like`'s dtype and device; None where it has no
+    droppable op, and for every cell at p = 0. Two kernels per network forward, where a draw per
+    cell took three per cell (fill, draw, scale): 57 of a DARTS_V2 retrain step's kernels."""
+    total = sum(columns)
+    if drop_prob <= 0.0 or total == 0:
+        return [None] * len(columns)
+    keep = 1.0 - drop_prob
+    mask = torch.empty(like.shape[0], total, dtype=like.dtype, device=like.device).bernoulli_(keep).div_(keep)
+    return [view if n else None for n, view in zip(columns, mask.split(list(columns), dim=1))]
+
+
 def eval_cell_forward(plan: EvalCellPlan, ops: Sequence[nn.Module], inputs: Sequence[torch.Tensor],
-                      channels: int, drop_prob: float, sink: BatchNormSink,
+                      channels: int, drop_mask: torch.Tensor | None, sink: BatchNormSink,
                       constants: dict[tuple, torch.Tensor], dense: bool = False,
                       preprocess: Sequence[nn.Module] = ()) -> list[torch.Tensor]:
     """A derived cell's states after its inputs (its nodes), state by state: every op reading a
     state in one pass (`dense`: separable convs as one dense conv each), in training or
     evaluation mode (`sink.training`). Outputs, gradients and BN buffers are the eager cell's
-    (summation order aside); with drop-path (training only) the masks are drawn once per cell, so
-    they are other random numbers than the eager cell's per-op draws, from the same distribution.
+    (summation order aside). `drop_mask` (training only; `drop_path_masks`): drop-path's
+    per-sample factors, a column per droppable op in the plan's group order, so other random
+    numbers than the eager cell's per-op draws, from the same distribution.
 
     `preprocess`: one module per input (a DARTS cell's ReLUConvBN or FactorizedReduce), run first
     through the same kinds, weight gather and BN buffer as the ops (no cast of their own under
@@ -2110,11 +2125,7 @@ def eval_cell_forward(plan: EvalCellPlan, ops: Sequence[nn.Module], inputs: Sequ
     bn = next((m for kind, mods in groups_in_order if BN_CHANNELS[kind](1) for m in mods[0].modules()
                if isinstance(m, nn.BatchNorm2d)), None)
     x0 = inputs[-1]
-    mask = None
-    if drop_prob > 0.0 and plan.droppable and sink.training:
-        keep = 1.0 - drop_prob
-        mask = torch.full((x0.shape[0], plan.droppable), keep, dtype=x0.dtype, device=x0.device)
-        mask = torch.bernoulli(mask).div_(keep)
+    mask = drop_mask if sink.training else None
     layout = _dense_layout(dense, x0)
     ws = iter(sink.begin(CellNeeds(
         (id(plan), id(ops), layout, tuple(map(id, preprocess))) if sink.network is not None else (),

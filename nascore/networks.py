@@ -14,7 +14,7 @@ so any op a search space can derive — S4's `noise` included — builds here wi
 """
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Literal, Optional, Sequence
 
 import torch
 from torch import nn
@@ -65,6 +65,15 @@ class _DropPathMixin:
         self._drop_path_prob = p
 
 
+def _drop_path_masks(cells: Sequence[nn.Module], p: float, sink: "fused.BatchNormSink | None",
+                     like: torch.Tensor) -> list[torch.Tensor | None]:
+    """The fused forward's drop-path masks, every cell's from one draw (training only); Nones for
+    the eager forward, which draws per op (`drop_path`)."""
+    if sink is None or not sink.training:
+        return [None] * len(cells)
+    return fused.drop_path_masks([cell.fused_plan.droppable for cell in cells], p, like)
+
+
 # --- DARTS cells and heads -----------------------------------------------------------------------
 class DartsEvalCell(nn.Module):
     """A DARTS-family evaluation cell: node = op_a(h_a) + op_b(h_b), output = concat of nodes.
@@ -104,11 +113,15 @@ class DartsEvalCell(nn.Module):
         self._fused_constants: dict[tuple, torch.Tensor] = {}     # the fused forward's weight gather index
 
     def forward(self, s0: torch.Tensor, s1: torch.Tensor, drop_prob: float = 0.0,
-                sink: "fused.BatchNormSink | None" = None, dense: bool = False) -> torch.Tensor:
+                sink: "fused.BatchNormSink | None" = None, dense: bool = False,
+                drop_mask: torch.Tensor | None = None) -> torch.Tensor:
         """`sink`: the fused forward, whose grouped BNs the caller flushes (training); `dense`:
-        its separable convs as dense convs."""
+        its separable convs as dense convs; `drop_mask`: its drop-path factors, drawn with the
+        other cells' (`fused.drop_path_masks`; without one the cell draws its own)."""
         if sink is not None:          # the preprocessing too, in the cell's gather and BN buffer
-            states = fused.eval_cell_forward(self.fused_plan, self.ops, [s0, s1], self.C, drop_prob, sink,
+            if drop_mask is None and sink.training:
+                drop_mask = fused.drop_path_masks([self.fused_plan.droppable], drop_prob, s1)[0]
+            states = fused.eval_cell_forward(self.fused_plan, self.ops, [s0, s1], self.C, drop_mask, sink,
                                              self._fused_constants, dense, (self.preprocess0, self.preprocess1))
             return torch.cat([states[i] for i in self.concat], dim=1)
         states = [self.preprocess0(s0), self.preprocess1(s1)]
@@ -219,8 +232,9 @@ class _DartsEvalNetwork(_DropPathMixin, nn.Module):
         aux_logits = None
         p = self.drop_path_prob
         sink = self._sink()
+        masks = _drop_path_masks(self.cells, p, sink, s1)
         for i, cell in enumerate(self.cells):
-            s0, s1 = s1, cell(s0, s1, p, sink, self.backend == "fused_dense")
+            s0, s1 = s1, cell(s0, s1, p, sink, self.backend == "fused_dense", masks[i])
             if i == self.aux_index and self.auxiliary_head is not None and self.training:
                 aux_logits = self.auxiliary_head(s1)
         if sink is not None:
@@ -298,11 +312,14 @@ class NB201Cell(nn.Module):
         self._fused_constants: dict[tuple, torch.Tensor] = {}     # the fused forward's weight gather index
 
     def forward(self, x: torch.Tensor, drop_prob: float = 0.0,
-                sink: "fused.BatchNormSink | None" = None, dense: bool = False) -> torch.Tensor:
+                sink: "fused.BatchNormSink | None" = None, dense: bool = False,
+                drop_mask: torch.Tensor | None = None) -> torch.Tensor:
         """`sink`: the fused forward, whose grouped BNs the caller flushes (training); `dense`:
-        its separable convs as dense convs."""
+        its separable convs as dense convs; `drop_mask`: as `DartsEvalCell`'s."""
         if sink is not None:
-            return fused.eval_cell_forward(self.fused_plan, self.ops, [x], self.C, drop_prob, sink,
+            if drop_mask is None and sink.training:
+                drop_mask = fused.drop_path_masks([self.fused_plan.droppable], drop_prob, x)[0]
+            return fused.eval_cell_forward(self.fused_plan, self.ops, [x], self.C, drop_mask, sink,
                                            self._fused_constants, dense)[-1]
         nodes: list[torch.Tensor | None] = [x] + [None] * (self.num_nodes - 1)
         apply_drop = self.training and drop_prob > 0.0
@@ -337,8 +354,11 @@ class NB201Network(_DropPathMixin, nn.Module):
         h = self.stem(x)
         p = self.drop_path_prob
         sink = self._sink()
+        cells = [block for block in self.blocks if isinstance(block, NB201Cell)]
+        masks = dict(zip(map(id, cells), _drop_path_masks(cells, p, sink, h)))
         for block in self.blocks:
-            h = block(h, p, sink, self.backend == "fused_dense") if isinstance(block, NB201Cell) else block(h)
+            h = (block(h, p, sink, self.backend == "fused_dense", masks[id(block)])
+                 if isinstance(block, NB201Cell) else block(h))
         if sink is not None:
             sink.flush()
         return self.classifier(self.global_pooling(self.lastact(h)).flatten(1)), None

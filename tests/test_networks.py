@@ -451,22 +451,38 @@ def test_the_fused_training_forward_equals_the_eager_one(backend: str) -> None:
         net.set_backend("triton")
 
 
-def test_fused_drop_path_draws_one_mask_per_cell_with_the_eager_semantics(monkeypatch) -> None:
-    """The fused forward draws one (B, droppable ops) mask per cell. Replaying exactly those masks
-    through the eager cells' per-op `drop_path` gives the fused outputs and gradients."""
+class _Bernoullis(TorchDispatchMode):
+    """How many random draws a forward makes (aten bernoulli, in place or not)."""
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls += func.overloadpacket.__name__.startswith("bernoulli")
+        return func(*args, **(kwargs or {}))
+
+
+def test_fused_drop_path_draws_one_mask_per_network_with_the_eager_semantics(monkeypatch) -> None:
+    """The fused forward draws one (B, droppable ops of all cells) mask per network forward, each
+    cell a column range of it. Replaying exactly those masks through the eager cells' per-op
+    `drop_path` gives the fused outputs and gradients."""
     net, x = _eval_networks()[1]                        # DARTS_V2
     p = 0.3
     torch.manual_seed(5)
-    (out_f, _), fused = _train_step(net, "fused", x, drop_prob=p)
-    # the same draws, in the fused order: one bernoulli per cell
+    with _Bernoullis() as draws:
+        (out_f, _), fused = _train_step(net, "fused", x, drop_prob=p)
+    assert draws.calls == 1
+    # the same draw, split in the fused order
     torch.manual_seed(5)
-    columns = []                                         # per cell: the mask column of each op, in op order
-    for cell in net.cells:
-        plan = cell.fused_plan
-        col = {k: g.drop[0] + i for groups in plan.sources for g in groups if g.drop
+    plans = [cell.fused_plan for cell in net.cells]
+    mask = torch.empty(x.shape[0], sum(plan.droppable for plan in plans), dtype=x.dtype).bernoulli_(1 - p).div_(1 - p)
+    columns, offset = [], 0                              # per cell: the mask column of each op, in op order
+    for cell, plan in zip(net.cells, plans):
+        col = {k: offset + g.drop[0] + i for groups in plan.sources for g in groups if g.drop
                for i, k in enumerate(g.ops)}
-        mask = torch.bernoulli(torch.full((x.shape[0], plan.droppable), 1 - p, dtype=x.dtype)).div_(1 - p)
+        offset += plan.droppable
         columns += [mask[:, col[k]] for k in range(len(cell.ops)) if k in col]
+    assert offset == mask.shape[1] and len(columns) == sum(map(sum, (cell.droppable for cell in net.cells)))
     replay = iter(columns)
     monkeypatch.setattr("nascore.networks.drop_path", lambda h, prob: h * next(replay).view(-1, 1, 1, 1))
     (out_e, _), eager = _train_step(net, "eager", x, drop_prob=p)
@@ -476,6 +492,13 @@ def test_fused_drop_path_draws_one_mask_per_cell_with_the_eager_semantics(monkey
     for n, q in eager.named_parameters():
         torch.testing.assert_close(grads[n].grad, q.grad, rtol=1e-8, atol=1e-11, msg=n)
     assert {round(v, 6) for c in columns for v in c.tolist()} <= {0.0, round(1 / (1 - p), 6)}
+    # evaluation mode and p = 0 draw nothing
+    for mode, prob in (("eval", p), ("train", 0.0)):
+        getattr(fused, mode)()
+        fused.drop_path_prob = prob
+        with torch.no_grad(), _Bernoullis() as draws:
+            fused(x)
+        assert draws.calls == 0, (mode, prob)
 
 
 def test_the_fused_retrain_cell_launches_fewer_kernels() -> None:
