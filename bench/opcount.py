@@ -53,9 +53,9 @@ class OpCount:
     # and their gradients), by memory format: "nhwc" (channels innermost, channels_last) or "nchw"
     activation_writes: collections.Counter = field(default_factory=collections.Counter)
 
-    def largest(self, n: int = 25) -> list[tuple[str, int, float]]:
-        """(aten op, writing calls, MB moved) of the `n` op names that write most often, largest
-        first: which kernels a step is made of."""
+    def largest(self, n: int | None = None) -> list[tuple[str, int, float]]:
+        """(aten op, writing calls, MB moved) of the `n` op names that write most often (all by
+        default), largest first: which kernels a step is made of."""
         return [(name, calls, self.moved_by_op[name] / 2**20) for name, calls in self.writing_by_op.most_common(n)]
 
     def by_site(self, n: int = 40) -> list[tuple[str, str, int]]:

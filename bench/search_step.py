@@ -490,7 +490,7 @@ def train_config(variant: str) -> TrainConfig:
 
 def retrain_figures(size: Size, device: torch.device, warmup: int, steps: int, count: bool,
                     variants: list[str], profile: bool = False,
-                    failures: list[str] | None = None) -> Iterator[Figure]:
+                    failures: list[str] | None = None, sites: bool = False) -> Iterator[Figure]:
     """The DARTS_V2 network's training step and test pass: the reference-style loop and nascore's
     `train`, each figure as soon as it is measured (a run cut short keeps the ones before). A
     figure that raises is appended to `failures` and the others are still measured (without
@@ -592,7 +592,7 @@ def retrain_figures(size: Size, device: torch.device, warmup: int, steps: int, c
             counts = []
             for n in (2, 2 + steps):
                 with tempfile.TemporaryDirectory() as tmp, \
-                        CountOps(device=device.type, batch=size.retrain_batch) as counter:
+                        CountOps(device=device.type, batch=size.retrain_batch, sites=sites) as counter:
                     train(network(), Batches(1, n), None, dataclasses.replace(cfg, epochs=2),
                           checkpoint_path=Path(tmp) / "ckpt.pt", device=device)
                 counts.append(counter.count)
@@ -606,8 +606,11 @@ def retrain_figures(size: Size, device: torch.device, warmup: int, steps: int, c
             fig.live_mb = more.peak_bytes / 2**20        # the peak of a run: the network built in it included
             fig.off_layout = (off_layout(more, variant) - off_layout(one, variant)) // steps
             per_step = OpCount(writing_by_op=more.writing_by_op - one.writing_by_op,
-                               moved_by_op=more.moved_by_op - one.moved_by_op)
+                               moved_by_op=more.moved_by_op - one.moved_by_op,
+                               writing_by_site=more.writing_by_site - one.writing_by_site)
             fig.by_op = [(name, calls // steps, mb / steps) for name, calls, mb in per_step.largest()]
+            if sites:
+                fig.by_site = [(name, site, calls // steps) for name, site, calls in per_step.by_site()]
         if profile:
             # as the counts: a second epoch (drop-path on) of 1 + `steps` steps less one of 1 step,
             # kernel by kernel; without the CUDA graph, a replay being one opaque launch to the
@@ -797,8 +800,8 @@ def _main(argv: list[str] | None) -> None:
     p.add_argument("--by-site", action="store_true",
                    help="also count each search case's writing ops by where they come from (the "
                         "nascore or reference line in a forward, the autograd node in a backward) and "
-                        "print the most frequent (slower counts, on CUDA too unless --no-count; not "
-                        "for the retrain variants)")
+                        "print the most frequent (slower counts, on CUDA too unless --no-count; for "
+                        "nascore's retrain variants, per step: `train`'s runs of two lengths, differenced)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--check", action="store_true",
@@ -886,7 +889,8 @@ def _main(argv: list[str] | None) -> None:
             save()               # a run cut short by a time limit keeps what it measured
             print(f"  {case} {variant}: {fig.ms_per_step:.1f} ms/step", flush=True)
     if not args.no_retrain:
-        for fig in retrain_figures(size, device, warmup, steps, count, retrain_variants, args.profile, failures):
+        for fig in retrain_figures(size, device, warmup, steps, count, retrain_variants, args.profile, failures,
+                                   args.by_site):
             figures.append(fig)
             save()
             print(f"  {fig.case} {fig.variant}: {fig.ms_per_step:.1f} ms/step", flush=True)
