@@ -475,7 +475,8 @@ def test_fused_drop_path_draws_one_mask_per_network_with_the_eager_semantics(mon
     # the same draw, split in the fused order
     torch.manual_seed(5)
     plans = [cell.fused_plan for cell in net.cells]
-    mask = torch.empty(x.shape[0], sum(plan.droppable for plan in plans), dtype=x.dtype).bernoulli_(1 - p).div_(1 - p)
+    mask = torch.full((x.shape[0], sum(plan.droppable for plan in plans)), 1 - p, dtype=x.dtype)
+    mask = torch.bernoulli(mask).div_(1 - p)
     columns, offset = [], 0                              # per cell: the mask column of each op, in op order
     for cell, plan in zip(net.cells, plans):
         col = {k: offset + g.drop[0] + i for groups in plan.sources for g in groups if g.drop
