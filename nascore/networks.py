@@ -116,11 +116,9 @@ class DartsEvalCell(nn.Module):
                 sink: "fused.BatchNormSink | None" = None, dense: bool = False,
                 drop_mask: torch.Tensor | None = None) -> torch.Tensor:
         """`sink`: the fused forward, whose grouped BNs the caller flushes (training); `dense`:
-        its separable convs as dense convs; `drop_mask`: its drop-path factors, drawn with the
-        other cells' (`fused.drop_path_masks`; without one the cell draws its own)."""
+        its separable convs as dense convs; `drop_mask`: with `sink`, its drop-path factors, which
+        the network draws for all its cells at once (`fused.drop_path_masks`)."""
         if sink is not None:          # the preprocessing too, in the cell's gather and BN buffer
-            if drop_mask is None and sink.training:
-                drop_mask = fused.drop_path_masks([self.fused_plan.droppable], drop_prob, s1)[0]
             states = fused.eval_cell_forward(self.fused_plan, self.ops, [s0, s1], self.C, drop_mask, sink,
                                              self._fused_constants, dense, (self.preprocess0, self.preprocess1))
             return torch.cat([states[i] for i in self.concat], dim=1)
@@ -317,8 +315,6 @@ class NB201Cell(nn.Module):
         """`sink`: the fused forward, whose grouped BNs the caller flushes (training); `dense`:
         its separable convs as dense convs; `drop_mask`: as `DartsEvalCell`'s."""
         if sink is not None:
-            if drop_mask is None and sink.training:
-                drop_mask = fused.drop_path_masks([self.fused_plan.droppable], drop_prob, x)[0]
             return fused.eval_cell_forward(self.fused_plan, self.ops, [x], self.C, drop_mask, sink,
                                            self._fused_constants, dense)[-1]
         nodes: list[torch.Tensor | None] = [x] + [None] * (self.num_nodes - 1)
@@ -354,10 +350,9 @@ class NB201Network(_DropPathMixin, nn.Module):
         h = self.stem(x)
         p = self.drop_path_prob
         sink = self._sink()
-        cells = [block for block in self.blocks if isinstance(block, NB201Cell)]
-        masks = dict(zip(map(id, cells), _drop_path_masks(cells, p, sink, h)))
+        masks = iter(_drop_path_masks([b for b in self.blocks if isinstance(b, NB201Cell)], p, sink, h))
         for block in self.blocks:
-            h = (block(h, p, sink, self.backend == "fused_dense", masks[id(block)])
+            h = (block(h, p, sink, self.backend == "fused_dense", next(masks))
                  if isinstance(block, NB201Cell) else block(h))
         if sink is not None:
             sink.flush()
