@@ -463,18 +463,18 @@ def retrain_speed(variant: str) -> str:
 RETRAIN_DROP_PATH = 0.2
 
 
-def why_nonfinite(error: Exception, variant: str, device: torch.device) -> str:
-    """The likely cause of a CPU retrain variant's non-finite loss, or "": the CPU's wrong bf16
-    channels_last dilated-conv weight gradients, which nascore refuses in a real run and the bench
-    lets through for its counts (`main`); from about 32×32 px, so the full size hits them."""
-    if not isinstance(error, NonFiniteLossError) or device.type != "cpu" or variant == "reference":
+def why_nonfinite(error: Exception, variant: str, device: torch.device, model: torch.nn.Module) -> str:
+    """The likely cause of a retrain variant's non-finite loss, or "": what nascore refuses in a
+    real run (`graphs.bf16_layout_problem`: the CPU's wrong bf16 channels_last dilated-conv weight
+    gradients, from about 32×32 px, so the full size hits them) and the bench lets through for
+    its counts (`main`)."""
+    if not isinstance(error, NonFiniteLossError) or variant == "reference":
         return ""
     cfg = train_config(variant)
-    if cfg.amp != "bf16" or not cfg.channels_last or cpu_bf16_dilated_grads_ok():
-        return ""
-    return (f" (likely this torch's ({torch.__version__}) wrong CPU bf16 channels_last dilated-conv "
-            "weight gradients, nascore.graphs.cpu_bf16_dilated_grads_ok: on the CPU measure "
-            "the +amp variant, bf16 in NCHW)")
+    problem = graphs.bf16_layout_problem(model, device, cfg.amp, cfg.channels_last,
+                                         grads_ok=lambda: cpu_bf16_dilated_grads_ok())
+    return (f" (likely the CPU's wrong bf16 channels_last dilated-conv weight gradients, which nascore "
+            f"refuses outside the bench: {problem}; measure the +amp variant, bf16 in NCHW)" if problem else "")
 
 
 def train_config(variant: str) -> TrainConfig:
@@ -503,7 +503,7 @@ def retrain_figures(size: Size, device: torch.device, warmup: int, steps: int, c
         except Exception as e:          # one broken variant must not cost the others' figures
             if failures is None:
                 raise
-            failures.append(f"{case} {variant}: {type(e).__name__}: {e}{why_nonfinite(e, variant, device)}")
+            failures.append(f"{case} {variant}: {type(e).__name__}: {e}{why_nonfinite(e, variant, device, network())}")
             print(f"  {case} {variant}: FAILED {failures[-1]}", flush=True)
             traceback.print_exc()
             return None
@@ -879,7 +879,7 @@ def _main(argv: list[str] | None) -> None:
                 fig = measure(case, variant, make, device, warmup, steps, count and countable(variant, device.type),
                               args.profile and "graph" not in variant, sites=args.by_site)
             except Exception as e:     # one broken variant must not cost the others' figures
-                failures.append(f"{case} {variant}: {type(e).__name__}: {e}{why_nonfinite(e, variant, device)}")
+                failures.append(f"{case} {variant}: {type(e).__name__}: {e}")
                 print(f"  {case} {variant}: FAILED {failures[-1]}", flush=True)
                 traceback.print_exc()
                 continue

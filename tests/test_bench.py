@@ -564,13 +564,16 @@ def test_a_cpu_bf16_channels_last_retrain_nan_is_blamed_on_the_cpus_dilated_conv
     bench = load_bench()
     error = NonFiniteLossError("non-finite training loss or gradient norm at epoch 1/3", 1, 1)
     cpu = torch.device("cpu")
+    from nascore.genotype import DARTS_V2
+    from nascore.networks import NetworkCIFAR
+    net = NetworkCIFAR(DARTS_V2, 4, 10, 3, auxiliary=False)      # dil_conv: a dilated conv that trains
     monkeypatch.setattr(bench, "cpu_bf16_dilated_grads_ok", lambda: False)
-    hint = bench.why_nonfinite(error, "nascore+fused_dense+bf16", cpu)
+    hint = bench.why_nonfinite(error, "nascore+fused_dense+bf16", cpu, net)
     assert "dilated-conv" in hint and "+amp" in hint and torch.__version__ in hint
     for other in ((ValueError("x"), "nascore+fused_dense+bf16", cpu),     # another failure
                   (error, "nascore+fused_dense+amp", cpu),                # bf16 in NCHW: right
                   (error, "nascore+fused_dense+bf16", torch.device("cuda")),
                   (error, "reference", cpu)):
-        assert bench.why_nonfinite(*other) == ""
+        assert bench.why_nonfinite(*other, net) == ""
     monkeypatch.setattr(bench, "cpu_bf16_dilated_grads_ok", lambda: True)
-    assert bench.why_nonfinite(error, "nascore+fused_dense+bf16", cpu) == ""
+    assert bench.why_nonfinite(error, "nascore+fused_dense+bf16", cpu, net) == ""
