@@ -66,7 +66,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .ops import DilConv, FactorizedReduce, Identity, Noise, ReLUConvBN, SepConv, Zero
+from .ops import DilConv, DropProb, FactorizedReduce, Identity, Noise, ReLUConvBN, SepConv, Zero, bernoulli_mask, drops
 
 # a network's forward (training and evaluation mode): plain, or this module's; `fused_dense` also computes every
 # separable conv (depthwise k×k → 1×1) as ONE dense k×k conv whose weight is the two's product
@@ -2090,20 +2090,17 @@ def build_eval_plan(ops: Sequence[nn.Module], names: Sequence[str], inputs: Sequ
     return EvalCellPlan(tuple(sources), num_inputs, num_nodes, column, bn, bn_op)
 
 
-def drop_path_masks(columns: Sequence[int], drop_prob: float, like: torch.Tensor) -> list[torch.Tensor | None]:
+def drop_path_masks(columns: Sequence[int], drop_prob: DropProb, like: torch.Tensor) -> list[torch.Tensor | None]:
     """The drop-path masks of a network's derived cells, all from one draw: cell i gets a
     (batch, columns[i]) view (one column per droppable op, `EvalCellPlan.droppable`) of one
     Bernoulli(1 - p) draw scaled by 1/(1 - p), in `like`'s dtype and device; None where it has no
-    droppable op, and for every cell at p = 0. Three kernels per network forward (fill, draw,
-    scale) where a draw per cell took three per cell: 57 fewer per spec-size DARTS_V2 retrain step.
-    The probability is a fill value, not `bernoulli_`'s argument: a compiled network then keeps
-    one trace while the schedule changes p every epoch (dynamo specialises on the latter)."""
+    droppable op, and for every cell at a float p = 0 (`ops.drops`). Three kernels per network
+    forward (fill or 1 - p, draw, scale) where a draw per cell took three per cell: 57 fewer per
+    spec-size DARTS_V2 retrain step."""
     total = sum(columns)
-    if drop_prob <= 0.0 or total == 0:
+    if not drops(drop_prob) or total == 0:
         return [None] * len(columns)
-    keep = 1.0 - drop_prob
-    mask = torch.full((like.shape[0], total), keep, dtype=like.dtype, device=like.device)
-    mask = torch.bernoulli(mask).div_(keep)
+    mask = bernoulli_mask((like.shape[0], total), drop_prob, like)
     return [view if n else None for n, view in zip(columns, mask.split(list(columns), dim=1))]
 
 

@@ -3,7 +3,8 @@ the trace limit of torch.compile'd calls, and a check of the CPU's bf16 channels
 
 A step captured once and replayed removes the host's per-kernel launch cost, which bounds the
 small-kernel steps of NAS (bench/RESULTS.md: 1.8-4.1x over the fused step alone on an H100). Callers keep their own static
-buffers and warm-up logic; tests replace `cuda_graph` with a plain re-run of the step.
+buffers and warm-up logic; tests replace `cuda_graph` with a plain re-run of the step, or with a
+replay of its recorded ops (tests/_graph_tape.py), which freezes what a graph freezes.
 """
 from __future__ import annotations
 
@@ -27,7 +28,8 @@ def cuda_graph(step: Callable[[], None]) -> StepGraph:
     on blocks nothing reuses: the warm-up steps' (cached for their side stream) and the previous
     epoch's dropped graph's. The likely cause of a 2-epoch DARTS_V2 retrain on an H200 holding
     22.8 GB for a 7.3 GB allocated peak (bench/RESULTS.md, 2026-12-04); not re-measured since.
-    Once per epoch: costs nothing measurable.
+    Once per epoch (search) or per run (`train`): costs nothing measurable. Tests capture with a
+    CPU stand-in that keeps a graph's contract (tests/_graph_tape.py).
     """
     torch.cuda.empty_cache()
     graph = torch.cuda.CUDAGraph()

@@ -21,7 +21,7 @@ from torch import nn
 
 from . import fused
 from .genotype import NB201_EDGES, AnyGenotype, Genotype, NB201Genotype
-from .ops import FactorizedReduce, GlobalAvgPool, Identity, ReLUConvBN, build_op, drop_path
+from .ops import DropProb, FactorizedReduce, GlobalAvgPool, Identity, ReLUConvBN, build_op, drop_path, drops
 from .spaces.nb201 import nb201_skeleton
 
 __all__ = [
@@ -41,6 +41,7 @@ class _DropPathMixin:
     one dense conv)."""
 
     _drop_path_prob: float = 0.0
+    _drop_path_tensor: torch.Tensor | None = None
     backend: str = "eager"
 
     def set_backend(self, backend: str) -> None:
@@ -63,9 +64,24 @@ class _DropPathMixin:
         if not 0.0 <= p < 1.0:
             raise ValueError(f"drop_path_prob must be in [0, 1), got {p}")
         self._drop_path_prob = p
+        if self._drop_path_tensor is not None:
+            self._drop_path_tensor.fill_(p)
+
+    def drop_path_on_device(self, device: torch.device | str | None) -> None:
+        """Keep `drop_path_prob` in a 0-dim tensor on `device` as well (None: as a float only).
+        The training forward then reads the tensor, so that a step captured once in a CUDA graph
+        follows the per-epoch schedule (the setter writes it in place), and draws its masks at
+        every probability, 0 included (all ones: the outputs unchanged, but random numbers
+        drawn)."""
+        self._drop_path_tensor = (None if device is None else
+                                  torch.tensor(self._drop_path_prob, dtype=torch.float32, device=device))
+
+    def _drop_prob(self) -> DropProb:
+        """The probability the forward passes on: the tensor when kept on the device."""
+        return self._drop_path_tensor if self._drop_path_tensor is not None else self._drop_path_prob
 
 
-def _drop_path_masks(cells: Sequence[nn.Module], p: float, sink: "fused.BatchNormSink | None",
+def _drop_path_masks(cells: Sequence[nn.Module], p: DropProb, sink: "fused.BatchNormSink | None",
                      like: torch.Tensor) -> list[torch.Tensor | None]:
     """The fused forward's drop-path masks, every cell's from one draw (training only); Nones for
     the eager forward, which draws per op (`drop_path`)."""
@@ -112,7 +128,7 @@ class DartsEvalCell(nn.Module):
                                                 [k // 2 for k in range(len(pairs))], self.droppable, 2)
         self._fused_constants: dict[tuple, torch.Tensor] = {}     # the fused forward's weight gather index
 
-    def forward(self, s0: torch.Tensor, s1: torch.Tensor, drop_prob: float = 0.0,
+    def forward(self, s0: torch.Tensor, s1: torch.Tensor, drop_prob: DropProb = 0.0,
                 sink: "fused.BatchNormSink | None" = None, dense: bool = False,
                 drop_mask: torch.Tensor | None = None) -> torch.Tensor:
         """`sink`: the fused forward, whose grouped BNs the caller flushes (training); `dense`:
@@ -123,7 +139,7 @@ class DartsEvalCell(nn.Module):
                                              self._fused_constants, dense, (self.preprocess0, self.preprocess1))
             return torch.cat([states[i] for i in self.concat], dim=1)
         states = [self.preprocess0(s0), self.preprocess1(s1)]
-        apply_drop = self.training and drop_prob > 0.0
+        apply_drop = self.training and drops(drop_prob)
         for node in range(len(self.ops) // 2):
             total = None
             for k in (2 * node, 2 * node + 1):
@@ -228,7 +244,7 @@ class _DartsEvalNetwork(_DropPathMixin, nn.Module):
 
     def _forward_cells(self, s0: torch.Tensor, s1: torch.Tensor) -> Output:
         aux_logits = None
-        p = self.drop_path_prob
+        p = self._drop_prob()
         sink = self._sink()
         masks = _drop_path_masks(self.cells, p, sink, s1)
         for i, cell in enumerate(self.cells):
@@ -309,7 +325,7 @@ class NB201Cell(nn.Module):
                                                 [i - 1 for i, _ in self.edges], self.droppable, 1)
         self._fused_constants: dict[tuple, torch.Tensor] = {}     # the fused forward's weight gather index
 
-    def forward(self, x: torch.Tensor, drop_prob: float = 0.0,
+    def forward(self, x: torch.Tensor, drop_prob: DropProb = 0.0,
                 sink: "fused.BatchNormSink | None" = None, dense: bool = False,
                 drop_mask: torch.Tensor | None = None) -> torch.Tensor:
         """`sink`: the fused forward, whose grouped BNs the caller flushes (training); `dense`:
@@ -318,7 +334,7 @@ class NB201Cell(nn.Module):
             return fused.eval_cell_forward(self.fused_plan, self.ops, [x], self.C, drop_mask, sink,
                                            self._fused_constants, dense)[-1]
         nodes: list[torch.Tensor | None] = [x] + [None] * (self.num_nodes - 1)
-        apply_drop = self.training and drop_prob > 0.0
+        apply_drop = self.training and drops(drop_prob)
         for op, droppable, (i, j) in zip(self.ops, self.droppable, self.edges):
             h = op(nodes[j])
             if apply_drop and droppable:
@@ -348,7 +364,7 @@ class NB201Network(_DropPathMixin, nn.Module):
 
     def forward(self, x: torch.Tensor) -> Output:
         h = self.stem(x)
-        p = self.drop_path_prob
+        p = self._drop_prob()
         sink = self._sink()
         masks = iter(_drop_path_masks([b for b in self.blocks if isinstance(b, NB201Cell)], p, sink, h))
         for block in self.blocks:

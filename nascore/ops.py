@@ -28,19 +28,41 @@ def build_op(name: str, C: int, stride: int, affine: bool) -> nn.Module:
     return OPS.get(name)(C, stride, affine)
 
 
-def drop_path(x: torch.Tensor, p: float, generator: torch.Generator | None = None) -> torch.Tensor:
+# A drop-path probability: a float, or a 0-dim tensor on the device that a step captured once (a
+# CUDA graph) reads at every replay, so that it follows the per-epoch schedule
+DropProb = float | torch.Tensor
+
+
+def drops(p: DropProb) -> bool:
+    """Whether drop-path draws masks at `p`: a float above 0, or any tensor (its value is not
+    read on the host: at 0 its masks are all ones, the input unchanged)."""
+    return isinstance(p, torch.Tensor) or p > 0.0
+
+
+def bernoulli_mask(shape: tuple[int, ...], p: DropProb, like: torch.Tensor,
+                   generator: torch.Generator | None = None) -> torch.Tensor:
+    """Drop-path factors of `shape` in `like`'s dtype and device: 0 with probability `p`, else
+    1/(1-p). For a float p the probability is a fill value, not `bernoulli_`'s argument: a
+    compiled network keeps one trace while the schedule changes p (dynamo specialises on the
+    latter)."""
+    if isinstance(p, torch.Tensor):
+        keep = 1.0 - p
+        return like.new_empty(shape).bernoulli_(keep, generator=generator).div_(keep)
+    keep = 1.0 - p
+    mask = torch.full(shape, keep, dtype=like.dtype, device=like.device)
+    return torch.bernoulli(mask, generator=generator).div_(keep)
+
+
+def drop_path(x: torch.Tensor, p: DropProb, generator: torch.Generator | None = None) -> torch.Tensor:
     """Zero each sample of `x` with probability `p`, scale survivors by 1/(1-p) (E[out] = x).
 
     The mask is drawn with `torch.bernoulli` on `x`'s device (seedable through `generator` or the
     global seed) and applied out of place: the op output is still needed by autograd.
     """
-    if p <= 0.0:
+    if not drops(p):
         return x
-    keep = 1.0 - p
-    mask = torch.full((x.shape[0],) + (1,) * (x.dim() - 1), keep, dtype=x.dtype, device=x.device)
     # scale the (N,1,1,1) mask rather than x: one tiny division instead of a full-size one
-    mask = torch.bernoulli(mask, generator=generator).div_(keep)
-    return x * mask
+    return x * bernoulli_mask((x.shape[0],) + (1,) * (x.dim() - 1), p, x, generator)
 
 
 class ReLUConvBN(nn.Sequential):

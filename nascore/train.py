@@ -233,8 +233,6 @@ def train(model: nn.Module, train_loader: Loader, eval_loader: Loader | None, cf
     if len(train_loader) == 0:
         raise ValueError("the training loader yields no batches")
     params = [p for p in model.parameters() if p.requires_grad]
-    # Fused SGD is one kernel per step on CUDA; the CPU path takes the long-standing foreach one.
-    # (Set again after a resume: load_state_dict restores the flags of the machine that saved.)
     if capture_step is None and cfg.cuda_graph:
         problems = [why for bad, why in (
             (device.type != "cuda", f"needs a CUDA device (this run is on {device.type})"),
@@ -244,10 +242,12 @@ def train(model: nn.Module, train_loader: Loader, eval_loader: Loader | None, cf
         if problems:
             raise ValueError("TrainConfig.cuda_graph=True " + "; ".join(problems))
         capture_step = cuda_graph
-    # (A captured step takes the foreach kernels, the ones whose capture the search has run.)
-    kernels = {"fused": device.type == "cuda" and capture_step is None,
-               "foreach": device.type != "cuda" or capture_step is not None}
-    optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+    # Fused SGD: one kernel per step. Its lr is a tensor on the device, written in place each
+    # epoch, so that a step captured once (a CUDA graph) follows the schedule: one graph per run,
+    # not one per epoch. (Set again after a resume: load_state_dict restores the saved groups.)
+    lr_now = torch.tensor(lr_at(cfg, 0), dtype=torch.float32, device=device)
+    kernels = {"fused": True, "foreach": False, "lr": lr_now}
+    optimizer = torch.optim.SGD(params, momentum=cfg.momentum, nesterov=cfg.nesterov,
                                 weight_decay=cfg.weight_decay, **kernels)
     if cfg.momentum > 0:
         # Zero buffers up front give the first step buf = g, exactly torch's lazy clone of g, and
@@ -263,7 +263,7 @@ def train(model: nn.Module, train_loader: Loader, eval_loader: Loader | None, cf
     if path.exists():
         start, history = _resume(path, model, optimizer, cfg, meta, device, rank, world)
         for group in optimizer.param_groups:
-            group.update(kernels)
+            group.update(kernels)             # the saved lr too: this run's tensor
     else:
         seed_all(_stream_seed(cfg.seed, rank))
     if start >= cfg.epochs:
@@ -295,58 +295,72 @@ def train(model: nn.Module, train_loader: Loader, eval_loader: Loader | None, cf
     clip = cfg.grad_clip or math.inf        # inf: the norm is still computed for the skip check
     mode = _progress_mode(cfg.progress, is_main=rank == 0)
 
-    with _backend_flags(cfg.deterministic, device), more_traces(), \
+    # The step's accounting, on the device, zeroed per epoch in place: a captured step keeps
+    # writing the same tensors
+    sums = torch.zeros(3, dtype=torch.float64, device=device)   # loss·n, correct, n
+    n_bad = torch.zeros((), dtype=torch.int64, device=device)     # non-finite steps
+    first_bad = torch.zeros((), dtype=torch.int64, device=device)  # the first one (n_steps: none)
+    step_index = torch.zeros((), dtype=torch.int64, device=device)
+
+    def step(x: torch.Tensor, y: torch.Tensor) -> None:
+        """One training step and its accounting, all on the device (capturable)."""
+        if guard is not None:
+            guard.snapshot()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp == "bf16"):
+            logits, aux = _split(network("train")(x))
+        loss = _loss(logits, aux, y, cfg)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        # The finiteness flag stays on the device. 'stop' reads it at the epoch's end (the
+        # rest of that epoch is wasted, its checkpoint never written); 'skip' undoes the
+        # step through the guard. Either way no step waits for the GPU.
+        ok = torch.isfinite(loss.detach())
+        if cfg.grad_clip or guard is not None:
+            # the norm of the all-reduced gradients: identical on every rank
+            norm = nn.utils.clip_grad_norm_(params, clip, foreach=True)
+            ok &= torch.isfinite(norm)
+        if guard is not None and world > 1:
+            # each rank saw only its own loss; all must skip together or replicas drift
+            ok = D.all_reduce_(ok.to(torch.int32), "min").bool()
+        optimizer.step()
+        if guard is not None:
+            guard.restore_unless(ok)
+        n = y.size(0)
+        correct = (logits.detach().argmax(1) == y).sum()
+        # masked, not branched on: a NaN loss stays out of the sums without a host sync
+        sums.add_(torch.stack([torch.where(ok, loss.detach().double() * n, 0.0),
+                               torch.where(ok, correct.double(), 0.0), ok.double() * n]))
+        n_bad.add_((~ok).long())
+        first_bad.copy_(torch.where(ok, first_bad, torch.minimum(first_bad, step_index)))
+        step_index.add_(1)
+
+    # A captured step reads lr and a drop-path probability the network keeps on the device
+    # (`drop_path_on_device`) at every replay: one graph serves the whole run. A network that
+    # keeps its probability as a float only gets a graph per probability (per epoch).
+    drop_tensor = (capture_step is not None and cfg.drop_path > 0 and hasattr(model, "drop_path_on_device"))
+    steps: _GraphedSteps | None = None
+    graph_key: tuple = ()
+    with _backend_flags(cfg.deterministic, device), more_traces(), _drop_path_on(model, device, drop_tensor), \
             tqdm(total=cfg.epochs, initial=start, unit="epoch", disable=mode != "bar") as epoch_bar:
         for epoch in range(start, cfg.epochs):
             reset_peak_memory(device)
             t0 = time.perf_counter()
             lr = lr_at(cfg, epoch)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            lr_now.fill_(lr)
             if hasattr(model, "drop_path_prob"):
                 model.drop_path_prob = drop_path_at(cfg, epoch)
             _set_epoch(train_loader, epoch)
             model.train()
             n_steps = len(train_loader)
-            sums = torch.zeros(3, dtype=torch.float64, device=device)   # loss·n, correct, n
-            n_bad = torch.zeros((), dtype=torch.int64, device=device)     # non-finite steps
-            first_bad = torch.full((), n_steps, dtype=torch.int64, device=device)
-            step_index = torch.zeros((), dtype=torch.int64, device=device)
-
-            def step(x: torch.Tensor, y: torch.Tensor) -> None:
-                """One training step and its accounting, all on the device (capturable)."""
-                if guard is not None:
-                    guard.snapshot()
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp == "bf16"):
-                    logits, aux = _split(network("train")(x))
-                loss = _loss(logits, aux, y, cfg)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                # The finiteness flag stays on the device. 'stop' reads it at the epoch's end (the
-                # rest of that epoch is wasted, its checkpoint never written); 'skip' undoes the
-                # step through the guard. Either way no step waits for the GPU.
-                ok = torch.isfinite(loss.detach())
-                if cfg.grad_clip or guard is not None:
-                    # the norm of the all-reduced gradients: identical on every rank
-                    norm = nn.utils.clip_grad_norm_(params, clip, foreach=True)
-                    ok &= torch.isfinite(norm)
-                if guard is not None and world > 1:
-                    # each rank saw only its own loss; all must skip together or replicas drift
-                    ok = D.all_reduce_(ok.to(torch.int32), "min").bool()
-                optimizer.step()
-                if guard is not None:
-                    guard.restore_unless(ok)
-                n = y.size(0)
-                correct = (logits.detach().argmax(1) == y).sum()
-                # masked, not branched on: a NaN loss stays out of the sums without a host sync
-                sums.add_(torch.stack([torch.where(ok, loss.detach().double() * n, 0.0),
-                                       torch.where(ok, correct.double(), 0.0), ok.double() * n]))
-                n_bad.add_((~ok).long())
-                first_bad.copy_(torch.minimum(first_bad, torch.where(ok, n_steps, step_index)))
-                step_index.add_(1)
-
-            # lr and drop-path probability are constants of a captured step: one graph per epoch
-            steps = _GraphedSteps(step, capture_step, device) if capture_step is not None else None
+            sums.zero_()
+            n_bad.zero_()
+            first_bad.fill_(n_steps)
+            step_index.zero_()
+            if capture_step is not None:
+                key = () if drop_tensor or not hasattr(model, "drop_path_prob") else (drop_path_at(cfg, epoch),)
+                if steps is None or key != graph_key:
+                    steps, graph_key = None, key        # the old graph's memory goes before the new capture
+                    steps = _GraphedSteps(step, capture_step, device)
             bar = tqdm(train_loader, total=n_steps, leave=False, desc=f"epoch {epoch + 1}",
                        disable=mode != "bar")
             for x, y in bar:
@@ -355,7 +369,6 @@ def train(model: nn.Module, train_loader: Loader, eval_loader: Loader | None, cf
                     steps(x, y)
                 else:
                     step(x, y)
-            del steps
 
             # the epoch's host syncs: everything above was queued without waiting for the GPU
             loss_sum, correct_sum, seen = D.all_reduce_(sums, "sum").tolist()
@@ -396,6 +409,19 @@ def train(model: nn.Module, train_loader: Loader, eval_loader: Loader | None, cf
             if mode == "log":
                 print(_summary(record, cfg.epochs), file=sys.stderr, flush=True)
     return TrainResult(history=history, resumed_from=start)
+
+
+@contextmanager
+def _drop_path_on(model: nn.Module, device: torch.device, on: bool) -> Iterator[None]:
+    """The network keeps its drop-path probability on `device` inside (`drop_path_on_device`)."""
+    if not on:
+        yield
+        return
+    model.drop_path_on_device(device)
+    try:
+        yield
+    finally:
+        model.drop_path_on_device(None)
 
 
 @torch.no_grad()
@@ -475,12 +501,14 @@ def _set_epoch(loader: Loader, epoch: int) -> None:
 
 
 class _GraphedSteps:
-    """An epoch's steps through one captured graph (TrainConfig.cuda_graph).
+    """Training steps through one captured graph (TrainConfig.cuda_graph): a run's, or one
+    drop-path probability's where the network keeps it as a float only.
 
     The first `WARMUP_STEPS` run plainly on a side stream (cuDNN picks its kernels; lazy
     initialisations stay off the captured stream), the next batch is copied into static buffers
     and the step captured, and every later batch is copied in and the graph replayed. A batch of
-    another shape (a last partial batch) runs plainly. The step itself never reads the host.
+    another shape (a last partial batch) runs plainly. The step itself never reads the host: the
+    lr and the drop-path probability come from device tensors written before each epoch.
     """
 
     WARMUP_STEPS = 2

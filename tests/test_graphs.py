@@ -86,3 +86,49 @@ def test_a_search_and_a_retrain_refuse_it_with_a_params_error(monkeypatch, tmp_p
         train(net, [(torch.randn(2, 3, 8, 8), torch.tensor([0, 1]))], None,
               TrainConfig(epochs=1, amp="bf16", channels_last=True, progress="none"),
               checkpoint_path=tmp_path / "ckpt.pt", device="cpu")
+
+
+# --- the CPU stand-in for a CUDA graph the tests capture with (tests/_graph_tape.py) -------------
+
+def test_the_tape_stand_in_keeps_captured_numbers_and_reads_tensors_at_each_replay():
+    """Like a CUDA graph: capturing performs no step and draws no random number; a replay uses
+    the Python numbers of the capture and the tensors' values at the replay; an op without a
+    schema mark for its write (BN's running statistics) is undone and replayed too."""
+    from tests._graph_tape import TapeGraph
+    torch.manual_seed(0)
+    bn = nn.BatchNorm1d(3)
+    w = torch.ones(3)
+    lr_tensor = torch.tensor(0.5)
+    lr_float = 0.5
+    x = torch.randn(8, 3)
+
+    def step() -> None:
+        noise = torch.rand(3)
+        w.sub_(lr_float * (bn(x).mean(0) + noise))
+        w.sub_(lr_tensor * noise)
+
+    state = torch.get_rng_state()
+    graph = TapeGraph(step)
+    assert torch.equal(w, torch.ones(3)) and torch.equal(bn.running_mean, torch.zeros(3))
+    assert torch.equal(torch.get_rng_state(), state)
+    lr_float, expected_float = 100.0, 0.5        # the capture's float, not this one
+    lr_tensor.fill_(2.0)
+    noise = torch.rand(3, generator=torch.Generator().set_state(state))
+    graph.replay()
+    with torch.no_grad():
+        reference = nn.BatchNorm1d(3)
+        y = reference(x).mean(0)
+    torch.testing.assert_close(w, torch.ones(3) - expected_float * (y + noise) - 2.0 * noise)
+    torch.testing.assert_close(bn.running_mean, reference.running_mean)
+    before = w.clone()
+    noise2 = torch.rand(3, generator=torch.Generator().set_state(torch.get_rng_state()))
+    graph.replay()                                # a second step: the next random numbers
+    assert not torch.equal(noise2, noise)
+    torch.testing.assert_close(w, before - expected_float * (y + noise2) - 2.0 * noise2)
+
+
+def test_the_tape_stand_in_refuses_a_host_read_as_a_capture_would():
+    from tests._graph_tape import HostRead, TapeGraph
+    x = torch.randn(4)
+    with pytest.raises(HostRead, match="_local_scalar_dense"):
+        TapeGraph(lambda: x.mul_(2.0 if x.sum().item() > 0 else 3.0))

@@ -20,6 +20,7 @@ from nascore.io import CheckpointError, load_checkpoint, save_torch
 from nascore.networks import NetworkCIFAR
 from nascore.train import (PRESETS, NonFiniteLossError, TrainConfig, evaluate, lr_at, seed_all,
                            train)
+from tests._graph_tape import TapeGraph
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMING = ("epoch_seconds", "images_per_s")
@@ -369,23 +370,87 @@ class Rerun:
         self.step()
 
 
-def test_the_captured_step_logic_reproduces_the_plain_loop(tmp_path: Path) -> None:
-    """cuda_graph's bookkeeping (warm-up, static buffers, a graph per epoch, a last partial batch
-    run plainly, device-side sums) gives the plain loop's weights and records exactly."""
+@pytest.mark.parametrize("drop_path, captures", [(0.1, 3), (0.0, 1)])
+def test_the_captured_step_logic_reproduces_the_plain_loop(tmp_path: Path, drop_path: float,
+                                                           captures: int) -> None:
+    """cuda_graph's bookkeeping (warm-up, static buffers, a last partial batch run plainly,
+    device-side sums) gives the plain loop's weights and records exactly, through a stand-in that
+    replays the captured ops with their captured arguments, as a CUDA graph does (`TapeGraph`).
+    A network that keeps its drop-path probability as a float only (TinyNet) gets a graph per
+    probability; the lr, a tensor, needs none of its own."""
     def run(name: str, **kw: Any):
         model = fresh_model()
         tr, ev = loaders(n_train=250)                   # 8 batches: 7 of 32, one of 26
-        result = train(model, tr, ev, cfg(epochs=3), checkpoint_path=tmp_path / f"{name}.pt",
+        result = train(model, tr, ev, cfg(epochs=3, drop_path=drop_path), checkpoint_path=tmp_path / f"{name}.pt",
                        device="cpu", **kw)
         return model, result.history
-    Rerun.captures = Rerun.replays = 0
+    TapeGraph.captures = TapeGraph.replays = 0
     plain_model, plain = run("plain")
-    graphed_model, graphed = run("graphed", capture_step=Rerun)
-    assert Rerun.captures == 3                           # one graph per epoch (lr, drop-path)
-    assert Rerun.replays == 3 * (8 - 2 - 1)              # less 2 warm-up steps and the short batch
+    graphed_model, graphed = run("graphed", capture_step=TapeGraph)
+    assert TapeGraph.captures == captures
+    # less the short batch every epoch, and 2 warm-up steps per capture
+    assert TapeGraph.replays == 3 * (8 - 1) - 2 * captures
+    assert len({r["lr"] for r in plain}) == 3          # the lr changed every epoch
     assert without_timing(graphed) == without_timing(plain)
     for (k, a), b in zip(plain_model.state_dict().items(), graphed_model.state_dict().values()):
         assert torch.equal(a, b), k
+
+
+@pytest.mark.parametrize("backend", ["eager", "fused_dense"])
+def test_a_darts_network_trains_through_one_graph_per_run(tmp_path: Path, backend: str) -> None:
+    """A DARTS network keeps its drop-path probability on the device while graphed, so the whole
+    run, p = 0 first and a new p and lr every epoch, is one captured step: replayed with its
+    captured arguments (`TapeGraph`) it gives exactly what running the step's Python afresh
+    every time gives (`Rerun`), drop-path masks (drawn from the same generator) included. The
+    network is given back with its probability a float."""
+    def run(name: str, capture_step: Any) -> tuple[nn.Module, list[dict[str, Any]]]:
+        torch.manual_seed(0)
+        model = NetworkCIFAR(DARTS_V2, C=4, num_classes=4, layers=3, auxiliary=False)
+        result = train(model, *loaders(n_train=160), cfg(epochs=3, drop_path=0.3, backend=backend),
+                       checkpoint_path=tmp_path / f"{name}.pt", device="cpu", capture_step=capture_step)
+        assert model._drop_path_tensor is None
+        return model, result.history
+    TapeGraph.captures = 0
+    rerun_model, rerun = run("rerun", Rerun)
+    taped_model, taped = run("taped", TapeGraph)
+    assert TapeGraph.captures == 1
+    assert [r["drop_path_prob"] for r in taped] == pytest.approx([0.0, 0.1, 0.2])
+    assert len({r["lr"] for r in taped}) == 3
+    assert without_timing(taped) == without_timing(rerun)
+    for (k, a), b in zip(rerun_model.state_dict().items(), taped_model.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_one_real_cuda_graph_serves_a_whole_retrain(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a GPU, what the CPU's `TapeGraph` stands in for: fused SGD with its lr tensor and the
+    network's drop-path tensor captured once per run, and the graphed run's records and weights
+    those of the step run afresh every time (`Rerun`), to float tolerance (the masks' random
+    numbers differ between the two, so that comparison runs at drop-path 0)."""
+    import nascore.train as train_module
+    captures: list[int] = []
+    real = train_module.cuda_graph
+    monkeypatch.setattr(train_module, "cuda_graph", lambda step: captures.append(1) or real(step))
+
+    def run(name: str, drop_path: float, capture_step: Any = None) -> tuple[nn.Module, list[dict[str, Any]]]:
+        torch.manual_seed(0)
+        model = NetworkCIFAR(DARTS_V2, C=4, num_classes=4, layers=3, auxiliary=False)
+        c = cfg(epochs=3, drop_path=drop_path, backend="fused_dense", deterministic=False,
+                cuda_graph=capture_step is None)
+        result = train(model, *loaders(n_train=160), c, checkpoint_path=tmp_path / f"{name}.pt", device="cuda",
+                       capture_step=capture_step)
+        return model, result.history
+
+    graphed_model, graphed = run("graphed", 0.0)
+    rerun_model, rerun = run("rerun", 0.0, Rerun)
+    assert len(captures) == 1
+    for a, b in zip(graphed, rerun):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
+    for (k, a), b in zip(rerun_model.state_dict().items(), graphed_model.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4, msg=k)
+    _, dropped = run("dropped", 0.3)
+    assert len(captures) == 2 and all(math.isfinite(r["train_loss"]) for r in dropped)
+    assert dropped[1]["train_loss"] != pytest.approx(graphed[1]["train_loss"], rel=1e-4)   # masks applied
 
 
 def test_a_nonfinite_loss_inside_the_graph_names_its_step(tmp_path: Path) -> None:
@@ -402,7 +467,7 @@ def test_a_compiled_retrain_traces_a_fixed_number_of_times_and_follows_the_plain
     first epochs only (here: p = 0, then p > 0 as a symbolic float), not once per epoch: past
     dynamo's 8 traces a 600-epoch retrain would run eagerly. The run's first training call and
     first test pass run eagerly, so the fused cells' index caches are full when traced (else
-    each would be traced twice). The loop keeps more than dynamo's default limit of traces (here
+    each would be traced twice). A graphed run's p is a tensor: not even p = 0 is traced apart. The loop keeps more than dynamo's default limit of traces (here
     lowered to 1). The compiled loop, captured in a 'graph' too, gives the plain loop's records
     and weights."""
     traces: list[int] = []
@@ -428,8 +493,9 @@ def test_a_compiled_retrain_traces_a_fixed_number_of_times_and_follows_the_plain
     with torch._dynamo.config.patch(recompile_limit=1):
         compiled_model, compiled, seen = run("compiled", compiled=True)
     # epoch 1: training at p = 0 (its first step eager); epoch 2: the test pass (its first one
-    # eager) and training at p > 0; then nothing more
-    assert seen == [1, 3, 3, 3, 3]
+    # eager) and training at p > 0; then nothing more. A graphed run keeps p in a tensor
+    # (`drop_path_on_device`): one trace draws masks at every p, 0 included
+    assert seen == ([1, 2, 2, 2, 2] if graphed else [1, 3, 3, 3, 3])
     assert without_timing(compiled) == without_timing(plain)
     for (k, a), b in zip(plain_model.state_dict().items(), compiled_model.state_dict().values()):
         assert torch.equal(a, b), k
