@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One lent GPU session, in steps that each fit a 10-minute command (the device tool's limit):
 #
-#   bash bench/gpu.sh lease [SECONDS] # a 15-minute lease's main call (default 420 s): fused_dense's
+#   bash bench/gpu.sh lease [SECONDS] # a 15-minute lease's main call (default 420 s): the GPU-only
+#                                     # tests of CUDA-graph capture, fused_dense's
 #                                     # trades on and off (+unmerged, +grouped, +chained, +kindbn),
 #                                     # bench/kernels.py, the retrain step's kernel profile and test pass,
 #                                     # torch.compile on NB201 (cell by cell), the best variants against the
@@ -72,6 +73,12 @@ lease)
   left() { echo $((end - SECONDS > 5 ? end - SECONDS : 5)); }
   gpu_info 2>&1 | tee "$OUT/lease.log"
   B="python3 bench/search_step.py ${CHECK:+--check --device cuda}"
+  # the GPU-only tests first (well under a minute): the real captures that the CPU's stand-in
+  # (tests/_graph_tape.py) vouches for, the retrain's one graph per run (fused SGD with a tensor
+  # lr, drop-path on the device: never run on a GPU before this lease) among them
+  [ -n "${CHECK:-}" ] || timeout 120 python3 -m pytest -q -o addopts= -p no:cacheprovider \
+      tests/test_graphs.py tests/test_train.py -k "real_cuda_graph or capture_does_not_stack or gpu_run" \
+      2>&1 | tail -n 15 | tee -a "$OUT/lease.log"
   # fused_dense's two trades of multiply-adds for kernels (42cd9ee), the one-product node sums
   # (`fused.mix`) and one BN per pass (`fused.batch_norm_pass`), each on and off, side by side
   # (`+unmerged+grouped+chained` is fused_dense as the 2026-12-04 H200 run timed it; `+chained`

@@ -564,10 +564,10 @@ def retrain_figures(size: Size, device: torch.device, warmup: int, steps: int, c
     def train_figure(variant: str) -> Figure:
         cfg = train_config(variant)
         # Three epochs: one to warm up (no drop-path, as a real run's first), then `short` steps
-        # and `short + extra` (drop-path on: `RETRAIN_DROP_PATH`). A graphed epoch's
-        # first steps run eagerly and capture (`train._GraphedSteps`), once per epoch since the
-        # epoch's lr is a constant of its graph; a real epoch has 520 steps to spread that over,
-        # the bench's a few dozen, so it is measured apart (`steady_epoch`), not averaged in.
+        # and `short + extra` (drop-path on: `RETRAIN_DROP_PATH`). A graphed run's first steps
+        # run eagerly and capture (`train._GraphedSteps`), in the first epoch since one graph
+        # serves the run (before 2026-12-06's twelfth session: in every epoch); whatever work an
+        # epoch still adds once is measured apart (`steady_epoch`), not averaged in.
         short = max(warmup, 2) + (_GraphedSteps.WARMUP_STEPS + 1 if cfg.cuda_graph else 0)
         extra = steps * (5 if cfg.cuda_graph else 1)
         with tempfile.TemporaryDirectory() as tmp:
