@@ -421,6 +421,27 @@ def test_a_darts_network_trains_through_one_graph_per_run(tmp_path: Path, backen
         assert torch.equal(a, b), k
 
 
+def test_a_graphed_run_resumes_as_if_never_stopped(tmp_path: Path) -> None:
+    """A run stopped after epoch 1 and resumed captures its one graph again and continues
+    exactly: the optimiser follows this run's lr tensor, not the one its checkpoint saved."""
+    def run(name: str, **kw: Any) -> tuple[nn.Module, list[dict[str, Any]]]:
+        torch.manual_seed(0)
+        model = NetworkCIFAR(DARTS_V2, C=4, num_classes=4, layers=3, auxiliary=False)
+        result = train(model, *loaders(n_train=160), cfg(epochs=3, drop_path=0.3, backend="fused_dense"),
+                       checkpoint_path=tmp_path / name, device="cpu", capture_step=TapeGraph, **kw)
+        return model, result.history
+    straight_model, straight = run("a.pt")
+    with pytest.raises(Crash):
+        run("b.pt", on_epoch_end=crash_after(1))
+    seed_all(999)
+    TapeGraph.captures = 0
+    resumed_model, resumed = run("b.pt")
+    assert TapeGraph.captures == 1
+    assert without_timing(resumed) == without_timing(straight)
+    for (k, a), b in zip(straight_model.state_dict().items(), resumed_model.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_one_real_cuda_graph_serves_a_whole_retrain(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """On a GPU, what the CPU's `TapeGraph` stands in for: fused SGD with its lr tensor and the
