@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nascore.genotype import DARTS_V2
+from nascore.genotype import DARTS_V2, NB201Genotype
 from nascore.io import CheckpointError, load_checkpoint, save_torch
-from nascore.networks import NetworkCIFAR
+from nascore.networks import NB201Network, NetworkCIFAR
 from nascore.train import (PRESETS, NonFiniteLossError, TrainConfig, evaluate, lr_at, seed_all,
                            train)
 from tests._graph_tape import TapeGraph
@@ -396,17 +396,21 @@ def test_the_captured_step_logic_reproduces_the_plain_loop(tmp_path: Path, drop_
         assert torch.equal(a, b), k
 
 
-@pytest.mark.parametrize("backend", ["eager", "fused_dense"])
-def test_a_darts_network_trains_through_one_graph_per_run(tmp_path: Path, backend: str) -> None:
-    """A DARTS network keeps its drop-path probability on the device while graphed, so the whole
-    run, p = 0 first and a new p and lr every epoch, is one captured step: replayed with its
-    captured arguments (`TapeGraph`) it gives exactly what running the step's Python afresh
+@pytest.mark.parametrize("space, backend, amp", [("darts", "eager", "none"), ("darts", "fused_dense", "none"),
+                                                 ("darts", "fused", "bf16"), ("nb201", "fused_dense", "none")])
+def test_a_retrain_network_trains_through_one_graph_per_run(tmp_path: Path, space: str, backend: str,
+                                                            amp: str) -> None:
+    """A retrain network keeps its drop-path probability on the device while graphed, so the
+    whole run, p = 0 first and a new p and lr every epoch, is one captured step: replayed with
+    its captured arguments (`TapeGraph`) it gives exactly what running the step's Python afresh
     every time gives (`Rerun`), drop-path masks (drawn from the same generator) included. The
     network is given back with its probability a float."""
     def run(name: str, capture_step: Any) -> tuple[nn.Module, list[dict[str, Any]]]:
         torch.manual_seed(0)
-        model = NetworkCIFAR(DARTS_V2, C=4, num_classes=4, layers=3, auxiliary=False)
-        result = train(model, *loaders(n_train=160), cfg(epochs=3, drop_path=0.3, backend=backend),
+        model = (NetworkCIFAR(DARTS_V2, C=4, num_classes=4, layers=3, auxiliary=False) if space == "darts" else
+                 NB201Network(NB201Genotype(("nor_conv_3x3", "skip_connect", "avg_pool_3x3", "nor_conv_1x1",
+                                             "none", "skip_connect")), C=4, N=1, num_classes=4))
+        result = train(model, *loaders(n_train=160), cfg(epochs=3, drop_path=0.3, backend=backend, amp=amp),
                        checkpoint_path=tmp_path / f"{name}.pt", device="cpu", capture_step=capture_step)
         assert model._drop_path_tensor is None
         return model, result.history
@@ -579,8 +583,8 @@ def test_a_dataloader_with_a_distributed_sampler_gets_its_epoch(tmp_path: Path) 
 def test_the_fused_backend_trains_a_darts_network_as_the_eager_one_does(tmp_path: Path) -> None:
     """`backend: fused` changes how a cell is computed, not what: two epochs of a DARTS_V2
     network (float64, no drop-path) end with the eager run's records and weights up to rounding."""
-    from nascore.genotype import DARTS_V2
-    from nascore.networks import NetworkCIFAR
+    from nascore.genotype import DARTS_V2, NB201Genotype
+    from nascore.networks import NB201Network, NetworkCIFAR
 
     old = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
