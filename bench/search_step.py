@@ -64,7 +64,8 @@ from nascore.metrics import run_peak_memory  # noqa: E402
 from nascore.networks import NetworkCIFAR  # noqa: E402
 from nascore.search import EpochSteps, SearchConfig, SearchData, SearchRun  # noqa: E402
 from nascore.spaces import get_space  # noqa: E402
-from nascore.train import NonFiniteLossError, TrainConfig, _GraphedSteps, evaluate, train  # noqa: E402
+from nascore.graphs import cuda_graph  # noqa: E402
+from nascore.train import GraphedTestPass, NonFiniteLossError, TrainConfig, _GraphedSteps, evaluate, train  # noqa: E402
 
 # the probe itself: on the CPU `main` turns nascore's check off for the bench's own runs
 cpu_bf16_dilated_grads_ok = graphs.cpu_bf16_dilated_grads_ok
@@ -633,10 +634,15 @@ def retrain_figures(size: Size, device: torch.device, warmup: int, steps: int, c
                                  else torch.preserve_format)
             model.set_backend(cfg.backend)
             net = torch.compile(model) if cfg.compile else model
+            # as `train` with a CUDA graph: the test passes through one captured batch step
+            if cfg.cuda_graph and device.type != "cuda":
+                raise ValueError(f"a CUDA graph needs a CUDA device (this run is on {device.type})")
+            graph = GraphedTestPass(cuda_graph, device) if cfg.cuda_graph else None
 
             def test_pass(i: int) -> None:
                 # as `train`: the first pass runs eagerly, filling the fused cells' caches before a trace
-                evaluate(net if i else model, eval_data, device, amp=cfg.amp, channels_last=cfg.channels_last)
+                evaluate(net if i else model, eval_data, device, amp=cfg.amp, channels_last=cfg.channels_last,
+                         graph=graph)
             return test_pass, EVAL_BATCHES * eval_batch, list
         return measure("retrain_eval", variant, make_eval, device, warmup, steps,
                        count and countable(retrain_speed(variant), device.type), activation_batch=eval_batch)
@@ -646,19 +652,19 @@ def retrain_figures(size: Size, device: torch.device, warmup: int, steps: int, c
         if fig := attempt("retrain", variant, lambda: train_figure(variant)):
             yield fig
         if eval_settings(variant) not in evaluated:
-            # `train`'s `evaluate`, as the variant's network runs it; a CUDA graph changes nothing
-            # here (the test pass runs plainly), so variants that differ by it share one figure
+            # `train`'s `evaluate`, as the variant's network runs it (through a graph of its own
+            # with a CUDA graph, since 2026-12-06's twelfth session)
             evaluated.add(eval_settings(variant))
             if fig := attempt("retrain_eval", variant, lambda: eval_figure(variant)):
                 yield fig
 
 
 def eval_settings(variant: str) -> tuple:
-    """What a retrain variant's test pass depends on: not its CUDA graph (training only)."""
+    """What a retrain variant's test pass depends on: its speed options (the CUDA graph too,
+    since `train` runs the test passes through one: `GraphedTestPass`)."""
     if variant == "reference":
         return (variant,)
-    speed = speed_options(retrain_speed(variant))
-    return tuple(sorted((k, v) for k, v in speed.items() if k != "cuda_graph"))
+    return tuple(sorted(speed_options(retrain_speed(variant)).items()))
 
 
 def steady_epoch(short_s: float, short_steps: int, long_s: float, long_steps: int) -> tuple[float, float]:

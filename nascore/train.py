@@ -340,6 +340,8 @@ def train(model: nn.Module, train_loader: Loader, eval_loader: Loader | None, cf
     drop_tensor = (capture_step is not None and cfg.drop_path > 0 and hasattr(model, "drop_path_on_device"))
     steps: _GraphedSteps | None = None
     graph_key: tuple = ()
+    # the test passes through one graph of their own, captured in the first
+    test_graph = GraphedTestPass(capture_step, device) if capture_step is not None else None
     with _backend_flags(cfg.deterministic, device), more_traces(), _drop_path_on(model, device, drop_tensor), \
             tqdm(total=cfg.epochs, initial=start, unit="epoch", disable=mode != "bar") as epoch_bar:
         for epoch in range(start, cfg.epochs):
@@ -388,8 +390,8 @@ def train(model: nn.Module, train_loader: Loader, eval_loader: Loader | None, cf
             D.broadcast_buffers(model)
             evaluated = eval_loader is not None and ((epoch + 1) % cfg.eval_every == 0
                                                      or epoch + 1 == cfg.epochs)
-            ev = (evaluate(network("eval"), eval_loader, device, amp=cfg.amp, channels_last=cfg.channels_last)
-                  if evaluated else {})
+            ev = (evaluate(network("eval"), eval_loader, device, amp=cfg.amp, channels_last=cfg.channels_last,
+                           graph=test_graph) if evaluated else {})
             record = {
                 "epoch": epoch + 1, "lr": lr, "drop_path_prob": drop_path_at(cfg, epoch),
                 "train_loss": loss_sum / seen if seen else math.nan,
@@ -426,30 +428,66 @@ def _drop_path_on(model: nn.Module, device: torch.device, on: bool) -> Iterator[
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: Loader, device: torch.device | str, *,
-             amp: str = "none", channels_last: bool = False) -> dict[str, float]:
+             amp: str = "none", channels_last: bool = False,
+             graph: "GraphedTestPass | None" = None) -> dict[str, float]:
     """Mean cross-entropy and top-1 / top-5 accuracy (fractions) of `model` on `loader`.
 
     Under torchrun the sums are all-reduced, so a loader sharded across ranks gives the global
-    figures (and an unsharded one the same figures on every rank).
+    figures (and an unsharded one the same figures on every rank). `graph`: the batches go
+    through its captured batch step (`GraphedTestPass`), the same sums.
     """
     device = torch.device(device)
     was_training = model.training
     model.eval()
-    sums = torch.zeros(4, dtype=torch.float64, device=device)   # loss·n, top-1 hits, top-5 hits, n
+    if graph is not None:
+        graph.begin(model, amp)
+    sums = graph.sums if graph is not None else torch.zeros(4, dtype=torch.float64, device=device)
     for x, y in loader:
         x, y = _to_device(x, y, device, channels_last)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp == "bf16"):
-            logits, _ = _split(model(x))
-        logits = logits.float()
-        hits = logits.topk(min(5, logits.size(1)), dim=1).indices == y[:, None]
-        sums += torch.stack([F.cross_entropy(logits, y, reduction="sum").double(),
-                             hits[:, 0].sum().double(), hits.any(dim=1).sum().double(),
-                             torch.full((), y.size(0), dtype=torch.float64, device=device)])
+        if graph is not None:
+            graph.steps(x, y)
+        else:
+            _test_batch(model, x, y, sums, amp)
     loss, top1, top5, n = D.all_reduce_(sums, "sum").tolist()
     model.train(was_training)
     if not n:
         raise ValueError("the evaluation loader yielded no samples")
     return {"loss": loss / n, "top1": top1 / n, "top5": top5 / n}
+
+
+def _test_batch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, sums: torch.Tensor, amp: str) -> None:
+    """Add one test batch's loss sum, top-1 and top-5 hits and size to `sums`, on the device."""
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp == "bf16"):
+        logits, _ = _split(model(x))
+    logits = logits.float()
+    hits = logits.topk(min(5, logits.size(1)), dim=1).indices == y[:, None]
+    sums += torch.stack([F.cross_entropy(logits, y, reduction="sum").double(),
+                         hits[:, 0].sum().double(), hits.any(dim=1).sum().double(),
+                         torch.full((), y.size(0), dtype=torch.float64, device=x.device)])
+
+
+class GraphedTestPass:
+    """`evaluate`'s batches through one captured batch step, kept for a whole run
+    (TrainConfig.cuda_graph). The step reads the weights and BN statistics where training
+    updates them in place, so the graph captured in the run's first test pass serves every later
+    one: a test pass of eager cells is bound by the host's launches on a GPU, as a training step
+    is. As `_GraphedSteps`: the first batches run plainly, and a batch of another shape (the last,
+    partial one) too. The module captured is the one the capturing pass was given."""
+
+    def __init__(self, capture: Callable[[Callable[[], None]], StepGraph], device: torch.device) -> None:
+        self.sums = torch.zeros(4, dtype=torch.float64, device=device)   # loss·n, top-1, top-5, n
+        self.model: nn.Module | None = None
+        self.amp = "none"
+        self.steps = _GraphedSteps(self._batch, capture, device)
+
+    def begin(self, model: nn.Module, amp: str) -> None:
+        """A new test pass: sums zeroed in place (the graph adds to these tensors)."""
+        self.model, self.amp = model, amp
+        self.sums.zero_()
+
+    def _batch(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        assert self.model is not None
+        _test_batch(self.model, x, y, self.sums, self.amp)
 
 
 def seed_all(seed: int) -> None:

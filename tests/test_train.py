@@ -374,7 +374,8 @@ class Rerun:
 def test_the_captured_step_logic_reproduces_the_plain_loop(tmp_path: Path, drop_path: float,
                                                            captures: int) -> None:
     """cuda_graph's bookkeeping (warm-up, static buffers, a last partial batch run plainly,
-    device-side sums) gives the plain loop's weights and records exactly, through a stand-in that
+    device-side sums; the test passes' own graph) gives the plain loop's weights and records
+    exactly, through a stand-in that
     replays the captured ops with their captured arguments, as a CUDA graph does (`TapeGraph`).
     A network that keeps its drop-path probability as a float only (TinyNet) gets a graph per
     probability; the lr, a tensor, needs none of its own."""
@@ -387,12 +388,34 @@ def test_the_captured_step_logic_reproduces_the_plain_loop(tmp_path: Path, drop_
     TapeGraph.captures = TapeGraph.replays = 0
     plain_model, plain = run("plain")
     graphed_model, graphed = run("graphed", capture_step=TapeGraph)
-    assert TapeGraph.captures == captures
-    # less the short batch every epoch, and 2 warm-up steps per capture
-    assert TapeGraph.replays == 3 * (8 - 1) - 2 * captures
+    assert TapeGraph.captures == captures + 1               # and one for every test pass
+    # training: less the short batch every epoch and 2 warm-up steps per capture; the test
+    # passes (2 batches each): less their graph's 2 warm-up batches
+    assert TapeGraph.replays == 3 * (8 - 1) - 2 * captures + 3 * 2 - 2
     assert len({r["lr"] for r in plain}) == 3          # the lr changed every epoch
     assert without_timing(graphed) == without_timing(plain)
     for (k, a), b in zip(plain_model.state_dict().items(), graphed_model.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+@pytest.mark.parametrize("backend", ["eager", "fused_dense"])
+def test_a_graphed_darts_retrain_and_its_test_passes_equal_the_plain_loop(tmp_path: Path, backend: str) -> None:
+    """The fused cells' training and evaluation forwards replayed from one capture each
+    (`TapeGraph`) give the plain loop's records and weights exactly (drop-path 0: the plain loop
+    draws no masks then, a graphed network with its probability on the device would): nothing
+    the forward computes from the weights or BN statistics is kept from the capture."""
+    def run(name: str, capture_step: Any) -> tuple[nn.Module, list[dict[str, Any]]]:
+        torch.manual_seed(0)
+        model = NetworkCIFAR(DARTS_V2, C=4, num_classes=4, layers=3, auxiliary=False)
+        result = train(model, *loaders(n_train=160), cfg(epochs=3, drop_path=0.0, backend=backend),
+                       checkpoint_path=tmp_path / f"{name}.pt", device="cpu", capture_step=capture_step)
+        return model, result.history
+    plain_model, plain = run("plain", None)
+    TapeGraph.captures = 0
+    taped_model, taped = run("taped", TapeGraph)
+    assert TapeGraph.captures == 2
+    assert without_timing(taped) == without_timing(plain)
+    for (k, a), b in zip(plain_model.state_dict().items(), taped_model.state_dict().values()):
         assert torch.equal(a, b), k
 
 
@@ -417,7 +440,7 @@ def test_a_retrain_network_trains_through_one_graph_per_run(tmp_path: Path, spac
     TapeGraph.captures = 0
     rerun_model, rerun = run("rerun", Rerun)
     taped_model, taped = run("taped", TapeGraph)
-    assert TapeGraph.captures == 1
+    assert TapeGraph.captures == 2                          # training's and the test passes'
     assert [r["drop_path_prob"] for r in taped] == pytest.approx([0.0, 0.1, 0.2])
     assert len({r["lr"] for r in taped}) == 3
     assert without_timing(taped) == without_timing(rerun)
@@ -440,7 +463,7 @@ def test_a_graphed_run_resumes_as_if_never_stopped(tmp_path: Path) -> None:
     seed_all(999)
     TapeGraph.captures = 0
     resumed_model, resumed = run("b.pt")
-    assert TapeGraph.captures == 1
+    assert TapeGraph.captures == 2
     assert without_timing(resumed) == without_timing(straight)
     for (k, a), b in zip(straight_model.state_dict().items(), resumed_model.state_dict().values()):
         assert torch.equal(a, b), k
@@ -449,9 +472,10 @@ def test_a_graphed_run_resumes_as_if_never_stopped(tmp_path: Path) -> None:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_one_real_cuda_graph_serves_a_whole_retrain(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """On a GPU, what the CPU's `TapeGraph` stands in for: fused SGD with its lr tensor and the
-    network's drop-path tensor captured once per run, and the graphed run's records and weights
-    those of the step run afresh every time (`Rerun`), to float tolerance (the masks' random
-    numbers differ between the two, so that comparison runs at drop-path 0)."""
+    network's drop-path tensor captured once per run (and the test passes once), and the
+    graphed run's records and weights those of the step run afresh every time (`Rerun`), to
+    float tolerance (the masks' random numbers differ between the two, so that comparison runs
+    at drop-path 0)."""
     import nascore.train as train_module
     captures: list[int] = []
     real = train_module.cuda_graph
@@ -468,13 +492,14 @@ def test_one_real_cuda_graph_serves_a_whole_retrain(tmp_path: Path, monkeypatch:
 
     graphed_model, graphed = run("graphed", 0.0)
     rerun_model, rerun = run("rerun", 0.0, Rerun)
-    assert len(captures) == 1
+    assert len(captures) == 2                  # training's and the test passes'
     for a, b in zip(graphed, rerun):
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
+        assert a["eval_loss"] == pytest.approx(b["eval_loss"], rel=1e-4)
     for (k, a), b in zip(rerun_model.state_dict().items(), graphed_model.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4, msg=k)
     _, dropped = run("dropped", 0.3)
-    assert len(captures) == 2 and all(math.isfinite(r["train_loss"]) for r in dropped)
+    assert len(captures) == 4 and all(math.isfinite(r["train_loss"]) for r in dropped)
     assert dropped[1]["train_loss"] != pytest.approx(graphed[1]["train_loss"], rel=1e-4)   # masks applied
 
 
