@@ -224,6 +224,43 @@ def test_drop_path_function_statistics() -> None:
     assert drop_path(x, 0.0) is x
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_drop_path_at_a_tensor_probability_has_the_float_ones_statistics(dtype: torch.dtype) -> None:
+    """A 0-dim tensor p (what a CUDA graph reads at each replay): the same drop rate and scale,
+    masks in the input's dtype; at p = 0 the input's values, but drawn (the host never reads p)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.ones(20_000, 1, 1, 1, dtype=dtype)
+    y = drop_path(x, torch.tensor(0.3), generator=g)
+    assert y.dtype == dtype
+    kept = y != 0
+    assert torch.allclose(y[kept].float(), torch.full_like(y[kept].float(), 1 / 0.7), rtol=1e-2)
+    assert abs(1 - kept.float().mean().item() - 0.3) < 0.02
+    state = torch.get_rng_state()
+    z = drop_path(x, torch.tensor(0.0))
+    assert torch.equal(z, x) and not torch.equal(torch.get_rng_state(), state)
+
+
+def test_a_network_reads_its_drop_path_tensor_while_kept_on_the_device() -> None:
+    """`drop_path_on_device`: the setter writes the tensor in place, the forward follows it (the
+    fused one-draw masks included), and None gives the float back."""
+    torch.manual_seed(0)
+    net = NetworkCIFAR(PUBLISHED_GENOTYPES["DARTS_V2"], C=4, num_classes=4, layers=3, auxiliary=False).train()
+    net.set_backend("fused_dense")
+    x = torch.randn(64, 3, 8, 8)
+    net.drop_path_on_device("cpu")
+    kept = net._drop_path_tensor
+    net.drop_path_prob = 0.0
+    ref = net(x)[0]
+    assert torch.equal(net(x)[0], ref)                   # p = 0: all-ones masks
+    net.drop_path_prob = 0.5
+    assert net._drop_path_tensor is kept and kept.item() == 0.5
+    assert not torch.allclose(net(x)[0], ref)            # the same tensor, now p = 0.5
+    net.drop_path_on_device(None)
+    net.drop_path_prob = 0.0
+    rng = torch.get_rng_state()
+    assert torch.equal(net(x)[0], ref) and torch.equal(torch.get_rng_state(), rng)   # a float again: no draw
+
+
 def _probe_cell() -> DartsEvalCell:
     # every node = sep_conv(c_{k-1}) + none(c_{k-2}): nodes do not feed each other, so BN batch
     # statistics are the same with and without drop-path and a dropped node is exactly zero
