@@ -65,7 +65,8 @@ from nascore.networks import NetworkCIFAR  # noqa: E402
 from nascore.search import EpochSteps, SearchConfig, SearchData, SearchRun  # noqa: E402
 from nascore.spaces import get_space  # noqa: E402
 from nascore.graphs import cuda_graph  # noqa: E402
-from nascore.train import GraphedTestPass, NonFiniteLossError, TrainConfig, _GraphedSteps, evaluate, train  # noqa: E402
+from nascore.train import (GraphedTestPass, NonFiniteLossError, TrainConfig, _GraphedSteps,  # noqa: E402
+                           cuda_graph_problems, evaluate, train)
 
 # the probe itself: on the CPU `main` turns nascore's check off for the bench's own runs
 cpu_bf16_dilated_grads_ok = graphs.cpu_bf16_dilated_grads_ok
@@ -635,8 +636,8 @@ def retrain_figures(size: Size, device: torch.device, warmup: int, steps: int, c
             model.set_backend(cfg.backend)
             net = torch.compile(model) if cfg.compile else model
             # as `train` with a CUDA graph: the test passes through one captured batch step
-            if cfg.cuda_graph and device.type != "cuda":
-                raise ValueError(f"a CUDA graph needs a CUDA device (this run is on {device.type})")
+            if cfg.cuda_graph and (problems := cuda_graph_problems(cfg, device)):
+                raise ValueError("TrainConfig.cuda_graph=True " + "; ".join(problems))
             graph = GraphedTestPass(cuda_graph, device) if cfg.cuda_graph else None
 
             def test_pass(i: int) -> None:

@@ -45,10 +45,9 @@ def bernoulli_mask(shape: tuple[int, ...], p: DropProb, like: torch.Tensor,
     1/(1-p). For a float p the probability is a fill value, not `bernoulli_`'s argument: a
     compiled network keeps one trace while the schedule changes p (dynamo specialises on the
     latter)."""
-    if isinstance(p, torch.Tensor):
-        keep = 1.0 - p
-        return like.new_empty(shape).bernoulli_(keep, generator=generator).div_(keep)
     keep = 1.0 - p
+    if isinstance(keep, torch.Tensor):
+        return like.new_empty(shape).bernoulli_(keep, generator=generator).div_(keep)
     mask = torch.full(shape, keep, dtype=like.dtype, device=like.device)
     return torch.bernoulli(mask, generator=generator).div_(keep)
 

@@ -191,6 +191,16 @@ class NonFiniteLossError(RuntimeError):
         self.epoch, self.step = epoch, step
 
 
+def cuda_graph_problems(cfg: TrainConfig, device: torch.device, world: int = 1) -> list[str]:
+    """Why `cfg.cuda_graph` cannot run here ([] if it can): a CUDA device, one process, and
+    non-finite steps that stop the run (skipping one reads the loss on the host)."""
+    return [why for bad, why in (
+        (device.type != "cuda", f"needs a CUDA device (this run is on {device.type})"),
+        (world > 1, "runs on one GPU only (not under torchrun/DDP)"),
+        (cfg.nonfinite != "stop", "needs nonfinite='stop' (skipping reads the loss on the host)"))
+        if bad]
+
+
 def train(model: nn.Module, train_loader: Loader, eval_loader: Loader | None, cfg: TrainConfig, *,
           checkpoint_path: str | Path, device: torch.device | str,
           on_epoch_end: Callable[[dict[str, Any]], None] | None = None,
@@ -234,11 +244,7 @@ def train(model: nn.Module, train_loader: Loader, eval_loader: Loader | None, cf
         raise ValueError("the training loader yields no batches")
     params = [p for p in model.parameters() if p.requires_grad]
     if capture_step is None and cfg.cuda_graph:
-        problems = [why for bad, why in (
-            (device.type != "cuda", f"needs a CUDA device (this run is on {device.type})"),
-            (world > 1, "runs on one GPU only (not under torchrun/DDP)"),
-            (cfg.nonfinite != "stop", "needs nonfinite='stop' (skipping reads the loss on the host)"))
-            if bad]
+        problems = cuda_graph_problems(cfg, device, world)
         if problems:
             raise ValueError("TrainConfig.cuda_graph=True " + "; ".join(problems))
         capture_step = cuda_graph
