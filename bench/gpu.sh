@@ -74,10 +74,11 @@ lease)
   gpu_info 2>&1 | tee "$OUT/lease.log"
   B="python3 bench/search_step.py ${CHECK:+--check --device cuda}"
   # the GPU-only tests first (well under a minute): the real captures that the CPU's stand-in
-  # (tests/_graph_tape.py) vouches for, the retrain's one graph per run (fused SGD with a tensor
-  # lr, drop-path on the device: never run on a GPU before this lease) among them
+  # (tests/_graph_tape.py) vouches for, the retrain's and the search's one graph per run (fused
+  # SGD with a tensor lr, drop-path on the device: never run on a GPU before this lease) among them
   [ -n "${CHECK:-}" ] || timeout 120 python3 -m pytest -q -o addopts= -p no:cacheprovider \
-      tests/test_graphs.py tests/test_train.py -k "real_cuda_graph or capture_does_not_stack or gpu_run" \
+      tests/test_graphs.py tests/test_train.py tests/test_fused.py \
+      -k "real_cuda_graph or capture_does_not_stack or gpu_run or gpu_search" \
       2>&1 | tail -n 15 | tee -a "$OUT/lease.log"
   # fused_dense's two trades of multiply-adds for kernels (42cd9ee), the one-product node sums
   # (`fused.mix`) and one BN per pass (`fused.batch_norm_pass`), each on and off, side by side

@@ -28,8 +28,8 @@ def cuda_graph(step: Callable[[], None]) -> StepGraph:
     on blocks nothing reuses: the warm-up steps' (cached for their side stream) and the previous
     epoch's dropped graph's. The likely cause of a 2-epoch DARTS_V2 retrain on an H200 holding
     22.8 GB for a 7.3 GB allocated peak (bench/RESULTS.md, 2026-12-04); not re-measured since.
-    Once per epoch (search) or per run (`train`): costs nothing measurable. Tests capture with a
-    CPU stand-in that keeps a graph's contract (tests/_graph_tape.py).
+    Once per run, or per op stage (search; `SearchRun._epoch_steps`): costs nothing measurable.
+    Tests capture with a CPU stand-in that keeps a graph's contract (tests/_graph_tape.py).
     """
     torch.cuda.empty_cache()
     graph = torch.cuda.CUDAGraph()

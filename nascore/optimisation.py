@@ -38,7 +38,8 @@ class StepContext:
     arch: list[nn.Parameter]           # α (and β)
     w_opt: torch.optim.SGD
     a_opt: torch.optim.Optimizer
-    lr: float                          # current weight learning rate (ξ of the unrolled step)
+    lr: float | torch.Tensor           # current weight lr (ξ of the unrolled step); a 0-dim
+                                       # device tensor when the SGD is fused (`SearchRun.lr_now`)
     grad_clip: float                   # global-norm clip on w only; α is never clipped (DARTS)
     arch_grad_clip: float = 0.0        # PC-DARTS ImageNet clips α too; 0 = off
     momentum: float = 0.9
@@ -190,7 +191,11 @@ def virtual_weights(ctx: StepContext, grads: Sequence[torch.Tensor | None]) -> l
         b = _add_where(d, [k for k, m in enumerate(bufs) if m is not None], bufs, mu)
         d = _add_where(b, [k for k, i in enumerate(moving) if group_of.get(id(w[i]), {}).get("nesterov")],
                        b, mu, base=d)
-    for i, t in zip(moving, torch._foreach_add([w[i] for i in moving], d, alpha=-xi)):
+    moved = [w[i] for i in moving]
+    # a tensor ξ multiplies on the device (as `alpha` it would be read on the host)
+    steps = torch._foreach_sub(moved, torch._foreach_mul(d, xi)) if isinstance(xi, torch.Tensor) \
+        else torch._foreach_add(moved, d, alpha=-xi)
+    for i, t in zip(moving, steps):
         w_prime[i] = t
     return w_prime
 

@@ -224,7 +224,8 @@ class SearchRun:
                  device: torch.device | str = "cpu", seed: int = 2,
                  checkpoint_path: str | Path | None = None, meta: Mapping[str, Any] | None = None,
                  on_epoch_end: Callable[[dict[str, Any]], None] | None = None,
-                 log: Callable[[str], None] = print) -> None:
+                 log: Callable[[str], None] = print,
+                 capture_step: Callable[[Callable[[], None]], StepGraph] | None = None) -> None:
         self.space, self.cfg, self.data = space, cfg, data
         self.device = torch.device(device)
         self.seed = seed
@@ -236,10 +237,12 @@ class SearchRun:
         if problems:
             from .config import ConfigError   # here, not at the top: config imports this module
             raise ConfigError("params.yaml: " + "; ".join(problems))
-        # How a captured step is made: a CUDA graph. Tests swap in a plain re-run of the step to
-        # check the static-buffer logic on CPU.
+        # How a captured step is made: a CUDA graph. Tests pass a CPU stand-in (a replay of the
+        # step's recorded ops, or a plain re-run of it) to check the capture logic on the CPU.
         self.capture_step: Callable[[Callable[[], None]], StepGraph] | None = (
-            cuda_graph if cfg.cuda_graph else None)
+            capture_step or (cuda_graph if cfg.cuda_graph else None))
+        self._optimiser_generation = 0     # +1 whenever the optimisers' state tensors are replaced
+        self._steps: EpochSteps | None = None
         _seed_everything(seed)     # the random features ARE the init: seeded, recorded in meta
         self.model = self.build_model()
         problem = bf16_layout_problem(self.model, self.device, cfg.amp, cfg.channels_last)
@@ -248,6 +251,9 @@ class SearchRun:
             raise ConfigError(f"params.yaml: search.{problem}")
         if cfg.compile:
             self.model.compile(self.cfg.compile_scope)
+        # The weight lr as a device tensor of the weights' dtype, written before each epoch: a
+        # fused SGD reads it there, so a captured step serves every epoch, not one epoch's lr.
+        self.lr_now = torch.tensor(cfg.lr, dtype=next(self.model.parameters()).dtype, device=self.device)
         self.rule = UPDATE_RULES.get(cfg.optimisation)()
         self.schedule = OP_SCHEDULES.get(cfg.op_schedule)(cfg.opp, cfg.epochs)
         self.lr_segment = (0, cfg.lr)          # (start epoch, start lr) of the cosine schedule
@@ -291,19 +297,29 @@ class SearchRun:
                                       weight_decay=cfg.arch_weight_decay)
         self._set_optimizer_kernels()
 
+    @property
+    def fused_sgd(self) -> bool:
+        """Whether the weight SGD is torch's fused kernel, reading its lr from `lr_now`:
+        `optimizer_impl: fused`, or `default` when steps are captured (torch's own default, a
+        foreach SGD, takes its lr as a Python number, which a graph would freeze)."""
+        impl = self.cfg.optimizer_impl
+        return impl == "fused" or (impl == "default" and self.capture_step is not None)
+
     def _set_optimizer_kernels(self) -> None:
         """Optimiser kernels from `optimizer_impl`; Adam capturable under a CUDA graph.
 
         Set after construction and again after loading a checkpoint, whose param groups carry
         the flags of the machine that saved it. The update arithmetic is the same for all kernels.
         """
+        self._optimiser_generation += 1
         impl = self.cfg.optimizer_impl
         flags = {"default": {"foreach": None, "fused": None}, "for_loop": {"foreach": False, "fused": None},
                  "foreach": {"foreach": True, "fused": None}, "fused": {"foreach": None, "fused": True}}[impl]
+        fused = {"foreach": False, "fused": True}
         capturable = self.cfg.cuda_graph and self.device.type == "cuda"
         for opt in (self.w_opt, self.a_opt):
             for group in opt.param_groups:
-                group.update(flags)
+                group.update(fused if opt is self.w_opt and self.fused_sgd else flags)
                 if "capturable" in group:
                     group["capturable"] = capturable
             if capturable:
@@ -384,9 +400,13 @@ class SearchRun:
             k += 1
 
     def step_context(self, epoch: int) -> StepContext:
-        """Everything an update rule needs for the steps of `epoch` (sets the epoch's lr)."""
+        """Everything an update rule needs for the steps of `epoch` (sets the epoch's lr: in
+        `lr_now`, which the context then carries as ξ, when the SGD is fused)."""
         cfg = self.cfg
-        lr = self.lr_at(epoch)
+        lr: float | torch.Tensor = self.lr_at(epoch)
+        if self.fused_sgd:
+            self.lr_now.fill_(lr)
+            lr = self.lr_now
         for group in self.w_opt.param_groups:
             group["lr"] = lr
         return StepContext(model=self.model, weights=self.weights, arch=self.arch, w_opt=self.w_opt,
@@ -401,7 +421,7 @@ class SearchRun:
     def search_epoch(self, epoch: int) -> dict[str, Any]:
         cfg, model = self.cfg, self.model
         ctx = self.step_context(epoch)
-        lr = ctx.lr
+        lr = self.lr_at(epoch)
         update_arch = epoch >= cfg.arch_warmup_epochs
         need_val = self.rule.needs_val_batch and update_arch
         if need_val and self.data.val is None:
@@ -409,9 +429,10 @@ class SearchRun:
         val_iter = self._val_batches(epoch) if need_val else None
         model.train()
         # linear ramp 0 -> max over the search, as the evaluation recipe ramps its drop-path
-        model.set_drop_path(cfg.drop_path * epoch / cfg.epochs)
+        drop_prob = cfg.drop_path * epoch / cfg.epochs
+        model.set_drop_path(drop_prob)
         self.data.train.set_epoch(epoch)
-        steps = EpochSteps(self, ctx, update_arch)
+        steps = self._epoch_steps(ctx, update_arch, drop_prob)
         reset_peak_memory(self.device)
         t0 = time.perf_counter()
         # a step bar in a terminal; logs (CI, dvc queue) get the one line per epoch only
@@ -460,6 +481,25 @@ class SearchRun:
                  + f" param-free {record['param_free_ops']} | {record['genotype_str']}")
         return record
 
+    def _epoch_steps(self, ctx: StepContext, update_arch: bool, drop_prob: float) -> EpochSteps:
+        """The epoch's steps: the previous epoch's, their captured step included, while nothing
+        that a capture freezes has changed; otherwise new ones, which capture anew.
+
+        A capture freezes the Python values the step read and the tensors it used: whether α
+        steps (the warm-up ends once), the drop-path probability (a float: eager backend only),
+        the optimisers' state tensors (replaced when OPP-DARTS adds an op), the active op columns,
+        and the lr unless the SGD reads it from `lr_now`. So a search with a fused SGD, no
+        drop-path and no op schedule captures at most twice per run: once in warm-up, once after.
+        """
+        frozen = (update_arch, drop_prob, self._optimiser_generation, tuple(self.model.active_columns()),
+                  None if isinstance(ctx.lr, torch.Tensor) else ctx.lr)
+        if self._steps is not None and self._steps.frozen == frozen:
+            self._steps.next_epoch(ctx)
+        else:
+            self._steps = None           # an old graph's memory goes back before a new capture
+            self._steps = EpochSteps(self, ctx, update_arch, frozen)
+        return self._steps
+
     def validate(self) -> dict[str, float]:
         """Supernet loss/accuracy on the α half in eval mode (BN running statistics).
 
@@ -504,16 +544,18 @@ class EpochSteps:
     `totals`. So a step can be captured whole (`search.cuda_graph`): a few plain warm-up steps
     create the optimisers' state and let cuDNN pick its kernels, the next batch is copied into
     static buffers and the step captured, and every later batch is copied in and the graph
-    replayed. A graph is captured per epoch, so the epoch's lr, the warm-up switch and the
-    active ops are constants in it; a batch of another shape (a last partial batch) runs plainly.
+    replayed; a batch of another shape (a last partial batch) runs plainly. The search reuses one
+    `EpochSteps` from epoch to epoch (`next_epoch`) while `frozen`, what its graph holds constant,
+    is unchanged (`SearchRun._epoch_steps`): its sums are zeroed in place, so the graph that adds
+    into them stays valid.
     """
 
     # Plain steps before a capture: the first creates the optimisers' state (momentum buffers,
     # Adam moments) that a graph must find allocated; cuDNN's autotuning also runs in it.
     WARMUP_STEPS = 2
 
-    def __init__(self, run: SearchRun, ctx: StepContext, update_arch: bool) -> None:
-        self.run, self.ctx, self.update_arch = run, ctx, update_arch
+    def __init__(self, run: SearchRun, ctx: StepContext, update_arch: bool, frozen: Any = None) -> None:
+        self.run, self.ctx, self.update_arch, self.frozen = run, ctx, update_arch, frozen
         device = run.device
         self.sums = torch.zeros(4, device=device)     # loss, correct, arch loss, arch correct
         self.bad_step = torch.full((), -1, dtype=torch.long, device=device)
@@ -524,6 +566,15 @@ class EpochSteps:
         self._graph: StepGraph | None = None
         self._static: list[torch.Tensor] = []
         self._graph_counts = (0, 0)
+
+    def next_epoch(self, ctx: StepContext) -> None:
+        """Start another epoch with the same steps: sums and step index zeroed in place."""
+        self.ctx = ctx
+        self.sums.zero_()
+        self.bad_step.fill_(-1)
+        self.step_index.zero_()
+        self.counts = [0, 0]
+        self.skipped = 0
 
     def _step(self, train: Batch, val: Batch | None) -> tuple[StepStats, torch.Tensor]:
         """One update-rule step and its accounting; (stats, finite flag), all on the device."""

@@ -26,6 +26,7 @@ from nascore.networks import NB201Network, NetworkCIFAR
 from nascore.search import EpochSteps, SearchConfig, SearchData, SearchRun, search
 from nascore.spaces import SPACES, get_space
 from nascore.supernet import SearchCell, SupernetConfig
+from tests._graph_tape import TapeGraph
 from tests._tiny import TensorLoader, learnable_images, scramble_bn_statistics
 
 
@@ -1342,6 +1343,35 @@ def test_a_gpu_search_step_does_not_synchronise(backend):
         torch.cuda.set_sync_debug_mode("default")
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_one_real_cuda_graph_serves_a_whole_search(monkeypatch):
+    """On a GPU, what the CPU's `TapeGraph` stands in for: a 3-epoch search with the default
+    optimisers captures its step once (fused SGD reading `lr_now`, capturable Adam), and its
+    records and weights are those of the same steps run afresh every time (`Rerun`), to float
+    tolerance."""
+    import nascore.search as search_module
+    captures: list[int] = []
+    real = search_module.cuda_graph
+    monkeypatch.setattr(search_module, "cuda_graph", lambda step: captures.append(1) or real(step))
+    x, y = learnable_images(32, 4, 8)
+
+    def run(**kw):
+        torch.manual_seed(0)
+        data = SearchData(TensorLoader(x[:16].cuda(), y[:16].cuda(), 4), TensorLoader(x[16:].cuda(), y[16:].cuda(), 4), 4)
+        cfg = tiny_search_config("darts", "darts", backend="fused_dense", epochs=3, **kw)
+        return SearchRun(get_space("darts"), cfg, data, device="cuda", log=lambda s: None,
+                         capture_step=None if cfg.cuda_graph else Rerun).run()
+    graphed = run(cuda_graph=True)
+    assert len(captures) == 1
+    rerun = run(optimizer_impl="fused")
+    assert len({r["lr"] for r in graphed.history}) == 3
+    for a, b in zip(graphed.history, rerun.history):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
+        assert a["arch_loss"] == pytest.approx(b["arch_loss"], rel=1e-4)
+    for (k, a), b in zip(rerun.model.state_dict().items(), graphed.model.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4, msg=k)
+
+
 # --- the captured step --------------------------------------------------------------------------
 class Rerun:
     """A stand-in for a captured graph on CPU: `replay` re-runs the step on the static buffers."""
@@ -1371,16 +1401,99 @@ def test_the_captured_step_logic_reproduces_the_plain_loop(float64):
 
     def data():
         return SearchData(UnevenLoader(x[:14], y[:14], 4), TensorLoader(x[14:], y[14:], 4), 4)
-    cfg = tiny_search_config("pc_darts", "darts", backend="fused", arch_warmup_epochs=1)
+    # `fused`: a captured search's default SGD is fused (see `SearchRun.fused_sgd`), so the
+    # plain run's must be too for the two to compute bit for bit the same
+    cfg = tiny_search_config("pc_darts", "darts", backend="fused", arch_warmup_epochs=1, optimizer_impl="fused")
     plain = SearchRun(get_space("darts"), cfg, data(), log=lambda s: None).run()
-    graphed = SearchRun(get_space("darts"), cfg, data(), log=lambda s: None)
-    graphed.capture_step = Rerun
-    result = graphed.run()
+    result = SearchRun(get_space("darts"), cfg, data(), log=lambda s: None, capture_step=Rerun).run()
     for (k, a), b in zip(plain.model.state_dict().items(), result.model.state_dict().values()):
         assert torch.equal(a, b), k
     drop = {"epoch_seconds", "images_per_s"}
     assert [{k: v for k, v in r.items() if k not in drop} for r in result.history] == \
            [{k: v for k, v in r.items() if k not in drop} for r in plain.history]
+
+
+@pytest.mark.parametrize("method,space,overrides,captures", [
+    # α's warm-up ends after epoch 1: one capture in it, one after; the lr changes every epoch
+    ("pc_darts", "darts", {"arch_warmup_epochs": 1}, 2),
+    # second order: ξ, the epoch's lr, is read on the device as well
+    ("darts_v2", "nb201", {}, 1),
+    # OPP-DARTS adds an op every epoch here (another op set, fresh optimisers): a capture each
+    ("opp_darts", "nb201", {}, 3),
+    # a foreach SGD takes its lr as a number, which a graph freezes: a capture per epoch (α stays
+    # in warm-up throughout, as a CPU Adam outside `fused` is not capturable)
+    ("darts", "nb201", {"optimizer_impl": "foreach", "arch_warmup_epochs": 3}, 3),
+])
+def test_a_captured_search_step_serves_every_epoch_that_froze_nothing_new(method, space, overrides, captures,
+                                                                          float64):
+    """Through `TapeGraph` (a CUDA graph's contract on the CPU: Python values frozen at capture),
+    a search captures anew only when something its step froze changes, and computes exactly what
+    the plain loop computes: per-epoch lr, validation between epochs and the short last batch
+    included."""
+    x, y = learnable_images(28, 4, 8)
+    x = x.double()
+
+    def data():
+        return SearchData(UnevenLoader(x[:14], y[:14], 4), TensorLoader(x[14:], y[14:], 4), 4,
+                          score_fraction_batches=1)
+    cfg = tiny_search_config(method, space, **{"backend": "fused", "optimizer_impl": "fused", "epochs": 3,
+                                               **overrides})
+    plain = SearchRun(get_space(space), cfg, data(), log=lambda s: None).run()
+    TapeGraph.captures = TapeGraph.replays = 0
+    graphed = SearchRun(get_space(space), cfg, data(), log=lambda s: None, capture_step=TapeGraph).run()
+    assert TapeGraph.captures == captures
+    # 4 batches an epoch, the last short (plain); 2 plain warm-up steps before each capture
+    assert TapeGraph.replays == 3 * 3 - 2 * captures
+    assert len({r["lr"] for r in plain.history}) == 3
+    for (k, a), b in zip(plain.model.state_dict().items(), graphed.model.state_dict().values()):
+        assert torch.equal(a, b), k
+    drop = {"epoch_seconds", "images_per_s"}
+    assert [{k: v for k, v in r.items() if k not in drop} for r in graphed.history] == \
+           [{k: v for k, v in r.items() if k not in drop} for r in plain.history]
+
+
+def test_a_fused_sgd_steps_with_each_epochs_lr(float64):
+    """The fused SGD reads the lr from `lr_now`, written before each epoch: the same search as
+    with torch's per-parameter loop, which takes the lr as a number (second order: ξ too)."""
+    runs = [search(get_space("nb201"), tiny_search_config("darts_v2", "nb201", epochs=3, optimizer_impl=impl),
+                   tiny_data(), log=lambda s: None) for impl in ("for_loop", "fused")]
+    assert len({r["lr"] for r in runs[0].history}) == 3
+    assert_same_search(*runs, rtol=1e-10)
+
+
+def test_a_search_that_reuses_its_steps_resumes_exactly(tmp_path, float64):
+    """With a fused SGD nothing a capture freezes changes between epochs, so one `EpochSteps`
+    serves them all, its sums zeroed in place. Its records and weights equal those of a search
+    interrupted after every epoch and resumed, whose steps are new each epoch (and whose
+    checkpoint's lr tensor gives way to the run's own `lr_now`)."""
+    cfg = tiny_search_config("darts_v2", "nb201", epochs=3, optimizer_impl="fused")
+    full = search(get_space("nb201"), cfg, tiny_data(), log=lambda s: None)
+
+    class Interrupt(Exception):
+        pass
+
+    def stop(record):
+        raise Interrupt
+    for _ in range(2):
+        with pytest.raises(Interrupt):
+            search(get_space("nb201"), cfg, tiny_data(), on_epoch_end=stop, checkpoint_path=tmp_path / "s.pt",
+                   log=lambda s: None)
+    resumed = search(get_space("nb201"), cfg, tiny_data(), checkpoint_path=tmp_path / "s.pt", log=lambda s: None)
+    assert resumed.resumed_from_epoch == 2
+    assert_same_search(full, resumed, rtol=1e-12)
+
+
+def test_captured_steps_make_the_default_sgd_fused():
+    """`optimizer_impl: default` is torch's choice, but a captured search's SGD is fused: its lr
+    a device tensor that the epoch's lr is written into, not a number a graph would freeze."""
+    cfg = tiny_search_config("darts", "nb201", epochs=3)
+    run = SearchRun(get_space("nb201"), cfg, tiny_data(), log=lambda s: None, capture_step=TapeGraph)
+    ctx = run.step_context(1)
+    assert ctx.lr is run.lr_now and float(run.lr_now) == pytest.approx(run.lr_at(1))
+    assert all(g["fused"] and g["lr"] is run.lr_now for g in run.w_opt.param_groups)
+    plain = SearchRun(get_space("nb201"), cfg, tiny_data(), log=lambda s: None)
+    assert plain.step_context(1).lr == run.lr_at(1)
+    assert not any(g["fused"] for g in plain.w_opt.param_groups)
 
 
 def test_speed_options_are_checked():

@@ -80,14 +80,19 @@ def test_second_order_hypergradient_matches_brute_force_finite_differences(undec
     assert not torch.allclose(first, brute, rtol=1e-2, atol=0)
 
 
+@pytest.mark.parametrize("tensor_lr", [False, True])  # True: fused SGD, ξ a 0-dim tensor (SearchRun.lr_now)
 @pytest.mark.parametrize("nesterov", [False, True])
 @pytest.mark.parametrize("steps_before", [0, 1])       # 0: no momentum buffer yet
-def test_the_virtual_step_is_the_step_sgd_takes(nesterov, steps_before):
+def test_the_virtual_step_is_the_step_sgd_takes(nesterov, steps_before, tensor_lr):
     """methods.md §2.1 step 1, "replicating the SGD update": w' equals what torch's SGD does with
     the same gradients (unclipped), Nesterov (NB201's optimiser) and undecayed BN group included."""
     net = tiny_nb201()
     train, _ = batches()
     ctx = context(net, undecayed=5, nesterov=nesterov)
+    if tensor_lr:
+        ctx.lr = torch.tensor(0.05, dtype=torch.float32)
+        for group in ctx.w_opt.param_groups:
+            group.update(fused=True, foreach=False, lr=ctx.lr)
     for _ in range(steps_before):
         ctx.w_opt.zero_grad()
         F.cross_entropy(net(train[0]), train[1]).backward(inputs=ctx.weights)
