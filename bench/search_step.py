@@ -46,7 +46,7 @@ import time
 import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -107,11 +107,15 @@ CASES = {
     # a search epoch's validation forward (eval mode, no grad) at search.valid_batch_size, the
     # reference's as its DARTS `infer` runs it (F.cross_entropy, accuracy, `.item()`)
     "darts_valid": ("darts", "darts", 512),
+    "pc_darts_valid": ("darts", "pc_darts", 512),
     "nb201_valid": ("nb201", "darts", 512),
 }
-VALIDATION_CASES = ("darts_valid", "nb201_valid")
+VALIDATION_CASES = ("darts_valid", "pc_darts_valid", "nb201_valid")
+# a search case -> the validation case of its supernet (second order validates DARTS' supernet)
+VALIDATION_OF = {"darts_first": "darts_valid", "darts_second": "darts_valid", "pc_darts": "pc_darts_valid",
+                 "nb201": "nb201_valid"}
 EVAL_BATCHES = 4      # a `retrain_eval` step: the retrain's test pass over this many batches
-DEFAULT_CASES = ("darts_first", "darts_second", "pc_darts", "nb201", "darts_valid", "nb201_valid")
+DEFAULT_CASES = ("darts_first", "darts_second", "pc_darts", "nb201", "darts_valid", "pc_darts_valid", "nb201_valid")
 BACKEND_NAMES = ("eager", "fused", "fused_dense")
 MODIFIERS = {"graph": {"cuda_graph": True}, "bf16": {"amp": "bf16", "channels_last": True},
              "amp": {"amp": "bf16"}, "cl": {"channels_last": True}, "compile": {"compile": True}, "tuned": {"cudnn_benchmark": True},
@@ -140,12 +144,28 @@ def speed_options(variant: str) -> dict[str, object]:
     return speed
 
 
-def validates_differently(variant: str) -> bool:
-    """Whether the search's validation pass runs as the variant says. It runs eagerly, in fp32, in
-    the loader's memory format: a CUDA graph, bf16 or channels_last variant would repeat the
-    plain backend's figure under another name."""
-    return variant == "reference" or not any(speed_options(variant).get(k) for k in
-                                             ("cuda_graph", "amp", "channels_last"))
+def validation_twin(variant: str) -> str:
+    """The variant whose validation pass this one's is: itself without `graph`. The search's
+    validation runs in the steps' backend, precision and layout (`SearchRun.validate`), but
+    outside any CUDA graph, so a `+graph` variant's figure would repeat its twin's."""
+    if variant == "reference":
+        return variant
+    backend, *modifiers = variant.split("+")
+    return "+".join([backend, *(m for m in modifiers if m != "graph")])
+
+
+def runs_to_measure(cases: Sequence[str], variants: Sequence[str]) -> list[tuple[str, str]]:
+    """(case, variant) in measuring order, a validation case once per validation twin (the first
+    variant listed of each)."""
+    runs, twins = [], set()
+    for case in cases:
+        for variant in variants:
+            if case in VALIDATION_CASES:
+                if (case, validation_twin(variant)) in twins:
+                    continue
+                twins.add((case, validation_twin(variant)))
+            runs.append((case, variant))
+    return runs
 
 
 def countable(variant: str, device: str = "cpu") -> bool:
@@ -697,25 +717,40 @@ def retrain_estimate(figures: list[Figure], epochs: int = 600, train_images: int
     return rows
 
 
+def search_estimate(figures: list[Figure], epochs: int = 50, train_images: int = 25_000,
+                    valid_images: int = 25_000) -> list[tuple[str, str, float, float]]:
+    """Per search case and variant: minutes of `epochs` epochs of steps and of the per-epoch
+    validation (CIFAR-10's halves of 25,000 images; `search.valid_every: 1`, as DARTS validates),
+    from the step's figure and that of its validation twin on the case's supernet (NaN: not
+    measured). A graphed search's one or two captures (seconds) are left out."""
+    valid = {(x.case, validation_twin(x.variant)): x for x in figures if x.case in VALIDATION_CASES}
+    rows = []
+    for x in figures:
+        if x.case not in VALIDATION_OF:
+            continue
+        steps_min = epochs * (train_images // x.batch) * x.ms_per_step / 6e4
+        v = valid.get((VALIDATION_OF[x.case], validation_twin(x.variant)))
+        valid_min = epochs * valid_images / v.images_per_s / 60 if v else math.nan
+        rows.append((x.case, x.variant, steps_min, valid_min))
+    return rows
+
+
 def check(cases: list[str], variants: list[str], retrain_variants: list[str], size: Size) -> int:
     """What a run would measure, with every search setting and retrain config built (and so
     validated) without a network or a device: a refused combination shows here, in a second, not
     minutes into a lent GPU's call. Returns the exit status."""
     problems: list[str] = []
     plan: list[str] = []
-    for case in cases:
-        for variant in variants:
-            if case in VALIDATION_CASES and not validates_differently(variant):
-                continue
-            try:
-                if variant == "reference":
-                    if search_settings(case, size)[1].features == "random":
-                        raise ValueError("bench/reference.py has no random-features search")
-                else:
-                    search_settings(case, size, **speed_options(variant))
-                plan.append(f"{case} {variant}")
-            except (ValueError, TypeError) as e:
-                problems.append(f"{case} {variant}: {e}")
+    for case, variant in runs_to_measure(cases, variants):
+        try:
+            if variant == "reference":
+                if search_settings(case, size)[1].features == "random":
+                    raise ValueError("bench/reference.py has no random-features search")
+            else:
+                search_settings(case, size, **speed_options(variant))
+            plan.append(f"{case} {variant}")
+        except (ValueError, TypeError) as e:
+            problems.append(f"{case} {variant}: {e}")
     for variant in retrain_variants:
         try:
             train_config(variant)
@@ -731,7 +766,7 @@ def check(cases: list[str], variants: list[str], retrain_variants: list[str], si
 # --- report ---------------------------------------------------------------------------------------
 def table(figures: list[Figure]) -> str:
     v = max([17] + [len(x.variant) for x in figures])
-    head = f"{'case':<13} {'variant':<{v}} {'batch':>5} {'ms/step':>9} {'img/s':>8} {'peak MB':>8} {'rsrvd MB':>8} {'live MB':>8} " \
+    head = f"{'case':<14} {'variant':<{v}} {'batch':>5} {'ms/step':>9} {'img/s':>8} {'peak MB':>8} {'rsrvd MB':>8} {'live MB':>8} " \
            f"{'ops':>7} {'writing':>7} {'MB written':>10} {'MB read':>9} {'GFLOP':>8} {'syncs':>5} {'warm-up s':>9} " \
            f"{'off-layout':>10}"
     rows = [head, "-" * len(head)]
@@ -739,7 +774,7 @@ def table(figures: list[Figure]) -> str:
     def f(v: float | int | None, spec: str) -> str:
         return "-".rjust(len(format(0, spec))) if v is None else format(v, spec)
     for x in figures:
-        rows.append(f"{x.case:<13} {x.variant:<{v}} {x.batch:>5} {f(x.ms_per_step, '9.1f')} "
+        rows.append(f"{x.case:<14} {x.variant:<{v}} {x.batch:>5} {f(x.ms_per_step, '9.1f')} "
                     f"{f(x.images_per_s, '8.1f')} {f(x.peak_memory_mb, '8.0f')} {f(x.peak_reserved_mb, '8.0f')} "
                     f"{f(x.live_mb, '8.0f')} "
                     f"{f(x.ops, '7d')} "
@@ -751,7 +786,7 @@ def table(figures: list[Figure]) -> str:
 def ratio_table(figures: list[Figure]) -> str:
     """reference figure / variant figure: > 1 means the variant needs less."""
     v = max([17] + [len(x.variant) for x in figures])
-    head = f"{'case':<13} {'variant':<{v}} {'time':>6} {'writing ops':>11} {'bytes':>6} {'moved':>6} {'reserved':>8} {'live':>6}"
+    head = f"{'case':<14} {'variant':<{v}} {'time':>6} {'writing ops':>11} {'bytes':>6} {'moved':>6} {'reserved':>8} {'live':>6}"
     rows = ["ratio reference / variant (higher is better)", head, "-" * len(head)]
     ref = {x.case: x for x in figures if x.variant == "reference"}
 
@@ -764,7 +799,7 @@ def ratio_table(figures: list[Figure]) -> str:
         if x.variant == "reference" or x.case not in ref:
             continue
         base = ref[x.case]
-        rows.append(f"{x.case:<13} {x.variant:<{v}} {r(base.ms_per_step, x.ms_per_step):>6} "
+        rows.append(f"{x.case:<14} {x.variant:<{v}} {r(base.ms_per_step, x.ms_per_step):>6} "
                     f"{r(base.writing_ops, x.writing_ops):>11} {r(base.mb_written, x.mb_written):>6} "
                     f"{r(moved(base), moved(x)):>6} "
                     f"{r(base.peak_reserved_mb, x.peak_reserved_mb):>8} {r(base.live_mb, x.live_mb):>6}")
@@ -874,27 +909,24 @@ def _main(argv: list[str] | None) -> None:
                                        "steps": steps, "warmup": warmup, "failures": failures,
                                        "figures": [asdict(f) for f in figures]}, indent=1))
             tmp.replace(args.json)
-    for case in cases:
-        for variant in variants:
-            if case in VALIDATION_CASES and not validates_differently(variant):
-                continue
-            if variant == "reference":
-                make = lambda: reference_step(case, size, device)  # noqa: E731
-            else:
-                make = lambda: nascore_step(case, size, device, **speed_options(variant))  # noqa: E731
-            try:
-                fig = measure(case, variant, make, device, warmup, steps, count and countable(variant, device.type),
-                              args.profile and "graph" not in variant, sites=args.by_site)
-            except Exception as e:     # one broken variant must not cost the others' figures
-                failures.append(f"{case} {variant}: {type(e).__name__}: {e}")
-                print(f"  {case} {variant}: FAILED {failures[-1]}", flush=True)
-                traceback.print_exc()
-                continue
-            finally:
-                free(device)
-            figures.append(fig)
-            save()               # a run cut short by a time limit keeps what it measured
-            print(f"  {case} {variant}: {fig.ms_per_step:.1f} ms/step", flush=True)
+    for case, variant in runs_to_measure(cases, variants):
+        if variant == "reference":
+            make = lambda: reference_step(case, size, device)  # noqa: E731
+        else:
+            make = lambda: nascore_step(case, size, device, **speed_options(variant))  # noqa: E731
+        try:
+            fig = measure(case, variant, make, device, warmup, steps, count and countable(variant, device.type),
+                          args.profile and "graph" not in variant, sites=args.by_site)
+        except Exception as e:     # one broken variant must not cost the others' figures
+            failures.append(f"{case} {variant}: {type(e).__name__}: {e}")
+            print(f"  {case} {variant}: FAILED {failures[-1]}", flush=True)
+            traceback.print_exc()
+            continue
+        finally:
+            free(device)
+        figures.append(fig)
+        save()               # a run cut short by a time limit keeps what it measured
+        print(f"  {case} {variant}: {fig.ms_per_step:.1f} ms/step", flush=True)
     if not args.no_retrain:
         for fig in retrain_figures(size, device, warmup, steps, count, retrain_variants, args.profile, failures,
                                    args.by_site):
@@ -905,6 +937,13 @@ def _main(argv: list[str] | None) -> None:
     print(table(figures))
     print()
     print(ratio_table(figures))
+    searches = search_estimate(figures)
+    if searches:
+        print(f"\nsearch, 50 CIFAR-10 epochs at these figures (size {args.size or ('full' if cuda else 'small')}; "
+              f"validation every epoch; the issue's targets at the full size, steps: DARTS 20 min, NB201 5):")
+        for case, variant, steps_min, valid_min in searches:
+            print(f"  {case:<13} {variant:<32} {steps_min + valid_min:8.1f} min = {steps_min:.1f} min of steps "
+                  f"+ {valid_min:.1f} min of validation")
     estimates = retrain_estimate(figures)
     if estimates:
         print(f"\nretrain, 600 CIFAR-10 epochs at these figures (size {args.size or ('full' if cuda else 'small')}; "

@@ -26,7 +26,7 @@ def test_the_bench_runs_at_tiny_sizes_and_prints_the_ratio_table(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     out = run.stdout
     assert "ratio reference / variant" in out
-    for row in ("nb201         eager", "nb201         fused", "retrain       nascore", "retrain       nascore+fused"):
+    for row in ("nb201          eager", "nb201          fused", "retrain        nascore", "retrain        nascore+fused"):
         assert row in out
     assert "nascore+fused_dense" not in out
     figures = json.loads((tmp_path / "figures.json").read_text())["figures"]
@@ -117,9 +117,13 @@ def test_bench_variants_name_a_backend_and_modifiers():
         with pytest.raises(ValueError, match="unknown variant"):
             bench.speed_options(bad)
     # a dispatch-mode counter sees the eager ops of a compiled variant: its counts are withheld
-    # the search's validation runs eagerly in fp32: no graph, bf16 or channels_last figure for it
-    assert bench.validates_differently("fused_dense") and bench.validates_differently("fused+compile")
-    assert not bench.validates_differently("fused+graph") and not bench.validates_differently("eager+cl")
+    # the search's validation runs in the steps' backend, precision and layout, outside any graph:
+    # a graph variant's validation is its graph-less twin's, measured once
+    assert bench.validation_twin("fused_dense+graph+bf16") == "fused_dense+bf16"
+    assert bench.validation_twin("fused+compile") == "fused+compile" and bench.validation_twin("reference") == "reference"
+    assert bench.runs_to_measure(["nb201", "nb201_valid"], ["fused+bf16", "fused+graph+bf16", "fused+graph"]) == [
+        ("nb201", "fused+bf16"), ("nb201", "fused+graph+bf16"), ("nb201", "fused+graph"),
+        ("nb201_valid", "fused+bf16"), ("nb201_valid", "fused+graph")]
     assert bench.countable("reference") and bench.countable("fused_dense+graph+bf16")
     # a replayed CUDA graph dispatches nothing to count
     assert not bench.countable("fused+graph", "cuda") and bench.countable("fused+bf16", "cuda")
@@ -162,6 +166,23 @@ def test_bench_variants_name_a_backend_and_modifiers():
     assert with_overhead == pytest.approx(600 * (520 * 48.3 + 400.0) / 3.6e6)
 
 
+def test_a_search_estimate_adds_each_epochs_validation_of_its_supernet():
+    bench = load_bench()
+    figures = [bench.Figure("nb201", "fused_dense+graph+bf16", 64, 25.7, 64 / 0.0257),
+               bench.Figure("nb201_valid", "fused_dense+bf16", 512, 20.0, 512 / 0.020),
+               bench.Figure("darts_second", "fused_dense+graph+bf16", 64, 239.3, 64 / 0.2393),
+               bench.Figure("darts_valid", "fused_dense+graph+bf16", 512, 80.0, 512 / 0.080),
+               bench.Figure("pc_darts", "reference", 256, 1264.9, 256 / 1.2649)]
+    (c1, v1, steps1, valid1), (c2, _, steps2, valid2), (c3, _, _, valid3) = bench.search_estimate(figures)
+    # 390 steps of 64 and 25,000 validation images an epoch; the graph variant validates as its twin
+    assert (c1, v1) == ("nb201", "fused_dense+graph+bf16")
+    assert steps1 == pytest.approx(50 * 390 * 25.7 / 6e4) and valid1 == pytest.approx(50 * 25_000 * 0.020 / 512 / 60)
+    # second order validates DARTS' supernet
+    assert c2 == "darts_second" and steps2 == pytest.approx(50 * 390 * 239.3 / 6e4)
+    assert valid2 == pytest.approx(50 * 25_000 * 0.080 / 512 / 60)
+    assert c3 == "pc_darts" and math.isnan(valid3)       # no pc_darts_valid figure: unknown
+
+
 def test_a_retrain_step_is_timed_apart_from_what_each_epoch_adds_once():
     # epochs of 5 and 55 steps at 40 ms a step, each with 450 ms of warm-up and capture: the
     # bench's old figure, the 55-step epoch's mean, was 48.2 ms; the run's 520-step epochs see 40.9
@@ -199,9 +220,9 @@ def test_check_validates_a_run_without_measuring_it(capsys):
                     "--variants", "reference,fused_dense+graph+bf16", "--retrain-variants", "nascore+fused_dense+graph"])
     assert ok.value.code == 0
     out = capsys.readouterr().out
-    # the validation case runs only variants that validate differently (no graph in a validation)
-    assert ("check: 4 to measure: nb201 reference, nb201 fused_dense+graph+bf16, nb201_valid reference, "
-            "retrain nascore+fused_dense+graph") in out
+    # the validation case runs a graph variant's validation too (bf16, channels_last, no graph)
+    assert ("check: 5 to measure: nb201 reference, nb201 fused_dense+graph+bf16, nb201_valid reference, "
+            "nb201_valid fused_dense+graph+bf16, retrain nascore+fused_dense+graph") in out
     # the reference has no random-features search: refused at once, with the reason
     with pytest.raises(SystemExit) as refused:
         bench.main(["--check", "--cases", "rf_darts", "--variants", "reference,fused", "--no-retrain"])

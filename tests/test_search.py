@@ -213,6 +213,25 @@ def test_validation_in_merged_batches_gives_the_batch_by_batch_figures_in_fewer_
     assert figures[0]["valid_loss"] == pytest.approx(figures[1]["valid_loss"], rel=1e-5)
 
 
+@pytest.mark.parametrize("backend", ["eager", "fused_dense"])
+@pytest.mark.parametrize("amp,channels_last", [("none", False), ("none", True), ("bf16", True)])
+def test_validation_runs_in_the_searchs_precision_and_layout(amp, channels_last, backend):
+    """The per-epoch validation forwards take the steps' autocast and memory format (at 512
+    images they are GPU-bound: fp32 NCHW would cost more than the steps' settings)."""
+    x, y = learnable_images(2 * 24, 4, 8)
+    cfg = tiny_config(space="nb201", amp=amp, channels_last=channels_last, backend=backend)
+    run = SearchRun(get_space("nb201"), cfg, tiny_data(n=24, x=x, y=y), log=lambda s: None)
+    seen = []
+    run.model.register_forward_hook(lambda m, args, out: seen.append(
+        (args[0].is_contiguous(memory_format=torch.channels_last), out.dtype, m.training, torch.is_grad_enabled())))
+    figures = run.validate()
+    assert seen == [(channels_last, torch.bfloat16 if amp == "bf16" else torch.float32, False, False)]
+    assert run.model.training
+    fp32 = SearchRun(get_space("nb201"), tiny_config(space="nb201", backend=backend), tiny_data(n=24, x=x, y=y),
+                     log=lambda s: None).validate()
+    assert figures["valid_loss"] == pytest.approx(fp32["valid_loss"], rel=0.02 if amp == "bf16" else 1e-5)
+
+
 def test_a_cpu_search_records_no_gpu_memory():
     history = search(get_space("nb201"), tiny_config(space="nb201", epochs=1), tiny_data(), log=lambda s: None).history
     assert "peak_memory_mb" not in history[0] and "peak_reserved_mb" not in history[0]
