@@ -251,6 +251,8 @@ class SearchRun:
             raise ConfigError(f"params.yaml: search.{problem}")
         if cfg.compile:
             self.model.compile(self.cfg.compile_scope)
+        if self.capture_step is not None and cfg.drop_path > 0:
+            self.model.drop_path_on_device(self.device)     # one capture serves the whole ramp
         # The weight lr as a device tensor of the weights' dtype, written before each epoch: a
         # fused SGD reads it there, so a captured step serves every epoch, not one epoch's lr.
         self.lr_now = torch.tensor(cfg.lr, dtype=next(self.model.parameters()).dtype, device=self.device)
@@ -388,6 +390,7 @@ class SearchRun:
             self._save()
             if self.on_epoch_end is not None:
                 self.on_epoch_end(record)
+        self._steps = None          # a captured step's graph and static buffers end with the run
         return SearchResult(self.model.derive(), self.history, self.model, start)
 
     def _val_batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -486,13 +489,14 @@ class SearchRun:
         that a capture freezes has changed; otherwise new ones, which capture anew.
 
         A capture freezes the Python values the step read and the tensors it used: whether α
-        steps (the warm-up ends once), the drop-path probability (a float: eager backend only),
+        steps (the warm-up ends once), the drop-path probability unless the supernet keeps it on
+        the device (it does when steps are captured: `Supernet.drop_path_on_device`),
         the optimisers' state tensors (replaced when OPP-DARTS adds an op), the active op columns,
-        and the lr unless the SGD reads it from `lr_now`. So a search with a fused SGD, no
-        drop-path and no op schedule captures at most twice per run: once in warm-up, once after.
+        and the lr unless the SGD reads it from `lr_now`. So a search with a fused SGD and no op
+        schedule captures at most twice per run: once in α's warm-up, once after.
         """
-        frozen = (update_arch, drop_prob, self._optimiser_generation, tuple(self.model.active_columns()),
-                  None if isinstance(ctx.lr, torch.Tensor) else ctx.lr)
+        frozen = (update_arch, None if self.model.drop_prob_on_device() else drop_prob, self._optimiser_generation,
+                  tuple(self.model.active_columns()), None if isinstance(ctx.lr, torch.Tensor) else ctx.lr)
         if self._steps is not None and self._steps.frozen == frozen:
             self._steps.next_epoch(ctx)
         else:

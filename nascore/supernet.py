@@ -27,7 +27,7 @@ from torch import nn
 
 from . import fused
 from .graphs import compiled_call
-from .ops import POOLING_OPS, Identity, build_op, drop_path
+from .ops import POOLING_OPS, DropProb, Identity, build_op, drop_path, drops
 
 if TYPE_CHECKING:
     from .genotype import AnyGenotype
@@ -90,15 +90,17 @@ class MixedOp(nn.Module):
             ops.append(op)
         self.ops = nn.ModuleList(ops)
 
-    # Search-time drop-path (RobustDARTS' regularised search): set per epoch by the search loop.
-    drop_prob: float = 0.0
+    # Search-time drop-path (RobustDARTS' regularised search): set per epoch by the search loop;
+    # a 0-dim device tensor, written in place, when the search captures its step once
+    # (`Supernet.drop_path_on_device`)
+    drop_prob: DropProb = 0.0
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, columns: Sequence[int]) -> torch.Tensor:
         """`weights[k]` weighs op `columns[k]`; ops outside `columns` are not computed."""
         out = None
         for w, c in zip(weights, columns):
             y = self.ops[c](x)
-            if self.drop_prob and self.training and not isinstance(self.ops[c], Identity):
+            if self.training and drops(self.drop_prob) and not isinstance(self.ops[c], Identity):
                 y = drop_path(y, self.drop_prob)      # every op output but the identity, as in eval
             y = w * y
             out = y if out is None else out + y
@@ -229,6 +231,8 @@ class Supernet(nn.Module):
     Subclasses build their modules, call `init_arch(...)` and implement `forward_cells(x, w, ew)`.
     """
 
+    _drop_path_tensor: torch.Tensor | None = None     # `drop_path_on_device`
+
     space: "SearchSpace"
     cfg: SupernetConfig
     backend: str = "eager"           # set_backend("fused" | "fused_dense"): same modules, fewer kernels
@@ -351,12 +355,30 @@ class Supernet(nn.Module):
         return [p for p in self.parameters() if p.requires_grad and id(p) not in arch]
 
     def set_drop_path(self, p: float) -> None:
-        """Search-time drop-path probability of every mixed op (0 = off)."""
+        """Search-time drop-path probability of every mixed op (0 = off); written into the
+        device tensor in place while there is one (`drop_path_on_device`)."""
         if not 0.0 <= p < 1.0:
             raise ValueError(f"drop-path probability must be in [0, 1), got {p}")
+        tensor = self._drop_path_tensor
+        if tensor is not None:
+            tensor.fill_(p)
         for m in self.modules():
             if isinstance(m, MixedOp):
-                m.drop_prob = p
+                m.drop_prob = p if tensor is None else tensor
+
+    def drop_path_on_device(self, device: torch.device | str | None) -> None:
+        """Every mixed op reads its drop-path probability from one 0-dim tensor on `device` (None:
+        a float again), which `set_drop_path` writes in place: a step captured once in a CUDA graph
+        then follows the per-epoch ramp. Masks are drawn at every probability, 0 included (all
+        ones: the outputs unchanged, random numbers drawn)."""
+        current = next((m.drop_prob for m in self.modules() if isinstance(m, MixedOp)), 0.0)
+        value = float(current) if isinstance(current, torch.Tensor) else current
+        self._drop_path_tensor = None if device is None else torch.tensor(value, dtype=torch.float32, device=device)
+        self.set_drop_path(value)
+
+    def drop_prob_on_device(self) -> bool:
+        """Whether the mixed ops read their drop-path probability from a device tensor."""
+        return self._drop_path_tensor is not None
 
     def mixed_ops(self) -> list[nn.Module]:
         """Every edge of every cell (a `MixedOp` or its partial-channel wrapper)."""

@@ -1452,6 +1452,31 @@ def test_a_captured_search_step_serves_every_epoch_that_froze_nothing_new(method
            [{k: v for k, v in r.items() if k not in drop} for r in plain.history]
 
 
+def test_a_captured_search_step_follows_the_drop_path_ramp(float64):
+    """Search-time drop-path (eager backend) under a capture: the supernet keeps p in a device
+    tensor that each epoch writes, so one capture serves the whole ramp, and its replays draw and
+    compute what running the step afresh does (`Rerun`, which freezes nothing)."""
+    x, y = learnable_images(28, 4, 8)
+    x = x.double()
+
+    def run(capture, drop_path=0.4):
+        data = SearchData(UnevenLoader(x[:14], y[:14], 4), TensorLoader(x[14:], y[14:], 4), 4)
+        cfg = tiny_search_config("darts", "nb201", backend="eager", optimizer_impl="fused", epochs=3,
+                                 drop_path=drop_path)
+        return SearchRun(get_space("nb201"), cfg, data, log=lambda s: None, capture_step=capture).run()
+    TapeGraph.captures = 0
+    taped = run(TapeGraph)
+    assert TapeGraph.captures == 1
+    assert taped.model.drop_prob_on_device()
+    rerun = run(Rerun)
+    for (k, a), b in zip(rerun.model.state_dict().items(), taped.model.state_dict().values()):
+        assert torch.equal(a, b), k
+    assert [r["train_loss"] for r in taped.history] == [r["train_loss"] for r in rerun.history]
+    # and the masks did drop: without drop-path the same search differs after its first epoch
+    undropped = run(Rerun, drop_path=0.0)
+    assert undropped.history[2]["train_loss"] != taped.history[2]["train_loss"]
+
+
 def test_a_fused_sgd_steps_with_each_epochs_lr(float64):
     """The fused SGD reads the lr from `lr_now`, written before each epoch: the same search as
     with torch's per-parameter loop, which takes the lr as a number (second order: ξ too)."""
