@@ -396,8 +396,14 @@ def train(model: nn.Module, train_loader: Loader, eval_loader: Loader | None, cf
             D.broadcast_buffers(model)
             evaluated = eval_loader is not None and ((epoch + 1) % cfg.eval_every == 0
                                                      or epoch + 1 == cfg.epochs)
-            ev = (evaluate(network("eval"), eval_loader, device, amp=cfg.amp, channels_last=cfg.channels_last,
-                           graph=test_graph) if evaluated else {})
+            ev = {}
+            if evaluated:
+                eval_net = network("eval")
+                # a compiled run's first test pass runs eagerly (it fills the lazy caches): its
+                # graph is captured from the compiled network, in the pass after
+                graphed = test_graph if not compiled or eval_net is compiled["eval"] else None
+                ev = evaluate(eval_net, eval_loader, device, amp=cfg.amp, channels_last=cfg.channels_last,
+                              graph=graphed)
             record = {
                 "epoch": epoch + 1, "lr": lr, "drop_path_prob": drop_path_at(cfg, epoch),
                 "train_loss": loss_sum / seen if seen else math.nan,

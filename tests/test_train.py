@@ -551,6 +551,37 @@ def test_a_compiled_retrain_traces_a_fixed_number_of_times_and_follows_the_plain
         assert torch.equal(a, b), k
 
 
+def test_a_compiled_and_graphed_retrain_captures_the_compiled_network(tmp_path: Path) -> None:
+    """With `compile` and a graph, each capture (the training step's, the test pass's) records
+    the compiled network, not the eager warm-up call before it: a real capture runs its step
+    once, so the stand-in here does too, and counts the compiled code's calls inside."""
+    compiled_calls: list[int] = []
+
+    def counting(gm: torch.fx.GraphModule, example_inputs: Any) -> Any:
+        def forward(*args: Any) -> Any:
+            compiled_calls.append(1)
+            return gm.forward(*args)
+        return forward
+
+    inside: list[int] = []
+
+    class RunsOnceAtCapture(Rerun):
+        def __init__(self, step: Any) -> None:
+            super().__init__(step)
+            before = len(compiled_calls)
+            step()
+            inside.append(len(compiled_calls) - before)
+
+    torch._dynamo.reset()
+    model = NetworkCIFAR(DARTS_V2, C=4, num_classes=4, layers=3, auxiliary=False)
+    # 4 test batches a pass: the first pass could capture (after 2 plain batches)
+    train(model, loaders(n_train=64)[0], EpochLoader(*blobs(256, noise_seed=1), batch=64),
+          cfg(epochs=3, backend="fused_dense", compile=True),
+          checkpoint_path=tmp_path / "ck.pt", device="cpu", compile_backend=counting,
+          capture_step=RunsOnceAtCapture)
+    assert len(inside) == 2 and all(n > 0 for n in inside), inside
+
+
 @pytest.mark.parametrize("kw, message", [
     (dict(), "needs a CUDA device"), (dict(nonfinite="skip"), "needs nonfinite='stop'"),
 ])
