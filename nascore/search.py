@@ -97,10 +97,10 @@ class SearchConfig:
     backend: str = "eager"                 # eager | fused | fused_dense: same numbers in fewer kernels
     compile: bool = False                  # torch.compile the supernet's forward
     compile_scope: str = "cells"           # fused backends: cells (one trace per cell shape) | network
-    cuda_graph: bool = False               # capture the whole search step in one CUDA graph (CUDA only)
+    cuda_graph: bool = False               # capture the whole search step in one CUDA graph, once per run (CUDA only)
     amp: str = "none"                      # none | bf16 autocast of the forward passes
     channels_last: bool = False            # NHWC activations (tensor-core GPUs)
-    optimizer_impl: str = "default"        # default (torch's choice) | for_loop | foreach | fused
+    optimizer_impl: str = "default"        # default (torch's choice; captured: SGD fused) | for_loop | foreach | fused
     cudnn_benchmark: bool = False          # cuDNN autotunes each conv shape once (CUDA; the shapes never change)
     # fused_dense's trades of multiply-adds for kernels (`Supernet.set_backend`): convs of several
     # kernel sizes as one; a reduction cell's paired stride-2 convs ungrouped (block-diagonal)
