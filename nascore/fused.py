@@ -678,6 +678,7 @@ class BatchNormSink:
     _buffer: torch.Tensor | None = None
     _used: int = 0
     _affine: tuple[torch.Tensor, torch.Tensor] | None = None   # eval: (1/σ, −μ/σ) of the buffer
+    _affine_cast: tuple[torch.Tensor, torch.Tensor] | None = None   # ... in the activations' dtype
     _eps: list[tuple[float, int]] = field(default_factory=list)  # eval: (eps, channels) per BN
     _cells: list[CellNeeds] = field(default_factory=list)       # this forward's cells so far
     _replayed: list[list[torch.Tensor]] | None = None            # the recorded cells' weights, while they match
@@ -709,7 +710,7 @@ class BatchNormSink:
     def _begin_buffer(self, cells: Sequence[CellNeeds]) -> None:
         """One buffer for `cells`' grouped BNs, taken from in order: zeroed scratch (training), or
         their running statistics side by side (evaluation: one cat)."""
-        self._used, self._affine = 0, None
+        self._used, self._affine, self._affine_cast = 0, None, None
         if self.training:
             channels = sum(c.bn_channels for c in cells)
             like = next((c.bn_like for c in cells if c.bn_like is not None), None)
@@ -729,10 +730,11 @@ class BatchNormSink:
         u, self._used = self._used, self._used + n
         return self._buffer[0, u:u + n], self._buffer[1, u:u + n]
 
-    def take_affine(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def take_affine(self, n: int, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Evaluation mode: the next n channels' normalisation as an affine map, x̂ = x·s + t with
         s = 1/√(var + eps), t = −mean·s. Computed for the whole cell at its first use (a few
-        kernels per cell, not per group)."""
+        kernels per cell, not per group); in `dtype` (autocast's activations) cast once for the
+        whole buffer too, not per group (bf16 DARTS validation: 80 casts per forward of 16)."""
         assert not self.training and self._buffer is not None and self._used + n <= self._buffer.shape[1]
         if self._affine is None:
             mean, var = self._buffer.unbind(0)
@@ -743,8 +745,13 @@ class BatchNormSink:
                 inv = torch.rsqrt(var + torch.tensor([e for e, c in self._eps for _ in range(c)],
                                                      dtype=var.dtype, device=var.device))
             self._affine = (inv, torch.mul(mean, inv).neg_())
+        affine = self._affine
+        if dtype is not None and dtype != affine[0].dtype:
+            if self._affine_cast is None or self._affine_cast[0].dtype != dtype:
+                self._affine_cast = (affine[0].to(dtype), affine[1].to(dtype))
+            affine = self._affine_cast
         u, self._used = self._used, self._used + n
-        return self._affine[0][u:u + n], self._affine[1][u:u + n]
+        return affine[0][u:u + n], affine[1][u:u + n]
 
     def flush(self) -> None:
         by_momentum: dict[float, tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]] = {}
@@ -833,7 +840,8 @@ def _bn_shared(y: torch.Tensor, bns: Sequence[nn.BatchNorm2d], sink: BatchNormSi
     y_shape = (y.shape[0], states, 1, c, *y.shape[2:]) if states > 1 else (y.shape[0], 1, c, *y.shape[2:])
     unit_shape = (1, states, n, c, 1, 1) if states > 1 else (1, n, c, 1, 1)
     if not sink.training:
-        scale, shift = sink.take_affine(len(bns) * c)
+        # without γ, β: the map in the activations' dtype, as BN keeps it (autocast), cast once
+        scale, shift = sink.take_affine(len(bns) * c, None if bns[0].affine else y.dtype)
         if bns[0].affine:                     # γ·(x·s + t) + β
             gamma = next(ws)
             scale, shift = scale * gamma, torch.addcmul(next(ws), shift, gamma)

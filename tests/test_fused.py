@@ -428,6 +428,46 @@ def test_evaluation_under_bf16_autocast_keeps_activations_in_bf16():
     torch.testing.assert_close(outs["fused"], outs["eager"], rtol=0.05, atol=0.01)
 
 
+@pytest.mark.parametrize("space", ["darts", "nb201"])
+def test_an_evaluation_forward_under_autocast_casts_its_bn_statistics_once(space):
+    """Evaluation mode under bf16 autocast: the running statistics' affine maps (1/σ, −μ/σ) of a
+    forward's one BN buffer are cast to the activations' dtype once, not per pooling BN group (the
+    DARTS space's pooling BNs: 80 casts per validation forward at the bench's small size)."""
+    net = build(space).float()
+    net.set_backend("fused_dense")
+    x = torch.randn(3, 3, 8, 8)
+    net(x)                                      # training: running statistics off their init
+    net.eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        net(x)                                  # the first evaluation forward records the network
+        with PartialCasts() as casts:
+            out = net(x)
+    # casts of part of a tensor: each cell's α-weighted op weights (`group_weights`), and before
+    # the maps were cast whole, each pooling BN group's slice of them (51 here in the DARTS space)
+    cells = sum(isinstance(m, SearchCell) for m in net.modules())
+    assert len(casts.partial) <= cells, casts.partial
+    assert casts.whole                          # the gathered weights, the maps: whole tensors
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+
+
+class PartialCasts(TorchDispatchMode):
+    """Casts to bfloat16 of 1-D tensors, split by whether the input is a whole tensor or a view
+    of part of a larger one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.partial, self.whole = [], []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        x = args[0] if args else None
+        if func.overloadpacket is torch.ops.aten._to_copy and x.dim() == 1 and out.dtype == torch.bfloat16 \
+                and x.dtype != out.dtype:
+            part = x.untyped_storage().nbytes() > x.numel() * x.element_size()
+            (self.partial if part else self.whole).append(tuple(x.shape))
+        return out
+
+
 class WeightCasts(TorchDispatchMode):
     """Casts of float tensors to bfloat16, other than a batch's (tensors whose first dim is
     `batch`): the weights autocast casts for its convs and products, forward and backward.
