@@ -315,13 +315,13 @@ class SearchRun:
         """
         self._optimiser_generation += 1
         impl = self.cfg.optimizer_impl
-        flags = {"default": {"foreach": None, "fused": None}, "for_loop": {"foreach": False, "fused": None},
-                 "foreach": {"foreach": True, "fused": None}, "fused": {"foreach": None, "fused": True}}[impl]
-        fused = {"foreach": False, "fused": True}
+        kernels = {"default": {"foreach": None, "fused": None}, "for_loop": {"foreach": False, "fused": None},
+                   "foreach": {"foreach": True, "fused": None}, "fused": {"foreach": None, "fused": True}}
         capturable = self.cfg.cuda_graph and self.device.type == "cuda"
         for opt in (self.w_opt, self.a_opt):
+            flags = kernels["fused" if opt is self.w_opt and self.fused_sgd else impl]
             for group in opt.param_groups:
-                group.update(fused if opt is self.w_opt and self.fused_sgd else flags)
+                group.update(flags)
                 if "capturable" in group:
                     group["capturable"] = capturable
             if capturable:

@@ -53,3 +53,15 @@ def scramble_bn_statistics(net: nn.Module, seed: int = 0) -> None:
             if isinstance(m, nn.BatchNorm2d) and m.running_mean is not None:
                 m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g))
                 m.running_var.copy_(0.5 + 1.5 * torch.rand(m.running_var.shape, generator=g))
+
+
+SEARCH_TIMING = {"epoch_seconds", "images_per_s"}
+
+
+def assert_searches_identical(expected, got) -> None:
+    """Two `SearchResult`s bit for bit: every state-dict tensor, and every epoch record but its
+    wall-clock figures."""
+    for (k, a), b in zip(expected.model.state_dict().items(), got.model.state_dict().values()):
+        assert torch.equal(a, b), k
+    assert [{k: v for k, v in r.items() if k not in SEARCH_TIMING} for r in got.history] == \
+           [{k: v for k, v in r.items() if k not in SEARCH_TIMING} for r in expected.history]

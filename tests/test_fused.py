@@ -27,7 +27,7 @@ from nascore.search import EpochSteps, SearchConfig, SearchData, SearchRun, sear
 from nascore.spaces import SPACES, get_space
 from nascore.supernet import SearchCell, SupernetConfig
 from tests._graph_tape import TapeGraph
-from tests._tiny import TensorLoader, learnable_images, scramble_bn_statistics
+from tests._tiny import TensorLoader, assert_searches_identical, learnable_images, scramble_bn_statistics
 
 
 @pytest.fixture
@@ -1446,11 +1446,7 @@ def test_the_captured_step_logic_reproduces_the_plain_loop(float64):
     cfg = tiny_search_config("pc_darts", "darts", backend="fused", arch_warmup_epochs=1, optimizer_impl="fused")
     plain = SearchRun(get_space("darts"), cfg, data(), log=lambda s: None).run()
     result = SearchRun(get_space("darts"), cfg, data(), log=lambda s: None, capture_step=Rerun).run()
-    for (k, a), b in zip(plain.model.state_dict().items(), result.model.state_dict().values()):
-        assert torch.equal(a, b), k
-    drop = {"epoch_seconds", "images_per_s"}
-    assert [{k: v for k, v in r.items() if k not in drop} for r in result.history] == \
-           [{k: v for k, v in r.items() if k not in drop} for r in plain.history]
+    assert_searches_identical(plain, result)
 
 
 @pytest.mark.parametrize("method,space,overrides,captures", [
@@ -1485,11 +1481,7 @@ def test_a_captured_search_step_serves_every_epoch_that_froze_nothing_new(method
     # 4 batches an epoch, the last short (plain); 2 plain warm-up steps before each capture
     assert TapeGraph.replays == 3 * 3 - 2 * captures
     assert len({r["lr"] for r in plain.history}) == 3
-    for (k, a), b in zip(plain.model.state_dict().items(), graphed.model.state_dict().values()):
-        assert torch.equal(a, b), k
-    drop = {"epoch_seconds", "images_per_s"}
-    assert [{k: v for k, v in r.items() if k not in drop} for r in graphed.history] == \
-           [{k: v for k, v in r.items() if k not in drop} for r in plain.history]
+    assert_searches_identical(plain, graphed)
 
 
 def test_a_captured_search_step_follows_the_drop_path_ramp(float64):

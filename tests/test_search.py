@@ -7,7 +7,7 @@ from nascore.io import CheckpointError, load_checkpoint, save_torch
 from nascore.methods import METHODS, get_method
 from nascore.search import NonFiniteError, SearchConfig, SearchData, SearchRun, cosine_lr, search
 from nascore.spaces import SPACES, get_space
-from tests._tiny import TensorLoader, learnable_images
+from tests._tiny import TensorLoader, assert_searches_identical, learnable_images
 
 
 def tiny_config(method="darts", space="darts", **overrides) -> SearchConfig:
@@ -95,11 +95,7 @@ def test_resume_after_interruption_equals_uninterrupted_run(method, tmp_path):
         torch.use_deterministic_algorithms(False)
     assert resumed.resumed_from_epoch == 2
     assert resumed.genotype == full.genotype
-    for (k, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
-        assert torch.equal(a, b), k
-    drop = {"epoch_seconds", "images_per_s"}
-    assert [{k: v for k, v in r.items() if k not in drop} for r in resumed.history] == \
-           [{k: v for k, v in r.items() if k not in drop} for r in full.history]
+    assert_searches_identical(full, resumed)
 
 
 def test_finished_search_is_not_rerun_and_foreign_checkpoints_are_refused(tmp_path):
