@@ -12,7 +12,8 @@ validation forward, `*_valid`: eval mode, no grad, 512 images at the spec size) 
 A variant is a backend (eager | fused | fused_dense) and modifiers joined by "+": graph (a CUDA
 graph), bf16 (autocast and channels_last), amp (bf16 autocast alone, NCHW), cl (channels_last
 alone, fp32), compile (torch.compile, cell by cell), compilenet (torch.compile of the whole network), tuned
-(cuDNN autotuning: search.cudnn_benchmark).
+(cuDNN autotuning: search.cudnn_benchmark); and dp, not a speed switch: RobustDARTS' regularised
+search, drop-path 0.2 on the op outputs (`search.drop_path`).
 - always: ms per step (median on CPU; CUDA events over a fixed number of steps on a GPU), images/s,
   and the wall time of the warm-up steps (where a compile, a graph capture or autotuning is paid);
 - on CUDA: peak memory;
@@ -127,8 +128,12 @@ MODIFIERS = {"graph": {"cuda_graph": True}, "bf16": {"amp": "bf16", "channels_la
              # the fused backends without one matrix product per pass for the node sums (`fused.mix`)
              "chained": {"matmul_mix": False},
              # ... and one BN per op kind, not one per pass (`fused.batch_norm_pass`)
-             "kindbn": {"merge_batch_norms": False}}
-SEARCH_CELL_SWITCHES = ("merge_kernel_sizes", "block_diagonal", "matmul_mix", "merge_batch_norms")  # nothing to the retrain's cells
+             "kindbn": {"merge_batch_norms": False},
+             # not a speed switch: RobustDARTS' regularised search, drop-path on every op output
+             # but the identity at the study's lowest p (a step costs the same at any p > 0)
+             "dp": {"drop_path": 0.2}}
+# nothing to the retrain's cells (whose drop-path is the recipe's, always on: `train_config`)
+SEARCH_CELL_SWITCHES = ("merge_kernel_sizes", "block_diagonal", "matmul_mix", "merge_batch_norms", "drop_path")
 
 
 def speed_options(variant: str) -> dict[str, object]:
@@ -285,6 +290,7 @@ def nascore_step(case: str, size: Size, device: torch.device, **speed: object) -
         run.data.val = OneBatch(batches(1, batch, size.image, 10, device)[0])
         return (lambda i: run.validate()), batch, list
     run.model.train()
+    run.model.set_drop_path(cfg.drop_path)       # the search loop's ramp at its end (`dp`)
     steps = EpochSteps(run, run.step_context(0), update_arch=True)
     data = batches(4, batch, size.image, 10, device)
 
@@ -889,8 +895,9 @@ def _main(argv: list[str] | None) -> None:
                 raise ValueError(f"unknown retrain variant {v!r}: 'nascore', then a backend and modifiers "
                                  f"joined by '+'")
             if set(SEARCH_CELL_SWITCHES) & set(speed_options(retrain_speed(v))):
-                raise ValueError(f"retrain variant {v!r}: 'unmerged' and 'grouped' are search-cell "
-                                 f"switches; the retrain's evaluation cells have one op per edge")
+                raise ValueError(f"retrain variant {v!r}: 'unmerged', 'grouped', 'chained', 'kindbn' and "
+                                 f"'dp' are search-cell switches; the retrain's evaluation cells have one op "
+                                 f"per edge and the recipe's drop-path")
         except ValueError as e:
             p.error(str(e))
     if args.check:

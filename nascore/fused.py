@@ -33,6 +33,9 @@ states), so here every op of every edge leaving a state is computed in one pass 
   node); a state one pass reads goes into that product whole, its identity's C/K channels and
   the bypassed rest one block, copied by nothing (`StateParts`);
 - S4's `noise` is drawn per edge in the eager loop's order, so both paths see the same numbers;
+- search-time drop-path (RobustDARTS): one draw per network forward, a factor per sample, cell and
+  (edge, op), scales each sample's entries of each pass's mixing matrix (`Mix`'s `drop`;
+  `FusedArch.drop_factors`), the identity's entries kept: the eager per-op semantics, other draws;
 - `fused_dense` only: a separable conv (depthwise k×k, then 1×1) is linear, so it runs as ONE dense
   k×k conv whose weight is the two weights' product (`_compose`): more multiply-adds, on tensor
   cores, for half the conv launches, no depthwise kernel and no intermediate activation; and the
@@ -1204,6 +1207,10 @@ class FusedArch:
     _scaled: dict[tuple, torch.Tensor | None] = field(default_factory=dict)
     _mix: dict[tuple, list[tuple[torch.Tensor, int] | None]] = field(default_factory=dict)
     _bn: dict[tuple, list[torch.Tensor | None]] = field(default_factory=dict)
+    _drops: dict[tuple, tuple[tuple, list[list[int] | None]]] = field(default_factory=dict)
+    # search-time drop-path (training, p > 0 or on the device): each cell's (B, len(weights) + 1)
+    # per-sample factors, in the order the network calls its cells (`Supernet._forward_fused`)
+    drop_masks: Iterator[torch.Tensor] | None = None
     # `search.compile_scope: cells` (`Supernet.compile`): this forward runs each cell through
     # this compiled function of (cell, cell plan, arch, inputs); None: eagerly
     compiled_cell: Callable | None = None
@@ -1215,7 +1222,7 @@ class FusedArch:
         for every cell. Each cell then gathers its own α weights (a few small ops) and the
         caller hands its sink's updates back to the forward's sink, to be flushed with them."""
         return replace(self, sink=BatchNormSink(training=self.sink.training), _groups={}, _scaled={}, _mix={},
-                       _bn={})
+                       _bn={}, _drops={}, drop_masks=None)
 
     def group_weights(self, cell: CellPlan, channels: int,
                       unit_columns: tuple[tuple[bool, ...], ...] | None = None,
@@ -1285,6 +1292,7 @@ class FusedArch:
                 matrices, alphas = iter(whole.detach().split(sizes)), iter(alpha.split(alpha_sizes))
             self._mix[key] = [None if m is None else (next(matrices).view(m[1], -1), m[2], next(alphas).view(m[1], m[2]))
                               for m in mixes]
+            self._drops[key] = (gather_key, [None if m is None else m[3] for m in mixes])
             plain_parts: Iterator[torch.Tensor] = iter(())
         else:
             # one split per part, not a slice per group: its backward is one cat
@@ -1335,7 +1343,7 @@ class FusedArch:
             # (the entries α's gradient goes to: `Mix` writes theirs only, no zero-padded rest)
             plain = parts["plain"] if mixes is None else (
                 [i for m in mixes if m is not None for i in m[0]]
-                + [i for m in mixes if m is not None for i in _alpha_entries(*m)])
+                + [i for m in mixes if m is not None for i in _alpha_entries(*m[:3])])
             if defer:
                 return torch.tensor(plain + [i for b in bn_scale for i in b])
             return torch.tensor(plain + [i for i in parts["scaled"] for _ in range(channels)])
@@ -1365,6 +1373,24 @@ class FusedArch:
         self.group_weights(cell, channels, unit_columns, defer)
         return self._mix[(id(cell.arch or self.plan), cell.kinds, cell.paired, channels, unit_columns, defer)]
 
+    def drop_factors(self, cell: CellPlan, channels: int, unit_columns: tuple[tuple[bool, ...], ...],
+                     defer: bool, mask: torch.Tensor) -> list[torch.Tensor | None]:
+        """Per pass: the per-sample drop-path factors of its mixing matrix's entries, (B, targets,
+        columns), gathered from the cell's `mask` (B, len(weights) + 1: a factor per α index, and
+        1 last) at the matrix's drop-path positions (`_mix_layouts`); None where no op leaves
+        the pass's states. One index_select per pass, its index a device constant."""
+        self.group_weights(cell, channels, unit_columns, defer)
+        key = (id(cell.arch or self.plan), cell.kinds, cell.paired, channels, unit_columns, defer)
+        gather_key, entries = self._drops[key]
+        out: list[torch.Tensor | None] = []
+        for i, (positions, mixing) in enumerate(zip(entries, self._mix[key])):
+            if positions is None:
+                out.append(None)
+                continue
+            index = self.constant(("drop-path", *gather_key[1:], i), lambda e=positions: torch.tensor(e))
+            out.append(mask.index_select(1, index).view(mask.shape[0], *mixing[0].shape))
+        return out
+
     def pass_bn_weights(self, cell: CellPlan, channels: int, unit_columns: tuple[tuple[bool, ...], ...]
                         ) -> list[torch.Tensor | None]:
         """Per pass: the affine scale of its one BN (`batch_norm_pass`), None where it has none."""
@@ -1375,9 +1401,16 @@ class FusedArch:
 def _mix_layouts(ap: ArchPlan, cell: CellPlan, passes: Sequence[tuple[int, ...]],
                  op_index: list[list[list[int]]], unit_columns: tuple[tuple[bool, ...], ...],
                  n_weights: int, defer: bool = False, bypass: tuple[int, int | None] | None = None
-                 ) -> list[tuple[list[int], int, int] | None]:
+                 ) -> list[tuple[list[int], int, int, list[int]] | None]:
     """Per pass, its mixing matrix as positions into (α weights, 0, 1), row-major, with its
-    number of rows (targets) and of α columns; None for a pass without outputs.
+    number of rows (targets) and of α columns, and the matrix's drop-path positions; None for a
+    pass without outputs.
+
+    Drop-path positions (search-time drop-path, `cell_forward`'s `drop_mask`): per entry, the α
+    index of the (edge, op) whose output it weighs, whose per-sample factor it then takes, or
+    `n_weights` (a factor of 1) for an identity's, a bypassed channel's or a zero entry: eager
+    `MixedOp` drops every op's output but the identity's. A SCALED unit's entry is 1 in the
+    matrix (its α is in its BN), its drop position still its α index.
 
     Columns follow the order `cell_forward` concatenates the outputs in: the groups that are not
     SCALED (their units weighted here by α), then the SCALED ones (α already in their last BN:
@@ -1395,11 +1428,13 @@ def _mix_layouts(ap: ArchPlan, cell: CellPlan, passes: Sequence[tuple[int, ...]]
     every target, times that edge's β. A node's K rows are then its channels before the shuffle.
     A pass over one state puts them right after its identity's column, if it has one."""
     zero, one = n_weights, n_weights + 1
+    keep = n_weights                          # drop-path: the factor-1 position
     k, beta_at = bypass if bypass is not None else (1, None)
-    out: list[tuple[list[int], int, int] | None] = []
+    out: list[tuple[list[int], int, int, list[int]] | None] = []
     for p, per_unit in zip(passes, unit_columns):
         targets = len(ap.sources[p[-1]].edges)
-        plain, pooled, scaled = [], [], []    # columns: one target row -> position each
+        # columns: one target row -> (matrix position, drop-path position) each
+        plain, pooled, scaled = [], [], []
         identity_end = None
         for gi, kind in enumerate(cell.kinds[p[0]]):
             if KINDS[kind] is None:
@@ -1408,19 +1443,20 @@ def _mix_layouts(ap: ArchPlan, cell: CellPlan, passes: Sequence[tuple[int, ...]]
                 g, alphas = ap.sources[s].groups[gi], op_index[s][gi]
                 rows = g.positions or [j % targets for j in range(len(g.units))]
                 weighted = pooled if defer and kind == "pool_bn" else plain
+                dropped = [keep if kind == "identity" else a for a in alphas]
                 if kind in SCALED:
-                    scaled += [{r: one} for r in rows]
+                    scaled += [{r: (one, d)} for r, d in zip(rows, dropped)]
                 elif per_unit[gi]:
-                    weighted += [{r: a} for r, a in zip(rows, alphas)]
+                    weighted += [{r: (a, d)} for r, a, d in zip(rows, alphas, dropped)]
                 else:
-                    weighted.append(dict(zip(rows, alphas)))
+                    weighted.append(dict(zip(rows, zip(alphas, dropped))))
             if kind == "identity" and _reads_state_whole(cell.kinds[p[0]], p):
                 identity_end = len(plain)
         bypassed = []                         # keyed by (target, row within the target)
         if k > 1:
             for s in p:
                 beta = [one if beta_at is None else beta_at + e for e in ap.sources[s].edges]
-                bypassed += [{(t, c): beta[t] for t in range(targets)} for c in range(1, k)]
+                bypassed += [{(t, c): (beta[t], keep) for t in range(targets)} for c in range(1, k)]
         # one state's bypassed columns right after its identity's: the two are the state itself
         # (its first C/K channels, then the rest), one column block the product reads uncopied
         at = identity_end if identity_end is not None else len(plain)
@@ -1429,8 +1465,9 @@ def _mix_layouts(ap: ArchPlan, cell: CellPlan, passes: Sequence[tuple[int, ...]]
         if not columns:
             out.append(None)
             continue
-        out.append(([col.get(t if c == 0 else (t, c), zero) for t in range(targets) for c in range(k)
-                     for col in columns], targets * k, len(weighted)))
+        entries = [col.get(t if c == 0 else (t, c), (zero, keep)) for t in range(targets) for c in range(k)
+                   for col in columns]
+        out.append(([e for e, _ in entries], targets * k, len(weighted), [d for _, d in entries]))
     return out
 
 
@@ -1653,16 +1690,22 @@ class Mix(torch.autograd.Function):
     `step` > 1 (partial channels: K rows per target, `_mix_layouts`): the blocks after the first
     feed only every step-th row (the targets' ops' sums; the first block holds the bypassed
     channels' columns), so their products read and write those rows alone, not K× as many rows
-    of zeros."""
+    of zeros.
+
+    `drop` (search-time drop-path, `FusedArch.drop_factors`): (B, n, K) per-sample factors of m's
+    entries, 0 or 1/(1-p) per (edge, op), 1 for an identity's: each batch item's matrix is then
+    its own, m·drop, and α's gradient sums each item's product times its factors."""
 
     @staticmethod
     def forward(ctx, carry: torch.Tensor | None, m: torch.Tensor, m_alpha: torch.Tensor, k_alpha: int, nhwc: bool,
-                blocks: int, step: int, *xs_and_alpha_outs: torch.Tensor) -> torch.Tensor:
+                blocks: int, step: int, drop: torch.Tensor | None, *xs_and_alpha_outs: torch.Tensor) -> torch.Tensor:
         xs, alpha_outs = xs_and_alpha_outs[:blocks], xs_and_alpha_outs[blocks:]
+        if drop is not None:
+            m = m * drop                      # (B, n, K): each batch item's own matrix
         out, at = carry, 0
         for i, x in enumerate(xs):
             rows = slice(None, None, step if i else 1)
-            mb = m[rows, at:at + x.shape[1]].to(x.dtype).expand(x.shape[0], -1, -1)
+            mb = _per_item(m[..., rows, at:at + x.shape[1]].to(x.dtype), x.shape[0])
             at += x.shape[1]
             if out is None:
                 out = torch.bmm(mb, x)
@@ -1671,35 +1714,52 @@ class Mix(torch.autograd.Function):
             else:                            # this forward's own sums: added to in place
                 out[:, rows].baddbmm_(mb, x)
         ctx.x_dtypes, ctx.widths, ctx.k_alpha, ctx.nhwc = [x.dtype for x in xs], [x.shape[1] for x in xs], k_alpha, nhwc
-        ctx.step, ctx.alpha_dtype = step, m_alpha.dtype
-        ctx.save_for_backward(m, *alpha_outs)
+        ctx.step, ctx.alpha_dtype, ctx.dropped = step, m_alpha.dtype, drop is not None
+        ctx.save_for_backward(m, *([drop] if drop is not None else []), *alpha_outs)
         return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         m, *alpha_outs = ctx.saved_tensors
+        drop = alpha_outs.pop(0) if ctx.dropped else None
         needs_carry, needs_m = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
         grad_m = None
         grad_xs: list[torch.Tensor | None] = []
         at = 0
-        for i, (needs_x, width, dtype) in enumerate(zip(ctx.needs_input_grad[7:], ctx.widths, ctx.x_dtypes)):
+        for i, (needs_x, width, dtype) in enumerate(zip(ctx.needs_input_grad[8:], ctx.widths, ctx.x_dtypes)):
             rows = slice(None, None, ctx.step if i else 1)
-            mt = m[rows, at:at + width].t().to(grad.dtype).expand(grad.shape[0], -1, -1)
+            mt = _per_item(m[..., rows, at:at + width].transpose(-1, -2).to(grad.dtype), grad.shape[0])
             grad_xs.append(torch.bmm(mt, grad[:, rows]).to(dtype) if needs_x else None)
             at += width
         if needs_m:
             k = ctx.k_alpha
             if alpha_outs and k:        # (G, n, N) @ (G, N, k) summed over G: the α columns' gradient
                 x_alpha = torch.cat(alpha_outs, dim=1) if len(alpha_outs) > 1 else alpha_outs[0]
-                g = torch.bmm(grad, _items(x_alpha, k, ctx.nhwc).transpose(1, 2).to(grad.dtype)).sum(0)
+                g = torch.bmm(grad, _items(x_alpha, k, ctx.nhwc).transpose(1, 2).to(grad.dtype))
+                if drop is None:
+                    g = g.sum(0)
+                else:                   # each sample's products (over its pixels) times its factors
+                    b = drop.shape[0]
+                    per_sample = g if g.shape[0] == b else g.view(b, -1, *g.shape[1:]).sum(1)
+                    g = (per_sample * drop[:, :, :k].to(g.dtype)).sum(0)
                 grad_m = g.to(ctx.alpha_dtype)
-        return ((grad if needs_carry else None), None, grad_m, None, None, None, None, *grad_xs,
+        return ((grad if needs_carry else None), None, grad_m, None, None, None, None, None, *grad_xs,
                 *([None] * len(alpha_outs)))
 
 
+def _per_item(m: torch.Tensor, items: int) -> torch.Tensor:
+    """A mixing matrix (n, K), or one per batch item (B, n, K), as `items` matrices (G, n, K) for
+    `bmm`: one expanded, no copy; per batch item each repeated over its pixels (`nhwc`: G = B·H·W
+    items), a copy (one `repeat`, written as (B, pixels·n, K)), or as it is (G = B)."""
+    if m.dim() == 2:
+        return m.expand(items, -1, -1)
+    b, n, k = m.shape
+    return m if items == b else m.repeat(1, items // b, 1).view(items, n, k)
+
+
 def mix(carry: torch.Tensor | None, m: torch.Tensor, blocks: Sequence[Sequence[torch.Tensor]], k_alpha: int,
-        split: bool = False, rows: int = 1, m_alpha: torch.Tensor | None = None
-        ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
+        split: bool = False, rows: int = 1, m_alpha: torch.Tensor | None = None,
+        drop: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
     """A pass's node sums in matrix products: carry + Σ_k m[t, k]·X_k for every target t, where
     X is the concatenation of the pass's outputs (`blocks`, lists of (B, [S,] u, C, H, W)
     tensors: K columns in all, the first `k_alpha` weighted by α here) and `carry` (B, n, C, H,
@@ -1716,6 +1776,9 @@ def mix(carry: torch.Tensor | None, m: torch.Tensor, blocks: Sequence[Sequence[t
 
     `rows`: rows per target, K with partial channels (`_mix_layouts`): the first block then holds
     the bypassed channels' columns, and the others feed only each target's first row (`Mix`).
+
+    `drop`: (B, targets·rows, K) per-sample factors of m's entries, search-time drop-path's
+    (`FusedArch.drop_factors`; `Mix`).
 
     `split`: the first target's sums (the node complete now: its `rows` rows) and the rest apart,
     (B, rows, C, H, W) and (B, n-rows, C, H, W) or None, split in the product's own layout, so
@@ -1746,7 +1809,7 @@ def mix(carry: torch.Tensor | None, m: torch.Tensor, blocks: Sequence[Sequence[t
         carry = carry.permute(0, 3, 4, 1, 2).reshape(b * h * w, n, c) if nhwc else carry.reshape(b, n, c * h * w)
     items = [_items(x, x.shape[1] // c, nhwc) for x in xs]
     step = rows if rows > 1 and blocks[0] else 1
-    out = Mix.apply(carry, m, m_alpha, k_alpha, nhwc, len(items), step, *items, *alpha_outs)     # (G, n, N)
+    out = Mix.apply(carry, m, m_alpha, k_alpha, nhwc, len(items), step, drop, *items, *alpha_outs)  # (G, n, N)
 
     def nodes(t: torch.Tensor) -> torch.Tensor:                          # (G, n', N) -> (B, n', C, H, W)
         if nhwc:
@@ -1862,9 +1925,15 @@ def _run_preprocess(groups: Sequence[tuple[str, list[nn.Module]]], inputs: Seque
 
 def cell_forward(op_module: Callable[[int, int], nn.Module], shape: CellShape, plan: CellPlan,
                  arch: FusedArch, inputs: Sequence[torch.Tensor],
-                 preprocess: Sequence[nn.Module] = ()) -> torch.Tensor:
+                 preprocess: Sequence[nn.Module] = (), drop_mask: torch.Tensor | None = None) -> torch.Tensor:
     """A search cell's output, state by state: every edge leaving a state in one pass (the two
     inputs of a paired plan in one pass over both: `pairable`).
+
+    `drop_mask` (training only; search-time drop-path, `mix` only): (B, len(arch.weights) + 1)
+    per-sample factors, one per α index (the (edge, op) it weighs) and a last 1, which scale each
+    op's terms in the pass's product (`FusedArch.drop_factors`): every op output but the
+    identity's dropped per sample, as eager `MixedOp` drops them, from other random numbers (one
+    draw per network forward, not one per op).
 
     `preprocess`: one module per input (a DARTS cell's ReLUConvBN or FactorizedReduce), run first
     through the cell's kinds, weight gather and BN buffer, as `eval_cell_forward` does: under
@@ -1916,6 +1985,12 @@ def cell_forward(op_module: Callable[[int, int], nn.Module], shape: CellShape, p
     weights = arch.group_weights(plan, c_op, columns, defer)
     mixes = arch.mix_matrices(plan, c_op, columns, defer) if columns is not None else [None] * len(passes)
     bn_weights = arch.pass_bn_weights(plan, c_op, columns) if defer else [None] * len(passes)
+    drops: list[torch.Tensor | None] = [None] * len(passes)
+    if drop_mask is not None and arch.sink.training:
+        if columns is None:
+            raise ValueError("search-time drop-path on a fused backend needs the matrix-product mix "
+                             "(search.matmul_mix: true), or run it on search.backend: eager")
+        drops = arch.drop_factors(plan, c_op, columns, defer, drop_mask)
     if columns is not None and arch.sink.training:
         # evaluation's gather (a pooling's BN has a column per unit there) made now, not at the
         # first validation: see `FusedArch.prefill`
@@ -1944,7 +2019,8 @@ def cell_forward(op_module: Callable[[int, int], nn.Module], shape: CellShape, p
     rows = arch.bypass[0] if arch.bypass is not None else 1
     # paired strided convs (`_dil_blocks`) as one ungrouped conv, their weights made so here
     spread = (lambda w, n: block_diagonal(w, n, arch.constant)) if arch.block_diagonal else None
-    for p, mods_s, kinds, weights_s, mixing, bn_weight in zip(passes, modules, kinds_p, weights, mixes, bn_weights):
+    for p, mods_s, kinds, weights_s, mixing, bn_weight, drop in zip(passes, modules, kinds_p, weights, mixes,
+                                                                     bn_weights, drops):
         # a paired pass's two inputs have one stride and one set of targets; its last state
         # says whether the next node is complete after it
         sp = ap.sources[p[-1]]
@@ -2008,9 +2084,9 @@ def cell_forward(op_module: Callable[[int, int], nn.Module], shape: CellShape, p
                 else:                        # nothing merged: one cat, one product, as without
                     blocks[0].append(normed)
             if complete:
-                split = mix(carry, mixing[0], blocks, mixing[1], split=True, rows=rows, m_alpha=mixing[2])
+                split = mix(carry, mixing[0], blocks, mixing[1], split=True, rows=rows, m_alpha=mixing[2], drop=drop)
             else:
-                acc = mix(carry, mixing[0], blocks, mixing[1], rows=rows, m_alpha=mixing[2])
+                acc = mix(carry, mixing[0], blocks, mixing[1], rows=rows, m_alpha=mixing[2], drop=drop)
         elif acc is not None and len(p) > 1:
             acc = SumStates.apply(acc)   # (B, S, targets, C, H, W): the paired inputs' terms summed
         if acc is None and split is None:    # only `none` ops leave this state

@@ -131,9 +131,9 @@ def speed_option_problems(cfg: SearchConfig, device_type: str | None) -> list[st
     """What is wrong with the speed options (`device_type` None: the device is not known yet)."""
     problems = [f"search.{name}={getattr(cfg, name)!r}; allowed: {', '.join(allowed)}"
                 for name, allowed in SPEED_CHOICES.items() if getattr(cfg, name) not in allowed]
-    if cfg.backend != "eager" and cfg.drop_path > 0:
-        problems.append("search.drop_path > 0 runs on search.backend: eager only (the fused path "
-                        "computes an op for all edges at once and has no per-op drop-path yet)")
+    if cfg.backend != "eager" and cfg.drop_path > 0 and not cfg.matmul_mix:
+        problems.append("search.drop_path > 0 on a fused backend needs search.matmul_mix: true (the "
+                        "drop-path factors scale the pass's matrix product), or set search.backend: eager")
     if cfg.cuda_graph:
         if cfg.nonfinite == "skip":
             problems.append("search.cuda_graph: true needs search.nonfinite: stop (skipping a bad "

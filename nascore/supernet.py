@@ -27,7 +27,7 @@ from torch import nn
 
 from . import fused
 from .graphs import compiled_call
-from .ops import POOLING_OPS, DropProb, Identity, build_op, drop_path, drops
+from .ops import POOLING_OPS, DropProb, Identity, bernoulli_mask, build_op, drop_path, drops
 
 if TYPE_CHECKING:
     from .genotype import AnyGenotype
@@ -187,15 +187,17 @@ class SearchCell(nn.Module):
                 plan = self._fused_plans[key] = fused.build_cell_plan(
                     self.op_module, weights.plan, columns, pair_inputs=pair, dense=weights.dense,
                     shared=weights.merged_plans, merge=weights.merge)
+            # search-time drop-path: this cell's factors, from the network's one draw
+            drop = next(weights.drop_masks) if weights.drop_masks is not None else None
             if weights.compiled_cell is not None:      # `search.compile_scope: cells`
                 own = weights.for_one_cell()
                 # the preprocessing outside the trace: its inputs' shapes differ from cell to
                 # cell (DARTS: 8 cells, 8 traces), the preprocessed ones do not (5 traces)
                 inputs = [m(x) for m, x in zip(preprocess, inputs)] if preprocess else inputs
-                out = compiled_call(weights.compiled_cell, self, plan, own, inputs)
+                out = compiled_call(weights.compiled_cell, self, plan, own, inputs, drop)
                 weights.sink.updates += own.sink.updates
                 return out
-            return fused.cell_forward(self.op_module, self.fused_shape, plan, weights, inputs, preprocess)
+            return fused.cell_forward(self.op_module, self.fused_shape, plan, weights, inputs, preprocess, drop)
         states = [m(x) for m, x in zip(preprocess, inputs)] if preprocess else list(inputs)
         e = 0
         for _ in range(self.num_nodes):
@@ -213,12 +215,12 @@ class SearchCell(nn.Module):
 
 
 def fused_cell(cell: SearchCell, plan: fused.CellPlan, arch: fused.FusedArch,
-               inputs: Sequence[torch.Tensor]) -> torch.Tensor:
+               inputs: Sequence[torch.Tensor], drop_mask: torch.Tensor | None = None) -> torch.Tensor:
     """A search cell's fused forward from its preprocessed inputs: what `search.compile_scope:
     cells` compiles. A function of the cell, not a method bound to it, so that every cell of one
     shape runs the same compiled code: dynamo guards a bound method's module by identity, a
     module argument by its contents."""
-    return fused.cell_forward(cell.op_module, cell.fused_shape, plan, arch, inputs)
+    return fused.cell_forward(cell.op_module, cell.fused_shape, plan, arch, inputs, drop_mask=drop_mask)
 
 
 BACKENDS = fused.BACKENDS
@@ -232,6 +234,7 @@ class Supernet(nn.Module):
     """
 
     _drop_path_tensor: torch.Tensor | None = None     # `drop_path_on_device`
+    _drop_prob: DropProb = 0.0                         # every mixed op's (`set_drop_path`)
 
     space: "SearchSpace"
     cfg: SupernetConfig
@@ -362,6 +365,7 @@ class Supernet(nn.Module):
         tensor = self._drop_path_tensor
         if tensor is not None:
             tensor.fill_(p)
+        self._drop_prob = p if tensor is None else tensor
         for m in self.modules():
             if isinstance(m, MixedOp):
                 m.drop_prob = p if tensor is None else tensor
@@ -512,9 +516,26 @@ class Supernet(nn.Module):
                 self._merged_plans, self.merge_kernel_sizes, self.block_diagonal, self.matmul_mix,
                 self.merge_batch_norms)
             arch[ct].compiled_cell = compiled_cell
+        if self.training and drops(self._drop_prob):
+            # every cell type has as many α weights (`init_arch`: one edge list, one op count)
+            masks = self._drop_path_masks(x, len(arch[self.cell_types[0]].weights))
+            for a in arch.values():
+                a.drop_masks = masks
         out = self.forward_cells(x, arch, {ct: None for ct in self.cell_types}, columns)
         sink.flush()
         return out
+
+    def _drop_path_masks(self, x: torch.Tensor, width: int) -> Iterator[torch.Tensor]:
+        """Search-time drop-path's factors for the fused forward, one (B, width + 1) view per
+        cell in call order, all from ONE draw: a Bernoulli(1 - p) factor scaled by 1/(1 - p) per
+        sample and α index, and a last column of ones, the identity's factor
+        (`fused.cell_forward`). Four kernels per forward, where the eager ops draw three per op."""
+        cells = self.__dict__.get("_num_cells")
+        if cells is None:
+            cells = self._num_cells = sum(isinstance(m, SearchCell) for m in self.modules())
+        mask = bernoulli_mask((x.shape[0], cells, width + 1), self._drop_prob, x)
+        mask[:, :, width].fill_(1.0)
+        return iter(mask.unbind(1))
 
     def forward_cells(self, x: torch.Tensor, weights: dict[str, torch.Tensor],
                       edge_weights: dict[str, torch.Tensor | None], columns: Sequence[int]

@@ -142,8 +142,9 @@ def test_bench_variants_name_a_backend_and_modifiers():
     for bad in ("fused", "nascore+fused+amps"):
         with pytest.raises(SystemExit):
             bench.main(["--device", "cpu", "--size", "tiny", "--retrain-variants", f"nascore,{bad}"])
-    with pytest.raises(SystemExit):
-        bench.main(["--device", "cpu", "--size", "tiny", "--retrain-variants", "nascore+fused_dense+unmerged"])
+    for switch in ("unmerged", "dp"):                   # search cells' switches, not the retrain's
+        with pytest.raises(SystemExit):
+            bench.main(["--device", "cpu", "--size", "tiny", "--retrain-variants", f"nascore+fused_dense+{switch}"])
     assert bench.speed_options("fused_dense+grouped+unmerged+chained+kindbn") == {
         "backend": "fused_dense", "block_diagonal": False, "merge_kernel_sizes": False, "matmul_mix": False,
         "merge_batch_norms": False}
@@ -580,6 +581,29 @@ def test_the_unmerged_and_grouped_variants_run_fused_dense_without_its_trades():
     assert writing["fused_dense"] > writing["fused_dense+grouped"], writing
     assert writing["fused_dense"] < 0.9 * writing["fused_dense+chained"], writing
     assert writing["fused_dense"] < 0.95 * writing["fused_dense+kindbn"], writing
+
+
+def test_the_dp_variant_measures_a_step_with_search_time_drop_path():
+    """`+dp`: RobustDARTS' regularised search, drop-path on the op outputs. Its step draws masks
+    (eager: per op; fused: one draw per forward, the factors in each pass's product), so it
+    dispatches more than the same step without, the fused one far fewer than the eager one."""
+    bench = load_bench()
+    from opcount import CountOps
+    writing, draws = {}, {}
+    for variant in ("eager", "eager+dp", "fused_dense", "fused_dense+dp"):
+        torch.manual_seed(0)
+        step, _, counters = bench.nascore_step("darts_first", bench.SIZES["tiny"], torch.device("cpu"),
+                                               **bench.speed_options(variant))
+        step(0)
+        with CountOps(counters()) as c:
+            step(1)
+        writing[variant] = c.count.writing_ops
+        draws[variant] = c.count.by_op["bernoulli"] + c.count.by_op["bernoulli_"]
+    assert draws["eager"] == draws["fused_dense"] == 0
+    assert draws["fused_dense+dp"] == 2            # one per training forward: the α step's and the weights'
+    assert draws["eager+dp"] > 50 * draws["fused_dense+dp"], draws
+    assert writing["eager"] < writing["eager+dp"] and writing["fused_dense"] < writing["fused_dense+dp"], writing
+    assert writing["fused_dense+dp"] < writing["eager+dp"] / 5, writing
 
 
 def test_a_cpu_bf16_channels_last_retrain_nan_is_blamed_on_the_cpus_dilated_conv_gradients(monkeypatch):

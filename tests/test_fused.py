@@ -129,16 +129,18 @@ def test_the_chained_node_sums_equal_eager_too(space, switches):
     assert_same(build(space, **switches), "fused", matmul_mix=False)
 
 
+@pytest.mark.parametrize("dropped", [False, True])
 @pytest.mark.parametrize("nhwc", [False, True])
 @pytest.mark.parametrize("carry,split,strided,blocks", [
     (False, False, False, 1), (True, False, False, 1), (True, True, False, 1), (False, True, True, 1),
     (True, False, False, 2), (False, True, True, 2)])
-def test_mix_is_the_weighted_sum_of_its_columns(nhwc, carry, split, strided, blocks, float64):
+def test_mix_is_the_weighted_sum_of_its_columns(nhwc, carry, split, strided, blocks, dropped, float64):
     """`fused.mix` gives carry + Σ_k m[t, k]·X_k with the gradients autograd gives that sum (α's
     only for the first k_alpha columns, the rest being constants), in either layout, for a
     strided output (a node's slice of an earlier pass's sums) and split into the complete node
     and the rest; with the columns in one block (one concatenation) or two, the second one
-    tensor whose first columns hold α and the rest not (a pass's one BN output)."""
+    tensor whose first columns hold α and the rest not (a pass's one BN output). `dropped`:
+    per-sample factors of m's entries (search-time drop-path), each sample's own matrix."""
     from nascore.fused import mix
     g = torch.Generator().manual_seed(0)
     b, c, h, w, n = 2, 3, 4, 4, 3
@@ -167,14 +169,16 @@ def test_mix_is_the_weighted_sum_of_its_columns(nhwc, carry, split, strided, blo
         sel[j % n, j] = 1.0
     acc = act(b, n, c, h, w) if carry else None
     inputs = [t for t in (acc, m_alpha, pool, conv if blocks == 1 else None, ident) if t is not None]
+    drop = (torch.bernoulli(torch.full((b, n, 3 + 2 * n), 0.5), generator=g) * 2 + 0.25 if dropped
+            else torch.ones(b, n, 3 + 2 * n))          # factors that differ by sample and entry
 
     def run(*_):
-        out = mix(acc, torch.cat([m_alpha, sel], 1), outs, 3, split=split)
+        out = mix(acc, torch.cat([m_alpha, sel], 1), outs, 3, split=split, drop=drop if dropped else None)
         return torch.cat([t for t in out if t is not None], 1) if split else out
 
     def expected():
         x = torch.cat([ident, pool.flatten(1, 2), conv], 1) if blocks == 1 else torch.cat([ident, pool], 1)
-        s = torch.einsum("tk,bkchw->btchw", torch.cat([m_alpha, sel], 1), x)
+        s = torch.einsum("btk,bkchw->btchw", torch.cat([m_alpha, sel], 1) * drop, x)
         return s if acc is None else acc + s
     assert expected().shape == (b, n, c, h, w) and 1 + 2 + 2 * n == sel.shape[1] + 3
     out = run()
@@ -255,6 +259,131 @@ def test_fused_is_layout_independent():
         net.set_backend("triton")
 
 
+# search-time drop-path (RobustDARTS' regularised search): the spaces and switches whose mixing
+# matrices differ (paired passes and reduction cells, NB201's, partial channels' bypassed columns,
+# random features' affine BNs in the scaled units, S4's noise)
+DROP_CASES = [("darts", {}, False), ("darts", {}, True), ("nb201", {}, False),
+              ("darts", {"partial_channels": 2, "edge_normalization": True}, True),
+              ("darts", {"random_features": True}, False),
+              ("s4", {"partial_channels": 2, "edge_normalization": True}, False), ("s3", {}, False)]
+
+
+def _drop_path_step(net, backend, x, p, masks=None, channels_last=False):
+    """A training forward and backward at drop-path `p`. Fused: returns the cells' factors it drew
+    too. Eager with `masks` (the fused run's): each `MixedOp` drops its ops' outputs by those
+    factors, cell by cell in call order, each op's column at its α index."""
+    from nascore.supernet import MixedOp, Supernet
+    from nascore.ops import Identity, bernoulli_mask
+    net = copy.deepcopy(net)
+    net.set_backend(backend)
+    net.set_drop_path(p)
+    if channels_last:
+        net, x = net.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+    drawn, pending, called = [], [], []
+    edge_of = {id(getattr(edge, "mixed", edge)): (cell, e) for cell in net.modules() if isinstance(cell, SearchCell)
+               for e, edge in enumerate(cell.edges)}
+    draw, mixed_forward = Supernet._drop_path_masks, MixedOp.forward
+
+    def spy(self, like, width):
+        drawn.extend(draw(self, like, width))
+        return iter(drawn)
+
+    def replay(self, x, weights, columns):
+        cell, e = edge_of[id(self)]
+        if not called or called[-1] is not cell:
+            called.append(cell)
+        factors = masks[len(called) - 1]
+        pending[:] = [factors[:, e * len(columns) + k] for k, c in enumerate(columns)
+                      if not isinstance(self.ops[c], Identity)]
+        out = mixed_forward(self, x, weights, columns)
+        assert not pending                                # every non-identity op dropped once
+        return out
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Supernet, "_drop_path_masks", spy)
+        if masks is not None:
+            mp.setattr(MixedOp, "forward", replay)
+            mp.setattr("nascore.supernet.drop_path", lambda y, prob: y * pending.pop(0).view(-1, 1, 1, 1))
+        torch.manual_seed(1)
+        if masks is not None:          # the fused run's draw first, so that S4's noise sees one stream
+            bernoulli_mask((x.shape[0], len(masks), masks[0].shape[1]), p, x)
+        out = net(x)
+    (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+    return out, net, drawn
+
+
+@pytest.mark.parametrize("backend", ["fused", "fused_dense"])
+@pytest.mark.parametrize("space,switches,channels_last", DROP_CASES,
+                         ids=[f"{s}-{'-'.join(k) or 'plain'}{'-cl' * cl}" for s, k, cl in DROP_CASES])
+def test_fused_drop_path_is_eager_drop_path_with_the_same_factors(space, switches, channels_last, backend):
+    """The fused forward draws one factor per sample, cell and α index (and keeps identities):
+    replayed through the eager `MixedOp`s' per-op `drop_path`, those factors give the fused
+    outputs, gradients (α's too) and BN buffers. Some samples' ops are dropped, others kept."""
+    net = build(space, **switches)
+    x = torch.randn(6, 3, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    p = 0.4
+    out_f, fused_net, masks = _drop_path_step(net, backend, x, p, channels_last=channels_last)
+    cells = sum(isinstance(m, SearchCell) for m in net.modules())
+    assert len(masks) == cells and {v for m in masks for v in m[:, :-1].unique().tolist()} == {0.0, 1 / (1 - p)}
+    assert all(torch.equal(m[:, -1], torch.ones(6, dtype=torch.float64)) for m in masks)
+    out_e, eager, _ = _drop_path_step(net, "eager", x, p, masks)
+    torch.testing.assert_close(out_f, out_e, rtol=1e-9, atol=1e-12)
+    grads = dict(fused_net.named_parameters())
+    for name, q in eager.named_parameters():
+        assert (q.grad is None) == (grads[name].grad is None), name
+        if q.grad is not None:
+            torch.testing.assert_close(grads[name].grad, q.grad, rtol=1e-8, atol=1e-12, msg=name)
+    buffers = dict(fused_net.named_buffers())
+    for name, b in eager.named_buffers():
+        torch.testing.assert_close(buffers[name], b, rtol=1e-9, atol=1e-12, msg=name)
+    # the factors matter: without drop-path the same step gives another output
+    undropped, _, none = _drop_path_step(net, backend, x, 0.0, channels_last=channels_last)
+    assert not none and not torch.allclose(undropped, out_f)
+
+
+def test_fused_drop_path_draws_once_per_forward_in_training_only():
+    """One Bernoulli draw per training forward at p > 0 or at a device-kept p (0 included: all
+    ones, the undropped outputs); none in evaluation mode or at a float p = 0."""
+    net = build("darts")
+    net.set_backend("fused_dense")
+    x = torch.randn(4, 3, 4, 4, dtype=torch.float64)
+
+    class Bernoullis(TorchDispatchMode):
+        calls = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Bernoullis.calls += func.overloadpacket.__name__.startswith("bernoulli")
+            return func(*args, **(kwargs or {}))
+
+    def draws(training, p, on_device=False):
+        net.train(training)
+        net.drop_path_on_device("cpu" if on_device else None)
+        net.set_drop_path(p)
+        Bernoullis.calls = 0
+        torch.manual_seed(0)
+        with Bernoullis(), torch.no_grad():
+            out = net(x)
+        return Bernoullis.calls, out
+    assert draws(True, 0.3)[0] == 1
+    assert draws(False, 0.3)[0] == 0
+    calls, plain = draws(True, 0.0)
+    assert calls == 0
+    calls, ones = draws(True, 0.0, on_device=True)
+    assert calls == 1
+    torch.testing.assert_close(ones, plain, rtol=1e-12, atol=1e-12)
+
+
+def test_fused_drop_path_needs_the_matrix_product_mix():
+    net = build("nb201")
+    net.set_backend("fused", matmul_mix=False)
+    net.set_drop_path(0.2)
+    with pytest.raises(ValueError, match="matmul_mix: true"):
+        net(torch.randn(2, 3, 4, 4, dtype=torch.float64))
+    with pytest.raises(ConfigError, match="matmul_mix: true"):
+        SearchRun(get_space("nb201"), tiny_search_config("darts", "nb201", backend="fused", matmul_mix=False,
+                                                         drop_path=0.2),
+                  SearchData(TensorLoader(*learnable_images(4, 4, 8), 4), None, 4), log=lambda s: None)
+
+
 class NCHWWrites(TorchDispatchMode):
     """(batch, C, H, W) tensors written with their channels not innermost (C > 1, H·W > 1): in a
     channels_last network, activations or their gradients in the other layout."""
@@ -274,7 +403,7 @@ class NCHWWrites(TorchDispatchMode):
         return out
 
 
-@pytest.mark.parametrize("network", ["nb201", "pc_darts", "rf_darts", "retrain"])
+@pytest.mark.parametrize("network", ["nb201", "pc_darts", "rf_darts", "darts_dp", "retrain"])
 def test_a_channels_last_network_writes_every_activation_and_gradient_channels_last(network):
     # on a GPU each NCHW tensor in a channels_last step is a layout conversion inside the cuDNN
     # calls it reaches, or an elementwise kernel reading against the grain. Found so: PC-DARTS'
@@ -290,6 +419,8 @@ def test_a_channels_last_network_writes_every_activation_and_gradient_channels_l
         switches = {"pc_darts": {"partial_channels": 2, "edge_normalization": True},
                     "rf_darts": {"random_features": True}}.get(network, {})
         net, size = build("nb201" if network == "nb201" else "darts", **switches), 8
+        if network == "darts_dp":        # search-time drop-path: per-sample mixing matrices
+            net.set_drop_path(0.3)
     net = net.to(memory_format=torch.channels_last)
     batch = 3                            # no weight has 3 output channels
     x = torch.randn(batch, 3, size, size, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
@@ -1189,17 +1320,23 @@ def test_state_parts_are_views_whose_gradient_is_the_sum_of_both(float64):
     # nor_conv_1x1 and 3×3 as one conv
     ("nb201", {"partial_channels": 2, "edge_normalization": True}, "fused_dense"),
     ("darts", {"columns": [1, 3, 4]}, "fused"),     # paired inputs: pooling + BN, skip (FactorizedReduce), sep conv
-    # sep 3×3 and 5×5 as one conv; the reduction cell's paired strided convs block-diagonal
-    ("darts", {"columns": [3, 4, 5]}, "fused_dense"),
+    # sep 3×3 and 5×5 as one conv; the reduction cell's paired strided convs block-diagonal; and
+    # search-time drop-path: one draw, each cell's factors (the same draws from the same seed)
+    ("darts", {"columns": [3, 4, 5], "drop_path": 0.3}, "fused_dense"),
 ])
 def test_fused_forward_traces_under_torch_compile(space, switches, backend):
+    switches = dict(switches)
+    drop = switches.pop("drop_path", 0.0)
     net = build(space, **switches)
     net.set_backend(backend)
+    net.set_drop_path(drop)
     x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
     reference = copy.deepcopy(net)
+    torch.manual_seed(3)
     expected = reference(x)
     expected.sum().backward()
     compiled = torch.compile(net, backend="eager", fullgraph=True)   # no graph break in the cells
+    torch.manual_seed(3)
     out = compiled(x)
     torch.testing.assert_close(out, expected)
     out.sum().backward()
@@ -1209,6 +1346,28 @@ def test_fused_forward_traces_under_torch_compile(space, switches, backend):
     assert {plan.paired for plan in plans} == {space == "darts"}
     merged = {g.repeats > 1 for plan in plans for sp in plan.arch.sources for g in sp.groups}
     assert (True in merged) == (backend == "fused_dense")
+
+
+def test_fused_drop_path_traces_cell_by_cell_under_torch_compile():
+    """`compile_scope: cells`: the cell's drop-path factors are an argument of the compiled cell;
+    the same numbers as the uncompiled forward from the same seed (the network scope: above)."""
+    torch._dynamo.reset()
+    net = build("nb201", partial_channels=2, edge_normalization=True)
+    net.set_backend("fused_dense")
+    net.set_drop_path(0.3)
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    reference = copy.deepcopy(net)
+    torch.manual_seed(3)
+    expected = reference(x)
+    expected.sum().backward()
+    net.compile("cells", backend="eager", fullgraph=True)
+    net(x)                                                # each kind's first call runs eagerly
+    torch.manual_seed(3)
+    out = net(x)
+    torch.testing.assert_close(out, expected)
+    out.sum().backward()
+    for (name, p), q in zip(net.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, msg=name)
 
 
 # --- whole searches ------------------------------------------------------------------------------
@@ -1484,16 +1643,17 @@ def test_a_captured_search_step_serves_every_epoch_that_froze_nothing_new(method
     assert_searches_identical(plain, graphed)
 
 
-def test_a_captured_search_step_follows_the_drop_path_ramp(float64):
-    """Search-time drop-path (eager backend) under a capture: the supernet keeps p in a device
-    tensor that each epoch writes, so one capture serves the whole ramp, and its replays draw and
-    compute what running the step afresh does (`Rerun`, which freezes nothing)."""
+@pytest.mark.parametrize("backend", ["eager", "fused_dense"])
+def test_a_captured_search_step_follows_the_drop_path_ramp(backend, float64):
+    """Search-time drop-path under a capture: the supernet keeps p in a device tensor that each
+    epoch writes, so one capture serves the whole ramp, and its replays draw and compute what
+    running the step afresh does (`Rerun`, which freezes nothing)."""
     x, y = learnable_images(28, 4, 8)
     x = x.double()
 
     def run(capture, drop_path=0.4):
         data = SearchData(UnevenLoader(x[:14], y[:14], 4), TensorLoader(x[14:], y[14:], 4), 4)
-        cfg = tiny_search_config("darts", "nb201", backend="eager", optimizer_impl="fused", epochs=3,
+        cfg = tiny_search_config("darts", "nb201", backend=backend, optimizer_impl="fused", epochs=3,
                                  drop_path=drop_path)
         return SearchRun(get_space("nb201"), cfg, data, log=lambda s: None, capture_step=capture).run()
     TapeGraph.captures = 0
