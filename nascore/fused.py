@@ -1701,11 +1701,14 @@ class Mix(torch.autograd.Function):
                 blocks: int, step: int, drop: torch.Tensor | None, *xs_and_alpha_outs: torch.Tensor) -> torch.Tensor:
         xs, alpha_outs = xs_and_alpha_outs[:blocks], xs_and_alpha_outs[blocks:]
         if drop is not None:
-            m = m * drop                      # (B, n, K): each batch item's own matrix
+            m = m * drop                      # (B, n, K): each sample's own matrix
+        # per item (G, n, K): with channels_last each sample's matrix repeated over its pixels,
+        # once for all blocks
+        items = m if drop is None else _per_item(m.to(xs[0].dtype), xs[0].shape[0])
         out, at = carry, 0
         for i, x in enumerate(xs):
             rows = slice(None, None, step if i else 1)
-            mb = _per_item(m[..., rows, at:at + x.shape[1]].to(x.dtype), x.shape[0])
+            mb = _per_item(items[..., rows, at:at + x.shape[1]].to(x.dtype), x.shape[0])
             at += x.shape[1]
             if out is None:
                 out = torch.bmm(mb, x)
@@ -1715,6 +1718,7 @@ class Mix(torch.autograd.Function):
                 out[:, rows].baddbmm_(mb, x)
         ctx.x_dtypes, ctx.widths, ctx.k_alpha, ctx.nhwc = [x.dtype for x in xs], [x.shape[1] for x in xs], k_alpha, nhwc
         ctx.step, ctx.alpha_dtype, ctx.dropped = step, m_alpha.dtype, drop is not None
+        # (B, n, K), not the per-item matrices (B·H·W of them with channels_last): repeated again
         ctx.save_for_backward(m, *([drop] if drop is not None else []), *alpha_outs)
         return out
 
@@ -1725,10 +1729,11 @@ class Mix(torch.autograd.Function):
         needs_carry, needs_m = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
         grad_m = None
         grad_xs: list[torch.Tensor | None] = []
+        items = m if drop is None else _per_item(m.to(grad.dtype), grad.shape[0])
         at = 0
         for i, (needs_x, width, dtype) in enumerate(zip(ctx.needs_input_grad[8:], ctx.widths, ctx.x_dtypes)):
             rows = slice(None, None, ctx.step if i else 1)
-            mt = _per_item(m[..., rows, at:at + width].transpose(-1, -2).to(grad.dtype), grad.shape[0])
+            mt = _per_item(items[..., rows, at:at + width].transpose(-1, -2).to(grad.dtype), grad.shape[0])
             grad_xs.append(torch.bmm(mt, grad[:, rows]).to(dtype) if needs_x else None)
             at += width
         if needs_m:
