@@ -557,6 +557,20 @@ def test_science_runs_paired_searches_on_an_image_tree_and_resumes(tmp_path, cap
         science.main([*args, "--control", str(control)])
 
 
+def second_step_counts(variant: str):
+    """What the bench's DARTS first-order step of `variant` dispatches at the tiny size, its second
+    step counted (the first fills the forward's caches)."""
+    bench = load_bench()
+    from opcount import CountOps
+    torch.manual_seed(0)
+    step, _, counters = bench.nascore_step("darts_first", bench.SIZES["tiny"], torch.device("cpu"),
+                                           **bench.speed_options(variant))
+    step(0)
+    with CountOps(counters()) as c:
+        step(1)
+    return c.count
+
+
 def test_the_unmerged_and_grouped_variants_run_fused_dense_without_its_trades():
     """`+unmerged` measures what `merge_conv_groups` trades: the same step with one conv per op
     name (DARTS space: sep and dil 3×3 apart from 5×5) dispatches more kernels; `+grouped`, what
@@ -564,18 +578,9 @@ def test_the_unmerged_and_grouped_variants_run_fused_dense_without_its_trades():
     one weighted add per op kind and state, and sums per merged group and paired pass, instead of
     one product per pass; `+kindbn`, what `fused.batch_norm_pass` does: one BN per op kind, not
     one per pass."""
-    bench = load_bench()
-    from opcount import CountOps
-    writing = {}
-    for variant in ("fused_dense", "fused_dense+unmerged", "fused_dense+grouped", "fused_dense+chained",
-                    "fused_dense+kindbn"):
-        torch.manual_seed(0)
-        step, _, counters = bench.nascore_step("darts_first", bench.SIZES["tiny"], torch.device("cpu"),
-                                               **bench.speed_options(variant))
-        step(0)
-        with CountOps(counters()) as c:
-            step(1)
-        writing[variant] = c.count.writing_ops
+    writing = {variant: second_step_counts(variant).writing_ops
+               for variant in ("fused_dense", "fused_dense+unmerged", "fused_dense+grouped", "fused_dense+chained",
+                               "fused_dense+kindbn")}
     assert writing["fused_dense"] < 0.9 * writing["fused_dense+unmerged"], writing
     # block-diagonal weights: a mask multiply per strided paired conv, forward and backward
     assert writing["fused_dense"] > writing["fused_dense+grouped"], writing
@@ -587,18 +592,11 @@ def test_the_dp_variant_measures_a_step_with_search_time_drop_path():
     """`+dp`: RobustDARTS' regularised search, drop-path on the op outputs. Its step draws masks
     (eager: per op; fused: one draw per forward, the factors in each pass's product), so it
     dispatches more than the same step without, the fused one far fewer than the eager one."""
-    bench = load_bench()
-    from opcount import CountOps
     writing, draws = {}, {}
     for variant in ("eager", "eager+dp", "fused_dense", "fused_dense+dp"):
-        torch.manual_seed(0)
-        step, _, counters = bench.nascore_step("darts_first", bench.SIZES["tiny"], torch.device("cpu"),
-                                               **bench.speed_options(variant))
-        step(0)
-        with CountOps(counters()) as c:
-            step(1)
-        writing[variant] = c.count.writing_ops
-        draws[variant] = c.count.by_op["bernoulli"] + c.count.by_op["bernoulli_"]
+        count = second_step_counts(variant)
+        writing[variant] = count.writing_ops
+        draws[variant] = count.by_op["bernoulli"] + count.by_op["bernoulli_"]
     assert draws["eager"] == draws["fused_dense"] == 0
     assert draws["fused_dense+dp"] == 2            # one per training forward: the α step's and the weights'
     assert draws["eager+dp"] > 50 * draws["fused_dense+dp"], draws

@@ -1330,18 +1330,8 @@ def test_fused_forward_traces_under_torch_compile(space, switches, backend):
     net = build(space, **switches)
     net.set_backend(backend)
     net.set_drop_path(drop)
-    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
-    reference = copy.deepcopy(net)
-    torch.manual_seed(3)
-    expected = reference(x)
-    expected.sum().backward()
-    compiled = torch.compile(net, backend="eager", fullgraph=True)   # no graph break in the cells
-    torch.manual_seed(3)
-    out = compiled(x)
-    torch.testing.assert_close(out, expected)
-    out.sum().backward()
-    for (name, p), q in zip(net.named_parameters(), reference.parameters()):
-        torch.testing.assert_close(p.grad, q.grad, msg=name)
+    # fullgraph: no graph break in the cells
+    reference = assert_compiled_like_plain(net, lambda: torch.compile(net, backend="eager", fullgraph=True))
     plans = [plan for m in reference.modules() if isinstance(m, SearchCell) for plan in m._fused_plans.values()]
     assert {plan.paired for plan in plans} == {space == "darts"}
     merged = {g.repeats > 1 for plan in plans for sp in plan.arch.sources for g in sp.groups}
@@ -1355,19 +1345,30 @@ def test_fused_drop_path_traces_cell_by_cell_under_torch_compile():
     net = build("nb201", partial_channels=2, edge_normalization=True)
     net.set_backend("fused_dense")
     net.set_drop_path(0.3)
+
+    def compiled():
+        net.compile("cells", backend="eager", fullgraph=True)
+        net(torch.randn(2, 3, 8, 8, dtype=torch.float64))     # each kind's first call runs eagerly
+        return net
+    assert_compiled_like_plain(net, compiled)
+
+
+def assert_compiled_like_plain(net, compiled):
+    """`compiled()` (net compiled, a callable) gives an uncompiled copy's output and gradients
+    from the same seed (drop-path's draws included); returns that copy."""
     x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
     reference = copy.deepcopy(net)
     torch.manual_seed(3)
     expected = reference(x)
     expected.sum().backward()
-    net.compile("cells", backend="eager", fullgraph=True)
-    net(x)                                                # each kind's first call runs eagerly
+    run = compiled()
     torch.manual_seed(3)
-    out = net(x)
+    out = run(x)
     torch.testing.assert_close(out, expected)
     out.sum().backward()
     for (name, p), q in zip(net.named_parameters(), reference.parameters()):
         torch.testing.assert_close(p.grad, q.grad, msg=name)
+    return reference
 
 
 # --- whole searches ------------------------------------------------------------------------------
