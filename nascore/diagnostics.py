@@ -56,7 +56,8 @@ def hessian_eigenvalue(model: Supernet, batches: Iterable[tuple[torch.Tensor, to
         def hvp(v: list[torch.Tensor]) -> list[torch.Tensor]:
             total = [torch.zeros_like(a) for a in arch]
             for x, y in batches:
-                loss = F.cross_entropy(model(x), y) / len(batches)
+                # uncompiled: a `search.compile`d forward's backward cannot be differentiated
+                loss = F.cross_entropy(model.forward_uncompiled(x), y) / len(batches)
                 g = torch.autograd.grad(loss, arch, create_graph=True, allow_unused=True)
                 g = [gi if gi is not None else torch.zeros_like(a) for gi, a in zip(g, arch)]
                 dot = sum((gi * vi).sum() for gi, vi in zip(g, v))

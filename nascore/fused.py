@@ -1719,14 +1719,21 @@ class Mix(torch.autograd.Function):
         ctx.x_dtypes, ctx.widths, ctx.k_alpha, ctx.nhwc = [x.dtype for x in xs], [x.shape[1] for x in xs], k_alpha, nhwc
         ctx.step, ctx.alpha_dtype, ctx.dropped = step, m_alpha.dtype, drop is not None
         # (B, n, K), not the per-item matrices (B·H·W of them with channels_last): repeated again
-        ctx.save_for_backward(m, *([drop] if drop is not None else []), *alpha_outs)
+        ctx.save_for_backward(m, m_alpha, *([drop] if drop is not None else []), *alpha_outs)
         return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        m, *alpha_outs = ctx.saved_tensors
+        m, m_alpha, *alpha_outs = ctx.saved_tensors
         drop = alpha_outs.pop(0) if ctx.dropped else None
         needs_carry, needs_m = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
+        if needs_m and ctx.k_alpha and torch.is_grad_enabled():
+            # a backward that is differentiated in turn (`create_graph`: RobustDARTS' Hessian
+            # eigenvalue): the inputs' gradients depend on α through m's α columns, so those
+            # come from m_alpha here, not from the constant copy (which loses that dependence)
+            k = ctx.k_alpha
+            head = m_alpha.to(m.dtype) if drop is None else m_alpha.to(m.dtype) * drop[..., :k]
+            m = torch.cat([head, m[..., k:]], dim=-1)
         grad_m = None
         grad_xs: list[torch.Tensor | None] = []
         items = m if drop is None else _per_item(m.to(grad.dtype), grad.shape[0])
@@ -1806,8 +1813,9 @@ def mix(carry: torch.Tensor | None, m: torch.Tensor, blocks: Sequence[Sequence[t
                 break
             if columns + f.shape[1] // c > k_alpha:
                 # an output with more than α columns (a pass's one BN): only those, copied, so
-                # that the rest is not kept
-                f = f[:, :(k_alpha - columns) * c].detach().clone()
+                # that the rest is not kept; not detached, so that a differentiated backward
+                # (`Mix`) follows α's gradient back through them
+                f = f[:, :(k_alpha - columns) * c].clone()
             alpha_outs.append(f)
             columns += f.shape[1] // c
     if carry is not None:

@@ -488,6 +488,12 @@ class Supernet(nn.Module):
             self._warm_calls.add(call)
         return self._forward(x)
 
+    def forward_uncompiled(self, x: torch.Tensor) -> torch.Tensor:
+        """`forward` without `compile`'s code: for a backward that is differentiated again
+        (RobustDARTS' Hessian eigenvalue, `diagnostics.hessian_eigenvalue`), which torch.compile's
+        AOTAutograd refuses ("does not currently support double backward")."""
+        return self._forward(x)
+
     def _forward(self, x: torch.Tensor, compiled_cell: Callable | None = None) -> torch.Tensor:
         columns = self.active_columns()
         if self.backend != "eager":

@@ -1,5 +1,6 @@
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call
@@ -41,3 +42,19 @@ def test_hessian_eigenvalue_matches_the_full_hessian():
     dominant = eig[eig.abs().argmax()].item()
     estimate = hessian_eigenvalue(net, [(x, y)], iters=200, tol=1e-10)
     assert abs(estimate - dominant) <= 1e-4 * abs(dominant)
+
+
+def test_hessian_eigenvalue_of_a_compiled_supernet_runs_its_plain_forward():
+    """torch.compile's AOTAutograd cannot differentiate a backward, which the Hessian-vector
+    products need: they run the uncompiled forward (`Supernet.forward_uncompiled`). Until
+    2026-12-06 `search.compile` with `hessian_eigenvalue` failed after the first epoch's steps."""
+    import copy
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    net = get_space("nb201").build_supernet(SupernetConfig(init_channels=2, layers=1, num_classes=4))
+    net.set_backend("fused")
+    x, y = learnable_images(4, 4, 4)
+    plain = hessian_eigenvalue(copy.deepcopy(net), [(x, y)], iters=2, tol=0.0)
+    net.compile("network", backend="aot_eager")      # what inductor runs its compiler behind
+    net(x)                                           # warm: this kind of call is compiled from now on
+    assert hessian_eigenvalue(net, [(x, y)], iters=2, tol=0.0) == pytest.approx(plain, rel=1e-6)

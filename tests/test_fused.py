@@ -129,6 +129,36 @@ def test_the_chained_node_sums_equal_eager_too(space, switches):
     assert_same(build(space, **switches), "fused", matmul_mix=False)
 
 
+# a differentiated backward: the passes whose node sums differ (a pass's one BN output with α
+# columns in the darts cells; partial channels' rows; channels_last's per-pixel products; the
+# affine pooling BNs of random features)
+HESSIAN = [("nb201", {}, "fused_dense", False), ("darts", {}, "fused_dense", False),
+           ("darts", {"partial_channels": 2, "edge_normalization": True}, "fused", True),
+           ("darts", {"random_features": True}, "fused", False)]
+
+
+@pytest.mark.parametrize("space,switches,backend,channels_last", HESSIAN,
+                         ids=[f"{s}-{'-'.join(k) or 'plain'}-{b}{'-cl' * c}" for s, k, b, c in HESSIAN])
+def test_the_hessian_eigenvalue_through_the_fused_cells_is_eager_s(space, switches, backend, channels_last):
+    """RobustDARTS' dominant eigenvalue of the α Hessian (`search.hessian_eigenvalue`) differentiates
+    α's gradient once more: through the fused cells, the same Hessian-vector products as through
+    the eager ones (three power iterations from one start, float64). Until 2026-12-06 the node
+    sums' matrix product (`fused.Mix`) held its α columns constant in its own backward and
+    detached a pass's one BN output's α columns: the eigenvalue came out 0.5–4% off."""
+    from nascore.diagnostics import hessian_eigenvalue
+    net = build(space, **switches)
+    x, y = learnable_images(6, 3, 4)
+    x = x.double()
+    estimates = []
+    for b in ("eager", backend):
+        copy_, xb = copy.deepcopy(net), x
+        copy_.set_backend(b)
+        if channels_last and b != "eager":
+            copy_, xb = copy_.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+        estimates.append(hessian_eigenvalue(copy_, [(xb, y)], iters=3, tol=0.0))
+    assert estimates[1] == pytest.approx(estimates[0], rel=1e-9) and estimates[0] != 0.0
+
+
 @pytest.mark.parametrize("dropped", [False, True])
 @pytest.mark.parametrize("nhwc", [False, True])
 @pytest.mark.parametrize("carry,split,strided,blocks", [
@@ -184,6 +214,9 @@ def test_mix_is_the_weighted_sum_of_its_columns(nhwc, carry, split, strided, blo
     out = run()
     torch.testing.assert_close(out, expected())
     torch.autograd.gradcheck(run, inputs)
+    # a differentiated backward (RobustDARTS' Hessian eigenvalue): the inputs' gradients depend
+    # on α, and α's on the outputs it weighs (a BN output's α columns, copied, stay in the graph)
+    torch.autograd.gradgradcheck(run, inputs, fast_mode=True)
     with torch.no_grad():                                 # evaluation: the same sums, nothing kept
         torch.testing.assert_close(run(), expected())
 
@@ -226,6 +259,7 @@ def test_mix_with_k_rows_per_target_reads_only_the_ops_rows_of_later_blocks(nhwc
     inputs = (m_first, alpha, state, normed) + ((acc,) if carry else ())
     torch.testing.assert_close(run(*inputs), expected)
     torch.autograd.gradcheck(run, inputs)
+    torch.autograd.gradgradcheck(run, inputs, fast_mode=True)
 
 
 @pytest.mark.parametrize("backend", ["fused", "fused_dense"])
