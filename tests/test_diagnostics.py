@@ -58,3 +58,27 @@ def test_hessian_eigenvalue_of_a_compiled_supernet_runs_its_plain_forward():
     net.compile("network", backend="aot_eager")      # what inductor runs its compiler behind
     net(x)                                           # warm: this kind of call is compiled from now on
     assert hessian_eigenvalue(net, [(x, y)], iters=2, tol=0.0) == pytest.approx(plain, rel=1e-6)
+
+
+def test_hessian_eigenvalue_draws_one_set_of_drop_path_masks_from_a_forked_stream(monkeypatch):
+    """Search-time drop-path: every Hessian-vector product sees the same masks (one Hessian for the
+    power iteration to multiply by), and the global random state is left as it was."""
+    import nascore.ops as ops
+    torch.manual_seed(0)
+    net = get_space("nb201").build_supernet(SupernetConfig(init_channels=2, layers=1, num_classes=4)).double()
+    net.set_drop_path(0.5)
+    x, y = learnable_images(8, 4, 4)
+    x = x.double()
+    drawn = []
+    draw = ops.bernoulli_mask
+    monkeypatch.setattr(ops, "bernoulli_mask", lambda *a, **k: drawn.append(draw(*a, **k)) or drawn[-1])
+    state = torch.get_rng_state()
+    first = hessian_eigenvalue(net, [(x[:4], y[:4]), (x[4:], y[4:])], iters=3, tol=0.0)
+    assert torch.equal(torch.get_rng_state(), state)
+    per_product = len(drawn) // 3
+    assert per_product > 0 and len(drawn) == 3 * per_product
+    for i in range(1, 3):
+        for a, b in zip(drawn[:per_product], drawn[i * per_product:(i + 1) * per_product]):
+            assert torch.equal(a, b)
+    assert any(bool((m == 0).any()) for m in drawn)                # masks that drop something
+    assert hessian_eigenvalue(net, [(x[:4], y[:4]), (x[4:], y[4:])], iters=3, tol=0.0) == first

@@ -170,6 +170,20 @@ def test_hessian_eigenvalue_is_reported_when_asked():
                                               tiny_data(), log=lambda s: None).history[0]
 
 
+def test_the_hessian_eigenvalue_leaves_a_drop_path_search_s_trajectory_as_it_was():
+    """The diagnostic draws its drop-path masks from a forked random stream: the same α, weights
+    and losses with it on as off (until 2026-12-06 the masks it drew moved the search's stream)."""
+    runs = []
+    for on in (False, True):
+        torch.manual_seed(0)
+        cfg = tiny_config(space="nb201", epochs=3, drop_path=0.4, hessian_eigenvalue=on, hessian_iters=2)
+        runs.append(search(get_space("nb201"), cfg, tiny_data(), log=lambda s: None))
+    assert "hessian_eigenvalue" in runs[1].history[-1] and "hessian_eigenvalue" not in runs[0].history[-1]
+    for (name, a), b in zip(runs[0].model.state_dict().items(), runs[1].model.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert [r["train_loss"] for r in runs[0].history] == [r["train_loss"] for r in runs[1].history]
+
+
 def test_regularised_search_ramps_drop_path_and_takes_cutout():
     cfg = tiny_config(space="nb201", epochs=2, drop_path=0.4)
     run = SearchRun(get_space("nb201"), cfg, tiny_data(), log=lambda s: None)
