@@ -8,7 +8,8 @@ double-backward per power iteration).
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable
+from contextlib import contextmanager
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -58,9 +59,8 @@ def hessian_eigenvalue(model: Supernet, batches: Iterable[tuple[torch.Tensor, to
     batches = list(batches)
     was_training = model.training
     device = arch[0].device
-    cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
     model.train()
-    with torch.random.fork_rng(devices=cuda):
+    with forked_rng(device):
         seed = int(torch.randint(0, 2**62, ()))       # from the forked stream: it varies, nothing is consumed
         try:
             return _power_iteration(model, arch, batches, iters, tol, lambda: _seed(seed, device))
@@ -69,6 +69,17 @@ def hessian_eigenvalue(model: Supernet, batches: Iterable[tuple[torch.Tensor, to
                 for n, b in model.named_buffers():
                     b.copy_(saved[n])
             model.train(was_training)
+
+
+@contextmanager
+def forked_rng(device: torch.device) -> Iterator[None]:
+    """Random draws inside come from a fork of the CPU's and `device`'s streams, which are put
+    back as they were after: what only observes a search (its validation, the Hessian
+    eigenvalue) leaves the search's own random numbers alone, so that turning it on or off, or
+    running it more or less often, does not move the search onto another trajectory."""
+    cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        yield
 
 
 def _seed(seed: int, device: torch.device) -> None:

@@ -170,15 +170,20 @@ def test_hessian_eigenvalue_is_reported_when_asked():
                                               tiny_data(), log=lambda s: None).history[0]
 
 
-def test_the_hessian_eigenvalue_leaves_a_drop_path_search_s_trajectory_as_it_was():
-    """The diagnostic draws its drop-path masks from a forked random stream: the same α, weights
-    and losses with it on as off (until 2026-12-06 the masks it drew moved the search's stream)."""
+@pytest.mark.parametrize("space,common,on,off", [
+    ("nb201", {"drop_path": 0.4}, {"hessian_eigenvalue": True, "hessian_iters": 2}, {}),
+    ("s4", {}, {"valid_every": 1}, {"valid_every": 0})], ids=["hessian-drop_path", "validation-s4_noise"])
+def test_a_monitoring_option_leaves_the_search_s_trajectory_as_it_was(space, common, on, off):
+    """What only observes a search draws its random numbers from a forked stream
+    (`diagnostics.forked_rng`): the Hessian eigenvalue's drop-path masks, S4's noise in
+    validation. The same α, weights and losses with it on as off; until 2026-12-06 either moved
+    the search onto another trajectory."""
     runs = []
-    for on in (False, True):
+    for options in (off, on):
         torch.manual_seed(0)
-        cfg = tiny_config(space="nb201", epochs=3, drop_path=0.4, hessian_eigenvalue=on, hessian_iters=2)
-        runs.append(search(get_space("nb201"), cfg, tiny_data(), log=lambda s: None))
-    assert "hessian_eigenvalue" in runs[1].history[-1] and "hessian_eigenvalue" not in runs[0].history[-1]
+        runs.append(search(get_space(space), tiny_config(space=space, epochs=3, **common, **options), tiny_data(),
+                           log=lambda s: None))
+    assert set(runs[1].history[-1]) > set(runs[0].history[-1])
     for (name, a), b in zip(runs[0].model.state_dict().items(), runs[1].model.state_dict().values()):
         assert torch.equal(a, b), name
     assert [r["train_loss"] for r in runs[0].history] == [r["train_loss"] for r in runs[1].history]
