@@ -8,14 +8,14 @@ double-backward per power iteration).
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable
 
 import torch
 import torch.nn.functional as F
 
 from .genotype import alpha_entropy
 from .supernet import Supernet
+from .train import forked_rng
 
 
 def collapse_diagnostics(model: Supernet) -> dict[str, Any]:
@@ -69,17 +69,6 @@ def hessian_eigenvalue(model: Supernet, batches: Iterable[tuple[torch.Tensor, to
                 for n, b in model.named_buffers():
                     b.copy_(saved[n])
             model.train(was_training)
-
-
-@contextmanager
-def forked_rng(device: torch.device) -> Iterator[None]:
-    """Random draws inside come from a fork of the CPU's and `device`'s streams, which are put
-    back as they were after: what only observes a search (its validation, the Hessian
-    eigenvalue) leaves the search's own random numbers alone, so that turning it on or off, or
-    running it more or less often, does not move the search onto another trajectory."""
-    cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=cuda):
-        yield
 
 
 def _seed(seed: int, device: torch.device) -> None:

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from .diagnostics import collapse_diagnostics, forked_rng, hessian_eigenvalue
+from .diagnostics import collapse_diagnostics, hessian_eigenvalue
 from .genotype import AnyGenotype
 from .graphs import StepGraph, bf16_layout_problem, cuda_graph, side_stream
 from .io import CheckpointError, checkpoint_progress, load_checkpoint, save_checkpoint
@@ -518,11 +518,8 @@ class SearchRun:
         it runs in the steps' precision and layout: bf16 rounds the figures as it rounds the steps.
         """
         self.data.val.set_epoch(-3)
-        # S4's noise op draws in evaluation mode too: from a fork, so that `valid_every` does not
-        # change the search's trajectory
-        with forked_rng(self.device):
-            figures = evaluate(self.model, merged_batches(self.data.val, self.cfg.valid_batch_size), self.device,
-                               amp=self.cfg.amp, channels_last=self.cfg.channels_last)
+        figures = evaluate(self.model, merged_batches(self.data.val, self.cfg.valid_batch_size), self.device,
+                           amp=self.cfg.amp, channels_last=self.cfg.channels_last)
         return {"valid_loss": figures["loss"], "valid_acc": figures["top1"]}
 
     def _snapshot(self) -> dict[str, Any]:

@@ -438,6 +438,18 @@ def _drop_path_on(model: nn.Module, device: torch.device, on: bool) -> Iterator[
         model.drop_path_on_device(None)
 
 
+@contextmanager
+def forked_rng(device: torch.device) -> Iterator[None]:
+    """Random draws inside come from a fork of the CPU's and `device`'s streams, which are put
+    back as they were after: what only observes a run (a test pass, a search's validation, its
+    Hessian eigenvalue) leaves the run's own random numbers alone, so that running it more or
+    less often, or not at all, does not move the run onto another trajectory. (S4's `noise` op
+    draws in evaluation mode, in a supernet and in a derived cell.)"""
+    cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        yield
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: Loader, device: torch.device | str, *,
              amp: str = "none", channels_last: bool = False,
@@ -446,7 +458,9 @@ def evaluate(model: nn.Module, loader: Loader, device: torch.device | str, *,
 
     Under torchrun the sums are all-reduced, so a loader sharded across ranks gives the global
     figures (and an unsharded one the same figures on every rank). `graph`: the batches go
-    through its captured batch step (`GraphedTestPass`), the same sums.
+    through its captured batch step (`GraphedTestPass`), the same sums. Random draws (S4's noise
+    op) come from a fork (`forked_rng`): `eval_every`, `valid_every` do not change a run's
+    trajectory (until 2026-12-06 they did in the S4 space).
     """
     device = torch.device(device)
     was_training = model.training
@@ -454,12 +468,13 @@ def evaluate(model: nn.Module, loader: Loader, device: torch.device | str, *,
     if graph is not None:
         graph.begin(model, amp)
     sums = graph.sums if graph is not None else torch.zeros(4, dtype=torch.float64, device=device)
-    for x, y in loader:
-        x, y = _to_device(x, y, device, channels_last)
-        if graph is not None:
-            graph.steps(x, y)
-        else:
-            _test_batch(model, x, y, sums, amp)
+    with forked_rng(device):
+        for x, y in loader:
+            x, y = _to_device(x, y, device, channels_last)
+            if graph is not None:
+                graph.steps(x, y)
+            else:
+                _test_batch(model, x, y, sums, amp)
     loss, top1, top5, n = D.all_reduce_(sums, "sum").tolist()
     model.train(was_training)
     if not n:

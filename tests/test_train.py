@@ -398,6 +398,24 @@ def test_the_captured_step_logic_reproduces_the_plain_loop(tmp_path: Path, drop_
         assert torch.equal(a, b), k
 
 
+def test_how_often_a_retrain_is_tested_does_not_change_what_it_trains(tmp_path: Path) -> None:
+    """A derived S4 cell may hold `noise`, which draws in evaluation mode too: the test passes
+    draw from a forked stream (`train.forked_rng`), so `eval_every` (a `RESUMABLE_CHANGES` field:
+    what a run reports, not what it trains) leaves the weights as they were. Until 2026-12-06 it
+    did not."""
+    from nascore.genotype import Genotype
+    noisy = Genotype(normal=(("noise", 0),) + DARTS_V2.normal[1:], reduce=DARTS_V2.reduce)
+    models = []
+    for every in (1, 3):
+        torch.manual_seed(0)
+        model = NetworkCIFAR(noisy, C=4, num_classes=4, layers=3, auxiliary=False)
+        train(model, *loaders(n_train=64), cfg(epochs=3, drop_path=0.0, eval_every=every),
+              checkpoint_path=tmp_path / f"every{every}.pt", device="cpu")
+        models.append(model)
+    for (k, a), b in zip(models[0].state_dict().items(), models[1].state_dict().values()):
+        assert torch.equal(a, b), k
+
+
 @pytest.mark.parametrize("backend", ["eager", "fused_dense"])
 def test_a_graphed_darts_retrain_and_its_test_passes_equal_the_plain_loop(tmp_path: Path, backend: str) -> None:
     """The fused cells' training and evaluation forwards replayed from one capture each
