@@ -78,7 +78,7 @@ lease)
   # SGD with a tensor lr, drop-path on the device: never run on a GPU before this lease) among them
   [ -n "${CHECK:-}" ] || timeout 120 python3 -m pytest -q -o addopts= -p no:cacheprovider \
       tests/test_graphs.py tests/test_train.py tests/test_fused.py \
-      -k "real_cuda_graph or capture_does_not_stack or gpu_run or gpu_search" \
+      -k "real_cuda_graph or capture_does_not_stack or gpu_run or gpu_search or observing_a_graphed" \
       2>&1 | tail -n 15 | tee -a "$OUT/lease.log"
   # fused_dense's two trades of multiply-adds for kernels (42cd9ee), the one-product node sums
   # (`fused.mix`) and one BN per pass (`fused.batch_norm_pass`), each on and off, side by side

@@ -1606,6 +1606,32 @@ def test_one_real_cuda_graph_serves_a_whole_search(monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4, msg=k)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a GPU"))])
+def test_observing_a_graphed_drop_path_search_leaves_its_trajectory_as_it_was(device):
+    """Validation and the Hessian eigenvalue draw from a fork of the generators (`train.forked_rng`)
+    between the replays of a captured step that draws drop-path masks (its probability on the
+    device): put back, the replays draw the same masks as without them. A real CUDA graph on a
+    GPU, its CPU stand-in (`TapeGraph`) here."""
+    x, y = learnable_images(32, 4, 8)
+
+    def run(**kw):
+        torch.manual_seed(0)
+        data = SearchData(TensorLoader(x[:16].to(device), y[:16].to(device), 4),
+                          TensorLoader(x[16:].to(device), y[16:].to(device), 4), 4)
+        cfg = tiny_search_config("darts", "darts", backend="fused_dense", epochs=3, drop_path=0.3,
+                                 cuda_graph=device == "cuda", optimizer_impl="default" if device == "cuda" else "fused",
+                                 **kw)
+        return SearchRun(get_space("darts"), cfg, data, device=device, log=lambda s: None,
+                         capture_step=None if device == "cuda" else TapeGraph).run()
+    TapeGraph.captures = 0
+    observed = run(valid_every=1, hessian_eigenvalue=True, hessian_iters=2)
+    plain = run(valid_every=0)
+    assert "hessian_eigenvalue" in observed.history[-1] and TapeGraph.captures == (0 if device == "cuda" else 2)
+    for (k, a), b in zip(plain.model.state_dict().items(), observed.model.state_dict().values()):
+        torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-4, msg=k)   # other masks: far apart
+
+
 # --- the captured step --------------------------------------------------------------------------
 class Rerun:
     """A stand-in for a captured graph on CPU: `replay` re-runs the step on the static buffers."""
