@@ -8,7 +8,7 @@ double-backward per power iteration).
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -48,11 +48,11 @@ def hessian_eigenvalue(model: Supernet, batches: Iterable[tuple[torch.Tensor, to
     L_val is averaged over `batches` (kept on the device for all iterations); BN uses batch
     statistics as during search. The model's running statistics are restored afterwards.
 
-    The random draws of the forwards (search-time drop-path's masks, S4's noise) come from a
-    forked stream, re-seeded before every Hessian-vector product: the search's own random
-    numbers are the same with the diagnostic on or off (until 2026-12-06 a drop-path search
-    took another trajectory when it was on), and every product multiplies by one Hessian, the
-    same draws' (a new draw per iteration would make the power iteration's operator random).
+    Each product runs in a fork of the random streams (`forked_rng`), so its forwards' draws
+    (search-time drop-path's masks, S4's noise) are the same for every product, and none is
+    taken from the search: every product multiplies by one Hessian (a new draw per iteration
+    would make the power iteration's operator random), and the search's trajectory is the same
+    with the diagnostic on or off (until 2026-12-06 a drop-path search took another one).
     """
     arch = model.arch_parameters()
     saved = {n: b.clone() for n, b in model.named_buffers()}
@@ -60,55 +60,39 @@ def hessian_eigenvalue(model: Supernet, batches: Iterable[tuple[torch.Tensor, to
     was_training = model.training
     device = arch[0].device
     model.train()
-    with forked_rng(device):
-        seed = int(torch.randint(0, 2**62, ()))       # from the forked stream: it varies, nothing is consumed
-        try:
-            return _power_iteration(model, arch, batches, iters, tol, lambda: _seed(seed, device))
-        finally:
-            with torch.no_grad():
-                for n, b in model.named_buffers():
-                    b.copy_(saved[n])
-            model.train(was_training)
+    try:
+        def hvp(v: list[torch.Tensor]) -> list[torch.Tensor]:
+            total = [torch.zeros_like(a) for a in arch]
+            with forked_rng(device):
+                for x, y in batches:
+                    # uncompiled: a `search.compile`d forward's backward cannot be differentiated
+                    loss = F.cross_entropy(model.forward_uncompiled(x), y) / len(batches)
+                    g = torch.autograd.grad(loss, arch, create_graph=True, allow_unused=True)
+                    g = [gi if gi is not None else torch.zeros_like(a) for gi, a in zip(g, arch)]
+                    dot = sum((gi * vi).sum() for gi, vi in zip(g, v))
+                    hv = torch.autograd.grad(dot, arch, allow_unused=True)
+                    total = [t + (h.detach() if h is not None else 0) for t, h in zip(total, hv)]
+            return total
 
-
-def _seed(seed: int, device: torch.device) -> None:
-    """Seed the CPU generator and `device`'s (not every GPU's, as `torch.manual_seed` would)."""
-    torch.default_generator.manual_seed(seed)
-    if device.type == "cuda":
-        with torch.cuda.device(device):
-            torch.cuda.manual_seed(seed)
-
-
-def _power_iteration(model: Supernet, arch: list[torch.Tensor], batches: list[tuple[torch.Tensor, torch.Tensor]],
-                     iters: int, tol: float, reseed: Callable[[], None]) -> float:
-    """Power iteration from a fixed start; `reseed` before each Hessian-vector product."""
-    def hvp(v: list[torch.Tensor]) -> list[torch.Tensor]:
-        reseed()
-        total = [torch.zeros_like(a) for a in arch]
-        for x, y in batches:
-            # uncompiled: a `search.compile`d forward's backward cannot be differentiated
-            loss = F.cross_entropy(model.forward_uncompiled(x), y) / len(batches)
-            g = torch.autograd.grad(loss, arch, create_graph=True, allow_unused=True)
-            g = [gi if gi is not None else torch.zeros_like(a) for gi, a in zip(g, arch)]
-            dot = sum((gi * vi).sum() for gi, vi in zip(g, v))
-            hv = torch.autograd.grad(dot, arch, allow_unused=True)
-            total = [t + (h.detach() if h is not None else 0) for t, h in zip(total, hv)]
-        return total
-
-    gen = torch.Generator(device="cpu").manual_seed(0)
-    v = [torch.randn(a.shape, generator=gen).to(a) for a in arch]
-    norm = torch.sqrt(sum((t * t).sum() for t in v))
-    v = [t / norm for t in v]
-    eig = 0.0
-    for _ in range(iters):
-        hv = hvp(v)
-        new_eig = float(sum((h * t).sum() for h, t in zip(hv, v)))   # Rayleigh quotient
-        norm = torch.sqrt(sum((h * h).sum() for h in hv))
-        if float(norm) == 0.0:
-            return 0.0
-        v = [h / norm for h in hv]
-        if abs(new_eig - eig) <= tol * max(abs(new_eig), 1e-12):
+        gen = torch.Generator(device="cpu").manual_seed(0)
+        v = [torch.randn(a.shape, generator=gen).to(a) for a in arch]
+        norm = torch.sqrt(sum((t * t).sum() for t in v))
+        v = [t / norm for t in v]
+        eig = 0.0
+        for _ in range(iters):
+            hv = hvp(v)
+            new_eig = float(sum((h * t).sum() for h, t in zip(hv, v)))   # Rayleigh quotient
+            norm = torch.sqrt(sum((h * h).sum() for h in hv))
+            if float(norm) == 0.0:
+                return 0.0
+            v = [h / norm for h in hv]
+            if abs(new_eig - eig) <= tol * max(abs(new_eig), 1e-12):
+                eig = new_eig
+                break
             eig = new_eig
-            break
-        eig = new_eig
-    return eig
+        return eig
+    finally:
+        with torch.no_grad():
+            for n, b in model.named_buffers():
+                b.copy_(saved[n])
+        model.train(was_training)
