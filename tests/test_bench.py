@@ -286,7 +286,7 @@ def test_agreement_finds_the_fused_path_equal_to_eager_and_bf16_off_by_rounding(
     agreement = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(agreement)
     agreement.main(["--device", "cpu", "--size", "tiny", "--case", "darts_first", "--variants",
-                    "eager,fused,fused_dense,eager+bf16", "--steps", "2", "--batches", "2"])
+                    "eager,fused,fused_dense,eager+amp", "--steps", "2", "--batches", "2"])
     out = capsys.readouterr().out
 
     def weight_diff(variant: str) -> float:
@@ -294,7 +294,9 @@ def test_agreement_finds_the_fused_path_equal_to_eager_and_bf16_off_by_rounding(
         return float(re.search(r"after 1 step: w (\S+)", line).group(1))
     assert weight_diff("fused") < 1e-5                 # the same function, summed in another order
     assert weight_diff("fused_dense") < 1e-5
-    assert 1e-4 < weight_diff("eager+bf16") < 1e-1     # bf16 rounds: visibly, but not wildly
+    # bf16 rounds: visibly, but not wildly (NCHW: this torch's CPU bf16 channels_last dilated
+    # convs are refused, `graphs.bf16_layout_problem`)
+    assert 1e-4 < weight_diff("eager+amp") < 1e-1
 
 
 def test_the_op_counter_counts_what_each_kernel_writes_and_reads():
