@@ -16,6 +16,9 @@
 #                                     # then the retrain step compiled, in its CUDA graph
 #                                     (the first compiled variant of a case and scope pays the
 #                                     compile; the next of that scope finds it in inductor's cache)
+#   bash bench/gpu.sh matrix          # every method × space the pipeline takes (issue 4: "for each
+#                                     # method × space"): eager and fused_dense + graph + bf16, and the
+#                                     # reference where it has the search; 3 timed steps each
 #   bash bench/gpu.sh dtype           # why bf16 was slower (DARTS b64, retrain): autocast alone (NCHW),
 #                                     channels_last alone (fp32) and both, under the graph
 #   bash bench/gpu.sh sweep-start     # the NB201 comparison in the background, sized to the budget
@@ -24,7 +27,7 @@
 #                                     # (~4 min of H100 per seed at the defaults below; resumable)
 #   bash bench/gpu.sh wait SECONDS    # until what was started ends or SECONDS pass; results -> $OUT
 #
-# CHECK=1 bash bench/gpu.sh lease|bench|profile|compile|dtype: on any machine, in seconds, every
+# CHECK=1 bash bench/gpu.sh lease|bench|profile|compile|dtype|matrix: on any machine, in seconds, every
 # bench command of that call with --check (its settings built and validated, nothing measured):
 # a typo or a refused combination shows here, not minutes into a lent GPU's 15 (tests/test_bench.py)
 #
@@ -125,6 +128,14 @@ compile)
   timeout 170 python3 bench/search_step.py ${CHECK:+--check --device cuda} --cases '' \
       --retrain-variants nascore+fused_dense+graph+bf16,nascore+fused_dense+graph+bf16+compile \
       --json "$OUT/compile-retrain.json" 2>&1 | tee -a "$OUT/compile.log"
+  ;;
+matrix)
+  # 41 searches: about 450 s on an H200 by the 2026-12-04 step times (eager host-bound at ~1 s per
+  # DARTS-space step, 3 s second order; an estimate); the JSON keeps every figure measured before a cut
+  gpu_info
+  timeout 560 python3 bench/search_step.py ${CHECK:+--check --device cuda} --cases matrix --no-retrain \
+      --variants reference,eager,fused_dense+graph+bf16 --steps 3 --warmup 3 \
+      --json "$OUT/matrix.json" 2>&1 | tee "$OUT/matrix.log"
   ;;
 dtype)
   timeout 560 python3 bench/search_step.py ${CHECK:+--check --device cuda} --cases darts_first,nb201,pc_darts \

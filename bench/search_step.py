@@ -5,8 +5,10 @@
     python bench/search_step.py --size tiny        # seconds; what tests/test_bench.py runs
     python bench/search_step.py --json out.json    # also write every figure as JSON
 
-Per method × space (DARTS first order, second order, PC-DARTS, NB201 DARTS-V1; and the search's
-validation forward, `*_valid`: eval mode, no grad, 512 images at the spec size) and per variant
+Per method × space (by default issue 4's: DARTS first order, second order, PC-DARTS, NB201
+DARTS-V1, and the search's validation forward, `*_valid`: eval mode, no grad, 512 images at the
+spec size; `--cases single_darts@s3,...` any method on any space, `--cases matrix` every pair the
+pipeline takes, each with its params as `dvc repro` resolves them) and per variant
 (`reference`: bench/reference.py; `eager`; `fused`; `fused_dense`; on CUDA also `+graph` and
 `+graph+bf16` of both fused backends), one search step on random data resident on the device.
 A variant is a backend (eager | fused | fused_dense) and modifiers joined by "+": graph (a CUDA
@@ -60,11 +62,12 @@ from opcount import CountOps, OpCount  # noqa: E402
 
 from nascore import graphs  # noqa: E402
 from nascore.genotype import DARTS_V2  # noqa: E402
-from nascore.methods import get_method  # noqa: E402
+from nascore import config as C  # noqa: E402
+from nascore.methods import METHODS  # noqa: E402
 from nascore.metrics import run_peak_memory  # noqa: E402
 from nascore.networks import NetworkCIFAR  # noqa: E402
 from nascore.search import EpochSteps, SearchConfig, SearchData, SearchRun  # noqa: E402
-from nascore.spaces import get_space  # noqa: E402
+from nascore.spaces import SPACES, get_space  # noqa: E402
 from nascore.graphs import cuda_graph  # noqa: E402
 from nascore.train import (GraphedTestPass, NonFiniteLossError, TrainConfig, _GraphedSteps,  # noqa: E402
                            cuda_graph_problems, evaluate, train)
@@ -97,21 +100,36 @@ SIZES = {
 }
 
 # case -> (space, method, spec batch)
+@dataclass(frozen=True)
+class Case:
+    """What a case measures: `method`'s search step on `space`, its params as `dvc repro` resolves
+    them on CIFAR-10 (`search_settings`), or with `validation` that supernet's per-epoch
+    validation forward (eval mode, no grad, at `search.valid_batch_size`)."""
+
+    method: str
+    space: str
+    validation: bool = False
+
+
 CASES = {
-    "darts_first": ("darts", "darts", 64),
-    "darts_second": ("darts", "darts_v2", 64),
-    "pc_darts": ("darts", "pc_darts", 256),
-    "nb201": ("nb201", "darts", 64),
+    "darts_first": Case("darts", "darts"),
+    "darts_second": Case("darts_v2", "darts"),
+    "pc_darts": Case("pc_darts", "darts"),
+    "nb201": Case("darts", "nb201"),
     # not in issue 4's list, so not run by default (--cases rf_darts --variants eager,fused):
     # random features' affine BNs take their own fused path; the reference has no RF variant
-    "rf_darts": ("darts", "rf_darts", 64),
-    # a search epoch's validation forward (eval mode, no grad) at search.valid_batch_size, the
-    # reference's as its DARTS `infer` runs it (F.cross_entropy, accuracy, `.item()`)
-    "darts_valid": ("darts", "darts", 512),
-    "pc_darts_valid": ("darts", "pc_darts", 512),
-    "nb201_valid": ("nb201", "darts", 512),
+    "rf_darts": Case("rf_darts", "darts"),
+    # a search epoch's validation forward, the reference's as its DARTS `infer` runs it
+    # (F.cross_entropy, accuracy, `.item()`)
+    "darts_valid": Case("darts", "darts", validation=True),
+    "pc_darts_valid": Case("pc_darts", "darts", validation=True),
+    "nb201_valid": Case("darts", "nb201", validation=True),
 }
-VALIDATION_CASES = ("darts_valid", "pc_darts_valid", "nb201_valid")
+# besides these names, any METHOD@SPACE (`case_of`); `--cases matrix`: every pair the pipeline takes
+MATRIX = "matrix"
+# (method, space) pairs bench/reference.py implements
+REFERENCE_PAIRS = frozenset({("darts", "darts"), ("darts_v2", "darts"), ("pc_darts", "darts"), ("darts", "nb201")})
+VALIDATION_CASES = tuple(name for name, c in CASES.items() if c.validation)
 # a search case -> the validation case of its supernet (second order validates DARTS' supernet)
 VALIDATION_OF = {"darts_first": "darts_valid", "darts_second": "darts_valid", "pc_darts": "pc_darts_valid",
                  "nb201": "nb201_valid"}
@@ -159,12 +177,27 @@ def validation_twin(variant: str) -> str:
     return "+".join([backend, *(m for m in modifiers if m != "graph")])
 
 
+def has_reference(case: str, raise_why: bool = False) -> bool:
+    """Whether bench/reference.py implements the case's search (DARTS first and second order and
+    PC-DARTS on the DARTS space, DARTS on NB201); `raise_why`: a ValueError saying so where not."""
+    c = case_of(case)
+    if (c.method, c.space) in REFERENCE_PAIRS:
+        return True
+    if raise_why:
+        raise ValueError(f"bench/reference.py has no {c.method} search on the {c.space} space (it has "
+                         f"{', '.join(f'{m}@{s}' for m, s in sorted(REFERENCE_PAIRS))}); measure {case} "
+                         f"against `eager`, nascore's plain path")
+    return False
+
+
 def runs_to_measure(cases: Sequence[str], variants: Sequence[str]) -> list[tuple[str, str]]:
     """(case, variant) in measuring order, a validation case once per validation twin (the first
-    variant listed of each)."""
+    variant listed of each), the reference only where it has the case (`has_reference`)."""
     runs, twins = [], set()
     for case in cases:
         for variant in variants:
+            if variant == "reference" and not has_reference(case):
+                continue
             if case in VALIDATION_CASES:
                 if (case, validation_twin(variant)) in twins:
                     continue
@@ -242,19 +275,52 @@ def batches(n: int, batch: int, image: int, classes: int, device: torch.device) 
              torch.randint(0, classes, (batch,), generator=g).to(device)) for _ in range(n)]
 
 
+def case_of(name: str) -> Case:
+    """A named case (`CASES`), or "METHOD@SPACE": that method's search step on that space."""
+    if name in CASES:
+        return CASES[name]
+    method, at, space = name.partition("@")
+    if at and method in METHODS.names() and space in SPACES.names():
+        return Case(method, space)
+    raise ValueError(f"unknown case {name!r}: the cases are {', '.join(CASES)}, {MATRIX} (every method "
+                     f"on every space), or METHOD@SPACE with a method among {', '.join(METHODS.names())} "
+                     f"and a space among {', '.join(SPACES.names())}")
+
+
+def matrix_cases(size: Size) -> tuple[list[str], list[str]]:
+    """Every method × space as "METHOD@SPACE": those the pipeline takes, and those it refuses,
+    each with its reason (OPP-DARTS needs one op list on every edge: not S1)."""
+    cases, refused = [], []
+    for method in METHODS.names():
+        for space in SPACES.names():
+            name = f"{method}@{space}"
+            try:
+                search_settings(name, size)
+                cases.append(name)
+            except C.ConfigError as e:
+                refused.append(f"{name}: {e}")
+    return cases, refused
+
+
 def search_settings(case: str, size: Size, **speed: object) -> tuple[str, SearchConfig, int]:
-    space, method, spec_batch = CASES[case]
-    settings = dict(get_method(method).resolved_settings())
-    settings.update(get_space(space).search_defaults if space == "nb201" else {})
-    settings.pop("first_order_step_order", None)
-    if space == "nb201":
-        settings["step_order"] = "weights_first"
-    settings.update(init_channels=size.init_channels,
-                    layers=size.nb201_layers if space == "nb201" else size.layers,
-                    batch_size=size.batch or spec_batch, arch_warmup_epochs=0, **speed)
-    if settings.get("partial_channels", 1) > size.init_channels:
-        settings["partial_channels"] = size.init_channels
-    return space, SearchConfig(**settings), settings["batch_size"]
+    """A case's space, search settings and batch: the pipeline's params for its method and space
+    on CIFAR-10 (`config.resolve_stage`, every `auto` as `dvc repro` resolves it), scaled to
+    `size` (channels, cells; the batch where `size` fixes one, else the spec's), with α updated
+    from the first step (no warm-up epochs) and `speed`'s settings."""
+    c = case_of(case)
+    search = {"init_channels": size.init_channels, "layers": size.nb201_layers if c.space == "nb201" else size.layers,
+              "arch_warmup_epochs": 0, **speed}
+    if size.batch:
+        search["batch_size" if not c.validation else "valid_batch_size"] = size.batch
+
+    def resolve() -> SearchConfig:
+        return C.resolve_stage("search", {"method": c.method, "space": c.space, "dataset": "cifar10",
+                                          "search": search}).search
+    cfg = resolve()
+    if cfg.partial_channels > size.init_channels:       # K channels at least: PC-DARTS at the tiny size
+        search["partial_channels"] = size.init_channels
+        cfg = resolve()
+    return c.space, cfg, cfg.valid_batch_size if c.validation else cfg.batch_size
 
 
 Step = tuple[Callable[[int], None], int, Callable[[], list[torch.Tensor]]]   # step(i), batch, host scalars
@@ -301,9 +367,7 @@ def nascore_step(case: str, size: Size, device: torch.device, **speed: object) -
 
 def reference_step(case: str, size: Size, device: torch.device) -> Step:
     space, cfg, batch = search_settings(case, size)
-    if cfg.features == "random":
-        raise ValueError(f"bench/reference.py has no random-features search; run {case} with "
-                         f"--variants eager,fused")
+    has_reference(case, raise_why=True)
     torch.manual_seed(2)
     if space == "nb201":
         model = reference.NB201Network(cfg.init_channels, cfg.layers, 10).to(device)
@@ -750,8 +814,7 @@ def check(cases: list[str], variants: list[str], retrain_variants: list[str], si
     for case, variant in runs_to_measure(cases, variants):
         try:
             if variant == "reference":
-                if search_settings(case, size)[1].features == "random":
-                    raise ValueError("bench/reference.py has no random-features search")
+                search_settings(case, size)
             else:
                 search_settings(case, size, **speed_options(variant))
             plan.append(f"{case} {variant}")
@@ -771,8 +834,9 @@ def check(cases: list[str], variants: list[str], retrain_variants: list[str], si
 
 # --- report ---------------------------------------------------------------------------------------
 def table(figures: list[Figure]) -> str:
+    c = max([14] + [len(x.case) for x in figures])
     v = max([17] + [len(x.variant) for x in figures])
-    head = f"{'case':<14} {'variant':<{v}} {'batch':>5} {'ms/step':>9} {'img/s':>8} {'peak MB':>8} {'rsrvd MB':>8} {'live MB':>8} " \
+    head = f"{'case':<{c}} {'variant':<{v}} {'batch':>5} {'ms/step':>9} {'img/s':>8} {'peak MB':>8} {'rsrvd MB':>8} {'live MB':>8} " \
            f"{'ops':>7} {'writing':>7} {'MB written':>10} {'MB read':>9} {'GFLOP':>8} {'syncs':>5} {'warm-up s':>9} " \
            f"{'off-layout':>10}"
     rows = [head, "-" * len(head)]
@@ -780,7 +844,7 @@ def table(figures: list[Figure]) -> str:
     def f(v: float | int | None, spec: str) -> str:
         return "-".rjust(len(format(0, spec))) if v is None else format(v, spec)
     for x in figures:
-        rows.append(f"{x.case:<14} {x.variant:<{v}} {x.batch:>5} {f(x.ms_per_step, '9.1f')} "
+        rows.append(f"{x.case:<{c}} {x.variant:<{v}} {x.batch:>5} {f(x.ms_per_step, '9.1f')} "
                     f"{f(x.images_per_s, '8.1f')} {f(x.peak_memory_mb, '8.0f')} {f(x.peak_reserved_mb, '8.0f')} "
                     f"{f(x.live_mb, '8.0f')} "
                     f"{f(x.ops, '7d')} "
@@ -790,11 +854,16 @@ def table(figures: list[Figure]) -> str:
 
 
 def ratio_table(figures: list[Figure]) -> str:
-    """reference figure / variant figure: > 1 means the variant needs less."""
+    """reference figure / variant figure: > 1 means the variant needs less. A case the reference
+    does not have (`has_reference`) is divided into nascore's `eager` figure instead."""
+    c = max([14] + [len(x.case) for x in figures])
     v = max([17] + [len(x.variant) for x in figures])
-    head = f"{'case':<14} {'variant':<{v}} {'time':>6} {'writing ops':>11} {'bytes':>6} {'moved':>6} {'reserved':>8} {'live':>6}"
-    rows = ["ratio reference / variant (higher is better)", head, "-" * len(head)]
-    ref = {x.case: x for x in figures if x.variant == "reference"}
+    head = (f"{'case':<{c}} {'variant':<{v}} {'base':<9} {'time':>6} {'writing ops':>11} {'bytes':>6} {'moved':>6} "
+            f"{'reserved':>8} {'live':>6}")
+    rows = ["ratio base / variant (higher is better); base: the reference, or eager where it has no such search",
+            head, "-" * len(head)]
+    bases = {x.case: x for x in figures if x.variant == "eager"}
+    bases.update({x.case: x for x in figures if x.variant == "reference"})
 
     def r(a: float | int | None, b: float | int | None) -> str:
         return "-" if a is None or b is None or not b else f"{a / b:.2f}x"
@@ -802,10 +871,10 @@ def ratio_table(figures: list[Figure]) -> str:
     def moved(x: Figure) -> float | None:
         return None if x.mb_written is None or x.mb_read is None else x.mb_written + x.mb_read
     for x in figures:
-        if x.variant == "reference" or x.case not in ref:
+        base = bases.get(x.case)
+        if base is None or base is x:
             continue
-        base = ref[x.case]
-        rows.append(f"{x.case:<14} {x.variant:<{v}} {r(base.ms_per_step, x.ms_per_step):>6} "
+        rows.append(f"{x.case:<{c}} {x.variant:<{v}} {base.variant:<9} {r(base.ms_per_step, x.ms_per_step):>6} "
                     f"{r(base.writing_ops, x.writing_ops):>11} {r(base.mb_written, x.mb_written):>6} "
                     f"{r(moved(base), moved(x)):>6} "
                     f"{r(base.peak_reserved_mb, x.peak_reserved_mb):>8} {r(base.live_mb, x.live_mb):>6}")
@@ -825,8 +894,10 @@ def _main(argv: list[str] | None) -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--size", choices=SIZES, default=None, help="default: full on CUDA, small on CPU")
     p.add_argument("--cases", default=",".join(DEFAULT_CASES),
-                   help=f"comma-separated among {', '.join(CASES)} (default: {', '.join(DEFAULT_CASES)}; "
-                        f"'' for none: the retrain step alone)")
+                   help=f"comma-separated among {', '.join(CASES)}, any METHOD@SPACE (e.g. single_darts@s3: "
+                        f"that search's step, its params as `dvc repro` resolves them) and {MATRIX} (every "
+                        f"method on every space the pipeline takes; the reference only where it has the "
+                        f"search) (default: {', '.join(DEFAULT_CASES)}; '' for none: the retrain step alone)")
     p.add_argument("--variants", default=None,
                    help="comma-separated; default: reference,eager,fused,fused_dense (+ fused+graph, "
                         "fused+graph+bf16, fused+graph+tuned and the same of fused_dense on CUDA)")
@@ -874,10 +945,24 @@ def _main(argv: list[str] | None) -> None:
                     ["fused+graph", "fused+graph+bf16", "fused+graph+tuned", "fused_dense+graph",
                      "fused_dense+graph+bf16", "fused_dense+graph+tuned"]
                     if cuda else []))
-    cases = [c for c in args.cases.split(",") if c]
-    for c in cases:                    # a typo fails here, not after minutes of other cases
-        if c not in CASES:
-            p.error(f"unknown case {c!r}: the cases are {', '.join(CASES)}")
+    cases: list[str] = []
+    for c in (c for c in args.cases.split(",") if c):     # a typo fails here, not after minutes of other cases
+        if c == MATRIX:
+            matrix, refused = matrix_cases(size)
+            cases += matrix
+            for why in refused:
+                print(f"# {MATRIX}: not a search the pipeline runs, {why}")
+            continue
+        try:
+            case_of(c)
+        except ValueError as e:
+            p.error(str(e))
+        cases.append(c)
+    unreferenced = [c for c in cases if not has_reference(c)] if "reference" in variants else []
+    if unreferenced:
+        named = ", ".join(unreferenced) if len(unreferenced) <= 6 else f"{len(unreferenced)} of the {len(cases)} cases"
+        print(f"# no reference for {named} (bench/reference.py has "
+              f"{', '.join(f'{m}@{s}' for m, s in sorted(REFERENCE_PAIRS))}): their ratios are to eager")
     retrain_variants = (args.retrain_variants.split(",") if args.retrain_variants else
                         ["nascore", "nascore+fused", "nascore+fused_dense"] + (
                             ["nascore+graph", "nascore+fused+graph", "nascore+fused+graph+bf16",

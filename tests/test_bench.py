@@ -25,7 +25,7 @@ def test_the_bench_runs_at_tiny_sizes_and_prints_the_ratio_table(tmp_path):
         capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     out = run.stdout
-    assert "ratio reference / variant" in out
+    assert "ratio base / variant" in out
     for row in ("nb201          eager", "nb201          fused", "retrain        nascore", "retrain        nascore+fused"):
         assert row in out
     assert "nascore+fused_dense" not in out
@@ -224,14 +224,67 @@ def test_check_validates_a_run_without_measuring_it(capsys):
     # the validation case runs a graph variant's validation too (bf16, channels_last, no graph)
     assert ("check: 5 to measure: nb201 reference, nb201 fused_dense+graph+bf16, nb201_valid reference, "
             "nb201_valid fused_dense+graph+bf16, retrain nascore+fused_dense+graph") in out
-    # the reference has no random-features search: refused at once, with the reason
+    # the reference has no random-features search: left out, and said so, the ratios then to eager
+    with pytest.raises(SystemExit) as ok:
+        bench.main(["--check", "--cases", "rf_darts,darts_first", "--variants", "reference,fused", "--no-retrain"])
+    assert ok.value.code == 0
+    out = capsys.readouterr().out
+    assert "# no reference for rf_darts (bench/reference.py has darts@darts, darts@nb201, " in out
+    assert "check: 3 to measure: rf_darts fused, darts_first reference, darts_first fused" in out
+    # a refused combination is refused at once, with the pipeline's reason
     with pytest.raises(SystemExit) as refused:
-        bench.main(["--check", "--cases", "rf_darts", "--variants", "reference,fused", "--no-retrain"])
+        bench.main(["--check", "--cases", "pc_darts", "--variants", "fused+dp+chained", "--no-retrain"])
     assert refused.value.code == 1
-    assert "check: REFUSED rf_darts reference: bench/reference.py has no random-features search" in capsys.readouterr().out
+    assert "check: REFUSED pc_darts fused+dp+chained: params.yaml: search.drop_path > 0 on a fused backend needs" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("call, commands", [("lease", 5), ("bench", 1), ("profile", 1), ("compile", 2), ("dtype", 1)])
+def test_any_method_on_any_space_is_a_case_with_the_pipelines_params():
+    """Issue 4 asks for figures per method × space: `METHOD@SPACE` is that search's step, its
+    params resolved as `dvc repro` resolves them; `matrix` is every pair the pipeline takes."""
+    from nascore import config as C
+    from nascore.methods import METHODS
+    from nascore.spaces import SPACES
+    bench = load_bench()
+    full = bench.SIZES["full"]
+    # a named case is a method × space: the same settings under either name
+    assert bench.search_settings("pc_darts", full) == bench.search_settings("pc_darts@darts", full)
+    assert bench.search_settings("nb201", full) == bench.search_settings("darts@nb201", full)
+    space, cfg, batch = bench.search_settings("single_darts@s3", full, backend="fused_dense")
+    expected = C.resolve_stage("search", {"method": "single_darts", "space": "s3", "dataset": "cifar10", "search": {
+        "init_channels": 16, "layers": 8, "arch_warmup_epochs": 0, "backend": "fused_dense"}}).search
+    assert (space, cfg, batch) == ("s3", expected, 64) and cfg.optimisation == "single_level"
+    assert bench.search_settings("nb201_valid", full)[2] == 512          # the validation batch
+    for bad in ("darts@s9", "dart@s1", "darts_s1"):
+        with pytest.raises(ValueError, match="METHOD@SPACE"):
+            bench.case_of(bad)
+    cases, refused = bench.matrix_cases(bench.SIZES["tiny"])
+    assert len(cases) + len(refused) == len(METHODS.names()) * len(SPACES.names())
+    assert [r.split(":")[0] for r in refused] == ["opp_darts@s1"] and "per-edge lists" in refused[0]
+    assert bench.has_reference("darts@nb201") and not bench.has_reference("single_darts@s3")
+
+
+def test_a_case_without_a_reference_is_measured_against_eager(tmp_path, capsys):
+    bench = load_bench()
+    bench.main(["--device", "cpu", "--size", "tiny", "--cases", "single_darts@s3,darts@s3,darts@darts",
+                "--variants", "reference,eager,fused_dense", "--no-retrain", "--steps", "1", "--warmup", "1",
+                "--json", str(tmp_path / "f.json")])
+    out = capsys.readouterr().out
+    figures = json.loads((tmp_path / "f.json").read_text())["figures"]
+    by = {(f["case"], f["variant"]): f for f in figures}
+    assert set(by) == {(c, v) for c in ("single_darts@s3", "darts@s3") for v in ("eager", "fused_dense")} | {
+        ("darts@darts", v) for v in ("reference", "eager", "fused_dense")}
+    assert "# no reference for single_darts@s3, darts@s3 (" in out
+    rows = out[out.index("ratio base / variant"):].splitlines()
+    assert any(r.split()[:3] == ["single_darts@s3", "fused_dense", "eager"] for r in rows)
+    assert any(r.split()[:3] == ["darts@darts", "fused_dense", "reference"] for r in rows)
+    # the single-level step is one forward and backward, first order's two
+    single, first = by["single_darts@s3", "eager"]["writing_ops"], by["darts@s3", "eager"]["writing_ops"]
+    assert 0.4 < single / first < 0.7
+    assert by["single_darts@s3", "fused_dense"]["writing_ops"] < single
+
+
+@pytest.mark.parametrize("call, commands", [("lease", 5), ("bench", 1), ("profile", 1), ("compile", 2), ("dtype", 1),
+                                            ("matrix", 1)])
 def test_every_bench_command_of_a_gpu_call_is_valid(call, commands, tmp_path):
     # a lent GPU has 15 minutes in all: a typo in bench/gpu.sh must fail here, not there
     env = {**os.environ, "CHECK": "1", "OUT": str(tmp_path),
