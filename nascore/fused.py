@@ -264,7 +264,10 @@ def build_cell_plan(op_module: Callable[[int, int], nn.Module], plan: ArchPlan,
     for sp, ks in zip(plan.sources, kinds):
         for g, kind in zip(sp.groups, ks):
             if BN_CHANNELS[kind](1):
-                bn += BN_CHANNELS[kind](len(g.units))
+                # a pooling's affine BNs (random features) normalise a copy of its output each
+                # (`_bn_shared`): statistics per unit, not one set for all
+                affine_pools = kind == "pool_bn" and op_module(*g.units[0])[1].affine
+                bn += len(g.units) if affine_pools else BN_CHANNELS[kind](len(g.units))
                 bn_unit = bn_unit or g.units[0]
             if kind == "noise":
                 noise += [(e, c, state_of[e]) for e, c in g.units]
@@ -853,12 +856,32 @@ def _bn_shared(y: torch.Tensor, bns: Sequence[nn.BatchNorm2d], sink: BatchNormSi
         if len(bns) == 1:
             return torch.addcmul(shift.view(-1, 1, 1), y, scale.view(-1, 1, 1)).unsqueeze(1)
         return _unit_affine(y.view(y_shape), scale.view(unit_shape), shift.view(unit_shape))
+    if bns[0].affine:
+        # each module's γ, β over its own copy of y's channels, in ONE batch norm (their batch
+        # statistics are y's, as `_record_shared`'s): a copy forward and a sum backward, where
+        # normalising once and an `addcmul` of the units' γ, β cost a product and its backward's
+        # products and sums (random features: 6–8% of a DARTS step's kernel-like ops)
+        y_units = _repeat_units(y, states, n)
+        mean, var = sink.take(y_units.shape[1])
+        out = F.batch_norm(y_units, mean, var, next(ws), next(ws), True, 1.0, bns[0].eps)
+        sink.updates.append(_BNUpdate(bns, mean, var, shared=False))
+        return out.view(*y_shape[:-4], n, c, *y.shape[2:])
     mean, var = sink.take(y.shape[1])
     out = F.batch_norm(y, mean, var, None, None, True, 1.0, bns[0].eps).view(y_shape)
     _record_shared(sink, bns, mean, var, states)
-    if not bns[0].affine:
-        return out
-    return _unit_affine(out, next(ws).view(unit_shape), next(ws).view(unit_shape))
+    return out
+
+
+def _repeat_units(y: torch.Tensor, states: int, n: int) -> torch.Tensor:
+    """(B, S·C, H, W) -> (B, S·n·C, H, W): each state's C channels n times over, state-major, in
+    y's memory format (one copy; its backward one sum over the n copies)."""
+    b, sc, h, w = y.shape
+    c = sc // states
+    if _nhwc(y):
+        # (B, H, W, S, n, C) copied, then viewed: the copy is channels_last memory
+        t = y.permute(0, 2, 3, 1).reshape(b, h, w, states, 1, c).expand(b, h, w, states, n, c)
+        return t.contiguous().view(b, h, w, states * n * c).permute(0, 3, 1, 2)
+    return y.reshape(b, states, 1, c, h, w).expand(b, states, n, c, h, w).reshape(b, states * n * c, h, w)
 
 
 def _unit_affine(y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
@@ -964,12 +987,12 @@ def _pool(mods: list[nn.Module], src: _Source, units: Units, scale: None, ws: It
 
 
 def _pool_bn_requests(mods: list[nn.Module], dense: Dense, states: int) -> list[Request]:
-    # γ, β as "cat", not "affine": a product with the activations applies them (`_bn_shared`),
-    # so under autocast they come cast with the conv weights. Float32, they would promote that
-    # output and with it the pass's concatenation (`mix`): a cast of every activation there,
-    # forward and backward (random features' affine BNs: 60 each way per forward of the bench's
-    # small DARTS supernet)
-    return _bn_requests([m[1] for m in mods], kind="cat")
+    # γ, β float32 under autocast, as BN keeps them: in training a batch norm applies them
+    # (`_bn_shared`) and in evaluation they fold into each module's affine map, cast once. (Until
+    # 2026-12-06 a product with the bf16 activations applied them in training too, so they came
+    # cast with the conv weights: float32, they had promoted that output and the pass's
+    # concatenation, an activation cast each way per pooling.)
+    return _bn_requests([m[1] for m in mods])
 
 
 def _pool_bn(mods: list[nn.Module], src: _Source, units: Units, scale: None, ws: Iterator

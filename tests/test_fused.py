@@ -1292,6 +1292,26 @@ def test_parameter_free_ops_are_weighted_without_full_size_products(matmul_mix):
     assert every.count["bmm"] > 0
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_random_features_pooling_bns_are_one_batch_norm_each_without_products(channels_last, float64):
+    """A pooling's affine BNs (random features: γ, β trained) normalise the one pooled output
+    with each edge's own γ, β: one batch norm over a copy of it per edge, whose backward is the
+    batch norm's and one sum over the copies, not a normalisation and an `addcmul` of the
+    units' γ, β (a product forward, products and sums backward). The same outputs, gradients and
+    running statistics as each edge's own BN (eager), in either layout."""
+    net = build("darts", columns=[1, 2, 3], random_features=True)     # max_pool, avg_pool, skip_connect
+    assert_same(net, channels_last=channels_last)
+    net = copy.deepcopy(net)
+    net.set_backend("fused")
+    x = torch.randn(7, 3, 4, 4, dtype=torch.float64)
+    if channels_last:
+        net, x = net.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+    with CountOps(batch=7) as on_activations:
+        net(x).sum().backward()
+    assert on_activations.count["addcmul"] == on_activations.count["mul"] == 0, on_activations.count
+    assert on_activations.count["native_batch_norm_backward"] == on_activations.count["native_batch_norm"] > 0
+
+
 def test_partial_channels_bypass_through_each_passs_product():
     """PC-DARTS' bypassed channels (C - C/K of each state) are K-1 more columns of each pass's
     matrix product and a node's K rows are its channels (`_mix_layouts`): no weighted add of
