@@ -99,7 +99,6 @@ SIZES = {
     "tiny": Size(4, 3, 1, 8, 4, 4, 3, 4),
 }
 
-# case -> (space, method, spec batch)
 @dataclass(frozen=True)
 class Case:
     """What a case measures: `method`'s search step on `space`, its params as `dvc repro` resolves
