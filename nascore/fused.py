@@ -1921,10 +1921,15 @@ def _node_channels(rows: torch.Tensor, shuffle: bool) -> torch.Tensor:
 
 def _draw_noise(plan: CellPlan, shape: CellShape, inputs: Sequence[torch.Tensor],
                 num_inputs: int) -> dict[tuple[int, int], torch.Tensor]:
-    """S4's noise, drawn in the eager loop's order so that both paths see the same numbers."""
+    """S4's noise, drawn in the eager loop's order and in the activations' memory format, as the
+    eager op's `randn_like` draws it, so that both paths see the same numbers. (Until 2026-12-06
+    it was drawn NCHW: in a channels_last search the noise went into every node sum in the other
+    layout, and the whole fused S4 step ran so: 713 NCHW activation writes per step at the
+    bench's small size; and its numbers were not the eager channels_last search's.)"""
     if not plan.noise:
         return {}
     x0 = inputs[0]
+    layout = torch.channels_last if _nhwc(x0) else torch.contiguous_format
     b, _, h, w = x0.shape
     node_hw = (math.ceil(h / shape.strides[0]), math.ceil(w / shape.strides[0]))
     out = {}
@@ -1934,7 +1939,8 @@ def _draw_noise(plan: CellPlan, shape: CellShape, inputs: Sequence[torch.Tensor]
             hw = (math.ceil(inputs[state].shape[2] / s), math.ceil(inputs[state].shape[3] / s))
         else:
             hw = node_hw
-        out[e, c] = torch.randn((b, shape.op_channels, *hw), dtype=x0.dtype, device=x0.device)
+        out[e, c] = torch.empty((b, shape.op_channels, *hw), dtype=x0.dtype, device=x0.device,
+                                memory_format=layout).normal_()
     return out
 
 

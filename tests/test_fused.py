@@ -437,13 +437,13 @@ class NCHWWrites(TorchDispatchMode):
         return out
 
 
-@pytest.mark.parametrize("network", ["nb201", "pc_darts", "rf_darts", "darts_dp", "retrain"])
+@pytest.mark.parametrize("network", ["nb201", "pc_darts", "rf_darts", "darts_dp", "s4", "retrain"])
 def test_a_channels_last_network_writes_every_activation_and_gradient_channels_last(network):
     # on a GPU each NCHW tensor in a channels_last step is a layout conversion inside the cuDNN
     # calls it reaches, or an elementwise kernel reading against the grain. Found so: PC-DARTS'
     # channel shuffle wrote its nodes NCHW, and then the whole search ran so; random features'
     # pooling BNs (their γ, β applied by an addcmul) too; every network's global pooling (a
-    # `mean`) handed the last cell an NCHW gradient
+    # `mean`) handed the last cell an NCHW gradient; S4's noise was drawn NCHW
     from nascore.genotype import DARTS_V2
     from nascore.networks import NetworkCIFAR
     torch.manual_seed(0)
@@ -452,7 +452,7 @@ def test_a_channels_last_network_writes_every_activation_and_gradient_channels_l
     else:
         switches = {"pc_darts": {"partial_channels": 2, "edge_normalization": True},
                     "rf_darts": {"random_features": True}}.get(network, {})
-        net, size = build("nb201" if network == "nb201" else "darts", **switches), 8
+        net, size = build(network if network in ("nb201", "s4") else "darts", **switches), 8
         if network == "darts_dp":        # search-time drop-path: per-sample mixing matrices
             net.set_drop_path(0.3)
     net = net.to(memory_format=torch.channels_last)
@@ -509,6 +509,25 @@ class CountOps(TorchDispatchMode):
         if self.batch is None or any(t.dim() >= 4 and t.shape[0] == self.batch for t in tensors):
             self.count[func.overloadpacket.__name__] += 1
         return out
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_s4_noise_is_the_eager_searchs_in_either_layout(layout, float64):
+    """S4's `noise` op draws N(0, 1) of its output's shape, `randn_like` its input: in a
+    channels_last search in that layout, so in other positions than an NCHW draw's. The fused
+    cells draw every edge's noise up front in the eager loop's order and in the activations'
+    layout: the same numbers as the eager search's in either layout."""
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    net = build("s4")
+    x = torch.randn(3, 3, 8, 8, dtype=torch.float64).contiguous(memory_format=fmt)
+    outs = []
+    for backend in ("eager", "fused", "fused_dense"):
+        model = copy.deepcopy(net).to(memory_format=fmt)
+        model.set_backend(backend)
+        torch.manual_seed(1)
+        outs.append(model(x))
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(outs[2], outs[0], rtol=1e-9, atol=1e-12)
 
 
 def test_evaluation_runs_the_fused_cells_with_running_statistics():
