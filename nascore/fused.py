@@ -860,7 +860,7 @@ def _bn_shared(y: torch.Tensor, bns: Sequence[nn.BatchNorm2d], sink: BatchNormSi
         # each module's γ, β over its own copy of y's channels, in ONE batch norm (their batch
         # statistics are y's, as `_record_shared`'s): a copy forward and a sum backward, where
         # normalising once and an `addcmul` of the units' γ, β cost a product and its backward's
-        # products and sums (random features: 6–8% of a DARTS step's kernel-like ops)
+        # products and sums (random features: 10–15% of a DARTS step's kernel-like ops)
         y_units = _repeat_units(y, states, n)
         mean, var = sink.take(y_units.shape[1])
         out = F.batch_norm(y_units, mean, var, next(ws), next(ws), True, 1.0, bns[0].eps)
