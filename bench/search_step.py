@@ -128,6 +128,7 @@ CASES = {
 MATRIX = "matrix"
 # (method, space) pairs bench/reference.py implements
 REFERENCE_PAIRS = frozenset({("darts", "darts"), ("darts_v2", "darts"), ("pc_darts", "darts"), ("darts", "nb201")})
+REFERENCE_NAMES = ", ".join(f"{m}@{s}" for m, s in sorted(REFERENCE_PAIRS))
 VALIDATION_CASES = tuple(name for name, c in CASES.items() if c.validation)
 # a search case -> the validation case of its supernet (second order validates DARTS' supernet)
 VALIDATION_OF = {"darts_first": "darts_valid", "darts_second": "darts_valid", "pc_darts": "pc_darts_valid",
@@ -176,17 +177,10 @@ def validation_twin(variant: str) -> str:
     return "+".join([backend, *(m for m in modifiers if m != "graph")])
 
 
-def has_reference(case: str, raise_why: bool = False) -> bool:
-    """Whether bench/reference.py implements the case's search (DARTS first and second order and
-    PC-DARTS on the DARTS space, DARTS on NB201); `raise_why`: a ValueError saying so where not."""
+def has_reference(case: str) -> bool:
+    """Whether bench/reference.py implements the case's search (`REFERENCE_PAIRS`)."""
     c = case_of(case)
-    if (c.method, c.space) in REFERENCE_PAIRS:
-        return True
-    if raise_why:
-        raise ValueError(f"bench/reference.py has no {c.method} search on the {c.space} space (it has "
-                         f"{', '.join(f'{m}@{s}' for m, s in sorted(REFERENCE_PAIRS))}); measure {case} "
-                         f"against `eager`, nascore's plain path")
-    return False
+    return (c.method, c.space) in REFERENCE_PAIRS
 
 
 def runs_to_measure(cases: Sequence[str], variants: Sequence[str]) -> list[tuple[str, str]]:
@@ -366,7 +360,9 @@ def nascore_step(case: str, size: Size, device: torch.device, **speed: object) -
 
 def reference_step(case: str, size: Size, device: torch.device) -> Step:
     space, cfg, batch = search_settings(case, size)
-    has_reference(case, raise_why=True)
+    if not has_reference(case):
+        raise ValueError(f"bench/reference.py has no {case} search (it has {REFERENCE_NAMES}); measure it "
+                         f"against `eager`, nascore's plain path")
     torch.manual_seed(2)
     if space == "nb201":
         model = reference.NB201Network(cfg.init_channels, cfg.layers, 10).to(device)
@@ -960,8 +956,7 @@ def _main(argv: list[str] | None) -> None:
     unreferenced = [c for c in cases if not has_reference(c)] if "reference" in variants else []
     if unreferenced:
         named = ", ".join(unreferenced) if len(unreferenced) <= 6 else f"{len(unreferenced)} of the {len(cases)} cases"
-        print(f"# no reference for {named} (bench/reference.py has "
-              f"{', '.join(f'{m}@{s}' for m, s in sorted(REFERENCE_PAIRS))}): their ratios are to eager")
+        print(f"# no reference for {named} (bench/reference.py has {REFERENCE_NAMES}): their ratios are to eager")
     retrain_variants = (args.retrain_variants.split(",") if args.retrain_variants else
                         ["nascore", "nascore+fused", "nascore+fused_dense"] + (
                             ["nascore+graph", "nascore+fused+graph", "nascore+fused+graph+bf16",
