@@ -31,7 +31,10 @@ def base_env(root: Path) -> dict[str, str]:
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env.update(GIT_AUTHOR_NAME="nascore tests", GIT_AUTHOR_EMAIL="tests@nascore.invalid",
                GIT_COMMITTER_NAME="nascore tests", GIT_COMMITTER_EMAIL="tests@nascore.invalid",
-               DVC_NO_ANALYTICS="1", PYTHONUNBUFFERED="1")
+               DVC_NO_ANALYTICS="1", PYTHONUNBUFFERED="1",
+               # as tests/conftest.py: the stages' tiny convolutions gain nothing from a second
+               # intra-op thread, and two threads fighting the other test worker for 2 cores run slower
+               OMP_NUM_THREADS="1")
     for var in ("NASCORE_PROJECT_ROOT", "NASCORE_RUN_KEY", "MLFLOW_TRACKING_URI", "NASCORE_TRACKING",
                 "MLFLOW_EXPERIMENT_NAME", "DVC_EXP_NAME"):
         env.pop(var, None)

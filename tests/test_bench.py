@@ -21,10 +21,11 @@ def test_the_bench_runs_at_tiny_sizes_and_prints_the_ratio_table(tmp_path):
     run = subprocess.run(
         [sys.executable, str(BENCH), "--device", "cpu", "--size", "tiny", "--cases", "nb201,nb201_valid",
          "--steps", "1", "--warmup", "1", "--retrain-variants", "nascore,nascore+fused", "--profile", "--by-op", "--by-site",
-         "--json", str(tmp_path / "figures.json")],
+         "--threads", "1", "--json", str(tmp_path / "figures.json")],
         capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     out = run.stdout
+    bench = load_bench()
     assert "ratio base / variant" in out
     for row in ("nb201          eager", "nb201          fused", "retrain        nascore", "retrain        nascore+fused"):
         assert row in out
@@ -82,10 +83,11 @@ def test_the_bench_runs_at_tiny_sizes_and_prints_the_ratio_table(tmp_path):
     assert ("convolution_backward", "backward of ConvolutionBackward0") in retrain_sites["nascore"]
     assert by["retrain", "reference"]["by_site"] is None
     assert "writing ops of nb201 fused by site" in out
-    # the retrain's test pass, 4 batches of 256 a step: the fused evaluation cells write fewer
+    # the retrain's test pass, 4 batches a step (of 16 at the tiny size, of 256 at the others): the fused evaluation cells write fewer
     # ops than the eager ones; DARTS' `infer` reads every batch's figures on the host, `evaluate` none
     assert {v for c, v in by if c == "retrain_eval"} == {"reference", "nascore", "nascore+fused"}
-    assert by["retrain_eval", "nascore"]["batch"] == 4 * 256
+    assert by["retrain_eval", "nascore"]["batch"] == 4 * bench.SIZES["tiny"].eval_batch == 4 * 16
+    assert bench.SIZES["full"].eval_batch == bench.SIZES["small"].eval_batch == 256
     assert by["retrain_eval", "nascore+fused"]["writing_ops"] < by["retrain_eval", "nascore"]["writing_ops"]
     assert by["retrain_eval", "reference"]["syncs"] >= 4 > by["retrain_eval", "nascore"]["syncs"]
     assert "retrain, 600 CIFAR-10 epochs at these figures" in out
