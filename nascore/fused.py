@@ -22,11 +22,11 @@ states), so here every op of every edge leaving a state is computed in one pass 
   matrix product (`mix`; `search.matmul_mix`; off: one `addcmul` per op kind without a BN of
   its own, `WeightedAdd`, whose backward writes no full-size product, and sums per merged group
   and paired pass, `SumStates`);
-- in training, the last BNs of a pass (every conv kind's and pooling's: all without affine
-  parameters, their α in the matrix or the BN's scale) run as ONE batch norm over their
-  concatenated inputs (`batch_norm_pass`; `search.merge_batch_norms`): batch statistics are per
-  channel, so the numbers are the same; the product then reads that output as it is, beside the
-  identity (a DARTS pass: 2 BNs forward and backward, not 5);
+- in training, the last BNs of a pass (every conv kind's and pooling's, their α in the matrix or
+  the BN's scale; with random features' affine BNs, α·γ and α·β) run as ONE batch norm over
+  their concatenated inputs (`batch_norm_pass`; `search.merge_batch_norms`): batch statistics
+  are per channel, so the numbers are the same; the product then reads that output as it is,
+  beside the identity (a DARTS pass: 2 BNs forward and backward, not 5);
 - partial channels (PC-DARTS): the ops see the state's first C/K channels; the bypassed channels
   (max-pooled once per state on stride-2 edges) are K-1 more columns of the pass's product, β
   their weights, and a node's K rows of sums are its channels before the shuffle (one copy per
@@ -832,16 +832,18 @@ def _bn_blocks(y: torch.Tensor, bns: Sequence[nn.BatchNorm2d], sink: BatchNormSi
 
 
 def _bn_shared(y: torch.Tensor, bns: Sequence[nn.BatchNorm2d], sink: BatchNormSink,
-               ws: Iterator[torch.Tensor], states: int = 1) -> torch.Tensor:
+               ws: Iterator[torch.Tensor], states: int = 1,
+               affine: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Every module in `bns` normalises the same `y`: (B, 1, C, H, W), or (B, n, C, H, W) with γ/β
     (training: the same batch statistics for all) or in evaluation mode (each its own running
     statistics: one affine map per module, applied in one `addcmul`).
 
     `states` > 1: y holds that many states' channels side by side and `bns` are state-major, the
     first n/states normalising the first state's channels, ...; the result is (B, states, 1 or
-    n/states, C, H, W)."""
+    n/states, C, H, W). `affine`: the modules' (γ, β), concatenated, instead of from `ws`."""
     bns = list(bns)
     n, c = len(bns) // states, y.shape[1] // states       # per state
+    gamma_beta = iter(affine) if affine is not None else ws
     # (B, [states,] units, C, H, W) shapes of y and of per-unit (C,) vectors
     y_shape = (y.shape[0], states, 1, c, *y.shape[2:]) if states > 1 else (y.shape[0], 1, c, *y.shape[2:])
     unit_shape = (1, states, n, c, 1, 1) if states > 1 else (1, n, c, 1, 1)
@@ -849,8 +851,8 @@ def _bn_shared(y: torch.Tensor, bns: Sequence[nn.BatchNorm2d], sink: BatchNormSi
         # without γ, β: the map in the activations' dtype, as BN keeps it (autocast), cast once
         scale, shift = sink.take_affine(len(bns) * c, None if bns[0].affine else y.dtype)
         if bns[0].affine:                     # γ·(x·s + t) + β
-            gamma = next(ws)
-            scale, shift = scale * gamma, torch.addcmul(next(ws), shift, gamma)
+            gamma = next(gamma_beta)
+            scale, shift = scale * gamma, torch.addcmul(next(gamma_beta), shift, gamma)
         if scale.dtype != y.dtype:            # autocast: the activations' dtype, as BN keeps it
             scale, shift = scale.to(y.dtype), shift.to(y.dtype)
         if len(bns) == 1:
@@ -863,7 +865,7 @@ def _bn_shared(y: torch.Tensor, bns: Sequence[nn.BatchNorm2d], sink: BatchNormSi
         # products and sums (random features: 10–15% of a DARTS step's kernel-like ops)
         y_units = _repeat_units(y, states, n)
         mean, var = sink.take(y_units.shape[1])
-        out = F.batch_norm(y_units, mean, var, next(ws), next(ws), True, 1.0, bns[0].eps)
+        out = F.batch_norm(y_units, mean, var, next(gamma_beta), next(gamma_beta), True, 1.0, bns[0].eps)
         sink.updates.append(_BNUpdate(bns, mean, var, shared=False))
         return out.view(*y_shape[:-4], n, c, *y.shape[2:])
     mean, var = sink.take(y.shape[1])
@@ -922,15 +924,16 @@ class Deferred:
 
 
 def batch_norm_pass(parts: Sequence[Deferred], weight: torch.Tensor | None, sink: BatchNormSink,
-                    eps: float) -> torch.Tensor:
+                    eps: float, bias: torch.Tensor | None = None) -> torch.Tensor:
     """Train-mode BN of a pass's deferred groups as one: their inputs concatenated (one copy),
     one batch norm, whose per-channel affine scale `weight` holds each SCALED unit's α over its
-    channels and 1 over a pooling's (whose α weights it in `mix`). Batch statistics are per
+    channels and 1 over a pooling's (whose α weights it in `mix`); with affine BNs (random
+    features) those times each BN's γ, and `bias` its β as scaled. Batch statistics are per
     channel, so each block comes out as its own BN would give it; they go back to each module's
     running buffers through the sink. The (B, Σ channels, H', W') output is in `parts`' order."""
     y = torch.cat([d.y for d in parts], dim=1) if len(parts) > 1 else parts[0].y
     mean, var = sink.take(y.shape[1])
-    out = F.batch_norm(y, mean, var, weight, None, True, 1.0, eps)
+    out = F.batch_norm(y, mean, var, weight, bias, True, 1.0, eps)
     at = 0
     for d in parts:
         c = d.y.shape[1]
@@ -995,11 +998,16 @@ def _pool_bn_requests(mods: list[nn.Module], dense: Dense, states: int) -> list[
     return _bn_requests([m[1] for m in mods])
 
 
-def _pool_bn(mods: list[nn.Module], src: _Source, units: Units, scale: None, ws: Iterator
+def _pool_bn(mods: list[nn.Module], src: _Source, units: Units, scale: tuple | None, ws: Iterator
              ) -> torch.Tensor | Deferred:
+    """`scale`: None, or with affine BNs merged with the pass's (`batch_norm_pass`) their
+    (γ, β), concatenated, which then are not in `ws`."""
+    bns = [m[1] for m in mods]
     if src.defer:
-        return Deferred(mods[0][0](src.x), [m[1] for m in mods], shared=True, states=src.states)
-    return _bn_shared(mods[0][0](src.x), [m[1] for m in mods], src.sink, ws, src.states)
+        if bns[0].affine:     # each edge's γ, β over its own copy (as `_bn_shared`), in the pass's BN
+            return Deferred(_repeat_units(mods[0][0](src.x), src.states, len(mods) // src.states), bns)
+        return Deferred(mods[0][0](src.x), bns, shared=True, states=src.states)
+    return _bn_shared(mods[0][0](src.x), bns, src.sink, ws, src.states, scale)
 
 
 def _dil_requests(blocks: Sequence[nn.Sequential], shared_input: bool, dense: Dense,
@@ -1185,8 +1193,10 @@ DEFERRABLE = SCALED | {"pool_bn"}
 def _pass_batch_norm_eps(kinds_p: Sequence[Sequence[str]], modules: Sequence[Sequence[list[nn.Module]]]
                          ) -> float | None:
     """The eps of every last BN a cell's passes could merge (`batch_norm_pass`), if they can all
-    be: each without affine parameters (α is their affine scale; a pooling's BN has none in
-    training) and one eps for all. None where some cannot, or where no pass has three to merge.
+    be: all without affine parameters (α is their affine scale; a pooling's BN has none in
+    training) or all with (random features: the scale is α·γ, the shift α·β, a pooling's BNs
+    normalising a copy of its output each), and one eps for all. None where some cannot, or
+    where no pass has three to merge.
     Merging k BNs saves k - 1 BNs forward and backward for one cat and, beside the identity, a
     second product forward and backward: a loss in kernels and bytes for k = 2 (counted on NB201
     through `fused`: +2% kernel-like ops, +6% bytes moved), a gain from k = 3 (a DARTS pass: 4-5)."""
@@ -1195,8 +1205,8 @@ def _pass_batch_norm_eps(kinds_p: Sequence[Sequence[str]], modules: Sequence[Seq
     bns = [m[1] if kind == "pool_bn" else LAST_BN[kind](m)
            for kinds, mods_s in zip(kinds_p, modules) for kind, mods in zip(kinds, mods_s)
            if kind in DEFERRABLE for m in mods]
-    eps = {bn.eps for bn in bns}
-    return eps.pop() if len(eps) == 1 and not any(bn.affine for bn in bns) else None
+    eps, affine = {bn.eps for bn in bns}, {bn.affine for bn in bns}
+    return eps.pop() if len(eps) == 1 and len(affine) == 1 else None
 
 
 def autocast_dtype(device_type: str) -> torch.dtype | None:
@@ -1299,7 +1309,8 @@ class FusedArch:
                 pass_entries = [next(entries) for _ in kinds]
                 if scale is None:
                     continue
-                pools = [states * channels for kind, (_, _, states) in zip(kinds, pass_entries) if kind == "pool_bn"]
+                pools = [_pool_bn_blocks(cell, states, len(i)) * channels
+                         for kind, (_, i, states) in zip(kinds, pass_entries) if kind == "pool_bn"]
                 units = [len(i) * channels for k, i, _ in pass_entries if k == "scaled"]
                 slices += scale.split(pools + units)[len(pools):]
             scaled_parts: Iterator[torch.Tensor] = iter(slices)
@@ -1352,11 +1363,14 @@ class FusedArch:
         mixes = None if unit_columns is None else _mix_layouts(ap, cell, passes, op_index, unit_columns,
                                                                 len(self.weights), defer, self.bypass)
         defer = defer and mixes is not None
-        # defer: per pass, the BN scale's positions (1 = after the α and the 0)
-        bn_scale = [[len(self.weights) + 1] * (len(p) * channels) * cell.kinds[p[0]].count("pool_bn")
+        # defer: per pass, the BN scale's positions (1 = after the α and the 0): a pooling's
+        # channels (per state, or per unit with affine BNs: `_pool_bn`), then the SCALED units'
+        bn_scale = [[len(self.weights) + 1] * channels * sum(_pool_bn_blocks(cell, len(p), len(index))
+                                                             for (_, index, _), kind in zip(entries, cell.kinds[p[0]])
+                                                             if kind == "pool_bn")
                     + [i for gi, kind in enumerate(cell.kinds[p[0]]) if kind in SCALED
                        for s in p for i in op_index[s][gi] for _ in range(channels)]
-                    for p in passes] if defer else []
+                    for p, entries in zip(passes, _per_pass(layout, passes, cell))] if defer else []
 
         def gather_index() -> torch.Tensor:
             parts: dict[str, list[int]] = {"none": [], "plain": [], "scaled": []}
@@ -1414,11 +1428,30 @@ class FusedArch:
             out.append(mask.index_select(1, index).view(mask.shape[0], *mixing[0].shape))
         return out
 
+    def pass_bn_scale(self, cell: CellPlan, channels: int, unit_columns: tuple[tuple[bool, ...], ...]
+                      ) -> torch.Tensor:
+        """Every pass's `pass_bn_weights`, concatenated (one tensor)."""
+        self.group_weights(cell, channels, unit_columns, True)
+        return self._scaled[(id(cell.arch or self.plan), cell.kinds, cell.paired, channels, unit_columns, True)]
+
     def pass_bn_weights(self, cell: CellPlan, channels: int, unit_columns: tuple[tuple[bool, ...], ...]
                         ) -> list[torch.Tensor | None]:
         """Per pass: the affine scale of its one BN (`batch_norm_pass`), None where it has none."""
         self.group_weights(cell, channels, unit_columns, True)
         return self._bn[(id(cell.arch or self.plan), cell.kinds, cell.paired, channels, unit_columns, True)]
+
+
+def _pool_bn_blocks(cell: CellPlan, states: int, units: int) -> int:
+    """How many blocks of C channels a pooling group's deferred BN normalises (`_pool_bn`): one
+    per state, shared by its units, or with affine BNs (random features: `scaled_affine`, which
+    every BN of a cell then is) one per unit, each over its own copy."""
+    return units if cell.scaled_affine else states
+
+
+def _per_pass(layout: list, passes: Sequence[tuple[int, ...]], cell: CellPlan) -> list[list]:
+    """`FusedArch._gather_spec`'s group layout, pass by pass."""
+    entries = iter(layout)
+    return [[next(entries) for _ in cell.kinds[p[0]]] for p in passes]
 
 
 def _mix_layouts(ap: ArchPlan, cell: CellPlan, passes: Sequence[tuple[int, ...]],
@@ -1992,24 +2025,33 @@ def cell_forward(op_module: Callable[[int, int], nn.Module], shape: CellShape, p
     pre_bns = _grouped_bns(pre_groups)
     groups = pre_groups + [(kind, mods) for mods_s, kinds in zip(modules, kinds_p) for mods, kind in zip(mods_s, kinds)]
     dense = _dense_layout(arch.dense, inputs[0])
+    # `merge_bn`: a pass's last BNs as one (`batch_norm_pass`) in training, where all can be.
+    # Evaluation mode keeps one BN per op kind (affine maps of each module's running statistics)
+    # but reads its α from the same gather and matrices: the same cached index tensors, so that
+    # a compiled forward (`Supernet.compile`) is not traced again once evaluation has run
+    eps = _pass_batch_norm_eps(kinds_p, modules) if arch.mix and arch.merge_bn else None
+    defer = eps is not None
 
     def requests() -> list[Request]:
         # the preprocessing's weights first: it runs first
         rs = [r for kind, mods in pre_groups for r in REQUESTS[kind](mods, dense, 1)]
         last = []
         for p, mods_s, kinds in zip(passes, modules, kinds_p):
+            pools, convs = [], []
             for mods, kind in zip(mods_s, kinds):
                 group = REQUESTS[kind](mods, dense, len(p)) if kind in REQUESTS else []
-                if plan.scaled_affine and kind in SCALED:
+                if plan.scaled_affine and (kind in SCALED or defer and kind == "pool_bn"):
                     *group, gamma, beta = group             # the last BN's γ, β: see below
-                    last.append((gamma[1], beta[1]))
+                    (pools if kind == "pool_bn" else convs).append((gamma[1], beta[1]))
                 rs += group
+            last += pools + convs       # deferred: in the order of the pass's one BN's channels
         if last:
             rs.append(("affine", [g for gs, _ in last for g in gs] + [b for _, bs in last for b in bs]))
         return rs
-    # which cell (the one whose modules these are) in which layout; no key where no record is
-    # kept (a compiled cell: dynamo would guard on the identities)
-    key = ((id(getattr(op_module, "__self__", op_module)), id(plan), dense, tuple(map(id, preprocess)))
+    # which cell (the one whose modules these are) in which layout, with its BNs merged or not
+    # (random features' merged γ, β come in another order); no key where no record is kept (a
+    # compiled cell: dynamo would guard on the identities)
+    key = ((id(getattr(op_module, "__self__", op_module)), id(plan), dense, tuple(map(id, preprocess)), defer)
            if arch.sink.network is not None else ())
     gathered = arch.sink.begin(CellNeeds(
         key, requests,
@@ -2018,12 +2060,6 @@ def cell_forward(op_module: Callable[[int, int], nn.Module], shape: CellShape, p
     # `mix`: per pass, per group, whether its output has a column per unit (else one for all)
     columns = (tuple(tuple(unit_columns(kind, mods, arch.sink.training) for mods, kind in zip(mods_s, kinds))
                      for mods_s, kinds in zip(modules, kinds_p)) if arch.mix else None)
-    # `merge_bn`: a pass's last BNs as one (`batch_norm_pass`) in training, where all can be.
-    # Evaluation mode keeps one BN per op kind (affine maps of each module's running statistics)
-    # but reads its α from the same gather and matrices: the same cached index tensors, so that
-    # a compiled forward (`Supernet.compile`) is not traced again once evaluation has run
-    eps = _pass_batch_norm_eps(kinds_p, modules) if arch.mix and arch.merge_bn and not plan.scaled_affine else None
-    defer = eps is not None
     weights = arch.group_weights(plan, c_op, columns, defer)
     mixes = arch.mix_matrices(plan, c_op, columns, defer) if columns is not None else [None] * len(passes)
     bn_weights = arch.pass_bn_weights(plan, c_op, columns) if defer else [None] * len(passes)
@@ -2042,8 +2078,17 @@ def cell_forward(op_module: Callable[[int, int], nn.Module], shape: CellShape, p
             arch.prefill(plan, c_op, eval_columns, defer)
     # affine last BNs (random features): their γ and β, SCALED group by group, came last
     sizes = [sum(LAST_BN[kind](m).num_features for m in mods) for mods_s, kinds in zip(modules, kinds_p)
-             for mods, kind in zip(mods_s, kinds) if kind in SCALED] if plan.scaled_affine else []
-    if sizes:
+             for mods, kind in zip(mods_s, kinds) if kind in SCALED] if plan.scaled_affine and not defer else []
+    if plan.scaled_affine and defer:
+        # ... with the poolings' too, pass by pass: every pass's BN (scale, shift), α·γ and α·β
+        # (1·γ, 1·β over a pooling's channels, its α being in `mix`), in one product for the cell
+        scaled = gathered.pop().view(2, -1) * arch.pass_bn_scale(plan, c_op, columns)
+        per_pass = iter(zip(*(t.split([len(b) for b in bn_weights if b is not None]) for t in scaled.unbind(0))))
+        bn_weights = [None if b is None else next(per_pass) for b in bn_weights]
+        if not arch.sink.training:    # evaluation applies them group by group, poolings' first
+            weights = [_affine_by_group(kinds, mods_s, row, bn) for kinds, mods_s, row, bn
+                       in zip(kinds_p, modules, weights, bn_weights)]
+    elif sizes:
         # α·γ and α·β of the whole cell in one product, not two small products per group (each
         # with its own backward); a SCALED kind then gets its BN's (weight, bias) instead of α
         scaled = gathered.pop().view(2, -1) * arch.scaled_weights(plan, c_op, columns)
@@ -2101,7 +2146,8 @@ def cell_forward(op_module: Callable[[int, int], nn.Module], shape: CellShape, p
             if fn is None:
                 continue
             scaled = kind in SCALED
-            out = fn(mods, src, g.units, w if scaled else None, ws)
+            # a pooling's scale: its affine BNs' (γ, β), where a merged pass BN gathered them
+            out = fn(mods, src, g.units, w if scaled or isinstance(w, tuple) else None, ws)
             if isinstance(out, Deferred):
                 (convs if scaled else pooled).append(out)
                 continue
@@ -2120,7 +2166,8 @@ def cell_forward(op_module: Callable[[int, int], nn.Module], shape: CellShape, p
         if mixing is not None:               # every term of the pass, both paired states', at once
             blocks = [weighted + bypassed + pooled_eval + alphaless]
             if pooled or convs:              # the pass's one BN: its output a block of its own
-                normed = batch_norm_pass(pooled + convs, bn_weight, arch.sink, eps)
+                scale, shift = bn_weight if isinstance(bn_weight, tuple) else (bn_weight, None)
+                normed = batch_norm_pass(pooled + convs, scale, arch.sink, eps, shift)
                 if len(pooled) + len(convs) > 1:
                     blocks.append([normed])
                 else:                        # nothing merged: one cat, one product, as without
@@ -2161,6 +2208,21 @@ def cell_forward(op_module: Callable[[int, int], nn.Module], shape: CellShape, p
             carry, carry_b = acc, acc_b
     nodes = states[ap.num_inputs:]
     return torch.cat(nodes, dim=1) if shape.output == "concat" else nodes[-1]
+
+
+def _affine_by_group(kinds: Sequence[str], mods_s: Sequence[list[nn.Module]], row: list,
+                     bn: tuple[torch.Tensor, torch.Tensor] | None) -> list:
+    """A pass's groups' weights with its merged BN's (scale, shift) split group by group (the
+    poolings' blocks first, then the SCALED groups', as `batch_norm_pass` lays them out): each
+    deferrable group gets its own (scale, shift) pair, the others keep theirs."""
+    if bn is None:
+        return row
+    order = [i for i, kind in enumerate(kinds) if kind == "pool_bn"] + \
+        [i for i, kind in enumerate(kinds) if kind in SCALED]
+    sizes = [sum((m[1] if kinds[i] == "pool_bn" else LAST_BN[kinds[i]](m)).num_features for m in mods_s[i])
+             for i in order]
+    pairs = dict(zip(order, zip(*(t.split(sizes) for t in bn))))
+    return [pairs.get(i, w) for i, w in enumerate(row)]
 
 
 def _out_hw(x: torch.Tensor, stride: int) -> tuple[int, int]:

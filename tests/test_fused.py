@@ -47,6 +47,12 @@ def build(space, columns=None, **switches):
     with torch.no_grad():      # α away from uniform so every op's weight differs
         for p in net.arch_parameters():
             p.normal_()
+        # random features' affine BNs: γ, β away from 1, 0, so that each BN's (a trained run's)
+        # must reach its own channels
+        for m in net.modules():
+            if isinstance(m, torch.nn.BatchNorm2d) and m.affine:
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_()
     return net
 
 
@@ -555,13 +561,19 @@ def test_evaluation_runs_the_fused_cells_with_running_statistics():
     assert evaluation["addcmul"] == train["addcmul"] + pool_groups
 
 
-def test_a_pass_ends_in_one_batch_norm():
+@pytest.mark.parametrize("random_features", [False, True])
+def test_a_pass_ends_in_one_batch_norm(random_features):
     """In training (`merge_batch_norms`, the default), every last BN of a pass (the poolings', each
     conv kind's) is one batch norm over their concatenated inputs (`fused.batch_norm_pass`),
     forward and backward; the numbers are the eager ones (`assert_same`). Evaluation mode, whose
-    BNs are affine maps of running statistics, keeps one per op kind."""
-    net = build("darts", columns=[1, 2, 4])      # max_pool, avg_pool, sep_conv_3x3: 3 last BNs per pass
+    BNs are affine maps of running statistics, keeps one per op kind. With random features (affine
+    BNs) the pass's BN scales by α·γ and shifts by α·β, a pooling's BNs each over its own copy."""
+    # max_pool, avg_pool, sep_conv_3x3: 3 last BNs per pass
+    net = build("darts", columns=[1, 2, 4], random_features=random_features)
     assert_same(net)
+    if random_features:
+        assert_same(net, channels_last=True)
+        assert_same(net, "fused_dense")
     net = copy.deepcopy(net).float()
     x = torch.randn(3, 3, 8, 8)
     counts = {}
