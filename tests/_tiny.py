@@ -42,6 +42,19 @@ class TensorLoader:
             yield self.x[idx], self.y[idx]
 
 
+def scramble_bn_affine(net: nn.Module, seed: int = 0) -> nn.Module:
+    """Give every affine BatchNorm its own γ ∈ [0.5, 1.5] and β ~ N(0, 1), as training would:
+    PyTorch initialises all to 1 and 0, so tests comparing two paths would not see a γ or β
+    applied to another module's channels. Returns `net`."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm2d) and m.affine:
+                m.weight.copy_(0.5 + torch.rand(m.weight.shape, generator=g))
+                m.bias.copy_(torch.randn(m.bias.shape, generator=g))
+    return net
+
+
 def scramble_bn_statistics(net: nn.Module, seed: int = 0) -> None:
     """Give every BatchNorm its own running statistics (N(0, 1) means, variances in [0.5, 2]), the
     same for copies of one network: evaluation-mode tests then catch statistics read from the

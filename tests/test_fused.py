@@ -27,7 +27,8 @@ from nascore.search import EpochSteps, SearchConfig, SearchData, SearchRun, sear
 from nascore.spaces import SPACES, get_space
 from nascore.supernet import SearchCell, SupernetConfig
 from tests._graph_tape import TapeGraph
-from tests._tiny import TensorLoader, assert_searches_identical, learnable_images, scramble_bn_statistics
+from tests._tiny import (TensorLoader, assert_searches_identical, learnable_images, scramble_bn_affine,
+                         scramble_bn_statistics)
 
 
 @pytest.fixture
@@ -47,13 +48,9 @@ def build(space, columns=None, **switches):
     with torch.no_grad():      # α away from uniform so every op's weight differs
         for p in net.arch_parameters():
             p.normal_()
-        # random features' affine BNs: γ, β away from 1, 0, so that each BN's (a trained run's)
-        # must reach its own channels
-        for m in net.modules():
-            if isinstance(m, torch.nn.BatchNorm2d) and m.affine:
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.normal_()
-    return net
+    # random features' affine BNs: γ, β away from 1, 0, so that each BN's (a trained run's)
+    # must reach its own channels
+    return scramble_bn_affine(net)
 
 
 def forward_backward(net, backend, x, channels_last=False, **options):
@@ -833,13 +830,13 @@ def test_a_network_reads_its_op_weights_with_one_gather():
 
 def _darts_eval_network():
     torch.manual_seed(0)
-    return NetworkCIFAR(PUBLISHED_GENOTYPES["DARTS_V2"], 4, 3, 3, auxiliary=False).double()
+    return scramble_bn_affine(NetworkCIFAR(PUBLISHED_GENOTYPES["DARTS_V2"], 4, 3, 3, auxiliary=False).double())
 
 
 def _nb201_eval_network():
     torch.manual_seed(0)
     arch = "|nor_conv_3x3~0|+|skip_connect~0|nor_conv_1x1~1|+|avg_pool_3x3~0|nor_conv_3x3~1|none~2|"
-    return NB201Network(NB201Genotype.from_arch_string(arch), 4, 1, 3).double()
+    return scramble_bn_affine(NB201Network(NB201Genotype.from_arch_string(arch), 4, 1, 3).double())
 
 
 REPLAYS = {

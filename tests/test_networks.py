@@ -19,7 +19,7 @@ from nascore.networks import (
     build_eval_network, drop_path,
 )
 from nascore.ops import GlobalAvgPool, Identity
-from tests._tiny import scramble_bn_statistics
+from tests._tiny import scramble_bn_affine, scramble_bn_statistics
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -439,7 +439,8 @@ NB201_ARCHS = ("|nor_conv_3x3~0|+|skip_connect~0|nor_conv_1x1~1|+|avg_pool_3x3~0
 
 
 def _eval_networks():
-    """Float64 networks covering every published DARTS-family genotype, ImageNet's stem and NB201."""
+    """Float64 networks covering every published DARTS-family genotype, ImageNet's stem and NB201,
+    each BN with its own γ, β (`scramble_bn_affine`: a trained network's, not all 1 and 0)."""
     torch.manual_seed(0)
     nets = [(NetworkCIFAR(g, 4, 10, 5, auxiliary=True).double(), torch.randn(3, 3, 32, 32, dtype=torch.float64))
             for g in PUBLISHED_GENOTYPES.values()]
@@ -447,7 +448,7 @@ def _eval_networks():
                  torch.randn(2, 3, 32, 32, dtype=torch.float64)))
     nets += [(NB201Network(NB201Genotype.from_arch_string(a), 4, 1, 10).double(),
               torch.randn(3, 3, 8, 8, dtype=torch.float64)) for a in NB201_ARCHS]
-    return nets
+    return [(scramble_bn_affine(net), x) for net, x in nets]
 
 
 def _train_step(net, backend, x, drop_prob=0.0):
