@@ -12,9 +12,9 @@ torch.set_num_threads(1)
 # --no-loadscope-reorder`). The files that take minutes go first so that the short ones fill the
 # end of the run. The two DVC sweep files (compare, selection) go to different workers at
 # different times: both idle while DVC's queue workers start and stop, and a file that computes
-# beside them uses that time. Seconds each file took (2-core VM, 2026-12-05): fused 353, faults
-# 264, compare 187, selection 164, bench 115, search 104, pipeline_e2e 73, sweeps_plain 52,
-# op_schedules 47, train 40; any other file under 30. By xdist's own order (most tests first) a
+# beside them uses that time. Seconds each file took (2-core VM, 2026-12-06's seventeenth
+# session): fused 493, faults 296, bench 189, compare 187, selection 160, search 118,
+# pipeline_e2e 94, train 60, op_schedules 48, sweeps_plain 47; any other file under 30. By xdist's own order (most tests first) a
 # sweep file came last: 831 s, 173 idle core-seconds; in this order 800 s, 75.
 LONG_FILES_FIRST = ("test_compare.py", "test_fused.py", "test_faults.py", "test_selection.py",
                     "test_bench.py", "test_search.py", "test_pipeline_e2e.py", "test_sweeps_plain.py",
