@@ -644,6 +644,13 @@ def test_two_process_gloo_run_keeps_replicas_identical_and_resumes(tmp_path: Pat
     # crashed after epoch 1 on every rank, resumed: the same weights as the uninterrupted run
     assert resumed["resumed_from"] == 1 and resumed["saves"] == 3
     assert resumed["checksum"] == straight["checksum"] and resumed["history"] == straight["history"]
+    # a DARTS_V2 network through the fused cells (`fused_dense`, drop-path): DDP's hooks see every
+    # gradient the fused path's own autograd functions and gathered weights give (else the ranks'
+    # different batches would leave different weights), and NaN skipping agrees across ranks too
+    fused = r0["fused"]
+    assert fused["checksum"] == r1["fused"]["checksum"] and fused["history"] == r1["fused"]["history"]
+    assert fused["checksum"] != straight["checksum"] and len(fused["history"]) == 2
+    assert [r["skipped_batches"] for r in fused["history"]] == [0, 1]
 
 
 def test_a_dataloader_with_a_distributed_sampler_gets_its_epoch(tmp_path: Path) -> None:

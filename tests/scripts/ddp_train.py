@@ -2,7 +2,9 @@
 
 Two runs of the same recipe: "straight" (uninterrupted) and "resumed" (every rank crashes when
 epoch 2 starts, after epoch 1's checkpoint, then calls train again). Rank 1 sees a NaN batch in
-epoch 2, trained with nonfinite='skip', so the ranks must also agree to skip it together.
+epoch 2, trained with nonfinite='skip', so the ranks must also agree to skip it together. A third,
+"fused": a tiny DARTS_V2 network through `fused_dense` with drop-path (the fused cells' own
+autograd functions and one drop-path draw per forward), straight through.
 Each rank writes rank<r>.json: per run, a checksum of its final weights and buffers, how many
 checkpoints it wrote, and its history.
 """
@@ -21,6 +23,8 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 import nascore.train as T
 from nascore.distributed import destroy_distributed, init_distributed
+from nascore.genotype import PUBLISHED_GENOTYPES
+from nascore.networks import NetworkCIFAR
 
 
 class Crash(Exception):
@@ -64,7 +68,13 @@ class Loader:
             yield (x * math.nan if (self.rank, self.epoch, step) == (1, 1, 1) else x), y
 
 
-def run(out: Path, epochs: int, rank: int, device: torch.device, crash_at: int | None) -> dict[str, Any]:
+def darts_v2() -> nn.Module:
+    # 8 px through 3 cells (two reductions: 8 -> 4 -> 2)
+    return NetworkCIFAR(PUBLISHED_GENOTYPES["DARTS_V2"], 4, 4, 3, auxiliary=False)
+
+
+def run(out: Path, epochs: int, rank: int, device: torch.device, crash_at: int | None,
+        make: Any = Net, backend: str = "eager") -> dict[str, Any]:
     saves = 0
     real_save = T.save_checkpoint
 
@@ -82,15 +92,15 @@ def run(out: Path, epochs: int, rank: int, device: torch.device, crash_at: int |
     train_loader = Loader(data, rank, crash_at)
     eval_loader = DataLoader(data, batch_size=32, sampler=DistributedSampler(data, shuffle=False))
     cfg = T.TrainConfig(epochs=epochs, lr=0.05, drop_path=0.2, nonfinite="skip",
-                        progress="none", deterministic=True)
+                        progress="none", deterministic=True, backend=backend)
     kw = dict(checkpoint_path=out / "ck.pt", device=device, meta={"test": "ddp"})
     torch.manual_seed(rank)      # different initial weights per rank: DDP must unify them
-    model = Net()
+    model = make()
     try:
         result = T.train(model, train_loader, eval_loader, cfg, **kw)
     except Crash:                # a new process: other weights and random states, same call
         T.seed_all(100 + rank)
-        model = Net()
+        model = make()
         result = T.train(model, train_loader, eval_loader, cfg, **kw)
     T.save_checkpoint = real_save
 
@@ -112,6 +122,7 @@ def main() -> None:
     info = init_distributed(device_type="cpu")
     report = {name: run(args.out / name, args.epochs, info.rank, info.device, crash_at)
               for name, crash_at in (("straight", None), ("resumed", 1))}
+    report["fused"] = run(args.out / "fused", 2, info.rank, info.device, None, darts_v2, "fused_dense")
     (args.out / f"rank{info.rank}.json").write_text(json.dumps(report))
     destroy_distributed()
 
