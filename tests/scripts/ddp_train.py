@@ -15,7 +15,7 @@ import hashlib
 import json
 import math
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -74,7 +74,7 @@ def darts_v2() -> nn.Module:
 
 
 def run(out: Path, epochs: int, rank: int, device: torch.device, crash_at: int | None,
-        make: Any = Net, backend: str = "eager") -> dict[str, Any]:
+        make: Callable[[], nn.Module] = Net, backend: str = "eager") -> dict[str, Any]:
     saves = 0
     real_save = T.save_checkpoint
 
