@@ -1303,10 +1303,8 @@ class FusedArch:
             per_pass = iter(scaled_w.split([len(b) for b in bn_scale]) if scaled_w is not None else ())
             self._bn[key] = [next(per_pass) if b else None for b in bn_scale]
             slices: list[torch.Tensor] = []
-            entries = iter(layout)
-            for p, scale in zip(passes, self._bn[key]):
+            for p, scale, pass_entries in zip(passes, self._bn[key], _per_pass(layout, passes, cell)):
                 kinds = cell.kinds[p[0]]
-                pass_entries = [next(entries) for _ in kinds]
                 if scale is None:
                     continue
                 pools = [_pool_bn_blocks(cell, states, len(i)) * channels
@@ -2076,21 +2074,21 @@ def cell_forward(op_module: Callable[[int, int], nn.Module], shape: CellShape, p
                              for mods_s, kinds in zip(modules, kinds_p))
         if eval_columns != columns:
             arch.prefill(plan, c_op, eval_columns, defer)
-    # affine last BNs (random features): their γ and β, SCALED group by group, came last
-    sizes = [sum(LAST_BN[kind](m).num_features for m in mods) for mods_s, kinds in zip(modules, kinds_p)
-             for mods, kind in zip(mods_s, kinds) if kind in SCALED] if plan.scaled_affine and not defer else []
+    # affine last BNs (random features): their γ and β came last (`requests`)
     if plan.scaled_affine and defer:
-        # ... with the poolings' too, pass by pass: every pass's BN (scale, shift), α·γ and α·β
-        # (1·γ, 1·β over a pooling's channels, its α being in `mix`), in one product for the cell
+        # the poolings' and the SCALED groups', pass by pass: every pass's BN (scale, shift), α·γ
+        # and α·β (1·γ, 1·β over a pooling's channels, its α being in `mix`), in one product
         scaled = gathered.pop().view(2, -1) * arch.pass_bn_scale(plan, c_op, columns)
         per_pass = iter(zip(*(t.split([len(b) for b in bn_weights if b is not None]) for t in scaled.unbind(0))))
         bn_weights = [None if b is None else next(per_pass) for b in bn_weights]
         if not arch.sink.training:    # evaluation applies them group by group, poolings' first
             weights = [_affine_by_group(kinds, mods_s, row, bn) for kinds, mods_s, row, bn
                        in zip(kinds_p, modules, weights, bn_weights)]
-    elif sizes:
-        # α·γ and α·β of the whole cell in one product, not two small products per group (each
-        # with its own backward); a SCALED kind then gets its BN's (weight, bias) instead of α
+    elif plan.scaled_affine:
+        # the SCALED groups': α·γ and α·β of the whole cell in one product, not two small products
+        # per group (each with its own backward); a SCALED kind then gets its BN's (weight, bias)
+        sizes = [sum(LAST_BN[kind](m).num_features for m in mods) for mods_s, kinds in zip(modules, kinds_p)
+                 for mods, kind in zip(mods_s, kinds) if kind in SCALED]
         scaled = gathered.pop().view(2, -1) * arch.scaled_weights(plan, c_op, columns)
         pairs = iter(zip(*(t.split(sizes) for t in scaled.unbind(0))))
         weights = [[next(pairs) if kind in SCALED else w for kind, w in zip(kinds, row)]
