@@ -1618,6 +1618,13 @@ class WeightedAdd(torch.autograd.Function):
     @staticmethod
     def forward(ctx, acc: torch.Tensor | None, out: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(out, w)
+        if _nhwc(out):
+            # in (B, H, W, [S,] n, C) order, so that the sums are written channels_last: over the
+            # tensors as they are, with w broadcast per unit, they came out in (B, [S,] n, H, W, C)
+            # order, and the gradients reshaped into the ops' outputs were copied NCHW
+            order, back = _pixels_first(out.dim(), 1)
+            out, w = out.permute(order), w.permute(order)
+            return (out * w if acc is None else torch.addcmul(acc.permute(order), out, w)).permute(back)
         return out * w if acc is None else torch.addcmul(acc, out, w)
 
     @staticmethod
@@ -1639,10 +1646,10 @@ class WeightedAdd(torch.autograd.Function):
                 # (1, S, 1, n) @ (B, S, n, N) -> (B, S, 1, N): one bmm over B·S
                 grad_out = torch.matmul(w.view(1, w.shape[1], 1, -1).to(grad.dtype), g).view(out.shape)
             elif out.shape[t] == 1 and grad.shape[t] > 1 and _nhwc(out):
-                # a channels_last out (PC-DARTS' bypassed channels): summed in (B, [S,] H, W, n, C)
+                # a channels_last out (PC-DARTS' bypassed channels): summed in (B, H, W, [S,] n, C)
                 # order, the reduction writes out's gradient channels_last too (in grad's
                 # order it came out NCHW, and so did the state's gradient it is a part of)
-                order, back = _pixels_first(grad.dim(), t)
+                order, back = _pixels_first(grad.dim(), 1)
                 grad_out = (grad.permute(order) * w.permute(order)).sum(t + 2, keepdim=True).permute(back)
             else:
                 grad_out = grad * w
@@ -1697,6 +1704,13 @@ class SumStates(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, dim: int = 1) -> torch.Tensor:
         ctx.layout = (x.shape, x.stride(), x.dtype, dim)    # not x itself: no activation kept for this
+        if _nhwc(x):
+            # summed in (B, H, W, ..., C) order, so that the sum is written channels_last: a plain
+            # sum writes it in logical (NCHW) order, and every state after it then ran NCHW
+            # (`matmul_mix: false` with channels_last: ~1100 NCHW activation writes per step)
+            order, _ = _pixels_first(x.dim(), 1)
+            _, back = _pixels_first(x.dim() - 1, 1)
+            return x.permute(order).sum(dim + 2).permute(back)
         return x.sum(dim)
 
     @staticmethod
@@ -1721,6 +1735,17 @@ def _pixels_first(dim: int, lead: int) -> tuple[tuple[int, ...], tuple[int, ...]
     vectors leave the layout open."""
     order = (*range(lead), dim - 2, dim - 1, *range(lead, dim - 2))
     return order, tuple(sorted(range(dim), key=order.__getitem__))
+
+
+def _split_first(acc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, n, C, H, W) node sums as the first node's (B, 1, C, H, W) and the rest's: a split
+    whose backward (a cat of the two gradients) writes in acc's layout. Channels_last: split in
+    (B, H, W, n, C) order, as a plain split's cat would write an NCHW gradient."""
+    if not _nhwc(acc):
+        return acc.split([1, acc.shape[1] - 1], dim=1)
+    order, back = _pixels_first(acc.dim(), 1)
+    first, rest = acc.permute(order).split([1, acc.shape[1] - 1], dim=3)
+    return first.permute(back), rest.permute(back)
 
 
 def _items(x: torch.Tensor, columns: int, nhwc: bool) -> torch.Tensor:
@@ -2193,13 +2218,13 @@ def cell_forward(op_module: Callable[[int, int], nn.Module], shape: CellShape, p
             if split is not None:
                 head, carry = split
             else:
-                head, carry = acc.split([1, targets - 1], dim=1) if targets > 1 else (acc, None)
+                head, carry = _split_first(acc) if targets > 1 else (acc, None)
             if k == 1:
                 node, carry_b = head.squeeze(1), None
             elif rows > 1:
                 node = _node_channels(head, shape.shuffle)
             else:
-                head_b, carry_b = acc_b.split([1, targets - 1], dim=1) if targets > 1 else (acc_b, None)
+                head_b, carry_b = _split_first(acc_b) if targets > 1 else (acc_b, None)
                 node = _join_partial(head.squeeze(1), head_b.squeeze(1), k, shape.shuffle)
             states.append(node)
         else:

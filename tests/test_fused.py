@@ -290,6 +290,11 @@ def test_fused_is_layout_independent():
     assert_same(build("darts"), "fused_dense", channels_last=True, block_diagonal=False)
     # the node sums as one weighted add per op kind (`+chained`), not one product per pass
     assert_same(build("darts"), "fused_dense", channels_last=True, matmul_mix=False)
+    # ... with partial channels: a node's ops' and bypassed channels joined and shuffled in the
+    # channels_last copy (`_join_partial`), which no other case reaches (K = 4: with 2 the
+    # bypassed channels are one chunk, and a shuffle that misorders chunks goes unseen)
+    assert_same(build("darts", partial_channels=4, edge_normalization=True), "fused", channels_last=True,
+                matmul_mix=False)
     # one BN per op kind (`+kindbn`), not one per pass
     assert_same(build("darts"), "fused_dense", channels_last=True, merge_batch_norms=False)
     with pytest.raises(ValueError, match="allowed: eager, fused, fused_dense"):
@@ -423,7 +428,11 @@ def test_fused_drop_path_needs_the_matrix_product_mix():
 
 class NCHWWrites(TorchDispatchMode):
     """(batch, C, H, W) tensors written with their channels not innermost (C > 1, H·W > 1): in a
-    channels_last network, activations or their gradients in the other layout."""
+    channels_last network, activations or their gradients in the other layout. And (batch, ...,
+    C, H, W) ones, the fused cells' units and states as dims of their own, where H = W (square
+    images) and dims 1 and 2 differ: a tensor computed in (B, H, W, ..., C) order (`_pixels_first`)
+    has H, W there, and is channels_last in memory (so a unit dim equal to the next one goes
+    unchecked)."""
 
     def __init__(self, batch: int) -> None:
         super().__init__()
@@ -434,19 +443,22 @@ class NCHWWrites(TorchDispatchMode):
         if func.is_view:                     # writes nothing
             return out
         for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dim() == 4 and t.shape[0] == self.batch \
-                    and t.shape[1] > 1 and t.shape[2] * t.shape[3] > 1 and t.stride(1) != 1:
+            if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dim() >= 4 and t.shape[0] == self.batch \
+                    and t.shape[-3] > 1 and t.shape[-2] * t.shape[-1] > 1 and t.stride(-3) != 1 \
+                    and (t.dim() == 4 or t.shape[-2] == t.shape[-1] and t.shape[1] != t.shape[2]):
                 self.found.append((func.__name__, tuple(t.shape)))
         return out
 
 
-@pytest.mark.parametrize("network", ["nb201", "pc_darts", "rf_darts", "darts_dp", "s4", "retrain"])
+@pytest.mark.parametrize("network", ["nb201", "pc_darts", "pc_darts_chained", "rf_darts", "darts_dp", "s4", "retrain"])
 def test_a_channels_last_network_writes_every_activation_and_gradient_channels_last(network):
     # on a GPU each NCHW tensor in a channels_last step is a layout conversion inside the cuDNN
     # calls it reaches, or an elementwise kernel reading against the grain. Found so: PC-DARTS'
     # channel shuffle wrote its nodes NCHW, and then the whole search ran so; random features'
     # pooling BNs (their γ, β applied by an addcmul) too; every network's global pooling (a
-    # `mean`) handed the last cell an NCHW gradient; S4's noise was drawn NCHW
+    # `mean`) handed the last cell an NCHW gradient; S4's noise was drawn NCHW; the node sums as
+    # weighted adds (`matmul_mix: false`, the bench's `+chained`) summed a paired pass's two
+    # inputs' terms NCHW (`SumStates`), and every state after it was NCHW
     from nascore.genotype import DARTS_V2
     from nascore.networks import NetworkCIFAR
     torch.manual_seed(0)
@@ -454,6 +466,7 @@ def test_a_channels_last_network_writes_every_activation_and_gradient_channels_l
         net, size = NetworkCIFAR(DARTS_V2, 8, 10, 5, auxiliary=True).double(), 32
     else:
         switches = {"pc_darts": {"partial_channels": 2, "edge_normalization": True},
+                    "pc_darts_chained": {"partial_channels": 2, "edge_normalization": True},
                     "rf_darts": {"random_features": True}}.get(network, {})
         net, size = build(network if network in ("nb201", "s4") else "darts", **switches), 8
         if network == "darts_dp":        # search-time drop-path: per-sample mixing matrices
@@ -463,7 +476,7 @@ def test_a_channels_last_network_writes_every_activation_and_gradient_channels_l
     x = torch.randn(batch, 3, size, size, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
     for backend in ("fused", "fused_dense"):
         model = copy.deepcopy(net)
-        model.set_backend(backend)
+        model.set_backend(backend, **({"matmul_mix": False} if network.endswith("_chained") else {}))
         for training in (True, False):
             model.train(training)
             with NCHWWrites(batch) as writes, torch.set_grad_enabled(training):
