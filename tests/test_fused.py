@@ -295,6 +295,8 @@ def test_fused_is_layout_independent():
     # bypassed channels are one chunk, and a shuffle that misorders chunks goes unseen)
     assert_same(build("darts", partial_channels=4, edge_normalization=True), "fused", channels_last=True,
                 matmul_mix=False)
+    # ... and S1's per-edge op sets, summed into their targets by an `index_add` (pixels-first)
+    assert_same(build("s1"), "fused_dense", channels_last=True, matmul_mix=False)
     # one BN per op kind (`+kindbn`), not one per pass
     assert_same(build("darts"), "fused_dense", channels_last=True, merge_batch_norms=False)
     with pytest.raises(ValueError, match="allowed: eager, fused, fused_dense"):
@@ -450,7 +452,8 @@ class NCHWWrites(TorchDispatchMode):
         return out
 
 
-@pytest.mark.parametrize("network", ["nb201", "pc_darts", "pc_darts_chained", "rf_darts", "darts_dp", "s4", "retrain"])
+@pytest.mark.parametrize("network", ["nb201", "pc_darts", "pc_darts_chained", "s1_chained", "rf_darts", "darts_dp", "s4",
+                                     "retrain"])
 def test_a_channels_last_network_writes_every_activation_and_gradient_channels_last(network):
     # on a GPU each NCHW tensor in a channels_last step is a layout conversion inside the cuDNN
     # calls it reaches, or an elementwise kernel reading against the grain. Found so: PC-DARTS'
@@ -458,7 +461,8 @@ def test_a_channels_last_network_writes_every_activation_and_gradient_channels_l
     # pooling BNs (their γ, β applied by an addcmul) too; every network's global pooling (a
     # `mean`) handed the last cell an NCHW gradient; S4's noise was drawn NCHW; the node sums as
     # weighted adds (`matmul_mix: false`, the bench's `+chained`) summed a paired pass's two
-    # inputs' terms NCHW (`SumStates`), and every state after it was NCHW
+    # inputs' terms NCHW (`SumStates`), and every state after it was NCHW, S1's per-edge op sets
+    # (an `index_add` into zeros made NCHW) too
     from nascore.genotype import DARTS_V2
     from nascore.networks import NetworkCIFAR
     torch.manual_seed(0)
@@ -468,7 +472,8 @@ def test_a_channels_last_network_writes_every_activation_and_gradient_channels_l
         switches = {"pc_darts": {"partial_channels": 2, "edge_normalization": True},
                     "pc_darts_chained": {"partial_channels": 2, "edge_normalization": True},
                     "rf_darts": {"random_features": True}}.get(network, {})
-        net, size = build(network if network in ("nb201", "s4") else "darts", **switches), 8
+        space = network.removesuffix("_chained")
+        net, size = build(space if space in ("nb201", "s1", "s4") else "darts", **switches), 8
         if network == "darts_dp":        # search-time drop-path: per-sample mixing matrices
             net.set_drop_path(0.3)
     net = net.to(memory_format=torch.channels_last)
