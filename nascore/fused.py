@@ -1686,18 +1686,18 @@ def _weighted_add(acc: torch.Tensor | None, out: torch.Tensor, w: torch.Tensor |
         if w is None:
             return out if acc is None else acc + out
         return weighted_add(acc, out, w)
-    if _nhwc(out):
-        # in (B, H, W, n, C) order, so that the sums and the gradients `index_add`'s backward
-        # selects are channels_last (S1's per-edge op sets: ~700 NCHW activation writes per step)
-        order, back = _pixels_first(out.dim(), 1)
-        term = out.permute(order) if w is None else out.permute(order) * w.permute(order)
-        if acc is None:
-            return term.new_zeros((*term.shape[:3], targets, term.shape[4])).index_add(3, positions, term).permute(back)
-        return acc.permute(order).index_add(3, positions, term).permute(back)
-    term = out if w is None else out * w
+    # channels_last: in (B, H, W, n, C) order, so that the sums and the gradients `index_add`'s
+    # backward selects are channels_last (S1's per-edge op sets: ~700 NCHW activation writes
+    # per step); else as they are, (B, n, C, H, W)
+    nhwc = _nhwc(out)
+    order, back = _pixels_first(out.dim(), 1) if nhwc else (tuple(range(out.dim())),) * 2
+    t = 3 if nhwc else 1                              # the targets' dim
+    term = out.permute(order) if w is None else out.permute(order) * w.permute(order)
     if acc is None:
-        acc = term.new_zeros((term.shape[0], targets, *term.shape[2:]))
-    return acc.index_add(1, positions, term)
+        acc = term.new_zeros((*term.shape[:t], targets, *term.shape[t + 1:]))
+    else:
+        acc = acc.permute(order)
+    return acc.index_add(t, positions, term).permute(back)
 
 
 class SumStates(torch.autograd.Function):
