@@ -21,7 +21,10 @@ states), so here every op of every edge leaving a state is computed in one pass 
   rest by 1) goes into the node sums, one tensor of shape (B, targets, C, H, W), by ONE batched
   matrix product (`mix`; `search.matmul_mix`; off: one `addcmul` per op kind without a BN of
   its own, `WeightedAdd`, whose backward writes no full-size product, and sums per merged group
-  and paired pass, `SumStates`);
+  and paired pass, `SumStates`); a pass over a node takes the previous pass's sums whole as
+  columns of its product, the node's row weighted by the identity's α and the carried rows by
+  1, so that the node's gradient is its ops' alone, added into the product's in place
+  (`_mix_layouts`' fold, `NodeRows`);
 - in training, the last BNs of a pass (every conv kind's and pooling's, their α in the matrix or
   the BN's scale; with random features' affine BNs, α·γ and α·β) run as ONE batch norm over
   their concatenated inputs (`batch_norm_pass`; `search.merge_batch_norms`): batch statistics
@@ -1322,8 +1325,8 @@ class FusedArch:
                 whole, alpha = plain_w.split([sum(sizes), sum(alpha_sizes)])
                 # the whole matrices detached: their α entries get their gradient as `alpha`
                 matrices, alphas = iter(whole.detach().split(sizes)), iter(alpha.split(alpha_sizes))
-            self._mix[key] = [None if m is None else (next(matrices).view(m[1], -1), m[2], next(alphas).view(m[1], m[2]))
-                              for m in mixes]
+            self._mix[key] = [None if m is None else (next(matrices).view(m[1], -1), m[2], next(alphas).view(m[1], m[2]),
+                                                      m[4]) for m in mixes]
             self._drops[key] = (gather_key, [None if m is None else m[3] for m in mixes])
             plain_parts: Iterator[torch.Tensor] = iter(())
         else:
@@ -1378,7 +1381,7 @@ class FusedArch:
             # (the entries α's gradient goes to: `Mix` writes theirs only, no zero-padded rest)
             plain = parts["plain"] if mixes is None else (
                 [i for m in mixes if m is not None for i in m[0]]
-                + [i for m in mixes if m is not None for i in _alpha_entries(*m[:3])])
+                + [i for m in mixes if m is not None for i in _alpha_entries(*m[:3], m[4])])
             if defer:
                 return torch.tensor(plain + [i for b in bn_scale for i in b])
             return torch.tensor(plain + [i for i in parts["scaled"] for _ in range(channels)])
@@ -1401,10 +1404,10 @@ class FusedArch:
         return self._scaled[(id(cell.arch or self.plan), cell.kinds, cell.paired, channels, unit_columns, False)]
 
     def mix_matrices(self, cell: CellPlan, channels: int, unit_columns: tuple[tuple[bool, ...], ...],
-                     defer: bool = False) -> list[tuple[torch.Tensor, int, torch.Tensor] | None]:
-        """Per pass: its mixing matrix (targets, columns), detached, how many of its first columns
-        hold α, and those columns (targets, that many), which α's gradient reaches (`mix`); None
-        where no op leaves the pass's states."""
+                     defer: bool = False) -> list[tuple[torch.Tensor, int, torch.Tensor, int] | None]:
+        """Per pass: its mixing matrix (targets, columns), detached, how many of its columns hold
+        α, those columns (targets, that many), which α's gradient reaches (`mix`), and its fold
+        (`_mix_layouts`: where they are); None where no op leaves the pass's states."""
         self.group_weights(cell, channels, unit_columns, defer)
         return self._mix[(id(cell.arch or self.plan), cell.kinds, cell.paired, channels, unit_columns, defer)]
 
@@ -1455,10 +1458,19 @@ def _per_pass(layout: list, passes: Sequence[tuple[int, ...]], cell: CellPlan) -
 def _mix_layouts(ap: ArchPlan, cell: CellPlan, passes: Sequence[tuple[int, ...]],
                  op_index: list[list[list[int]]], unit_columns: tuple[tuple[bool, ...], ...],
                  n_weights: int, defer: bool = False, bypass: tuple[int, int | None] | None = None
-                 ) -> list[tuple[list[int], int, int, list[int]] | None]:
+                 ) -> list[tuple[list[int], int, int, list[int], int] | None]:
     """Per pass, its mixing matrix as positions into (α weights, 0, 1), row-major, with its
-    number of rows (targets) and of α columns, and the matrix's drop-path positions; None for a
-    pass without outputs.
+    number of rows (targets) and of α columns, the matrix's drop-path positions and its `fold`
+    (below); None for a pass without outputs.
+
+    `fold` > 0: the pass reads a node that the previous pass's product completed, whose sums
+    (`prev`: that node's row, then a row per target of this pass) are this product's first
+    block of columns, in place of the identity's output and of the carried partial sums: the
+    identity's α in the first column, then `fold` (= targets) columns of ones, row t into target
+    t. Same sums; the node's gradient then comes out of this product's, not as a term of its own
+    added to its ops' (`NodeRows`). The α columns (the identity's, then the other weighted ones)
+    are then not the matrix's first columns: `_alpha_entries` takes them where they are. Only
+    for a pass over one node with an identity, without partial channels.
 
     Drop-path positions (search-time drop-path, `cell_forward`'s `drop_mask`): per entry, the α
     index of the (edge, op) whose output it weighs, whose per-sample factor it then takes, or
@@ -1484,14 +1496,22 @@ def _mix_layouts(ap: ArchPlan, cell: CellPlan, passes: Sequence[tuple[int, ...]]
     zero, one = n_weights, n_weights + 1
     keep = n_weights                          # drop-path: the factor-1 position
     k, beta_at = bypass if bypass is not None else (1, None)
-    out: list[tuple[list[int], int, int, list[int]] | None] = []
+    out: list[tuple[list[int], int, int, list[int], int] | None] = []
+    prev_rows = None                          # the previous pass's product's rows, if it made one
     for p, per_unit in zip(passes, unit_columns):
         targets = len(ap.sources[p[-1]].edges)
+        fold = (k == 1 and len(p) == 1 and ap.sources[p[0]].state >= ap.num_inputs
+                and "identity" in cell.kinds[p[0]] and prev_rows == targets + 1)
         # columns: one target row -> (matrix position, drop-path position) each
         plain, pooled, scaled = [], [], []
         identity_end = None
         for gi, kind in enumerate(cell.kinds[p[0]]):
             if KINDS[kind] is None:
+                continue
+            if fold and kind == "identity":   # the first column of `prev`'s block, below
+                g = ap.sources[p[0]].groups[gi]
+                rows = g.positions or [j % targets for j in range(len(g.units))]
+                identity = {r: (a, keep) for r, a in zip(rows, op_index[p[0]][gi])}
                 continue
             for s in p:
                 g, alphas = ap.sources[s].groups[gi], op_index[s][gi]
@@ -1516,12 +1536,16 @@ def _mix_layouts(ap: ArchPlan, cell: CellPlan, passes: Sequence[tuple[int, ...]]
         at = identity_end if identity_end is not None else len(plain)
         weighted = plain[:at] + bypassed + plain[at:] + pooled
         columns = weighted + scaled
+        if fold:
+            columns = [identity] + [{t: (one, keep)} for t in range(targets)] + columns
+        prev_rows = targets * k if columns else None
         if not columns:
             out.append(None)
             continue
         entries = [col.get(t if c == 0 else (t, c), (zero, keep)) for t in range(targets) for c in range(k)
                    for col in columns]
-        out.append(([e for e, _ in entries], targets * k, len(weighted), [d for _, d in entries]))
+        out.append(([e for e, _ in entries], targets * k, len(weighted) + fold, [d for _, d in entries],
+                    targets if fold else 0))
     return out
 
 
@@ -1532,10 +1556,24 @@ def _reads_state_whole(kinds: Sequence[str], p: Sequence[int]) -> bool:
     return len(p) == 1 and "identity" in kinds
 
 
-def _alpha_entries(entries: list[int], rows: int, n_alpha: int) -> list[int]:
-    """A `_mix_layouts` matrix's first n_alpha columns, row-major."""
+def alpha_columns(n_alpha: int, fold: int) -> list[int]:
+    """Where a `_mix_layouts` matrix's n_alpha α columns are: its first ones, or with `fold` the
+    first and those after the fold's columns of ones."""
+    return [0, *range(1 + fold, fold + n_alpha)] if fold else list(range(n_alpha))
+
+
+def _alpha_part(t: torch.Tensor, n_alpha: int, fold: int) -> torch.Tensor:
+    """The α columns (`alpha_columns`) of a matrix-shaped tensor (..., columns): a view, or
+    with a fold the two runs of them concatenated."""
+    if not fold:
+        return t[..., :n_alpha]
+    return torch.cat([t[..., :1], t[..., 1 + fold:fold + n_alpha]], dim=-1)
+
+
+def _alpha_entries(entries: list[int], rows: int, n_alpha: int, fold: int = 0) -> list[int]:
+    """A `_mix_layouts` matrix's α columns (`alpha_columns`), row-major."""
     width = len(entries) // rows
-    return [entries[r * width + j] for r in range(rows) for j in range(n_alpha)]
+    return [entries[r * width + j] for r in range(rows) for j in alpha_columns(n_alpha, fold)]
 
 
 def prepare_arch(plan: ArchPlan, op_weights: torch.Tensor,
@@ -1781,11 +1819,15 @@ class Mix(torch.autograd.Function):
 
     `drop` (search-time drop-path, `FusedArch.drop_factors`): (B, n, K) per-sample factors of m's
     entries, 0 or 1/(1-p) per (edge, op), 1 for an identity's: each batch item's matrix is then
-    its own, m·drop, and α's gradient sums each item's product times its factors."""
+    its own, m·drop, and α's gradient sums each item's product times its factors.
+
+    `fold` (`_mix_layouts`): m's α columns are its first and those after `fold` more, not its
+    first `k_alpha` (`alpha_columns`)."""
 
     @staticmethod
     def forward(ctx, carry: torch.Tensor | None, m: torch.Tensor, m_alpha: torch.Tensor, k_alpha: int, nhwc: bool,
-                blocks: int, step: int, drop: torch.Tensor | None, *xs_and_alpha_outs: torch.Tensor) -> torch.Tensor:
+                blocks: int, step: int, drop: torch.Tensor | None, fold: int,
+                *xs_and_alpha_outs: torch.Tensor) -> torch.Tensor:
         xs, alpha_outs = xs_and_alpha_outs[:blocks], xs_and_alpha_outs[blocks:]
         if drop is not None:
             m = m * drop                      # (B, n, K): each sample's own matrix
@@ -1804,7 +1846,7 @@ class Mix(torch.autograd.Function):
             else:                            # this forward's own sums: added to in place
                 out[:, rows].baddbmm_(mb, x)
         ctx.x_dtypes, ctx.widths, ctx.k_alpha, ctx.nhwc = [x.dtype for x in xs], [x.shape[1] for x in xs], k_alpha, nhwc
-        ctx.step, ctx.alpha_dtype, ctx.dropped = step, m_alpha.dtype, drop is not None
+        ctx.step, ctx.alpha_dtype, ctx.dropped, ctx.fold = step, m_alpha.dtype, drop is not None, fold
         # (B, n, K), not the per-item matrices (B·H·W of them with channels_last): repeated again
         ctx.save_for_backward(m, m_alpha, *([drop] if drop is not None else []), *alpha_outs)
         return out
@@ -1818,14 +1860,16 @@ class Mix(torch.autograd.Function):
             # a backward that is differentiated in turn (`create_graph`: RobustDARTS' Hessian
             # eigenvalue): the inputs' gradients depend on α through m's α columns, so those
             # come from m_alpha here, not from the constant copy (which loses that dependence)
-            k = ctx.k_alpha
-            head = m_alpha.to(m.dtype) if drop is None else m_alpha.to(m.dtype) * drop[..., :k]
-            m = torch.cat([head, m[..., k:]], dim=-1)
+            k, f = ctx.k_alpha, ctx.fold
+            alpha = m_alpha.to(m.dtype) if drop is None else m_alpha.to(m.dtype) * _alpha_part(drop, k, f)
+            # α's columns where they are: the first k, or the first and k-1 after the fold's ones
+            m = (torch.cat([alpha, m[..., k:]], dim=-1) if not f else
+                 torch.cat([alpha[..., :1], m[..., 1:1 + f], alpha[..., 1:], m[..., f + k:]], dim=-1))
         grad_m = None
         grad_xs: list[torch.Tensor | None] = []
         items = m if drop is None else _per_item(m.to(grad.dtype), grad.shape[0])
         at = 0
-        for i, (needs_x, width, dtype) in enumerate(zip(ctx.needs_input_grad[8:], ctx.widths, ctx.x_dtypes)):
+        for i, (needs_x, width, dtype) in enumerate(zip(ctx.needs_input_grad[9:], ctx.widths, ctx.x_dtypes)):
             rows = slice(None, None, ctx.step if i else 1)
             mt = _per_item(items[..., rows, at:at + width].transpose(-1, -2).to(grad.dtype), grad.shape[0])
             grad_xs.append(torch.bmm(mt, grad[:, rows]).to(dtype) if needs_x else None)
@@ -1840,9 +1884,9 @@ class Mix(torch.autograd.Function):
                 else:                   # each sample's products (over its pixels) times its factors
                     b = drop.shape[0]
                     per_sample = g if g.shape[0] == b else g.view(b, -1, *g.shape[1:]).sum(1)
-                    g = (per_sample * drop[:, :, :k].to(g.dtype)).sum(0)
+                    g = (per_sample * _alpha_part(drop, k, ctx.fold).to(g.dtype)).sum(0)
                 grad_m = g.to(ctx.alpha_dtype)
-        return ((grad if needs_carry else None), None, grad_m, None, None, None, None, None, *grad_xs,
+        return ((grad if needs_carry else None), None, grad_m, None, None, None, None, None, None, *grad_xs,
                 *([None] * len(alpha_outs)))
 
 
@@ -1857,8 +1901,9 @@ def _per_item(m: torch.Tensor, items: int) -> torch.Tensor:
 
 
 def mix(carry: torch.Tensor | None, m: torch.Tensor, blocks: Sequence[Sequence[torch.Tensor]], k_alpha: int,
-        split: bool = False, rows: int = 1, m_alpha: torch.Tensor | None = None,
-        drop: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
+        split: bool | str = False, rows: int = 1, m_alpha: torch.Tensor | None = None,
+        drop: torch.Tensor | None = None, prev: tuple[torch.Tensor, torch.Tensor] | None = None,
+        fold: int = 0) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
     """A pass's node sums in matrix products: carry + Σ_k m[t, k]·X_k for every target t, where
     X is the concatenation of the pass's outputs (`blocks`, lists of (B, [S,] u, C, H, W)
     tensors: K columns in all, the first `k_alpha` weighted by α here) and `carry` (B, n, C, H,
@@ -1882,8 +1927,24 @@ def mix(carry: torch.Tensor | None, m: torch.Tensor, blocks: Sequence[Sequence[t
     `split`: the first target's sums (the node complete now: its `rows` rows) and the rest apart,
     (B, rows, C, H, W) and (B, n-rows, C, H, W) or None, split in the product's own layout, so
     that the split's backward (a cat) writes the gradient in the layout the product's backward
-    reads."""
-    flats = [[o.flatten(1, o.dim() - 3) for o in block] for block in blocks if block]   # (B, u·C, H, W) each
+    reads. `split="fold"`: the node and the whole sums (G, n, N), for the next pass's `prev`
+    (`NodeRows`).
+
+    `prev` (with `fold`, `_mix_layouts`): the previous pass's sums, (G, 1 + targets, N) as that
+    pass's `split="fold"` gave them, and their first row as the (B, C, H, W) node this pass
+    reads: m's first 1 + fold columns, in place of `carry` and of the node's identity output
+    (which `blocks` then leave out), with the first block's outputs if it has any (one
+    concatenation, as the identity's output was in it)."""
+    flats = [[o.flatten(1, o.dim() - 3) for o in block] for block in blocks]   # (B, u·C, H, W) each
+    node = None
+    if prev is not None:
+        sums, node = prev
+        b, c, h, w = node.shape
+        # the sums as (B, (1 + targets)·C, H, W) columns in their own layout (a view)
+        whole = (sums.view(b, h, w, -1).permute(0, 3, 1, 2) if _nhwc(node)
+                 else sums.view(b, -1, h, w))
+        flats = [[whole, *flats[0]], *flats[1:]]
+    flats = [f for f in flats if f]
     xs = [torch.cat(f, dim=1) if len(f) > 1 else f[0] for f in flats]
     n, k = m.shape
     b, _, h, w = xs[0].shape
@@ -1892,10 +1953,14 @@ def mix(carry: torch.Tensor | None, m: torch.Tensor, blocks: Sequence[Sequence[t
     # the α columns' outputs, kept for α's gradient (not in a weight step: α is constant there)
     alpha_outs: list[torch.Tensor] = []
     if m_alpha is None:
-        m, m_alpha = m.detach(), m[:, :k_alpha]
+        m, m_alpha = m.detach(), _alpha_part(m, k_alpha, fold)
     if torch.is_grad_enabled() and m_alpha.requires_grad:
+        outputs = [f for fs in flats for f in fs]
         columns = 0
-        for f in (f for fs in flats for f in fs):
+        if node is not None:          # the identity's column: the node (`prev`'s first row), then the rest
+            alpha_outs.append(node)
+            columns, outputs = 1, outputs[1:]
+        for f in outputs:
             if columns >= k_alpha:
                 break
             if columns + f.shape[1] // c > k_alpha:
@@ -1909,7 +1974,7 @@ def mix(carry: torch.Tensor | None, m: torch.Tensor, blocks: Sequence[Sequence[t
         carry = carry.permute(0, 3, 4, 1, 2).reshape(b * h * w, n, c) if nhwc else carry.reshape(b, n, c * h * w)
     items = [_items(x, x.shape[1] // c, nhwc) for x in xs]
     step = rows if rows > 1 and blocks[0] else 1
-    out = Mix.apply(carry, m, m_alpha, k_alpha, nhwc, len(items), step, drop, *items, *alpha_outs)  # (G, n, N)
+    out = Mix.apply(carry, m, m_alpha, k_alpha, nhwc, len(items), step, drop, fold, *items, *alpha_outs)  # (G, n, N)
 
     def nodes(t: torch.Tensor) -> torch.Tensor:                          # (G, n', N) -> (B, n', C, H, W)
         if nhwc:
@@ -1919,8 +1984,37 @@ def mix(carry: torch.Tensor | None, m: torch.Tensor, blocks: Sequence[Sequence[t
         return nodes(out)
     if n == rows:
         return nodes(out), None
+    if split == "fold":
+        whole, first = NodeRows.apply(out, rows)
+        return nodes(first), whole
     first, rest = out.split([rows, n - rows], dim=1)
     return nodes(first), nodes(rest)
+
+
+class NodeRows(torch.autograd.Function):
+    """A pass's sums (G, n, N) as a whole and as their first `rows` rows (the node they complete),
+    views both, where the next pass reads the whole as its `prev` (`mix`, `_mix_layouts`' fold).
+    The backward adds the node's gradient into the first rows of the whole's, in place: one
+    kernel, where a split's backward was a cat of the node's gradient and the rest's. Out of
+    place where the backward is itself differentiated or traced."""
+
+    @staticmethod
+    def forward(ctx, sums: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        ctx.rows, ctx.n = rows, sums.shape[1]
+        ctx.set_materialize_grads(False)
+        return sums.view_as(sums), sums[:, :rows]
+
+    @staticmethod
+    def backward(ctx, grad_whole: torch.Tensor | None, grad_node: torch.Tensor | None):
+        if grad_node is None or grad_whole is None:          # one of the two was not used
+            return (grad_whole if grad_node is None
+                    else F.pad(grad_node, (0, 0, 0, ctx.n - ctx.rows))), None
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+            grad = grad_whole.clone()
+        else:
+            grad = grad_whole          # the next product's fresh gradient (or a slice of it), read by nothing else
+        grad.narrow(1, 0, ctx.rows).add_(grad_node)
+        return grad, None
 
 
 def unit_columns(kind: str, mods: Sequence[nn.Module], training: bool) -> bool:
@@ -2132,13 +2226,17 @@ def cell_forward(op_module: Callable[[int, int], nn.Module], shape: CellShape, p
     noise = _draw_noise(plan, shape, inputs, ap.num_inputs)
     states = list(inputs)
     carry = carry_b = None           # partial sums of the nodes not complete yet
+    # where the next pass folds them (`_mix_layouts`): the last pass's sums whole and its node
+    prev: tuple[torch.Tensor, torch.Tensor] | None = None
     # partial channels with `mix`: the bypassed channels are columns of each pass's product and
     # a node's K rows (`_mix_layouts`), not sums of their own (`WeightedAdd`)
     rows = arch.bypass[0] if arch.bypass is not None else 1
     # paired strided convs (`_dil_blocks`) as one ungrouped conv, their weights made so here
     spread = (lambda w, n: block_diagonal(w, n, arch.constant)) if arch.block_diagonal else None
-    for p, mods_s, kinds, weights_s, mixing, bn_weight, drop in zip(passes, modules, kinds_p, weights, mixes,
-                                                                     bn_weights, drops):
+    for i, (p, mods_s, kinds, weights_s, mixing, bn_weight, drop) in enumerate(zip(
+            passes, modules, kinds_p, weights, mixes, bn_weights, drops)):
+        fold = mixing[3] if mixing is not None else 0
+        fold_next = i + 1 < len(mixes) and mixes[i + 1] is not None and mixes[i + 1][3] > 0
         # a paired pass's two inputs have one stride and one set of targets; its last state
         # says whether the next node is complete after it
         sp = ap.sources[p[-1]]
@@ -2183,6 +2281,8 @@ def cell_forward(op_module: Callable[[int, int], nn.Module], shape: CellShape, p
                 (convs if scaled else pooled).append(out)
                 continue
             if arch.mix:
+                if kind == "identity" and fold:
+                    continue                 # its column is in `prev`'s block
                 if kind == "identity" and whole is not None:
                     # the identity's C/K channels and the bypassed rest: the state itself, as one
                     # block of columns (`_mix_layouts`)
@@ -2203,10 +2303,15 @@ def cell_forward(op_module: Callable[[int, int], nn.Module], shape: CellShape, p
                     blocks.append([normed])
                 else:                        # nothing merged: one cat, one product, as without
                     blocks[0].append(normed)
+            if fold and (prev is None or carry is not None or prev[0].shape[1] != targets + 1):
+                raise RuntimeError("a folded pass needs the previous pass's sums (fused._mix_layouts)")
+            folded = dict(prev=prev, fold=fold) if fold else {}
             if complete:
-                split = mix(carry, mixing[0], blocks, mixing[1], split=True, rows=rows, m_alpha=mixing[2], drop=drop)
+                split = mix(carry, mixing[0], blocks, mixing[1], split="fold" if fold_next else True, rows=rows,
+                            m_alpha=mixing[2], drop=drop, **folded)
             else:
-                acc = mix(carry, mixing[0], blocks, mixing[1], rows=rows, m_alpha=mixing[2], drop=drop)
+                acc = mix(carry, mixing[0], blocks, mixing[1], rows=rows, m_alpha=mixing[2], drop=drop, **folded)
+            prev = None
         elif acc is not None and len(p) > 1:
             acc = SumStates.apply(acc)   # (B, S, targets, C, H, W): the paired inputs' terms summed
         if acc is None and split is None:    # only `none` ops leave this state
@@ -2225,10 +2330,14 @@ def cell_forward(op_module: Callable[[int, int], nn.Module], shape: CellShape, p
             # full-size gradients and their sum
             if split is not None:
                 head, carry = split
+                if fold_next:                # the whole sums go to the next pass, not as a carry
+                    prev, carry = (carry, None), None
             else:
                 head, carry = _split_first(acc) if targets > 1 else (acc, None)
             if k == 1:
                 node, carry_b = head.squeeze(1), None
+                if prev is not None:         # the node the next pass reads, one tensor for both uses
+                    prev = (prev[0], node)
             elif rows > 1:
                 node = _node_channels(head, shape.shuffle)
             else:

@@ -224,6 +224,127 @@ def test_mix_is_the_weighted_sum_of_its_columns(nhwc, carry, split, strided, blo
         torch.testing.assert_close(run(), expected())
 
 
+@pytest.mark.parametrize("dropped", [False, True])
+@pytest.mark.parametrize("nhwc", [False, True])
+def test_mix_folds_the_previous_sums_in_place_of_the_identity_and_the_carry(nhwc, dropped, float64):
+    """A pass over a node (`_mix_layouts`' fold): the previous pass's sums, whole (the node's row
+    and the carried rows of this pass's targets, `split="fold"`), are the first block of this
+    product, weighted by [the identity's α | 1]; α's columns are the first and those after the
+    ones. The same sums and gradients as the node's identity term plus the carry, with the node
+    also read by an op (its gradient then reaches the sums through `NodeRows`), the per-sample
+    factors of search-time drop-path, and a differentiated backward."""
+    from nascore.fused import mix
+    g = torch.Generator().manual_seed(0)
+    b, c, h, w, t = 2, 3, 4, 4, 2                          # t targets after the node
+
+    def act(*shape):
+        x = torch.randn(*shape, generator=g)
+        if nhwc:
+            x = x.flatten(1, x.dim() - 3).contiguous(memory_format=torch.channels_last).view(x.shape)
+        return x.requires_grad_()
+    x0 = act(b, 3, c, h, w)                               # the previous pass's outputs
+    m0 = torch.randn(1 + t, 3, generator=g)
+    pool, conv = act(b, 1, c, h, w), act(b, t, c, h, w)   # this pass's: 1 α column, t by 1
+    alpha = torch.randn(t, 2, generator=g, requires_grad=True)   # the identity's and the pool's
+    sel = torch.eye(t)
+    drop = (torch.bernoulli(torch.full((b, t, 1 + t + 1 + t), 0.5), generator=g) * 2 + 0.25 if dropped else None)
+    relu_w = torch.randn(b, c, h, w, generator=g)
+
+    def run(x0, alpha, pool, conv):
+        node, sums = mix(None, m0, [[x0]], 0, split="fold")
+        assert node.shape == (b, 1, c, h, w) and sums.shape[1] == 1 + t
+        node = node.squeeze(1)
+        m = torch.cat([alpha[:, :1], torch.eye(t), alpha[:, 1:], sel], 1)
+        out = mix(None, m.detach(), [[pool], [conv]], 2, m_alpha=alpha, drop=drop, prev=(sums, node), fold=t)
+        return out, (node.relu() * relu_w).sum()         # the node read by an op too
+
+    def expected(x0, alpha, pool, conv):
+        sums = torch.einsum("tk,bkchw->btchw", m0, x0)
+        node = sums[:, 0]
+        m = torch.cat([alpha[:, :1], torch.eye(t), alpha[:, 1:], sel], 1)
+        x = torch.cat([node.unsqueeze(1), sums[:, 1:], pool, conv], 1)
+        mb = m.expand(b, -1, -1) if drop is None else m * drop
+        return torch.einsum("btk,bkchw->btchw", mb, x), (node.relu() * relu_w).sum()
+    inputs = (x0, alpha, pool, conv)
+    out, side = run(*inputs)
+    want, want_side = expected(*inputs)
+    torch.testing.assert_close(out, want)
+    torch.testing.assert_close(side, want_side)
+    weight = torch.randn(want.shape, generator=g)
+
+    def loss(fn):
+        return lambda *xs: (lambda o, s: (o * weight).sum() + s)(*fn(*xs))
+    grads = torch.autograd.grad(loss(run)(*inputs), inputs)
+    for got, ref in zip(grads, torch.autograd.grad(loss(expected)(*inputs), inputs)):
+        torch.testing.assert_close(got, ref)
+    torch.autograd.gradcheck(loss(run), inputs)
+    torch.autograd.gradgradcheck(loss(run), inputs, fast_mode=True)
+
+
+def test_node_rows_are_views_whose_gradient_is_the_sum_of_both(float64):
+    from nascore.fused import NodeRows
+    x = torch.randn(2, 3, 5, requires_grad=True)
+    w_whole, w_node = torch.randn(2, 3, 5), torch.randn(2, 1, 5)
+
+    def run(x):
+        whole, node = NodeRows.apply(x, 1)
+        return (whole * w_whole).sum() + (node * w_node).sum()
+    whole, node = NodeRows.apply(x, 1)
+    assert whole.data_ptr() == node.data_ptr() == x.data_ptr() and node.shape == (2, 1, 5)
+    (grad,) = torch.autograd.grad(run(x), x)
+    torch.testing.assert_close(grad, w_whole + F.pad(w_node, (0, 0, 0, 2)))
+    torch.autograd.gradcheck(run, (x,))
+    torch.autograd.gradgradcheck(run, (x,))               # the out-of-place backward
+    only_node = torch.autograd.grad((NodeRows.apply(x, 1)[1] * w_node).sum(), x)[0]
+    torch.testing.assert_close(only_node, F.pad(w_node, (0, 0, 0, 2)))
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("space,folded_per_cell", [("nb201", 2), ("darts", 3), ("s2", 3)])
+def test_a_node_enters_the_next_pass_as_a_row_of_the_previous_passs_sums(space, folded_per_cell, channels_last):
+    """Every pass over a node with an identity (NB201's n1, n2; a DARTS cell's n0, n1, n2) takes
+    the previous pass's sums whole as a block of its product (`_mix_layouts`' fold): the node's
+    identity term and the carried sums in one, so the node's gradient is the sum of its ops'
+    alone, added into the product's gradient in place (`NodeRows`), and no node's gradient is
+    concatenated with the carry's (a split's backward). The numbers are eager's."""
+    net = build(space)
+    assert_same(net, channels_last=channels_last)
+    net = copy.deepcopy(net).float()
+    net.set_backend("fused")
+    x = torch.randn(5, 3, 4, 4)
+    if channels_last:
+        net, x = net.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+    out = net(x)
+    nodes, stack, seen = collections.Counter(), [out.grad_fn], set()
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        nodes[type(fn).__name__] += 1
+        stack += [f for f, _ in fn.next_functions]
+    cells = sum(isinstance(m, SearchCell) for m in net.modules())
+    assert nodes["NodeRowsBackward"] == folded_per_cell * cells, nodes
+
+    items = {5 * side * side for side in (1, 2, 4)}     # batch items: per image, or per pixel (cl)
+
+    class BySite(TorchDispatchMode):          # activation ops by the autograd node running them
+        def __init__(self):
+            super().__init__()
+            self.count = collections.Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if any(isinstance(a, torch.Tensor) and a.dim() >= 3 and a.shape[0] in items
+                   for a in tree_flatten((args, kwargs))[0]):
+                node = torch._C._current_autograd_node()
+                self.count[func.overloadpacket.__name__, type(node).__name__ if node else None] += 1
+            return func(*args, **(kwargs or {}))
+    with BySite() as site:
+        out.sum().backward()
+    assert site.count["cat", "SplitWithSizesBackward0"] == 0, site.count
+    assert site.count["add_", "NodeRowsBackward"] == folded_per_cell * cells, site.count
+
+
 @pytest.mark.parametrize("nhwc", [False, True])
 @pytest.mark.parametrize("carry,split", [(False, False), (True, True), (False, True)])
 def test_mix_with_k_rows_per_target_reads_only_the_ops_rows_of_later_blocks(nhwc, carry, split, float64):
@@ -1329,7 +1450,7 @@ def test_parameter_free_ops_are_weighted_without_full_size_products(matmul_mix):
         net(x).sum().backward()
     if matmul_mix:
         assert not products.count, products.count
-        assert every.count["baddbmm"] > 0 and every.count["addcmul"] == 0, every.count
+        assert every.count["baddbmm"] + every.count["baddbmm_"] > 0 and every.count["addcmul"] == 0, every.count
         # α's gradient is written for α's columns of each matrix only, not zero-padded to its width
         assert every.count["constant_pad_nd"] == 0, every.count
     else:
