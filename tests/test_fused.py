@@ -1506,6 +1506,59 @@ def test_partial_channels_bypass_through_each_passs_product():
     assert backward.count["add_"] >= 9, backward.count              # StateParts: in place
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_a_paired_cells_two_relu_conv_bns_run_as_one_whose_output_is_the_paired_passs_input(
+        channels_last, monkeypatch):
+    """A paired cell whose inputs have one shape (of 6 cells: the first, on the stem's output twice,
+    and the two reduction cells, on two cells' outputs) preprocesses them as one group
+    (`_paired_preprocess`): one ReLU, one grouped conv and one BN over both, forward and backward,
+    whose output the paired pass reads as it is. The same numbers as running the two ReLUConvBNs
+    apart (and eager's, `assert_same`); with partial channels they stay apart."""
+    torch.manual_seed(0)
+    net = get_space("darts").build_supernet(SupernetConfig(init_channels=4, layers=6, num_classes=3)).double()
+    with torch.no_grad():
+        for p in net.arch_parameters():
+            p.normal_()
+    net = scramble_bn_affine(net)
+    assert_same(net, channels_last=channels_last)
+    net = copy.deepcopy(net).float()
+    net.set_backend("fused")
+    x = torch.randn(5, 3, 4, 4)
+    if channels_last:
+        net, x = net.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+    merged, results, counts = [], {}, {}
+    plain = fused._paired_preprocess
+
+    def spy(groups, inputs):
+        out = plain(groups, inputs)
+        merged.append(out is not None)
+        return out
+    for apart in (False, True):
+        monkeypatch.setattr(fused, "_paired_preprocess", (lambda g, i: None) if apart else spy)
+        model = copy.deepcopy(net)
+        with CountOps(batch=5) as c:
+            out = model(x)
+            out.sum().backward()
+        results[apart] = [out] + [p.grad for p in model.parameters()]
+        counts[apart] = c.count
+    cells = sum(merged)
+    assert merged == [True, False, True, False, True, False], merged   # after a cell: FactorizedReduce or other channels
+    for got, want in zip(results[False], results[True]):
+        if want is not None:
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    for op in ("relu", "convolution", "native_batch_norm", "convolution_backward", "native_batch_norm_backward",
+               "threshold_backward"):
+        assert counts[True][op] - counts[False][op] == cells, (op, counts[True][op], counts[False][op])
+    assert counts[True]["cat"] == counts[False]["cat"], "the inputs' concatenation replaces the pass's"
+
+    pc = copy.deepcopy(build("darts", partial_channels=2, edge_normalization=True)).float()
+    pc.set_backend("fused")
+    merged.clear()
+    monkeypatch.setattr(fused, "_paired_preprocess", spy)
+    pc(torch.randn(5, 3, 4, 4))
+    assert merged == [], merged                               # not asked: partial channels
+
+
 def test_partial_channels_pool_each_strided_states_bypass_once_either_way():
     """The bypassed channels of a stride-2 state are max-pooled once per state, whether they go
     into the pass's product or into weighted adds of their own (`search.matmul_mix: false`)."""
