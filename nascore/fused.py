@@ -1559,14 +1559,14 @@ def _reads_state_whole(kinds: Sequence[str], p: Sequence[int]) -> bool:
     return len(p) == 1 and "identity" in kinds
 
 
-def alpha_columns(n_alpha: int, fold: int) -> list[int]:
+def _alpha_columns(n_alpha: int, fold: int) -> list[int]:
     """Where a `_mix_layouts` matrix's n_alpha α columns are: its first ones, or with `fold` the
     first and those after the fold's columns of ones."""
     return [0, *range(1 + fold, fold + n_alpha)] if fold else list(range(n_alpha))
 
 
 def _alpha_part(t: torch.Tensor, n_alpha: int, fold: int) -> torch.Tensor:
-    """The α columns (`alpha_columns`) of a matrix-shaped tensor (..., columns): a view, or
+    """The α columns (`_alpha_columns`) of a matrix-shaped tensor (..., columns): a view, or
     with a fold the two runs of them concatenated."""
     if not fold:
         return t[..., :n_alpha]
@@ -1574,9 +1574,9 @@ def _alpha_part(t: torch.Tensor, n_alpha: int, fold: int) -> torch.Tensor:
 
 
 def _alpha_entries(entries: list[int], rows: int, n_alpha: int, fold: int = 0) -> list[int]:
-    """A `_mix_layouts` matrix's α columns (`alpha_columns`), row-major."""
+    """A `_mix_layouts` matrix's α columns (`_alpha_columns`), row-major."""
     width = len(entries) // rows
-    return [entries[r * width + j] for r in range(rows) for j in alpha_columns(n_alpha, fold)]
+    return [entries[r * width + j] for r in range(rows) for j in _alpha_columns(n_alpha, fold)]
 
 
 def prepare_arch(plan: ArchPlan, op_weights: torch.Tensor,
@@ -1825,7 +1825,7 @@ class Mix(torch.autograd.Function):
     its own, m·drop, and α's gradient sums each item's product times its factors.
 
     `fold` (`_mix_layouts`): m's α columns are its first and those after `fold` more, not its
-    first `k_alpha` (`alpha_columns`)."""
+    first `k_alpha` (`_alpha_columns`)."""
 
     @staticmethod
     def forward(ctx, carry: torch.Tensor | None, m: torch.Tensor, m_alpha: torch.Tensor, k_alpha: int, nhwc: bool,
@@ -1865,9 +1865,8 @@ class Mix(torch.autograd.Function):
             # come from m_alpha here, not from the constant copy (which loses that dependence)
             k, f = ctx.k_alpha, ctx.fold
             alpha = m_alpha.to(m.dtype) if drop is None else m_alpha.to(m.dtype) * _alpha_part(drop, k, f)
-            # α's columns where they are: the first k, or the first and k-1 after the fold's ones
-            m = (torch.cat([alpha, m[..., k:]], dim=-1) if not f else
-                 torch.cat([alpha[..., :1], m[..., 1:1 + f], alpha[..., 1:], m[..., f + k:]], dim=-1))
+            # α's columns where they are (`_alpha_columns`): the first, the fold's f ones, the others
+            m = torch.cat([alpha[..., :1], m[..., 1:1 + f], alpha[..., 1:], m[..., f + k:]], dim=-1)
         grad_m = None
         grad_xs: list[torch.Tensor | None] = []
         items = m if drop is None else _per_item(m.to(grad.dtype), grad.shape[0])
@@ -1994,32 +1993,6 @@ def mix(carry: torch.Tensor | None, m: torch.Tensor, blocks: Sequence[Sequence[t
     return nodes(first), nodes(rest)
 
 
-class NodeRows(torch.autograd.Function):
-    """A pass's sums (G, n, N) as a whole and as their first `rows` rows (the node they complete),
-    views both, where the next pass reads the whole as its `prev` (`mix`, `_mix_layouts`' fold).
-    The backward adds the node's gradient into the first rows of the whole's, in place: one
-    kernel, where a split's backward was a cat of the node's gradient and the rest's. Out of
-    place where the backward is itself differentiated or traced."""
-
-    @staticmethod
-    def forward(ctx, sums: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-        ctx.rows, ctx.n = rows, sums.shape[1]
-        ctx.set_materialize_grads(False)
-        return sums.view_as(sums), sums[:, :rows]
-
-    @staticmethod
-    def backward(ctx, grad_whole: torch.Tensor | None, grad_node: torch.Tensor | None):
-        if grad_node is None or grad_whole is None:          # one of the two was not used
-            return (grad_whole if grad_node is None
-                    else F.pad(grad_node, (0, 0, 0, ctx.n - ctx.rows))), None
-        if torch.is_grad_enabled() or torch.compiler.is_compiling():
-            grad = grad_whole.clone()
-        else:
-            grad = grad_whole          # the next product's fresh gradient (or a slice of it), read by nothing else
-        grad.narrow(1, 0, ctx.rows).add_(grad_node)
-        return grad, None
-
-
 def unit_columns(kind: str, mods: Sequence[nn.Module], training: bool) -> bool:
     """Whether a group's output has one unit per module (else one output serves them all:
     identity, pooling, and a pooling's BN where its batch statistics are shared and it has no
@@ -2049,7 +2022,7 @@ class StateParts(torch.autograd.Function):
     the bypassed rest. The backward adds the ops' gradient into the first channels of the
     block's, in place: one kernel where a split (whose backward is a cat) and the sum of the
     identity's and the ops' gradients took two. Out of place where the backward is itself
-    differentiated or traced."""
+    differentiated or traced. (Any tensor split so along dim 1: `NodeRows`.)"""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, c: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -2060,13 +2033,21 @@ class StateParts(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_whole: torch.Tensor | None, grad_ops: torch.Tensor | None):
         if grad_ops is None or grad_whole is None:          # one of the two was not used
-            return grad_whole if grad_ops is None else F.pad(grad_ops, (0, 0, 0, 0, 0, ctx.rest)), None
+            return grad_whole if grad_ops is None else F.pad(grad_ops, (0, 0) * (grad_ops.dim() - 2) + (0, ctx.rest)), None
         if torch.is_grad_enabled() or torch.compiler.is_compiling():
             grad = grad_whole.clone()
         else:
             grad = grad_whole          # a slice of the product's fresh gradient, read by nothing else
         grad.narrow(1, 0, ctx.c).add_(grad_ops)
         return grad, None
+
+
+class NodeRows(StateParts):
+    """A pass's sums (G, n, N) as a whole and as their first `rows` rows (the node they complete),
+    views both, where the next pass reads the whole as its `prev` (`mix`, `_mix_layouts`' fold):
+    `StateParts`' backward adds the node's gradient into the first rows of the next product's
+    fresh gradient, in place, where a split's backward was a cat of the node's gradient and the
+    rest's."""
 
 
 def _node_channels(rows: torch.Tensor, shuffle: bool) -> torch.Tensor:

@@ -315,14 +315,7 @@ def test_a_node_enters_the_next_pass_as_a_row_of_the_previous_passs_sums(space, 
     if channels_last:
         net, x = net.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
     out = net(x)
-    nodes, stack, seen = collections.Counter(), [out.grad_fn], set()
-    while stack:
-        fn = stack.pop()
-        if fn is None or fn in seen:
-            continue
-        seen.add(fn)
-        nodes[type(fn).__name__] += 1
-        stack += [f for f, _ in fn.next_functions]
+    nodes = autograd_nodes(out)
     cells = sum(isinstance(m, SearchCell) for m in net.modules())
     assert nodes["NodeRowsBackward"] == folded_per_cell * cells, nodes
 
@@ -634,6 +627,19 @@ def test_a_cells_two_inputs_run_as_one_pass_where_their_ops_match(space, switche
     assert {plan.paired for plan in plans} == {paired}
     if space == "darts":                           # normal and reduction cells
         assert {cell.fused_shape.strides[0] for cell in cells} == {1, 2}
+
+
+def autograd_nodes(out: torch.Tensor) -> collections.Counter:
+    """How many nodes of each type `out`'s autograd graph has."""
+    nodes, stack, seen = collections.Counter(), [out.grad_fn], set()
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        nodes[type(fn).__name__] += 1
+        stack += [f for f, _ in fn.next_functions]
+    return nodes
 
 
 class CountOps(TorchDispatchMode):
@@ -1490,14 +1496,7 @@ def test_partial_channels_bypass_through_each_passs_product():
     x = torch.randn(7, 3, 4, 4)
     with CountOps() as every:
         out = net(x)
-    nodes, stack, seen = collections.Counter(), [out.grad_fn], set()
-    while stack:
-        fn = stack.pop()
-        if fn is None or fn in seen:
-            continue
-        seen.add(fn)
-        nodes[type(fn).__name__] += 1
-        stack += [f for f, _ in fn.next_functions]
+    nodes = autograd_nodes(out)
     assert every.count["addcmul"] == 0 and nodes["WeightedAddBackward"] == 0, (every.count, nodes)
     # 3 cells, each with 3 passes over one state that has an identity (n0, n1, n2; the inputs paired)
     assert nodes["StatePartsBackward"] == 9, nodes
