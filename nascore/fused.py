@@ -2127,6 +2127,17 @@ def _run_preprocess(groups: Sequence[tuple[str, list[nn.Module]]], inputs: Seque
             for (kind, mods), x in zip(groups, inputs)]
 
 
+def _run_paired_preprocess(paired: Sequence[tuple[str, list[nn.Module]]], inputs: Sequence[torch.Tensor],
+                           sink: BatchNormSink, dense: bool, ws: Iterator[torch.Tensor]
+                           ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Both inputs preprocessed as one group (`_paired_preprocess`): (B, 2·C, H, W), and each
+    input's C channels of it as views."""
+    (kind, mods), = paired
+    both = KINDS[kind](mods, _Source(torch.cat(list(inputs), dim=1), sink, {}, dense, 2), (), None, ws)
+    side_by_side = both.flatten(1, 3)          # (B, 2, 1, C, H, W) -> (B, 2·C, H, W)
+    return side_by_side, list(side_by_side.split(both.shape[3], dim=1))
+
+
 def cell_forward(op_module: Callable[[int, int], nn.Module], shape: CellShape, plan: CellPlan,
                  arch: FusedArch, inputs: Sequence[torch.Tensor],
                  preprocess: Sequence[nn.Module] = (), drop_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -2232,11 +2243,8 @@ def cell_forward(op_module: Callable[[int, int], nn.Module], shape: CellShape, p
     ws = iter(gathered)
     paired_input = None                  # both inputs preprocessed side by side (`_paired_preprocess`)
     if paired_pre is not None:
-        (kind, mods), = paired_pre
-        both = KINDS[kind](mods, _Source(torch.cat(list(inputs), dim=1), arch.sink, {}, arch.dense, 2), (), None, ws)
-        # (B, 2, 1, C, H, W); the inputs apart as views, which the paired pass does not read
-        paired_input = both.flatten(1, 3)
-        inputs = list(paired_input.split(both.shape[3], dim=1))
+        # the inputs apart as views, which the paired pass does not read
+        paired_input, inputs = _run_paired_preprocess(paired_pre, inputs, arch.sink, arch.dense, ws)
     elif pre_groups:
         inputs = _run_preprocess(pre_groups, inputs, arch.sink, arch.dense, ws)
     noise = _draw_noise(plan, shape, inputs, ap.num_inputs)
@@ -2465,19 +2473,31 @@ def eval_cell_forward(plan: EvalCellPlan, ops: Sequence[nn.Module], inputs: Sequ
     autocast; FactorizedReduce as one conv); then the preprocessed inputs come first in the
     returned states."""
     pre_groups, inputs = _preprocess_groups(preprocess, inputs)
-    groups_in_order = pre_groups + [(g.kind, [ops[k] for k in g.ops]) for groups in plan.sources for g in groups]
+    # the two ReLUConvBNs as one where they can be (`_paired_preprocess`): most cells of a DARTS
+    # network, whose inputs are the two previous cells' outputs
+    paired = _paired_preprocess(pre_groups, inputs)
+    pre_groups = paired or pre_groups
+    op_groups = [(g.kind, [ops[k] for k in g.ops]) for groups in plan.sources for g in groups]
+    groups_in_order = pre_groups + op_groups
     # any of the cell's grouped BNs: the buffer's dtype and device
     bn = next((m for kind, mods in groups_in_order if BN_CHANNELS[kind](1) for m in mods[0].modules()
                if isinstance(m, nn.BatchNorm2d)), None)
     x0 = inputs[-1]
     mask = drop_mask if sink.training else None
     layout = _dense_layout(dense, x0)
+
+    def requests() -> list[Request]:         # a paired preprocessing's group reads its 2 states side by side
+        return [r for kind, mods in pre_groups for r in REQUESTS[kind](mods, layout, len(mods))] + \
+            [r for kind, mods in op_groups if kind in REQUESTS for r in REQUESTS[kind](mods, layout, 1)]
     ws = iter(sink.begin(CellNeeds(
-        (id(plan), id(ops), layout, tuple(map(id, preprocess))) if sink.network is not None else (),
-        lambda: [r for kind, mods in groups_in_order if kind in REQUESTS for r in REQUESTS[kind](mods, layout, 1)],
-        (plan.bn_channels + len(pre_groups)) * channels, bn, lambda: _grouped_bns(groups_in_order)),
+        (id(plan), id(ops), layout, tuple(map(id, preprocess)), paired is not None) if sink.network is not None else (),
+        requests, plan.bn_channels * channels + sum(b.num_features for b in _grouped_bns(pre_groups)), bn,
+        lambda: _grouped_bns(groups_in_order)),
         cached_on(constants, x0.device), autocast_dtype(x0.device.type)))
-    states = _run_preprocess(pre_groups, inputs, sink, dense, ws) or list(inputs)
+    if paired:
+        states = _run_paired_preprocess(paired, inputs, sink, dense, ws)[1]
+    else:
+        states = _run_preprocess(pre_groups, inputs, sink, dense, ws) or list(inputs)
     totals: list[torch.Tensor | None] = [None] * plan.num_nodes
     for state, groups in enumerate(plan.sources):
         if state >= plan.num_inputs:

@@ -12,6 +12,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from nascore import fused
 from nascore.genotype import PUBLISHED_GENOTYPES, Genotype, NB201Genotype
 from nascore.metrics import FlopReport, count_flops, count_parameters, params_m
 from nascore.networks import (
@@ -540,30 +541,91 @@ def test_fused_drop_path_draws_one_mask_per_network_with_the_eager_semantics(mon
         assert draws.calls == 0, (mode, prob)
 
 
+class CountOps(TorchDispatchMode):
+    """Counts dispatched aten ops by name."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count: collections.Counter[str] = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
 def test_the_fused_retrain_cell_launches_fewer_kernels() -> None:
     """DARTS_V2's normal cell: 5 sep_conv_3x3 on 2 states run as 2 grouped calls, its reduction
     cell's 5 max-pools on 2 states as 2 poolings."""
-    class Count(TorchDispatchMode):
-        def __init__(self) -> None:
-            super().__init__()
-            self.count = collections.Counter()
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.count[func.overloadpacket.__name__] += 1
-            return func(*args, **(kwargs or {}))
     torch.manual_seed(0)
     net = NetworkCIFAR(PUBLISHED_GENOTYPES["DARTS_V2"], 4, 10, 3, auxiliary=False)   # normal, reduce, reduce
     counts = {}
     for backend in ("eager", "fused"):
         net.set_backend(backend)
-        with Count() as c:
+        with CountOps() as c:
             net(torch.randn(2, 3, 16, 16))
         counts[backend] = c.count
     e, f = counts["eager"], counts["fused"]
     assert e["max_pool2d_with_indices"] == 10 and f["max_pool2d_with_indices"] == 4, (e, f)
-    # normal cell: sep convs 5 × 4 convs -> 2 × 4, dil_conv 2 -> 2; the third cell's
-    # FactorizedReduce preprocessing (after a reduction): 2 convs -> 1; the stem unchanged
-    assert f["convolution"] == e["convolution"] - 13, (e["convolution"], f["convolution"])
+    # normal cell: sep convs 5 × 4 convs -> 2 × 4, dil_conv 2 -> 2; its two ReLUConvBNs on the
+    # stem's output (`fused._paired_preprocess`): 2 convs -> 1; the third cell's FactorizedReduce
+    # preprocessing (after a reduction): 2 convs -> 1; the stem unchanged
+    assert f["convolution"] == e["convolution"] - 14, (e["convolution"], f["convolution"])
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_a_derived_cells_two_relu_conv_bns_run_as_one_where_its_inputs_have_one_shape(
+        channels_last, monkeypatch) -> None:
+    """A derived cell whose two inputs have one shape (of DARTS_V2's 8 cells: the first, on the
+    stem's output twice, and every cell but those right after a reduction cell or the stem,
+    reduction cells included) preprocesses them as one group (`fused._paired_preprocess`): one
+    ReLU, one grouped conv and one BN over their concatenation, forward and backward, in training
+    and in evaluation mode. The same numbers as the two ReLUConvBNs apart (and as eager's:
+    `test_the_fused_training_forward_equals_the_eager_one`)."""
+    torch.manual_seed(0)
+    net = scramble_bn_affine(NetworkCIFAR(PUBLISHED_GENOTYPES["DARTS_V2"], 4, 10, 8, auxiliary=True))
+    x = torch.randn(3, 3, 32, 32)
+    if channels_last:
+        net, x = net.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+    plain = fused._paired_preprocess
+    paired: list[bool] = []
+
+    def spy(groups, inputs):
+        out = plain(groups, inputs)
+        paired.append(out is not None)
+        return out
+    results, counts, eval_counts = {}, {}, {}
+    for apart in (False, True):
+        monkeypatch.setattr(fused, "_paired_preprocess", (lambda g, i: None) if apart else spy)
+        model = copy.deepcopy(net)
+        model.set_backend("fused_dense")
+        model.drop_path_prob = 0.2
+        torch.manual_seed(1)                      # the same drop-path masks either way
+        for _ in range(2):                        # the second forward records the weight gather
+            model(x)[0].sum().backward()
+        model.zero_grad(set_to_none=True)
+        with CountOps() as c:
+            logits, aux = model(x)
+            (logits.sum() + 0.4 * aux.square().sum()).backward()
+        counts[apart] = c.count
+        model.eval()
+        with torch.no_grad(), CountOps() as c:
+            evaluated = model(x)[0]
+        eval_counts[apart] = c.count
+        results[apart] = [logits, aux, evaluated] + [p.grad for p in model.parameters()] + list(model.buffers())
+    # reduction cells 2 and 5; cell 1 reads the stem's 3·C channels beside cell 0's 4·C
+    assert paired == [True, False, True, False, True, True, False, True] * 4, paired   # 4 forwards
+    cells = 5
+    for got, want in zip(results[False], results[True]):
+        if want is not None:
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    for op in ("relu", "convolution", "native_batch_norm", "convolution_backward", "native_batch_norm_backward",
+               "threshold_backward"):
+        assert counts[True][op] - counts[False][op] == cells, (op, counts[True][op], counts[False][op])
+    for op in ("relu", "convolution", "native_batch_norm"):
+        assert eval_counts[True][op] - eval_counts[False][op] == cells, (op, eval_counts[True][op], eval_counts[False][op])
+    # per paired cell the inputs' concatenation, and in the backward the output's split's (a cat)
+    assert counts[False]["cat"] - counts[True]["cat"] == 2 * cells
+    assert eval_counts[False]["cat"] - eval_counts[True]["cat"] == cells
 
 
 def test_a_runs_peak_memory_is_its_largest_epoch_and_none_off_a_gpu():
