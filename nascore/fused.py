@@ -2457,6 +2457,23 @@ def drop_path_masks(columns: Sequence[int], drop_prob: DropProb, like: torch.Ten
     return [view if n else None for n, view in zip(columns, mask.split(list(columns), dim=1))]
 
 
+class MaskedAdd(torch.autograd.Function):
+    """acc + y·mask for a drop-path mask (B, 1, 1, 1), which needs no gradient: `torch.addcmul`'s
+    numbers, but a backward of one product (grad·mask), where addcmul's also scales the mask by
+    its `value`, a kernel of its own."""
+
+    @staticmethod
+    def forward(ctx, acc: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(mask)
+        return torch.addcmul(acc, y, mask)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        mask, = ctx.saved_tensors
+        needs_acc, needs_y, _ = ctx.needs_input_grad
+        return grad if needs_acc else None, grad * mask if needs_y else None, None
+
+
 def eval_cell_forward(plan: EvalCellPlan, ops: Sequence[nn.Module], inputs: Sequence[torch.Tensor],
                       channels: int, drop_mask: torch.Tensor | None, sink: BatchNormSink,
                       constants: dict[tuple, torch.Tensor], dense: bool = False,
@@ -2506,7 +2523,14 @@ def eval_cell_forward(plan: EvalCellPlan, ops: Sequence[nn.Module], inputs: Sequ
         for g in groups:
             out = KINDS[g.kind]([ops[k] for k in g.ops], src, (), None, ws)   # (B, n or 1, C, H, W)
             if mask is not None and g.drop is not None:
-                out = out * mask[:, g.drop[0]:g.drop[1], None, None, None]
+                drop = mask[:, g.drop[0]:g.drop[1], None, None, None]
+                node = g.nodes[0]
+                if len(g.ops) == 1 and totals[node] is not None:
+                    # one op into a node with a sum already (DARTS_V2's dil_conv): its mask in the
+                    # add, one kernel where a product and a sum took two
+                    totals[node] = MaskedAdd.apply(totals[node], out.squeeze(1), drop.squeeze(1))
+                    continue
+                out = out * drop
             # unbind, not out[:, u]: its backward is one stack, not a zero-filled gradient per op
             parts = out.unbind(1) if out.shape[1] > 1 else [out.squeeze(1)] * len(g.nodes)
             for node, y in zip(g.nodes, parts):

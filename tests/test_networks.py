@@ -628,6 +628,38 @@ def test_a_derived_cells_two_relu_conv_bns_run_as_one_where_its_inputs_have_one_
     assert eval_counts[False]["cat"] - eval_counts[True]["cat"] == cells
 
 
+def test_a_dropped_op_into_a_started_node_sum_adds_with_its_mask_in_one_kernel(monkeypatch) -> None:
+    """DARTS_V2's normal cell adds its one dil_conv into a node that has a sum already (n3 =
+    skip(c_{k-2}) + dil(n0)): with drop-path that is one `addcmul` (`fused.MaskedAdd`), not a
+    product and a sum, and its backward one product (grad·mask), not addcmul's two (it also
+    scales the mask). The same numbers as the product and the sum (eager's too:
+    `test_fused_drop_path_draws_one_mask_per_network_with_the_eager_semantics`)."""
+    torch.manual_seed(0)
+    net = NetworkCIFAR(PUBLISHED_GENOTYPES["DARTS_V2"], 4, 10, 5, auxiliary=False).double()   # 3 normal cells
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    ways = {"masked_add": fused.MaskedAdd.apply, "addcmul": torch.addcmul, "mul_add": lambda a, y, m: a + y * m}
+    counts, grads = {}, {}
+    for way, fn in ways.items():
+        monkeypatch.setattr(fused.MaskedAdd, "apply", fn)
+        model = copy.deepcopy(net)
+        model.set_backend("fused")
+        model.drop_path_prob = 0.3
+        torch.manual_seed(1)
+        with CountOps() as forward:
+            logits, _ = model(x)
+        with CountOps() as backward:
+            logits.square().sum().backward()
+        counts[way] = (forward.count, backward.count)
+        grads[way] = [logits] + [p.grad for p in model.parameters()]
+    for way in ("addcmul", "mul_add"):
+        for got, want in zip(grads["masked_add"], grads[way]):
+            if want is not None:
+                torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    (fwd, bwd), (_, bwd_addcmul), (fwd_mul_add, bwd_mul_add) = (counts[way] for way in ways)
+    assert fwd["addcmul"] == 3 and fwd["mul"] == fwd_mul_add["mul"] - 3 and fwd["add"] == fwd_mul_add["add"] - 3
+    assert bwd["mul"] == bwd_mul_add["mul"] == bwd_addcmul["mul"] - 3, (bwd["mul"], bwd_mul_add["mul"], bwd_addcmul["mul"])
+
+
 def test_a_runs_peak_memory_is_its_largest_epoch_and_none_off_a_gpu():
     from nascore.metrics import peak_memory, run_peak_memory
     history = [{"peak_memory_mb": 10.0, "peak_reserved_mb": 30.0}, {"peak_memory_mb": 12.0, "peak_reserved_mb": 20.0}]
