@@ -2398,6 +2398,9 @@ def _out_hw(x: torch.Tensor, stride: int) -> tuple[int, int]:
 # A derived cell has one op per edge, but several edges still read one state (DARTS_V2's normal
 # cell: 3 sep_conv_3x3 read c_{k-1}, 2 read c_{k-2}), so the same grouping applies: ops of one
 # name on one state run as one kind call, and drop-path draws one mask per cell, not per op.
+# Its two ReLUConvBN preprocessings run as one where its inputs have one shape, as a search
+# cell's (`_paired_preprocess`), and a single dropped op into a node with a sum already adds
+# with its mask in one kernel (`MaskedAdd`).
 @dataclass(frozen=True)
 class EvalGroup:
     kind: str                                 # a key of KINDS ("zero" and "noise" run eagerly)
