@@ -1,10 +1,13 @@
 """Tiny in-memory data for fast CPU tests of the search and training loops, and test helpers."""
 from __future__ import annotations
 
-from typing import Iterator
+import collections
+from typing import Iterator, Sequence
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 
 def learnable_images(n: int, num_classes: int = 4, size: int = 16, seed: int = 0
@@ -78,3 +81,40 @@ def assert_searches_identical(expected, got) -> None:
         assert torch.equal(a, b), k
     assert [{k: v for k, v in r.items() if k not in SEARCH_TIMING} for r in got.history] == \
            [{k: v for k, v in r.items() if k not in SEARCH_TIMING} for r in expected.history]
+
+
+class CountOps(TorchDispatchMode):
+    """Counts dispatched aten ops by name; `batch`: only those touching an activation (a tensor of
+    4+ dims whose first dim is that batch size)."""
+
+    def __init__(self, batch: int | None = None) -> None:
+        super().__init__()
+        self.batch = batch
+        self.count: collections.Counter[str] = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        tensors = [t for t in tree_flatten((args, kwargs, out))[0] if isinstance(t, torch.Tensor)]
+        if self.batch is None or any(t.dim() >= 4 and t.shape[0] == self.batch for t in tensors):
+            self.count[func.overloadpacket.__name__] += 1
+        return out
+
+
+def in_layout(net: nn.Module, x: torch.Tensor, channels_last: bool) -> tuple[nn.Module, torch.Tensor]:
+    """The network and its input in channels_last, or as they are."""
+    if not channels_last:
+        return net, x
+    return net.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+
+
+def assert_paired_runs_as_one(results: dict[bool, Sequence[torch.Tensor | None]],
+                              counts: dict[bool, collections.Counter], pairs: int) -> None:
+    """A cell's two ReLUConvBNs run as one (`fused._paired_preprocess`), key False, against
+    apart, key True: the same tensors (float rounding aside), and per pair one fewer ReLU, conv
+    and BN and one fewer backward of each."""
+    for got, want in zip(results[False], results[True]):
+        if want is not None:
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    for op in ("relu", "convolution", "native_batch_norm", "convolution_backward", "native_batch_norm_backward",
+               "threshold_backward"):
+        assert counts[True][op] - counts[False][op] == pairs, (op, counts[True][op], counts[False][op])

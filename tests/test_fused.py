@@ -27,8 +27,8 @@ from nascore.search import EpochSteps, SearchConfig, SearchData, SearchRun, sear
 from nascore.spaces import SPACES, get_space
 from nascore.supernet import SearchCell, SupernetConfig
 from tests._graph_tape import TapeGraph
-from tests._tiny import (TensorLoader, assert_searches_identical, learnable_images, scramble_bn_affine,
-                         scramble_bn_statistics)
+from tests._tiny import (CountOps, TensorLoader, assert_paired_runs_as_one, assert_searches_identical, in_layout,
+                         learnable_images, scramble_bn_affine, scramble_bn_statistics)
 
 
 @pytest.fixture
@@ -312,8 +312,7 @@ def test_a_node_enters_the_next_pass_as_a_row_of_the_previous_passs_sums(space, 
     net = copy.deepcopy(net).float()
     net.set_backend("fused")
     x = torch.randn(5, 3, 4, 4)
-    if channels_last:
-        net, x = net.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+    net, x = in_layout(net, x, channels_last)
     out = net(x)
     nodes = autograd_nodes(out)
     cells = sum(isinstance(m, SearchCell) for m in net.modules())
@@ -435,8 +434,7 @@ def _drop_path_step(net, backend, x, p, masks=None, channels_last=False):
     net = copy.deepcopy(net)
     net.set_backend(backend)
     net.set_drop_path(p)
-    if channels_last:
-        net, x = net.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+    net, x = in_layout(net, x, channels_last)
     drawn, pending, called = [], [], []
     edge_of = {id(getattr(edge, "mixed", edge)): (cell, e) for cell in net.modules() if isinstance(cell, SearchCell)
                for e, edge in enumerate(cell.edges)}
@@ -640,23 +638,6 @@ def autograd_nodes(out: torch.Tensor) -> collections.Counter:
         nodes[type(fn).__name__] += 1
         stack += [f for f, _ in fn.next_functions]
     return nodes
-
-
-class CountOps(TorchDispatchMode):
-    """Counts dispatched aten ops by name; `batch`: only those touching an activation (a tensor of
-    4+ dims whose first dim is that batch size)."""
-
-    def __init__(self, batch: int | None = None) -> None:
-        super().__init__()
-        self.batch = batch
-        self.count = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        tensors = [t for t in tree_flatten((args, kwargs, out))[0] if isinstance(t, torch.Tensor)]
-        if self.batch is None or any(t.dim() >= 4 and t.shape[0] == self.batch for t in tensors):
-            self.count[func.overloadpacket.__name__] += 1
-        return out
 
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
@@ -1477,8 +1458,7 @@ def test_random_features_pooling_bns_are_one_batch_norm_each_without_products(ch
     net = copy.deepcopy(net)
     net.set_backend("fused")
     x = torch.randn(7, 3, 4, 4, dtype=torch.float64)
-    if channels_last:
-        net, x = net.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+    net, x = in_layout(net, x, channels_last)
     with CountOps(batch=7) as on_activations:
         net(x).sum().backward()
     assert on_activations.count["addcmul"] == on_activations.count["mul"] == 0, on_activations.count
@@ -1523,8 +1503,7 @@ def test_a_paired_cells_two_relu_conv_bns_run_as_one_whose_output_is_the_paired_
     net = copy.deepcopy(net).float()
     net.set_backend("fused")
     x = torch.randn(5, 3, 4, 4)
-    if channels_last:
-        net, x = net.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+    net, x = in_layout(net, x, channels_last)
     merged, results, counts = [], {}, {}
     plain = fused._paired_preprocess
 
@@ -1540,14 +1519,8 @@ def test_a_paired_cells_two_relu_conv_bns_run_as_one_whose_output_is_the_paired_
             out.sum().backward()
         results[apart] = [out] + [p.grad for p in model.parameters()]
         counts[apart] = c.count
-    cells = sum(merged)
     assert merged == [True, False, True, False, True, False], merged   # after a cell: FactorizedReduce or other channels
-    for got, want in zip(results[False], results[True]):
-        if want is not None:
-            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
-    for op in ("relu", "convolution", "native_batch_norm", "convolution_backward", "native_batch_norm_backward",
-               "threshold_backward"):
-        assert counts[True][op] - counts[False][op] == cells, (op, counts[True][op], counts[False][op])
+    assert_paired_runs_as_one(results, counts, sum(merged))
     assert counts[True]["cat"] == counts[False]["cat"], "the inputs' concatenation replaces the pass's"
 
     pc = copy.deepcopy(build("darts", partial_channels=2, edge_normalization=True)).float()

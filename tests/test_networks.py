@@ -5,7 +5,6 @@ means the network is wrong, never the number.
 """
 from __future__ import annotations
 
-import collections
 import copy
 
 import pytest
@@ -20,7 +19,7 @@ from nascore.networks import (
     build_eval_network, drop_path,
 )
 from nascore.ops import GlobalAvgPool, Identity
-from tests._tiny import scramble_bn_affine, scramble_bn_statistics
+from tests._tiny import CountOps, assert_paired_runs_as_one, in_layout, scramble_bn_affine, scramble_bn_statistics
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -541,18 +540,6 @@ def test_fused_drop_path_draws_one_mask_per_network_with_the_eager_semantics(mon
         assert draws.calls == 0, (mode, prob)
 
 
-class CountOps(TorchDispatchMode):
-    """Counts dispatched aten ops by name."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.count: collections.Counter[str] = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count[func.overloadpacket.__name__] += 1
-        return func(*args, **(kwargs or {}))
-
-
 def test_the_fused_retrain_cell_launches_fewer_kernels() -> None:
     """DARTS_V2's normal cell: 5 sep_conv_3x3 on 2 states run as 2 grouped calls, its reduction
     cell's 5 max-pools on 2 states as 2 poolings."""
@@ -584,8 +571,7 @@ def test_a_derived_cells_two_relu_conv_bns_run_as_one_where_its_inputs_have_one_
     torch.manual_seed(0)
     net = scramble_bn_affine(NetworkCIFAR(PUBLISHED_GENOTYPES["DARTS_V2"], 4, 10, 8, auxiliary=True))
     x = torch.randn(3, 3, 32, 32)
-    if channels_last:
-        net, x = net.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+    net, x = in_layout(net, x, channels_last)
     plain = fused._paired_preprocess
     paired: list[bool] = []
 
@@ -615,12 +601,7 @@ def test_a_derived_cells_two_relu_conv_bns_run_as_one_where_its_inputs_have_one_
     # reduction cells 2 and 5; cell 1 reads the stem's 3·C channels beside cell 0's 4·C
     assert paired == [True, False, True, False, True, True, False, True] * 4, paired   # 4 forwards
     cells = 5
-    for got, want in zip(results[False], results[True]):
-        if want is not None:
-            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
-    for op in ("relu", "convolution", "native_batch_norm", "convolution_backward", "native_batch_norm_backward",
-               "threshold_backward"):
-        assert counts[True][op] - counts[False][op] == cells, (op, counts[True][op], counts[False][op])
+    assert_paired_runs_as_one(results, counts, cells)
     for op in ("relu", "convolution", "native_batch_norm"):
         assert eval_counts[True][op] - eval_counts[False][op] == cells, (op, eval_counts[True][op], eval_counts[False][op])
     # per paired cell the inputs' concatenation, and in the backward the output's split's (a cat)
