@@ -94,8 +94,9 @@ lease)
   # the retrain step, the target furthest off (48.3 ms against ~17, a 50-step epoch's mean with its
   # graph capture; since 2026-12-06 the steady step and the per-epoch overhead apart): where its kernel time goes,
   # never profiled on a GPU (--profile: an epoch of 11 steps less one of 1, graph off), and the
-  # test pass every retrain epoch runs (retrain_eval, never timed: the 90-minute target covers it)
-  timeout $(($(left) < 100 ? $(left) : 100)) $B --cases '' --steps 10 --profile \
+  # test pass every retrain epoch runs (retrain_eval, never timed: the 90-minute target covers it),
+  # and each step's batch from the device data path (`--cases data`: never timed either)
+  timeout $(($(left) < 100 ? $(left) : 100)) $B --cases data --steps 10 --profile \
       --retrain-variants nascore+fused_dense+graph+bf16,nascore+fused_dense+graph+amp \
       --json "$OUT/retrain.json" 2>&1 | tee -a "$OUT/lease.log"
   # `+compile` compiles cell by cell (search.compile_scope: cells: NB201's 15 cells are 3 traces

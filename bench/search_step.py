@@ -31,7 +31,10 @@ epoch adds once (a CUDA graph's warm-up steps and capture) is its `epoch_overhea
 estimate counts once per 520-step epoch (before 2026-12-06 both were one 50-step epoch's mean,
 the overhead spread over a tenth of a real epoch's steps). The ratio table divides the
 reference's figure by each variant's. nascore variants step through `EpochSteps`, the function the
-search loop runs.
+search loop runs. `data` (a case of its own, on by default) measures one batch of the device data
+path (`ResidentLoader`: crop, flip, normalise and the retrain's cutout on the device) at the
+retrain's and the search's batch, as a step; every other case reuses batches made once, as the
+reference does, and the estimates add the data path's batches to each step where it was measured.
 """
 from __future__ import annotations
 
@@ -129,6 +132,12 @@ CASES = {
 }
 # besides these names, any METHOD@SPACE (`case_of`); `--cases matrix`: every pair the pipeline takes
 MATRIX = "matrix"
+# `--cases data`: the device data path a real run adds to each step (`data_figures`), which every
+# other case leaves out (their batches are made once and reused, as the reference's are)
+DATA = "data"
+# its variants: (images per batch from `Size`, cutout) of the retrain recipe and of a search's
+# batches (two per step: w's and α's), channels_last as the fast paths take them
+DATA_VARIANTS = {"retrain": ("retrain_batch", 16), "search": ("batch", 0)}
 # (method, space) pairs bench/reference.py implements
 REFERENCE_PAIRS = frozenset({("darts", "darts"), ("darts_v2", "darts"), ("pc_darts", "darts"), ("darts", "nb201")})
 REFERENCE_NAMES = ", ".join(f"{m}@{s}" for m, s in sorted(REFERENCE_PAIRS))
@@ -137,7 +146,8 @@ VALIDATION_CASES = tuple(name for name, c in CASES.items() if c.validation)
 VALIDATION_OF = {"darts_first": "darts_valid", "darts_second": "darts_valid", "pc_darts": "pc_darts_valid",
                  "nb201": "nb201_valid"}
 EVAL_BATCHES = 4      # a `retrain_eval` step: the retrain's test pass over this many batches
-DEFAULT_CASES = ("darts_first", "darts_second", "pc_darts", "nb201", "darts_valid", "pc_darts_valid", "nb201_valid")
+DEFAULT_CASES = ("darts_first", "darts_second", "pc_darts", "nb201", "darts_valid", "pc_darts_valid", "nb201_valid",
+                 DATA)
 BACKEND_NAMES = ("eager", "fused", "fused_dense")
 MODIFIERS = {"graph": {"cuda_graph": True}, "bf16": {"amp": "bf16", "channels_last": True},
              "amp": {"amp": "bf16"}, "cl": {"channels_last": True}, "compile": {"compile": True}, "tuned": {"cudnn_benchmark": True},
@@ -469,9 +479,12 @@ def _profile_rows(run: Callable[[], None], device: torch.device) -> list[tuple[s
 
 
 def channels_last_variant(variant: str) -> bool:
-    """Whether a search or retrain variant runs its activations channels_last."""
+    """Whether a search or retrain variant runs its activations channels_last (the data path's
+    batches: as the fast paths take them)."""
     if variant == "reference":
         return False
+    if variant in DATA_VARIANTS:
+        return True
     return bool(speed_options(retrain_speed(variant) if variant.startswith("nascore") else variant)
                 .get("channels_last", False))
 
@@ -528,6 +541,42 @@ def measure(case: str, variant: str, make: Callable[[], Step], device: torch.dev
         # the graph for its kernels (they are the same kernels)
         fig.profile = profile_step(lambda: step(warmup + steps + 1), device)
     return fig
+
+
+def data_figures(size: Size, device: torch.device, warmup: int, steps: int, count: bool,
+                 failures: list[str]) -> list[Figure]:
+    """One batch of the device data path (`nascore.data.ResidentLoader`: uint8 CIFAR-size images on
+    the device, crop, flip, normalise, cutout there) per timed "step", at the retrain's and a
+    search's batch: what a real run's step adds to the figures of the other cases, whose batches
+    are made once. A search step takes two such batches."""
+    from nascore.data import ImageArrays, ResidentLoader
+    n = 50_000 if device.type == "cuda" else 2_000      # CIFAR-10's training set on a GPU
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (n, 3, size.image, size.image), dtype=torch.uint8, generator=g)
+    arrays = ImageArrays("cifar10", images, torch.randint(0, 10, (n,), generator=g),
+                         tuple(str(k) for k in range(10)), (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
+    figures = []
+    for variant, (batch_field, cutout) in DATA_VARIANTS.items():
+        # the full size leaves a search's batch to its params: DARTS' and NB201's 64
+        batch = getattr(size, batch_field) or 64
+        # `make` returns the batch as the step: `measure` needs no host scalars here
+        def make(batch: int = batch, cutout: int = cutout) -> Step:
+            loader = ResidentLoader(arrays, batch_size=batch, cutout=cutout, drop_last=True, seed=0,
+                                    device=device, channels_last=True)
+            batches = loader.forever()
+            return (lambda i: next(batches)), batch, list
+        try:
+            fig = measure(DATA, variant, make, device, warmup, steps, count)
+            # its (B, H, W, C) gather and (B, H, W, 1) mask look NCHW-shaped to the count, and its
+            # output is the layout asked for (tests/test_data.py)
+            fig.off_layout = None
+            figures.append(fig)
+        except Exception as e:           # as a search variant's: the other figures still come
+            failures.append(f"{DATA} {variant}: {type(e).__name__}: {e}")
+            traceback.print_exc()
+        finally:
+            free(device)
+    return figures
 
 
 def free(device: torch.device) -> None:
@@ -772,14 +821,18 @@ def retrain_estimate(figures: list[Figure], epochs: int = 600, train_images: int
                      test_images: int = 10_000) -> list[tuple[str, float, float]]:
     """Per retrain variant: hours of `epochs` epochs of training steps and of test passes (CIFAR-10,
     evaluated every epoch; the stage drops the last partial batch), from its `retrain` and
-    `retrain_eval` figures; an epoch's overhead (graph warm-up and capture) counted once per epoch."""
+    `retrain_eval` figures; an epoch's overhead (graph warm-up and capture) counted once per epoch;
+    each step's batch from the device data path where it was measured (`--cases data`), else
+    none."""
     evals = {eval_settings(x.variant): x for x in figures if x.case == "retrain_eval"}
+    data = {x.batch: x.ms_per_step for x in figures if (x.case, x.variant) == (DATA, "retrain")}
     rows = []
     for x in figures:
         if x.case != "retrain":
             continue
         ev = evals.get(eval_settings(x.variant))
-        train_h = epochs * ((train_images // x.batch) * x.ms_per_step + (x.epoch_overhead_ms or 0.0)) / 3.6e6
+        step_ms = x.ms_per_step + data.get(x.batch, 0.0)      # measured at another batch: left out
+        train_h = epochs * ((train_images // x.batch) * step_ms + (x.epoch_overhead_ms or 0.0)) / 3.6e6
         test_h = epochs * test_images / ev.images_per_s / 3600 if ev else math.nan
         rows.append((x.variant, train_h, test_h))
     return rows
@@ -790,20 +843,24 @@ def search_estimate(figures: list[Figure], epochs: int = 50, train_images: int =
     """Per search case and variant: minutes of `epochs` epochs of steps and of the per-epoch
     validation (CIFAR-10's halves of 25,000 images; `search.valid_every: 1`, as DARTS validates),
     from the step's figure and that of its validation twin on the case's supernet (NaN: not
-    measured). A graphed search's one or two captures (seconds) are left out."""
+    measured). A graphed search's one or two captures (seconds) are left out; its two batches per
+    step from the device data path are in where they were measured at its batch (`--cases data`)."""
     valid = {(x.case, validation_twin(x.variant)): x for x in figures if x.case in VALIDATION_CASES}
+    data = next((x for x in figures if (x.case, x.variant) == (DATA, "search")), None)
     rows = []
     for x in figures:
         if x.case not in VALIDATION_OF:
             continue
-        steps_min = epochs * (train_images // x.batch) * x.ms_per_step / 6e4
+        data_ms = data.ms_per_step if data is not None and data.batch == x.batch else 0.0    # PC-DARTS: 256
+        steps_min = epochs * (train_images // x.batch) * (x.ms_per_step + 2 * data_ms) / 6e4
         v = valid.get((VALIDATION_OF[x.case], validation_twin(x.variant)))
         valid_min = epochs * valid_images / v.images_per_s / 60 if v else math.nan
         rows.append((x.case, x.variant, steps_min, valid_min))
     return rows
 
 
-def check(cases: list[str], variants: list[str], retrain_variants: list[str], size: Size) -> int:
+def check(cases: list[str], variants: list[str], retrain_variants: list[str], size: Size,
+          data: bool = False) -> int:
     """What a run would measure, with every search setting and retrain config built (and so
     validated) without a network or a device: a refused combination shows here, in a second, not
     minutes into a lent GPU's call. Returns the exit status."""
@@ -824,6 +881,8 @@ def check(cases: list[str], variants: list[str], retrain_variants: list[str], si
             plan.append(f"retrain {variant}")
         except (ValueError, TypeError) as e:
             problems.append(f"retrain {variant}: {e}")
+    if data:
+        plan += [f"{DATA} {variant}" for variant in DATA_VARIANTS]
     print(f"check: {len(plan)} to measure: {', '.join(plan) or 'nothing'}")
     for problem in problems:
         print(f"check: REFUSED {problem}")
@@ -895,7 +954,8 @@ def _main(argv: list[str] | None) -> None:
                    help=f"comma-separated among {', '.join(CASES)}, any METHOD@SPACE (e.g. single_darts@s3: "
                         f"that search's step, its params as `dvc repro` resolves them) and {MATRIX} (every "
                         f"method on every space the pipeline takes; the reference only where it has the "
-                        f"search) (default: {', '.join(DEFAULT_CASES)}; '' for none: the retrain step alone)")
+                        f"search) and {DATA} (the device data path's batches) "
+                        f"(default: {', '.join(DEFAULT_CASES)}; '' for none: the retrain step alone)")
     p.add_argument("--variants", default=None,
                    help="comma-separated; default: reference,eager,fused,fused_dense (+ fused+graph, "
                         "fused+graph+bf16, fused+graph+tuned and the same of fused_dense on CUDA)")
@@ -944,7 +1004,11 @@ def _main(argv: list[str] | None) -> None:
                      "fused_dense+graph+bf16", "fused_dense+graph+tuned"]
                     if cuda else []))
     cases: list[str] = []
+    data = False
     for c in (c for c in args.cases.split(",") if c):     # a typo fails here, not after minutes of other cases
+        if c == DATA:
+            data = True
+            continue
         if c == MATRIX:
             matrix, refused = matrix_cases(size)
             cases += matrix
@@ -983,7 +1047,7 @@ def _main(argv: list[str] | None) -> None:
         except ValueError as e:
             p.error(str(e))
     if args.check:
-        sys.exit(check(cases, variants, [] if args.no_retrain else retrain_variants, size))
+        sys.exit(check(cases, variants, [] if args.no_retrain else retrain_variants, size, data))
     info = machine(device)
     print(f"# search step on {info.device} ({info.gpu or info.cpu}, {info.cores} cores, {info.threads} threads, "
           f"torch {info.torch}), "
@@ -1016,6 +1080,11 @@ def _main(argv: list[str] | None) -> None:
         figures.append(fig)
         save()               # a run cut short by a time limit keeps what it measured
         print(f"  {case} {variant}: {fig.ms_per_step:.1f} ms/step", flush=True)
+    if data:
+        for fig in data_figures(size, device, warmup, steps, count, failures):
+            figures.append(fig)
+            save()
+            print(f"  {fig.case} {fig.variant}: {fig.ms_per_step:.2f} ms/batch", flush=True)
     if not args.no_retrain:
         for fig in retrain_figures(size, device, warmup, steps, count, retrain_variants, args.profile, failures,
                                    args.by_site):

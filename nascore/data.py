@@ -944,10 +944,14 @@ class ResidentLoader(Loader):
             index = torch.as_tensor(indices, dtype=torch.int64)
             images, labels = images[index], labels[index]
         self.device = torch.device(device)
-        self.images = images.to(self.device)
         self.labels = labels.to(self.device)
         self.mean = torch.tensor(data.mean, device=self.device)
         self.std = torch.tensor(data.std, device=self.device)
+        self.recipe = (aug.BatchRecipe(*images.shape[-2:], crop_padding, cutout, self.mean, self.std, self.device,
+                                       channels_last) if augment else None)
+        # augmenting: the images padded once, to crop every batch from (`BatchRecipe`)
+        self.images = self.recipe.pad_dataset(images.to(self.device)) if self.recipe else images.to(self.device)
+        self.image_size = images.shape[-1]
         self.batch_size, self.shuffle, self.drop_last = batch_size, shuffle, drop_last
         self.augment, self.crop_padding, self.cutout = augment, crop_padding, cutout
         self.seed, self.rank, self.world_size = seed, rank, world_size
@@ -961,24 +965,19 @@ class ResidentLoader(Loader):
         order = epoch_order(n, seed=self.seed, epoch=epoch, shuffle=self.shuffle, rank=self.rank,
                             world_size=self.world_size, replacement=self.replacement).to(self.device)
         draws = None
-        if self.augment:
+        if self.recipe is not None:
             # drawn for every sample, indexed by sample: a sample's augmentation does not depend
             # on the rank or batch it lands in; with replacement, by position (a sample drawn
             # twice in a pass is augmented twice)
-            draws = aug.draw_augmentation(n, self.images.shape[-1], self.crop_padding,
-                                          _generator(self.seed, epoch, _AUGMENT)).to(self.device)
-        positions = torch.arange(len(order), device=self.device)
+            draws = aug.BatchRecipe.pack(aug.draw_augmentation(n, self.image_size, self.crop_padding,
+                                                               _generator(self.seed, epoch, _AUGMENT))).to(self.device)
         for b in range(len(self)):
             batch = slice(b * self.batch_size, (b + 1) * self.batch_size)
             index = order[batch]
-            x = self.images[index]
             if draws is not None:
-                d = draws.take(positions[batch] if self.replacement else index)
-                x = aug.normalize(aug.flip(aug.crop(x, self.crop_padding, d.offsets), d.flips),
-                                  self.mean, self.std)
-                x = aug.cutout(x, self.cutout, d.centres)
+                x = self.recipe(self.images, index, draws[batch] if self.replacement else draws[index])
             else:
-                x = aug.normalize(x, self.mean, self.std)
+                x = aug.normalize(self.images[index], self.mean, self.std)
             yield x.contiguous(memory_format=self.memory_format), self.labels[index]
 
 

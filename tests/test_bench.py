@@ -186,6 +186,31 @@ def test_a_search_estimate_adds_each_epochs_validation_of_its_supernet():
     assert c3 == "pc_darts" and math.isnan(valid3)       # no pc_darts_valid figure: unknown
 
 
+def test_the_device_data_path_is_measured_and_added_to_the_estimates(tmp_path):
+    bench = load_bench()
+    out = tmp_path / "figures.json"
+    bench.main(["--device", "cpu", "--size", "tiny", "--cases", "data", "--no-retrain", "--steps", "1",
+                "--warmup", "1", "--json", str(out)])
+    figures = {(f["case"], f["variant"]): f for f in json.loads(out.read_text())["figures"]}
+    retrain, search = figures["data", "retrain"], figures["data", "search"]
+    size = bench.SIZES["tiny"]
+    assert (retrain["batch"], search["batch"]) == (size.retrain_batch, size.batch)
+    # counted like a step: a handful of kernels a batch (the composed recipe took 37 with cutout,
+    # 18 without), cutout's more, no host read
+    assert 0 < search["writing_ops"] < retrain["writing_ops"] <= 16 and retrain["syncs"] == search["syncs"] == 0
+    # a real run's step takes its batch(es) from this path: the estimates add them, where batches match
+    step = bench.Figure("retrain", "nascore", size.retrain_batch, 40.0, 1.0)
+    data = [bench.Figure(**f) for f in figures.values()]
+    (_, with_data, _), = bench.retrain_estimate([step, *data])
+    (_, without, _), = bench.retrain_estimate([step])
+    assert with_data == pytest.approx(without * (40.0 + retrain["ms_per_step"]) / 40.0)
+    nb201, pc = bench.Figure("nb201", "eager", size.batch, 30.0, 1.0), bench.Figure("pc_darts", "eager", 256, 30.0, 1.0)
+    (_, _, nb201_min, _), (_, _, pc_min, _) = bench.search_estimate([nb201, pc, *data])
+    (_, _, nb201_alone, _), (_, _, pc_alone, _) = bench.search_estimate([nb201, pc])
+    assert nb201_min == pytest.approx(nb201_alone * (30.0 + 2 * search["ms_per_step"]) / 30.0)   # w's and α's batch
+    assert pc_min == pc_alone                                # measured at another batch: left out
+
+
 def test_a_retrain_step_is_timed_apart_from_what_each_epoch_adds_once():
     # epochs of 5 and 55 steps at 40 ms a step, each with 450 ms of warm-up and capture: the
     # bench's old figure, the 55-step epoch's mean, was 48.2 ms; the run's 520-step epochs see 40.9
