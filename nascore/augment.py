@@ -109,10 +109,12 @@ class BatchRecipe:
         self.rows = rows
         self.cols = torch.stack([cols, cols.flip(0)])          # a flipped image reads its columns backwards
         half = cutout // 2
-        # hole[c, y]: whether y is in the hole centred at c; `cutout`'s clipping to the image
-        # changes no comparison with a y inside it
-        self.hole_rows = (rows[None, :] >= rows[:, None] - half) & (rows[None, :] < rows[:, None] + half)
-        self.hole_cols = (cols[None, :] >= cols[:, None] - half) & (cols[None, :] < cols[:, None] + half)
+        # hole[c, y]: whether y is in the hole centred at c (`draw_augmentation` draws a centre
+        # anywhere in the image's width, for rows too); `cutout`'s clipping to the image changes
+        # no comparison with a y inside it
+        centres = torch.arange(max(height, width), device=device)[:, None]
+        self.hole_rows = (rows[None, :] >= centres - half) & (rows[None, :] < centres + half)
+        self.hole_cols = (cols[None, :] >= centres - half) & (cols[None, :] < centres + half)
 
     def pad_dataset(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 images (N, C, H, W), zero-padded by `pad` once for every batch to crop from."""

@@ -769,6 +769,20 @@ def test_resident_batches_take_a_handful_of_kernels_in_the_layout_asked_for(data
     assert x.is_contiguous(memory_format=fmt)
 
 
+def test_resident_augmentation_of_images_wider_than_tall() -> None:
+    """Cutout centres are drawn across the width, for rows too: a hole centred below a short
+    image's last row is clipped away, as the composed recipe clips it."""
+    images = torch.randint(0, 256, (12, 3, 8, 16), dtype=torch.uint8)
+    data = D.ImageArrays("cifar10", images, torch.arange(12) % 10, tuple(map(str, range(10))),
+                         (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    loader = D.ResidentLoader(data, batch_size=12, cutout=4, crop_padding=2, seed=1, shuffle=False)
+    x, _ = next(iter(loader))
+    draws = aug.draw_augmentation(12, 16, 2, D._generator(1, 0, D._AUGMENT))
+    assert (draws.centres[:, 0] >= 8).any()                # some rows' centres beyond the image
+    want = aug.flip(aug.crop(images, 2, draws.offsets), draws.flips)
+    assert torch.equal(x, aug.cutout(aug.normalize(want, data.mean, data.std), 4, draws.centres))
+
+
 def test_resident_index_subset_and_forever(data_arrays) -> None:
     split = D.search_split(100, seed=0)
     loader = D.ResidentLoader(data_arrays, batch_size=20, indices=split.arch, shuffle=False,
