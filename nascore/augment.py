@@ -94,7 +94,7 @@ class BatchRecipe:
     device, in about a third of the kernels: each batch's images are gathered cropped and flipped
     straight from the dataset padded once (`pad_dataset`), one gather where the composed functions
     took a gather, a pad, a flip and a select, and a cutout hole is two lookups in tables made once
-    instead of clamps and comparisons (37 → 15 kernels per CIFAR batch with cutout: on a GPU each
+    instead of clamps and comparisons (37 → 14 kernels per CIFAR batch with cutout: on a GPU each
     is a launch beside a retrain step's ~1,200). The same numbers as `crop`, `flip`, `normalize`
     and `cutout` composed (tests/test_data.py).
 
