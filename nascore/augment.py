@@ -94,8 +94,9 @@ class BatchRecipe:
     device, in about a third of the kernels: each batch's images are gathered cropped and flipped
     straight from the dataset padded once (`pad_dataset`), one gather where the composed functions
     took a gather, a pad, a flip and a select, and a cutout hole is two lookups in tables made once
-    instead of clamps and comparisons (37 → 14 kernels per CIFAR batch with cutout: on a GPU each
-    is a launch beside a retrain step's ~1,200). The same numbers as `crop`, `flip`, `normalize`
+    instead of clamps and comparisons (`ResidentLoader`, which also takes a batch's draws and labels
+    as slices of the epoch's: 37 → 12 kernels per CIFAR batch with cutout; on a GPU each is a
+    launch beside a retrain step's ~1,200). The same numbers as `crop`, `flip`, `normalize`
     and `cutout` composed (tests/test_data.py).
 
     A batch's draws come packed (`pack`): (B, 5) integers dy, dx, flip, cy, cx."""

@@ -971,14 +971,18 @@ class ResidentLoader(Loader):
             # twice in a pass is augmented twice)
             draws = aug.BatchRecipe.pack(aug.draw_augmentation(n, self.image_size, self.crop_padding,
                                                                _generator(self.seed, epoch, _AUGMENT))).to(self.device)
+            if not self.replacement:
+                draws = draws[order]
+        # the epoch's labels and draws in its order, once: each batch's are a slice, not a gather
+        labels = self.labels[order]
         for b in range(len(self)):
             batch = slice(b * self.batch_size, (b + 1) * self.batch_size)
             index = order[batch]
             if draws is not None:
-                x = self.recipe(self.images, index, draws[batch] if self.replacement else draws[index])
+                x = self.recipe(self.images, index, draws[batch])
             else:
                 x = aug.normalize(self.images[index], self.mean, self.std)
-            yield x.contiguous(memory_format=self.memory_format), self.labels[index]
+            yield x.contiguous(memory_format=self.memory_format), labels[batch]
 
 
 class _SeededImages(Dataset):

@@ -754,16 +754,16 @@ def test_resident_augmentation_is_crop_flip_then_cutout(data_arrays) -> None:
 
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_resident_batches_take_a_handful_of_kernels_in_the_layout_asked_for(data_arrays, channels_last) -> None:
-    """Each batch is on the device's stream beside a step of ~1,200 kernels: 14 with cutout where
-    composing crop, flip, normalize and cutout took 37 (18 of them cutout's clamps and
-    comparisons), and no copy to convert the layout."""
+    """Each batch is on the device's stream beside a step of ~1,200 kernels: 12 with cutout where
+    composing crop, flip, normalize and cutout and gathering the batch's draws and labels took 37
+    (18 of them cutout's clamps and comparisons), and no copy to convert the layout."""
     loader = D.ResidentLoader(data_arrays, batch_size=16, cutout=8, seed=5, channels_last=channels_last)
     batches = iter(loader)
     next(batches)                                   # the epoch's draws and orders: once per epoch
     with CountOps() as counter:
         x, _ = next(batches)
     views = {"unsqueeze", "slice", "select", "view", "permute", "expand", "alias"}
-    assert sum(n for op, n in counter.count.items() if op not in views) <= 16, counter.count
+    assert sum(n for op, n in counter.count.items() if op not in views) <= 12, counter.count
     assert "clone" not in counter.count and "copy_" not in counter.count
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     assert x.is_contiguous(memory_format=fmt)
