@@ -846,12 +846,12 @@ def search_estimate(figures: list[Figure], epochs: int = 50, train_images: int =
     measured). A graphed search's one or two captures (seconds) are left out; its two batches per
     step from the device data path are in where they were measured at its batch (`--cases data`)."""
     valid = {(x.case, validation_twin(x.variant)): x for x in figures if x.case in VALIDATION_CASES}
-    data = next((x for x in figures if (x.case, x.variant) == (DATA, "search")), None)
+    data = {x.batch: x.ms_per_step for x in figures if (x.case, x.variant) == (DATA, "search")}
     rows = []
     for x in figures:
         if x.case not in VALIDATION_OF:
             continue
-        data_ms = data.ms_per_step if data is not None and data.batch == x.batch else 0.0    # PC-DARTS: 256
+        data_ms = data.get(x.batch, 0.0)    # measured at another batch (PC-DARTS' 256): left out
         steps_min = epochs * (train_images // x.batch) * (x.ms_per_step + 2 * data_ms) / 6e4
         v = valid.get((VALIDATION_OF[x.case], validation_twin(x.variant)))
         valid_min = epochs * valid_images / v.images_per_s / 60 if v else math.nan

@@ -5,6 +5,9 @@ Each function is deterministic given its random draws, so the draws can be made 
 from a seeded generator (`draw_augmentation`) and an epoch replays exactly. The recipe, in order:
 random crop (zero padding `pad`, crop back to size), horizontal flip (p = 0.5), normalisation,
 then cutout (one square hole zeroed *after* normalisation, the DARTS convention).
+
+`crop`, `flip`, `normalize` and `cutout` state the recipe one step at a time; `BatchRecipe` is
+what `ResidentLoader` runs, the same numbers in fewer kernels, and the tests hold it to them.
 """
 from __future__ import annotations
 
@@ -23,9 +26,6 @@ class AugmentDraws:
     offsets: torch.Tensor
     flips: torch.Tensor
     centres: torch.Tensor
-
-    def to(self, device: torch.device | str) -> AugmentDraws:
-        return AugmentDraws(self.offsets.to(device), self.flips.to(device), self.centres.to(device))
 
     def take(self, index: torch.Tensor) -> AugmentDraws:
         return AugmentDraws(self.offsets[index], self.flips[index], self.centres[index])
