@@ -241,3 +241,116 @@ class CountOps(TorchDispatchMode):
             if self._sites:
                 c.writing_by_site[name, _site()] += 1
         return out
+
+
+# Ops that compute nothing though their schema says they write or return a fresh tensor: an alias
+# without annotation, metadata changes.
+NO_KERNEL = ALLOCATING | frozenset({"_unsafe_view", "resize_", "resize_as_", "set_", "as_strided_", "detach_",
+                                    "record_stream", "_has_compatible_shallow_copy_type"})
+# A profiler record under one of these is torch.compile's own work (tracing runs every op on fake
+# tensors), not the compiled code's.
+COMPILING = "(dynamo_timed)"
+
+
+def computes(name: str) -> bool:
+    """Whether the aten op `name` launches work when it runs (on a GPU, a kernel; on a CPU, a loop
+    over memory): by its schema (not an `out=` overload) it writes an argument or returns a fresh
+    tensor, and it is not a view, an allocation or a metadata query (`NO_KERNEL`)."""
+    return _computes(name)
+
+
+@__import__("functools").lru_cache(maxsize=None)
+def _computes(name: str) -> bool:
+    if name in NO_KERNEL:
+        return False
+    packet = getattr(torch.ops.aten, name, None)
+    if packet is None:
+        return True
+    for overload in packet.overloads():
+        if overload == "out" or overload.endswith("_out"):
+            continue
+        schema = getattr(packet, overload)._schema
+        # an argument it writes (in-place ops, the foreach ops, which return nothing)
+        if any(arg.alias_info is not None and arg.alias_info.is_write for arg in schema.arguments):
+            return True
+        for ret in schema.returns:
+            tensor = isinstance(ret.type, torch.TensorType) or "Tensor" in str(ret.type)
+            if tensor and (ret.alias_info is None or ret.alias_info.is_write):
+                return True
+    return False
+
+
+@__import__("functools").lru_cache(maxsize=None)
+def decomposes(qualified: str) -> bool:
+    """Whether an aten op ("aten::conv2d") has no kernel of its own in any overload and runs as
+    the ops it calls (CompositeImplicitAutograd), as `CountOps`, below autograd, sees it."""
+    name = qualified.removeprefix("aten::")
+    packet = getattr(torch.ops.aten, name, None)
+    implicit = []
+    for o in packet.overloads() if packet is not None else []:
+        if o == "out" or o.endswith("_out"):
+            continue
+        try:
+            implicit.append(torch._C._dispatch_has_kernel_for_dispatch_key(
+                f"aten::{name}" + ("" if o == "default" else f".{o}"), "CompositeImplicitAutograd"))
+        except RuntimeError:          # a TorchScript-only overload (`to.prim_Device`): not dispatched
+            continue
+    return bool(implicit) and all(implicit)
+
+
+def inductor_kernel(name: str) -> bool:
+    """A record of a kernel torch.compile's inductor generated for the CPU (`cpp_fused_...`; it
+    records one per call when `torch._inductor.config.cpp.enable_kernel_profile` was on as the
+    kernel was compiled: `CountKernels.compiling`)."""
+    return "cpp_fused" in name
+
+
+@dataclass
+class KernelCount:
+    kernels: int = 0
+    by_name: collections.Counter = field(default_factory=collections.Counter)
+
+
+class CountKernels:
+    """`with CountKernels() as k: ...` then read `k.count`: the kernels the code launched, from the
+    profiler's record of it (CPU activity), counted as `CountOps` counts writing ops: each
+    outermost aten op that computes (`computes`), an op that decomposes into others (torch's
+    CompositeImplicitAutograd ops: `conv2d`, `batch_norm`, `cross_entropy_loss`) by what it calls,
+    and each kernel inductor generated (`inductor_kernel`). What `CountOps` cannot count: the code
+    torch.compile runs (a dispatch mode makes it run the eager ops instead). Over eager code the
+    two agree to within a few ops (tests/test_bench.py). torch.compile's own tracing (under a
+    `dynamo_timed` record) is left out."""
+
+    def __enter__(self) -> "CountKernels":
+        from torch.profiler import ProfilerActivity, profile
+        self._profile = profile(activities=[ProfilerActivity.CPU])
+        self._profile.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._profile.__exit__(*exc)
+        self.count = KernelCount()
+
+        def visit(e: Any) -> None:
+            if COMPILING in e.name:
+                return
+            if inductor_kernel(e.name):
+                self.count.kernels += 1
+                self.count.by_name["inductor"] += 1
+                return
+            if e.name.startswith("aten::") and not decomposes(e.name) and computes(e.name[6:]):
+                self.count.kernels += 1
+                self.count.by_name[e.name[6:]] += 1
+                return
+            for child in e.cpu_children:
+                visit(child)
+        for e in self._profile.events():
+            if e.cpu_parent is None:
+                visit(e)
+
+    @staticmethod
+    def compiling() -> Any:
+        """A context in which inductor compiles C++ kernels that record themselves to the profiler
+        (its config is part of its cache key: kernels cached without the records are not reused)."""
+        import torch._inductor.config as inductor
+        return inductor.patch({"cpp.enable_kernel_profile": True})

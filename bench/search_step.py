@@ -22,7 +22,10 @@ search, drop-path 0.2 on the op outputs (`search.drop_path`).
 - with counting (default on CPU): aten ops dispatched, writing ops (≈ kernels), bytes written,
   bytes read, host syncs and the peak of the bytes live tensors hold (`live MB`: a GPU's `peak
   MB` less cuDNN's workspaces; what a CUDA graph's pool must hold) for one step
-  (bench/opcount.py); not for a `compile` variant (see `countable`).
+  (bench/opcount.py); not for a `compile` variant (see `countable`). And on the CPU, the kernels
+  the step launches, from the profiler's record (`kernels`, `opcount.CountKernels`): what a
+  `compile` variant's count is, its compiled code's fused kernels among them; over uncompiled
+  code the writing ops' count again.
 Then the retrain step (DARTS_V2 network) and its test pass (`retrain_eval`: 4 batches of the
 stage's test batch, 256 images, per step; every retrain epoch runs one over the test set), and the
 hours 600 CIFAR-10 epochs of both take at the measured speeds. A retrain variant runs `train`
@@ -39,6 +42,7 @@ reference does, and the estimates add the data path's batches to each step where
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import gc
 import json
@@ -61,7 +65,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))   # nascore from
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import reference  # noqa: E402
-from opcount import CountOps, OpCount  # noqa: E402
+from opcount import CountKernels, CountOps, OpCount  # noqa: E402
 
 from nascore import graphs  # noqa: E402
 from nascore.genotype import DARTS_V2  # noqa: E402
@@ -224,6 +228,13 @@ def countable(variant: str, device: str = "cpu") -> bool:
     return not speed.get("compile") and not (speed.get("cuda_graph") and device == "cuda")
 
 
+def kernels_countable(device: str) -> bool:
+    """Whether `CountKernels` counts a variant's kernels: on the CPU, compiled or not (its profiler
+    sees the C++ kernels inductor compiles there, `CountKernels.compiling`; on a GPU it would see
+    launches, not a replayed graph's kernels, and a profile says more: `--profile`)."""
+    return device == "cpu"
+
+
 @dataclass
 class Figure:
     case: str
@@ -250,6 +261,10 @@ class Figure:
     # counted: (batch, C, H, W) tensors written in the other memory format than the variant's
     # (NCHW ones in a channels_last variant, NHWC ones else; `opcount.OpCount.activation_writes`)
     off_layout: int | None = None
+    # counted on the CPU from the profiler (`opcount.CountKernels`), a compiled variant's too:
+    # kernels launched in one step, and [(aten op or "inductor", calls), ...], most first
+    kernels: int | None = None
+    kernels_by_op: list | None = None
 
 
 @dataclass
@@ -496,9 +511,10 @@ def off_layout(count: OpCount, variant: str) -> int:
 
 def measure(case: str, variant: str, make: Callable[[], Step], device: torch.device, warmup: int,
             steps: int, count: bool, profile: bool = False, sites: bool = False,
-            activation_batch: int | None = None) -> Figure:
+            activation_batch: int | None = None, kernels: bool = False) -> Figure:
     """`activation_batch`: the batch of the step's activations, where `make`'s batch (the images
-    per step, for images/s) is not it."""
+    per step, for images/s) is not it. `kernels`: also count one step's kernels from the
+    profiler (`CountKernels`), the one count a compiled variant has."""
     step, batch, host_scalars = make()
     t0 = time.perf_counter()
     for i in range(warmup):
@@ -536,6 +552,10 @@ def measure(case: str, variant: str, make: Callable[[], Step], device: torch.dev
         fig.mb_read, fig.live_mb, fig.gflop = c.bytes_read / 2**20, c.peak_bytes / 2**20, c.flops / 1e9
         fig.by_op = c.largest()
         fig.by_site = c.by_site() if sites else None
+    if kernels:
+        with CountKernels() as k:
+            step(warmup + steps + 1)
+        fig.kernels, fig.kernels_by_op = k.count.kernels, k.count.by_name.most_common()
     if profile:
         # a replayed CUDA graph is one opaque launch to the profiler: profile the variant without
         # the graph for its kernels (they are the same kernels)
@@ -566,7 +586,8 @@ def data_figures(size: Size, device: torch.device, warmup: int, steps: int, coun
             batches = loader.forever()
             return (lambda i: next(batches)), batch, list
         try:
-            fig = measure(DATA, variant, make, device, warmup, steps, count)
+            fig = measure(DATA, variant, make, device, warmup, steps, count,
+                          kernels=count and kernels_countable(device.type))
             # its (B, H, W, C) gather and (B, H, W, 1) mask look NCHW-shaped to the count, and its
             # output is the layout asked for (tests/test_data.py)
             fig.off_layout = None
@@ -661,7 +682,8 @@ def retrain_figures(size: Size, device: torch.device, warmup: int, steps: int, c
         objs, top1 = reference.Meter(), reference.Meter()
         return (lambda i: reference.retrain_step(model, opt, *data[i % 4], objs, top1)), size.retrain_batch, list
     if fig := attempt("retrain", "reference",
-                      lambda: measure("retrain", "reference", make_reference, device, warmup, steps, count, profile)):
+                      lambda: measure("retrain", "reference", make_reference, device, warmup, steps, count, profile,
+                                      kernels=count and kernels_countable(device.type))):
         yield fig
 
     # the test pass every retrain epoch runs (eval_every 1): 4 batches a step
@@ -683,7 +705,7 @@ def retrain_figures(size: Size, device: torch.device, warmup: int, steps: int, c
         return infer, EVAL_BATCHES * eval_batch, list
     if fig := attempt("retrain_eval", "reference",
                       lambda: measure("retrain_eval", "reference", make_reference_eval, device, warmup, steps, count,
-                                      activation_batch=eval_batch)):
+                                      activation_batch=eval_batch, kernels=count and kernels_countable(device.type))):
         yield fig
 
     class Batches:
@@ -722,19 +744,34 @@ def retrain_figures(size: Size, device: torch.device, warmup: int, steps: int, c
         reserved = run_peak_memory(result.history, "peak_reserved_mb")
         fig = Figure("retrain", variant, size.retrain_batch, ms, 1000 * size.retrain_batch / ms, peak, reserved,
                      epoch_overhead_ms=overhead)
-        if count and countable(retrain_speed(variant), device.type):
+        ops, kernels = count and countable(retrain_speed(variant), device.type), count and kernels_countable(device.type)
+        counts: list[OpCount] = []
+        if ops or kernels:
             # `train` runs whole epochs: the difference between a run whose second epoch has
             # 2 + `steps` steps and one whose second has 2 is `steps` steps without the per-run and
             # per-epoch work around them (a fused network's first step records its cells, its
-            # second builds their one gather index: `nascore.fused.ForwardRecord`); the second
-            # epoch, as every epoch but a real run's first, with drop-path
-            counts = []
+            # second builds their one gather index: `nascore.fused.ForwardRecord`; a compiled one's
+            # compile, which `CountKernels` leaves out); the second epoch, as every epoch but a
+            # real run's first, with drop-path. Both counts of an uncompiled variant from the same
+            # runs (the profiler records what the dispatch mode lets through).
+            kernel_counts = []
             for n in (2, 2 + steps):
-                with tempfile.TemporaryDirectory() as tmp, \
-                        CountOps(device=device.type, batch=size.retrain_batch, sites=sites) as counter:
+                with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
+                    counter = stack.enter_context(CountOps(device=device.type, batch=size.retrain_batch, sites=sites)) \
+                        if ops else None
+                    kernel_counter = stack.enter_context(CountKernels()) if kernels else None
                     train(network(), Batches(1, n), None, dataclasses.replace(cfg, epochs=2),
                           checkpoint_path=Path(tmp) / "ckpt.pt", device=device)
-                counts.append(counter.count)
+                if kernel_counter is not None:
+                    kernel_counts.append(kernel_counter.count)
+                if counter is not None:
+                    counts.append(counter.count)
+            if kernel_counts:
+                one_k, more_k = kernel_counts
+                fig.kernels = (more_k.kernels - one_k.kernels) // steps
+                fig.kernels_by_op = [(name, calls // steps) for name, calls in
+                                     (more_k.by_name - one_k.by_name).most_common()]
+        if counts:
             one, more = counts
             fig.ops = (more.ops - one.ops) // steps
             fig.writing_ops = (more.writing_ops - one.writing_ops) // steps
@@ -783,7 +820,8 @@ def retrain_figures(size: Size, device: torch.device, warmup: int, steps: int, c
                          graph=graph)
             return test_pass, EVAL_BATCHES * eval_batch, list
         return measure("retrain_eval", variant, make_eval, device, warmup, steps,
-                       count and countable(retrain_speed(variant), device.type), activation_batch=eval_batch)
+                       count and countable(retrain_speed(variant), device.type), activation_batch=eval_batch,
+                       kernels=count and kernels_countable(device.type))
 
     evaluated: set[tuple] = set()
     for variant in variants:
@@ -894,7 +932,7 @@ def table(figures: list[Figure]) -> str:
     c = max([14] + [len(x.case) for x in figures])
     v = max([17] + [len(x.variant) for x in figures])
     head = f"{'case':<{c}} {'variant':<{v}} {'batch':>5} {'ms/step':>9} {'img/s':>8} {'peak MB':>8} {'rsrvd MB':>8} {'live MB':>8} " \
-           f"{'ops':>7} {'writing':>7} {'MB written':>10} {'MB read':>9} {'GFLOP':>8} {'syncs':>5} {'warm-up s':>9} " \
+           f"{'ops':>7} {'writing':>7} {'kernels':>7} {'MB written':>10} {'MB read':>9} {'GFLOP':>8} {'syncs':>5} {'warm-up s':>9} " \
            f"{'off-layout':>10}"
     rows = [head, "-" * len(head)]
 
@@ -905,7 +943,7 @@ def table(figures: list[Figure]) -> str:
                     f"{f(x.images_per_s, '8.1f')} {f(x.peak_memory_mb, '8.0f')} {f(x.peak_reserved_mb, '8.0f')} "
                     f"{f(x.live_mb, '8.0f')} "
                     f"{f(x.ops, '7d')} "
-                    f"{f(x.writing_ops, '7d')} {f(x.mb_written, '10.1f')} {f(x.mb_read, '9.1f')} "
+                    f"{f(x.writing_ops, '7d')} {f(x.kernels, '7d')} {f(x.mb_written, '10.1f')} {f(x.mb_read, '9.1f')} "
                     f"{f(x.gflop, '8.2f')} {f(x.syncs, '5d')} {f(x.warmup_s, '9.1f')} {f(x.off_layout, '10d')}")
     return "\n".join(rows)
 
@@ -915,7 +953,7 @@ def ratio_table(figures: list[Figure]) -> str:
     does not have (`has_reference`) is divided into nascore's `eager` figure instead."""
     c = max([14] + [len(x.case) for x in figures])
     v = max([17] + [len(x.variant) for x in figures])
-    head = (f"{'case':<{c}} {'variant':<{v}} {'base':<9} {'time':>6} {'writing ops':>11} {'bytes':>6} {'moved':>6} "
+    head = (f"{'case':<{c}} {'variant':<{v}} {'base':<9} {'time':>6} {'writing ops':>11} {'kernels':>7} {'bytes':>6} {'moved':>6} "
             f"{'reserved':>8} {'live':>6}")
     rows = ["ratio base / variant (higher is better); base: the reference, or eager where it has no such search",
             head, "-" * len(head)]
@@ -932,7 +970,7 @@ def ratio_table(figures: list[Figure]) -> str:
         if base is None or base is x:
             continue
         rows.append(f"{x.case:<{c}} {x.variant:<{v}} {base.variant:<9} {r(base.ms_per_step, x.ms_per_step):>6} "
-                    f"{r(base.writing_ops, x.writing_ops):>11} {r(base.mb_written, x.mb_written):>6} "
+                    f"{r(base.writing_ops, x.writing_ops):>11} {r(base.kernels, x.kernels):>7} {r(base.mb_written, x.mb_written):>6} "
                     f"{r(moved(base), moved(x)):>6} "
                     f"{r(base.peak_reserved_mb, x.peak_reserved_mb):>8} {r(base.live_mb, x.live_mb):>6}")
     return "\n".join(rows)
@@ -1049,6 +1087,16 @@ def _main(argv: list[str] | None) -> None:
     if args.check:
         sys.exit(check(cases, variants, [] if args.no_retrain else retrain_variants, size, data))
     info = machine(device)
+    # inductor's C++ kernels record themselves to the profiler (`CountKernels`) when compiled so
+    # (its cache keys on the setting)
+    with CountKernels.compiling() if count and kernels_countable(device.type) else contextlib.nullcontext():
+        _measure_all(args, device, size, steps, warmup, count, cases, variants, retrain_variants, data, info)
+
+
+def _measure_all(args: argparse.Namespace, device: torch.device, size: Size, steps: int, warmup: int, count: bool,
+                 cases: list[str], variants: list[str], retrain_variants: list[str], data: bool,
+                 info: Machine) -> None:
+    cuda = device.type == "cuda"
     print(f"# search step on {info.device} ({info.gpu or info.cpu}, {info.cores} cores, {info.threads} threads, "
           f"torch {info.torch}), "
           f"{info.date}; size {args.size or ('full' if cuda else 'small')}: {asdict(size)}", flush=True)
@@ -1069,7 +1117,8 @@ def _main(argv: list[str] | None) -> None:
             make = lambda: nascore_step(case, size, device, **speed_options(variant))  # noqa: E731
         try:
             fig = measure(case, variant, make, device, warmup, steps, count and countable(variant, device.type),
-                          args.profile and "graph" not in variant, sites=args.by_site)
+                          args.profile and "graph" not in variant, sites=args.by_site,
+                          kernels=count and kernels_countable(device.type))
         except Exception as e:     # one broken variant must not cost the others' figures
             failures.append(f"{case} {variant}: {type(e).__name__}: {e}")
             print(f"  {case} {variant}: FAILED {failures[-1]}", flush=True)
@@ -1124,6 +1173,12 @@ def _main(argv: list[str] | None) -> None:
                 print(f"\nwriting ops of {x.case} {x.variant} by aten op ({x.writing_ops} in all):")
                 for name, calls, mb in x.by_op[:15]:
                     print(f"  {calls:6d} {calls / x.writing_ops:6.1%} {mb:10.1f} MB moved  {name}")
+        for x in figures:
+            if x.kernels_by_op and not x.by_op:      # a compiled variant: the profiler's count alone
+                print(f"\nkernels of {x.case} {x.variant} by aten op ({x.kernels} in all; 'inductor': the C++ "
+                      f"kernels its compiled code runs):")
+                for name, calls in x.kernels_by_op[:15]:
+                    print(f"  {calls:6d} {calls / x.kernels:6.1%}  {name}")
     for x in figures:
         if x.by_site:
             print(f"\nwriting ops of {x.case} {x.variant} by site ({x.writing_ops} in all):")

@@ -96,6 +96,13 @@ def test_the_bench_runs_at_tiny_sizes_and_prints_the_ratio_table(tmp_path):
     assert by["retrain", "reference"]["epoch_overhead_ms"] is None
     # NCHW variants all: no activation written channels_last
     assert all(f["off_layout"] == 0 for f in figures if f["writing_ops"] is not None)
+    # the profiler's kernel count (what a compiled variant has) agrees with the dispatch count
+    # over uncompiled code: every counted figure, a retrain's per-step difference of runs included
+    counted = [f for f in figures if f["writing_ops"] is not None]
+    assert counted and all(f["kernels"] is not None for f in counted)
+    for f in counted:
+        assert abs(f["kernels"] - f["writing_ops"]) <= max(2, 0.02 * f["writing_ops"]), (f["case"], f["variant"])
+    assert " kernels " in out.splitlines()[next(i for i, line in enumerate(out.splitlines()) if "writing" in line)]
 
 
 def load_bench():
@@ -408,6 +415,78 @@ def test_the_op_counter_counts_what_each_kernel_writes_and_reads():
     assert k.count.largest() == [("add", 2, 2 * (32 + 32 + 8) * f32 / 2**20),
                                  ("relu", 1, 2 * 32 * f32 / 2**20), ("add_", 1, (32 + 32 + 8) * f32 / 2**20)]
     assert sum(n for _, n, _ in k.count.largest()) == k.count.writing_ops
+
+
+def _tiny_conv_step(x, w):
+    y = torch.nn.functional.conv2d(x.relu(), w)
+    z = torch.nn.functional.batch_norm(y, None, None, training=True)
+    return (z.relu() * 2 + 1).sum()
+
+
+def test_the_kernel_counter_counts_what_compiled_code_launches():
+    """`CountKernels`: over eager code the dispatch count's writing ops, op by op; over code
+    torch.compile'd with inductor (which a dispatch mode cannot count: it makes the eager ops run),
+    the C++ kernels inductor generated and the aten ops the compiled code calls, without the
+    compile's own tracing."""
+    sys.path.insert(0, str(BENCH.parent))
+    from opcount import CountKernels, CountOps, computes
+
+    # views, allocations and metadata launch nothing; in-place and foreach ops do
+    assert not computes("view") and not computes("empty_strided") and not computes("_unsafe_view")
+    assert computes("add_") and computes("_foreach_add_") and computes("convolution")
+    x = torch.randn(2, 4, 8, 8, requires_grad=True)
+    w = torch.randn(4, 4, 3, 3, requires_grad=True)
+
+    def step(f):
+        x.grad = w.grad = None
+        f(x, w).backward()
+    step(_tiny_conv_step)
+    with CountOps() as ops:
+        step(_tiny_conv_step)
+    with CountKernels() as eager:
+        step(_tiny_conv_step)
+    assert eager.count.kernels == ops.count.writing_ops == 13
+    assert dict(eager.count.by_name) == dict(ops.count.writing_by_op)
+    if not any(map(__import__("shutil").which, ("g++", "c++", "clang++"))):
+        pytest.skip("inductor needs a C++ compiler on the CPU")
+    torch._dynamo.reset()
+    with CountKernels.compiling():
+        compiled = torch.compile(_tiny_conv_step)
+        with CountKernels() as first:            # this call compiles
+            step(compiled)
+        with CountKernels() as later:
+            step(compiled)
+    k = later.count
+    # forward: relu, then batch norm + relu + mul + add + sum as one; backward: one or two fused
+    # kernels around the conv's backward
+    assert k.by_name["inductor"] >= 3 and k.by_name["convolution"] == k.by_name["convolution_backward"] == 1
+    assert "relu" not in k.by_name and "native_batch_norm" not in k.by_name
+    assert k.kernels < eager.count.kernels
+    assert first.count.kernels == k.kernels         # the compile's fake-tensor ops are not counted
+
+
+def test_a_compiled_variants_one_count_is_its_kernels():
+    """`measure(kernels=True)` counts a step it cannot dispatch-count (`countable` is false for a
+    compiled variant) from the profiler, and the table prints it beside no writing ops."""
+    bench = load_bench()
+    x = torch.randn(2, 4, 8, 8, requires_grad=True)
+    w = torch.randn(4, 4, 3, 3, requires_grad=True)
+
+    def make():
+        compiled = torch.compile(_tiny_conv_step, backend="eager")     # traced, run as eager ops
+
+        def step(i):
+            x.grad = w.grad = None
+            compiled(x, w).backward()
+        return step, 2, list
+    torch._dynamo.reset()
+    fig = bench.measure("nb201", "fused_dense+compile", make, torch.device("cpu"), 1, 1,
+                        count=False, kernels=True)
+    assert fig.writing_ops is None and fig.kernels == 13
+    assert dict(fig.kernels_by_op)["convolution_backward"] == 1
+    row = bench.table([fig]).splitlines()[-1].split()
+    assert row[8:11] == ["-", "-", "13"]          # no ops nor writing ops counted; the kernels
+    assert bench.kernels_countable("cpu") and not bench.kernels_countable("cuda")
 
 
 def test_the_op_counter_names_where_each_writing_op_comes_from():
