@@ -8,6 +8,7 @@ to hold at the step's peak (its `max_memory_allocated`, less kernels' workspaces
 from __future__ import annotations
 
 import collections
+import functools
 import gc
 import math
 import os
@@ -252,15 +253,11 @@ NO_KERNEL = ALLOCATING | frozenset({"_unsafe_view", "resize_", "resize_as_", "se
 COMPILING = "(dynamo_timed)"
 
 
+@functools.cache
 def computes(name: str) -> bool:
     """Whether the aten op `name` launches work when it runs (on a GPU, a kernel; on a CPU, a loop
     over memory): by its schema (not an `out=` overload) it writes an argument or returns a fresh
     tensor, and it is not a view, an allocation or a metadata query (`NO_KERNEL`)."""
-    return _computes(name)
-
-
-@__import__("functools").lru_cache(maxsize=None)
-def _computes(name: str) -> bool:
     if name in NO_KERNEL:
         return False
     packet = getattr(torch.ops.aten, name, None)
@@ -280,7 +277,7 @@ def _computes(name: str) -> bool:
     return False
 
 
-@__import__("functools").lru_cache(maxsize=None)
+@functools.cache
 def decomposes(qualified: str) -> bool:
     """Whether an aten op ("aten::conv2d") has no kernel of its own in any overload and runs as
     the ops it calls (CompositeImplicitAutograd), as `CountOps`, below autograd, sees it."""
