@@ -670,6 +670,8 @@ def retrain_figures(size: Size, device: torch.device, warmup: int, steps: int, c
         finally:
             free(device)
 
+    count_kernels = count and kernels_countable(device.type)     # every figure here, compiled or not
+
     def network() -> NetworkCIFAR:
         torch.manual_seed(0)
         return NetworkCIFAR(DARTS_V2, size.retrain_channels, 10, size.retrain_layers, auxiliary=True).to(device)
@@ -683,7 +685,7 @@ def retrain_figures(size: Size, device: torch.device, warmup: int, steps: int, c
         return (lambda i: reference.retrain_step(model, opt, *data[i % 4], objs, top1)), size.retrain_batch, list
     if fig := attempt("retrain", "reference",
                       lambda: measure("retrain", "reference", make_reference, device, warmup, steps, count, profile,
-                                      kernels=count and kernels_countable(device.type))):
+                                      kernels=count_kernels)):
         yield fig
 
     # the test pass every retrain epoch runs (eval_every 1): 4 batches a step
@@ -705,7 +707,7 @@ def retrain_figures(size: Size, device: torch.device, warmup: int, steps: int, c
         return infer, EVAL_BATCHES * eval_batch, list
     if fig := attempt("retrain_eval", "reference",
                       lambda: measure("retrain_eval", "reference", make_reference_eval, device, warmup, steps, count,
-                                      activation_batch=eval_batch, kernels=count and kernels_countable(device.type))):
+                                      activation_batch=eval_batch, kernels=count_kernels)):
         yield fig
 
     class Batches:
@@ -744,7 +746,7 @@ def retrain_figures(size: Size, device: torch.device, warmup: int, steps: int, c
         reserved = run_peak_memory(result.history, "peak_reserved_mb")
         fig = Figure("retrain", variant, size.retrain_batch, ms, 1000 * size.retrain_batch / ms, peak, reserved,
                      epoch_overhead_ms=overhead)
-        ops, kernels = count and countable(retrain_speed(variant), device.type), count and kernels_countable(device.type)
+        ops, kernels = count and countable(retrain_speed(variant), device.type), count_kernels
         counts: list[OpCount] = []
         if ops or kernels:
             # `train` runs whole epochs: the difference between a run whose second epoch has
@@ -821,7 +823,7 @@ def retrain_figures(size: Size, device: torch.device, warmup: int, steps: int, c
             return test_pass, EVAL_BATCHES * eval_batch, list
         return measure("retrain_eval", variant, make_eval, device, warmup, steps,
                        count and countable(retrain_speed(variant), device.type), activation_batch=eval_batch,
-                       kernels=count and kernels_countable(device.type))
+                       kernels=count_kernels)
 
     evaluated: set[tuple] = set()
     for variant in variants:
