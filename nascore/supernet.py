@@ -190,12 +190,11 @@ class SearchCell(nn.Module):
             # search-time drop-path: this cell's factors, from the network's one draw
             drop = next(weights.drop_masks) if weights.drop_masks is not None else None
             if weights.compiled_cell is not None:      # `search.compile_scope: cells`
-                own = weights.for_one_cell()
                 # the preprocessing outside the trace: its inputs' shapes differ from cell to
                 # cell (DARTS: 8 cells, 8 traces), the preprocessed ones do not (5 traces)
                 inputs = [m(x) for m, x in zip(preprocess, inputs)] if preprocess else inputs
-                out = compiled_call(weights.compiled_cell, self, plan, own, inputs, drop)
-                weights.sink.updates += own.sink.updates
+                out, updates = compiled_call(weights.compiled_cell, self, plan, weights, inputs, drop)
+                weights.sink.updates += updates
                 return out
             return fused.cell_forward(self.op_module, self.fused_shape, plan, weights, inputs, preprocess, drop)
         states = [m(x) for m, x in zip(preprocess, inputs)] if preprocess else list(inputs)
@@ -215,12 +214,22 @@ class SearchCell(nn.Module):
 
 
 def fused_cell(cell: SearchCell, plan: fused.CellPlan, arch: fused.FusedArch,
-               inputs: Sequence[torch.Tensor], drop_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """A search cell's fused forward from its preprocessed inputs: what `search.compile_scope:
+               inputs: Sequence[torch.Tensor], drop_mask: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, list]:
+    """A search cell's fused forward from its preprocessed inputs, and its BN statistics' updates
+    (`BatchNormSink.updates`, for the forward's sink to flush): what `search.compile_scope:
     cells` compiles. A function of the cell, not a method bound to it, so that every cell of one
     shape runs the same compiled code: dynamo guards a bound method's module by identity, a
-    module argument by its contents."""
-    return fused.cell_forward(cell.op_module, cell.fused_shape, plan, arch, inputs, drop_mask=drop_mask)
+    module argument by its contents.
+
+    The cell's own copy of `arch` (`FusedArch.for_one_cell`) is made here, inside the trace:
+    its memos (α's gathered weights, mixing matrices) then never leave the compiled code. Made
+    outside, they were writes to an argument, which the compiled code hands back as extra
+    outputs; under an α gradient those need gradients of their own, and autograd filled each
+    with zeros in every backward (7 zero tensors per NB201 cell)."""
+    own = arch.for_one_cell()
+    out = fused.cell_forward(cell.op_module, cell.fused_shape, plan, own, inputs, drop_mask=drop_mask)
+    return out, own.sink.updates
 
 
 BACKENDS = fused.BACKENDS

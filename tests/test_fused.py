@@ -1599,6 +1599,32 @@ def test_fused_drop_path_traces_cell_by_cell_under_torch_compile():
     assert_compiled_like_plain(net, compiled)
 
 
+@pytest.mark.parametrize("space,columns", [("nb201", None), ("darts", [1, 3, 4])])
+def test_a_compiled_cells_backward_takes_one_gradient_its_outputs(space, columns):
+    """`compile_scope: cells` under an α gradient (the α step): the compiled cell hands back its
+    output and its BN updates, nothing else that needs a gradient, so its backward takes one
+    incoming gradient. Its memos of α's gathered weights and mixing matrices, written to an
+    argument, used to leave the compiled code as extra outputs; no loss reached them, and
+    autograd filled each one's gradient with zeros before every compiled backward (7 per NB201
+    cell: 21 zero fills per tiny NB201 step, 138 per spec-size DARTS step)."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+    tangents = []
+
+    def backward_compiler(gm, example_inputs):
+        tangents.append(sum(n.op == "placeholder" and n.name.startswith("tangents") for n in gm.graph.nodes))
+        return make_boxed_func(gm.forward)
+    torch._dynamo.reset()
+    net = build(space, columns)
+    net.set_backend("fused_dense")
+    net.compile("cells", backend=aot_autograd(fw_compiler=lambda gm, _: make_boxed_func(gm.forward),
+                                              bw_compiler=backward_compiler))
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    for _ in range(2):                  # the first call of its kind runs eagerly
+        net(x).sum().backward()
+    assert tangents and tangents == [1] * len(tangents)
+
+
 def assert_compiled_like_plain(net, compiled):
     """`compiled()` (net compiled, a callable) gives an uncompiled copy's output and gradients
     from the same seed (drop-path's draws included); returns that copy."""
