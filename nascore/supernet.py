@@ -371,6 +371,11 @@ class Supernet(nn.Module):
         device tensor in place while there is one (`drop_path_on_device`)."""
         if not 0.0 <= p < 1.0:
             raise ValueError(f"drop-path probability must be in [0, 1), got {p}")
+        if p > 0 and self._drop_path_tensor is None and self.is_compiled():
+            # One compile for the whole ramp: as a float, the probability is a constant that
+            # AOTAutograd guards on, and each new value compiled the supernet again. At 0 it
+            # stays a float, which draws no mask: the uncompiled search's random numbers.
+            self.drop_path_on_device(next(iter(self.alphas.values())).device)
         tensor = self._drop_path_tensor
         if tensor is not None:
             tensor.fill_(p)
@@ -464,11 +469,11 @@ class Supernet(nn.Module):
         symbolic-shape trace). "network" compiles the whole forward as one function, traced
         once per kind of call. The eager backend has no cell scope: it always compiles the network.
 
-        Each kind of call (train or eval mode, grad on or off, α constant or not, op set) runs
-        eagerly the first time. That call fills the plan and index caches which the forward builds
-        lazily, so the compiled code is traced once, with the caches full. Traced while they were still empty,
-        dynamo would guard on their emptiness and trace the whole network again on the next
-        call: a second compile of minutes. A copy (`copy.deepcopy`) runs eagerly, as a copy of
+        Each kind of call (train or eval mode, grad on or off, α constant or not, op set,
+        drop-path on or off) runs eagerly the first time. That call fills the plan and index
+        caches which the forward builds lazily, so the compiled code is traced once, with the
+        caches full. Traced while they were still empty, dynamo would guard on their emptiness
+        and trace the whole network again on the next call: a second compile of minutes. A copy (`copy.deepcopy`) runs eagerly, as a copy of
         an `nn.Module.compile`d module does.
         """
         if scope not in COMPILE_SCOPES:
@@ -482,6 +487,10 @@ class Supernet(nn.Module):
             self._compiled_forward = torch.compile(self._forward, **kwargs)
         self._warm_calls: set[tuple] = set()
 
+    def is_compiled(self) -> bool:
+        """Whether the forward runs `compile`'s code (a copy's does not)."""
+        return "_compiled_forward" in self.__dict__ or "_compiled_cell" in self.__dict__
+
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
         for name in ("_compiled_forward", "_compiled_cell", "_warm_calls"):
@@ -491,7 +500,9 @@ class Supernet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         network, cell = self.__dict__.get("_compiled_forward"), self.__dict__.get("_compiled_cell")
         if network is not None or cell is not None:
-            call = (self.training, torch.is_grad_enabled(), self._arch_constant, self._columns)
+            # drop-path on is a kind of its own: its first call adds the masks' constants
+            call = (self.training, torch.is_grad_enabled(), self._arch_constant, self._columns,
+                    self.training and drops(self._drop_prob))
             if call in self._warm_calls:
                 return compiled_call(network, x) if network is not None else self._forward(x, cell)
             self._warm_calls.add(call)
@@ -515,8 +526,7 @@ class Supernet(nn.Module):
                        ) -> torch.Tensor:
         # one weight gather and BN buffer per forward (`fused.ForwardRecord`); a compiled network,
         # its eager first calls included, gathers cell by cell as it was traced
-        compiled = "_compiled_forward" in self.__dict__ or "_compiled_cell" in self.__dict__
-        sink = fused.forward_sink(self, self.training, record=not compiled)
+        sink = fused.forward_sink(self, self.training, record=not self.is_compiled())
         arch = {}
         for ct in self.cell_types:
             key = (ct, tuple(columns))

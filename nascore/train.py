@@ -17,7 +17,7 @@ import os
 import random
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from types import MappingProxyType
@@ -342,19 +342,28 @@ def train(model: nn.Module, train_loader: Loader, eval_loader: Loader | None, cf
 
     # A captured step reads lr and a drop-path probability the network keeps on the device
     # (`drop_path_on_device`) at every replay: one graph serves the whole run. A network that
-    # keeps its probability as a float only gets a graph per probability (per epoch).
+    # keeps its probability as a float only gets a graph per probability (per epoch). So does
+    # a compiled network: AOTAutograd makes the float a constant guarded on its value, and
+    # every epoch compiled it again. Compiled without a graph, it moves the probability to the
+    # device once it is above 0: at 0 a float draws no mask (the plain run's random numbers).
     drop_tensor = (capture_step is not None and cfg.drop_path > 0 and hasattr(model, "drop_path_on_device"))
+    drop_tensor_above_0 = (not drop_tensor and cfg.compile and cfg.drop_path > 0
+                           and hasattr(model, "drop_path_on_device"))
     steps: _GraphedSteps | None = None
     graph_key: tuple = ()
     # the test passes through one graph of their own, captured in the first
     test_graph = GraphedTestPass(capture_step, device) if capture_step is not None else None
     with _backend_flags(cfg.deterministic, device), more_traces(), _drop_path_on(model, device, drop_tensor), \
+            ExitStack() as later, \
             tqdm(total=cfg.epochs, initial=start, unit="epoch", disable=mode != "bar") as epoch_bar:
         for epoch in range(start, cfg.epochs):
             reset_peak_memory(device)
             t0 = time.perf_counter()
             lr = lr_at(cfg, epoch)
             lr_now.fill_(lr)
+            if drop_tensor_above_0 and drop_path_at(cfg, epoch) > 0:
+                later.enter_context(_drop_path_on(model, device, True))
+                drop_tensor_above_0 = False
             if hasattr(model, "drop_path_prob"):
                 model.drop_path_prob = drop_path_at(cfg, epoch)
             _set_epoch(train_loader, epoch)

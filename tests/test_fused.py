@@ -1736,6 +1736,37 @@ def test_a_compiled_search_traces_each_kind_of_call_once_and_follows_the_plain_s
     assert len(traces) == 3 * traces_per_kind
 
 
+def test_a_compiled_search_with_drop_path_compiles_in_its_first_epochs_only():
+    """`search.drop_path` ramps its probability every epoch. Compiled, the supernet takes it as a
+    device tensor once it is above 0 (`drop_path_on_device`), which no trace is guarded on: the
+    traces of the first two epochs serve the rest. As a float, AOTAutograd (which every real
+    backend runs, inductor included) made it a constant guarded on its value, and each epoch
+    compiled the supernet again. At 0 it stays a float, which draws no mask: the plain search's
+    numbers. (In float32: in float64 the CPU's Bernoulli kernels draw other masks for a tensor
+    probability than for a float one.)"""
+    from torch._dynamo.backends.registry import lookup_backend
+    aot_eager, traces, seen = lookup_backend("aot_eager"), [], []
+
+    def backend(gm, example_inputs):
+        traces.append(1)
+        return aot_eager(gm, example_inputs)
+    torch._dynamo.reset()
+    space = get_space("nb201")
+    cfg = tiny_search_config("darts", "nb201", backend="fused", epochs=4, drop_path=0.3)
+    plain = search(space, cfg, tiny_data(n=8, dtype=torch.float32), log=lambda s: None)
+    run = SearchRun(space, cfg, tiny_data(n=8, dtype=torch.float32),
+                    on_epoch_end=lambda record: seen.append(len(traces)),
+                    log=lambda s: None)
+    run.model.compile("network", backend=backend)
+    compiled = run.run()
+    # epoch 1 (p = 0): the α step's and the weight step's training forwards (validation's
+    # first call runs eagerly); epoch 2: validation, and both training forwards with drop-path
+    # on, p a tensor (the first call of each runs eagerly: the trace sees full caches); then
+    # nothing more
+    assert seen == [2, 5, 5, 5]
+    assert_same_search(plain, compiled, rtol=1e-4)
+
+
 @pytest.mark.parametrize("backend", ["fused", "fused_dense"])
 @pytest.mark.parametrize("space,switches", [("darts", {}), ("nb201", {}), ("s1", {}),
                                             ("darts", {"partial_channels": 2, "edge_normalization": True})])

@@ -532,17 +532,21 @@ def test_a_nonfinite_loss_inside_the_graph_names_its_step(tmp_path: Path) -> Non
 def test_a_compiled_retrain_traces_a_fixed_number_of_times_and_follows_the_plain_loop(
         tmp_path: Path, backend: str, graphed: bool) -> None:
     """`compile`: a DARTS network whose drop-path probability changes every epoch is traced in the
-    first epochs only (here: p = 0, then p > 0 as a symbolic float), not once per epoch: past
-    dynamo's 8 traces a 600-epoch retrain would run eagerly. The run's first training call and
-    first test pass run eagerly, so the fused cells' index caches are full when traced (else
-    each would be traced twice). A graphed run's p is a tensor: not even p = 0 is traced apart. The loop keeps more than dynamo's default limit of traces (here
-    lowered to 1). The compiled loop, captured in a 'graph' too, gives the plain loop's records
-    and weights."""
+    first epochs only, not once per epoch: once above 0, the probability is a device tensor
+    (`drop_path_on_device`), which no trace is guarded on. As a float, AOTAutograd (which every
+    real backend runs, inductor included) made it a constant guarded on its value, and each
+    epoch compiled the network again: 600 compiles in a 600-epoch retrain. The run's first
+    training call and first test pass run eagerly, so the fused cells' index caches are full
+    when traced (else each would be traced twice). The loop keeps more than dynamo's default
+    limit of traces (here lowered to 1). The compiled loop, captured in a 'graph' too, gives
+    the plain loop's records and weights."""
+    from torch._dynamo.backends.registry import lookup_backend
     traces: list[int] = []
+    aot_eager = lookup_backend("aot_eager")       # AOTAutograd's passes, no code generation
 
     def tracing_only(gm: torch.fx.GraphModule, example_inputs: Any) -> Any:
         traces.append(1)
-        return gm.forward
+        return aot_eager(gm, example_inputs)
 
     def run(name: str, compiled: bool) -> tuple[nn.Module, list[dict[str, Any]], list[int]]:
         torch.manual_seed(0)
@@ -561,12 +565,16 @@ def test_a_compiled_retrain_traces_a_fixed_number_of_times_and_follows_the_plain
     with torch._dynamo.config.patch(recompile_limit=1):
         compiled_model, compiled, seen = run("compiled", compiled=True)
     # epoch 1: training at p = 0 (its first step eager); epoch 2: the test pass (its first one
-    # eager) and training at p > 0; then nothing more. A graphed run keeps p in a tensor
-    # (`drop_path_on_device`): one trace draws masks at every p, 0 included
+    # eager) and training at p > 0 (a device tensor); then nothing more. A graphed run keeps p
+    # in a tensor from the start: one trace draws masks at every p, 0 included
     assert seen == ([1, 2, 2, 2, 2] if graphed else [1, 3, 3, 3, 3])
-    assert without_timing(compiled) == without_timing(plain)
+    # AOTAutograd's decompositions round differently: the same run to float32's precision
+    # (the same drop-path draws and lr at every step; one mask drawn otherwise moves the loss
+    # in its second digit)
+    for c, r in zip(without_timing(compiled), without_timing(plain), strict=True):
+        assert c == pytest.approx(r, rel=1e-5)
     for (k, a), b in zip(plain_model.state_dict().items(), compiled_model.state_dict().values()):
-        assert torch.equal(a, b), k
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=k)
 
 
 def test_a_compiled_and_graphed_retrain_captures_the_compiled_network(tmp_path: Path) -> None:
