@@ -730,15 +730,19 @@ def retrain_figures(size: Size, device: torch.device, warmup: int, steps: int, c
         # and `short + extra` (drop-path on: `RETRAIN_DROP_PATH`). A graphed run's first steps
         # run eagerly and capture (`train._GraphedSteps`), in the first epoch since one graph
         # serves the run (before 2026-12-06's twelfth session: in every epoch); whatever work an
-        # epoch still adds once is measured apart (`steady_epoch`), not averaged in.
+        # epoch still adds once is measured apart (`steady_epoch`), not averaged in. A compiled
+        # network without a graph traces again in its first epoch with drop-path on (p becomes
+        # a device tensor: `train`), so it warms up over two epochs.
         short = max(warmup, 2) + (_GraphedSteps.WARMUP_STEPS + 1 if cfg.cuda_graph else 0)
         extra = steps * (5 if cfg.cuda_graph else 1)
+        lead = 2 if cfg.compile and not cfg.cuda_graph else 1
         with tempfile.TemporaryDirectory() as tmp:
-            result = train(network(), Batches(short, short, short + extra), None,
-                           dataclasses.replace(cfg, epochs=3),
+            result = train(network(), Batches(*[short] * (lead + 1), short + extra), None,
+                           dataclasses.replace(cfg, epochs=lead + 2),
                            checkpoint_path=Path(tmp) / "ckpt.pt", device=device)
         # an epoch's training time: its images over its images/s (test pass and checkpoint excluded)
-        seconds = [size.retrain_batch * n / r["images_per_s"] for r, n in zip(result.history[1:], (short, short + extra))]
+        seconds = [size.retrain_batch * n / r["images_per_s"]
+                   for r, n in zip(result.history[lead:], (short, short + extra))]
         ms, overhead = steady_epoch(seconds[0], short, seconds[1], short + extra)
         # `train` records each epoch's peak itself (resetting the statistics per epoch): the run's
         # is the largest
