@@ -255,6 +255,7 @@ class Figure:
     by_op: list | None = None                  # counted: [(aten op, writing calls, MB moved), ...] (OpCount.largest)
     by_site: list | None = None                # --by-site: [(aten op, site, writing calls), ...] (OpCount.by_site)
     warmup_s: float | None = None              # wall time of the warm-up steps: compile, capture, autotuning
+    warmup_steps: int | None = None            # how many steps `warmup_s` ran
     # retrain only: what every epoch adds once to its steps (a CUDA graph's eager warm-up steps
     # and capture, the epoch's end), from epochs of two lengths (`steady_epoch`)
     epoch_overhead_ms: float | None = None
@@ -542,7 +543,8 @@ def measure(case: str, variant: str, make: Callable[[], Step], device: torch.dev
             step(warmup + i)
             times.append(time.perf_counter() - t0)
         ms, peak, reserved = 1000 * statistics.median(times), None, None
-    fig = Figure(case, variant, batch, ms, 1000 * batch / ms, peak, reserved, warmup_s=warmup_s)
+    fig = Figure(case, variant, batch, ms, 1000 * batch / ms, peak, reserved, warmup_s=warmup_s,
+                 warmup_steps=warmup)
     if count:
         with CountOps(host_scalars(), device=device.type, sites=sites, batch=activation_batch or batch) as counter:
             step(warmup + steps)
@@ -882,13 +884,24 @@ def retrain_estimate(figures: list[Figure], epochs: int = 600, train_images: int
     return rows
 
 
+def start_up_s(x: Figure | None) -> float:
+    """Seconds a run pays once before its steady steps: its warm-up beyond that many steady steps
+    (torch.compile's traces and compile, with inductor's on-disk cache as the run found it; a
+    CUDA graph's capture; cuDNN's autotuning). 0 where the figure has no warm-up measured."""
+    if x is None or x.warmup_s is None or x.warmup_steps is None:
+        return 0.0
+    return max(0.0, x.warmup_s - x.warmup_steps * x.ms_per_step / 1000)
+
+
 def search_estimate(figures: list[Figure], epochs: int = 50, train_images: int = 25_000,
-                    valid_images: int = 25_000) -> list[tuple[str, str, float, float]]:
-    """Per search case and variant: minutes of `epochs` epochs of steps and of the per-epoch
+                    valid_images: int = 25_000) -> list[tuple[str, str, float, float, float]]:
+    """Per search case and variant: minutes of `epochs` epochs of steps, of the per-epoch
     validation (CIFAR-10's halves of 25,000 images; `search.valid_every: 1`, as DARTS validates),
-    from the step's figure and that of its validation twin on the case's supernet (NaN: not
-    measured). A graphed search's one or two captures (seconds) are left out; its two batches per
-    step from the device data path are in where they were measured at its batch (`--cases data`)."""
+    and of what the run pays once (`start_up_s` of the step and of its validation: a compiled
+    search's compile), from the step's figure and that of its validation twin on the case's
+    supernet (NaN: not measured). A graphed search's second capture (after α's warm-up) is left
+    out; its two batches per step from the device data path are in where they were measured at
+    its batch (`--cases data`)."""
     valid = {(x.case, validation_twin(x.variant)): x for x in figures if x.case in VALIDATION_CASES}
     data = {x.batch: x.ms_per_step for x in figures if (x.case, x.variant) == (DATA, "search")}
     rows = []
@@ -899,7 +912,7 @@ def search_estimate(figures: list[Figure], epochs: int = 50, train_images: int =
         steps_min = epochs * (train_images // x.batch) * (x.ms_per_step + 2 * data_ms) / 6e4
         v = valid.get((VALIDATION_OF[x.case], validation_twin(x.variant)))
         valid_min = epochs * valid_images / v.images_per_s / 60 if v else math.nan
-        rows.append((x.case, x.variant, steps_min, valid_min))
+        rows.append((x.case, x.variant, steps_min, valid_min, (start_up_s(x) + start_up_s(v)) / 60))
     return rows
 
 
@@ -1154,9 +1167,9 @@ def _measure_all(args: argparse.Namespace, device: torch.device, size: Size, ste
     if searches:
         print(f"\nsearch, 50 CIFAR-10 epochs at these figures (size {args.size or ('full' if cuda else 'small')}; "
               f"validation every epoch; the issue's targets at the full size, steps: DARTS 20 min, NB201 5):")
-        for case, variant, steps_min, valid_min in searches:
-            print(f"  {case:<13} {variant:<32} {steps_min + valid_min:8.1f} min = {steps_min:.1f} min of steps "
-                  f"+ {valid_min:.1f} min of validation")
+        for case, variant, steps_min, valid_min, once_min in searches:
+            print(f"  {case:<13} {variant:<32} {steps_min + valid_min + once_min:8.1f} min = {steps_min:.1f} min "
+                  f"of steps + {valid_min:.1f} min of validation + {once_min:.1f} min once (compile, capture)")
     estimates = retrain_estimate(figures)
     if estimates:
         print(f"\nretrain, 600 CIFAR-10 epochs at these figures (size {args.size or ('full' if cuda else 'small')}; "
