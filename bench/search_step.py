@@ -750,8 +750,10 @@ def retrain_figures(size: Size, device: torch.device, warmup: int, steps: int, c
         # is the largest
         peak = run_peak_memory(result.history)
         reserved = run_peak_memory(result.history, "peak_reserved_mb")
+        # the warm-up epochs' time: what the run pays once beyond its steps (`start_up_s`)
+        warm_s = sum(size.retrain_batch * short / r["images_per_s"] for r in result.history[:lead])
         fig = Figure("retrain", variant, size.retrain_batch, ms, 1000 * size.retrain_batch / ms, peak, reserved,
-                     epoch_overhead_ms=overhead)
+                     epoch_overhead_ms=overhead, warmup_s=warm_s, warmup_steps=lead * short)
         ops, kernels = count and countable(retrain_speed(variant), device.type), count_kernels
         counts: list[OpCount] = []
         if ops or kernels:
@@ -864,12 +866,12 @@ def steady_epoch(short_s: float, short_steps: int, long_s: float, long_steps: in
 
 
 def retrain_estimate(figures: list[Figure], epochs: int = 600, train_images: int = 50_000,
-                     test_images: int = 10_000) -> list[tuple[str, float, float]]:
-    """Per retrain variant: hours of `epochs` epochs of training steps and of test passes (CIFAR-10,
-    evaluated every epoch; the stage drops the last partial batch), from its `retrain` and
-    `retrain_eval` figures; an epoch's overhead (graph warm-up and capture) counted once per epoch;
-    each step's batch from the device data path where it was measured (`--cases data`), else
-    none."""
+                     test_images: int = 10_000) -> list[tuple[str, float, float, float]]:
+    """Per retrain variant: hours of `epochs` epochs of training steps, of test passes (CIFAR-10,
+    evaluated every epoch; the stage drops the last partial batch) and of what the run pays once
+    (`start_up_s` of both: a compiled network's compile), from its `retrain` and `retrain_eval`
+    figures; an epoch's overhead (graph warm-up and capture) counted once per epoch; each step's
+    batch from the device data path where it was measured (`--cases data`), else none."""
     evals = {eval_settings(x.variant): x for x in figures if x.case == "retrain_eval"}
     data = {x.batch: x.ms_per_step for x in figures if (x.case, x.variant) == (DATA, "retrain")}
     rows = []
@@ -880,7 +882,7 @@ def retrain_estimate(figures: list[Figure], epochs: int = 600, train_images: int
         step_ms = x.ms_per_step + data.get(x.batch, 0.0)      # measured at another batch: left out
         train_h = epochs * ((train_images // x.batch) * step_ms + (x.epoch_overhead_ms or 0.0)) / 3.6e6
         test_h = epochs * test_images / ev.images_per_s / 3600 if ev else math.nan
-        rows.append((x.variant, train_h, test_h))
+        rows.append((x.variant, train_h, test_h, (start_up_s(x) + start_up_s(ev)) / 3600))
     return rows
 
 
@@ -1175,10 +1177,10 @@ def _measure_all(args: argparse.Namespace, device: torch.device, size: Size, ste
         print(f"\nretrain, 600 CIFAR-10 epochs at these figures (size {args.size or ('full' if cuda else 'small')}; "
               f"the issue's target: 1.5 h in all at the full size):")
         overheads = {x.variant: x.epoch_overhead_ms for x in figures if x.case == "retrain"}
-        for variant, train_h, test_h in estimates:
+        for variant, train_h, test_h, once_h in estimates:
             extra = overheads.get(variant)
-            print(f"  {variant:<40} {train_h + test_h:7.2f} h = {train_h:.2f} h of training steps "
-                  f"+ {test_h:.2f} h of test passes"
+            print(f"  {variant:<40} {train_h + test_h + once_h:7.2f} h = {train_h:.2f} h of training steps "
+                  f"+ {test_h:.2f} h of test passes + {once_h:.2f} h once (compile, capture)"
                   + ("" if extra is None else f" (each epoch {extra:.0f} ms besides its steps: graph warm-up, capture)"))
     for x in figures:
         if x.profile:

@@ -165,14 +165,14 @@ def test_bench_variants_name_a_backend_and_modifiers():
                bench.Figure("retrain_eval", "nascore+fused", 1024, 80.0, 12_800.0),
                bench.Figure("retrain_eval", "nascore+fused+graph", 1024, 40.0, 25_600.0),
                bench.Figure("retrain", "reference", 96, 142.4, 96 / 0.1424)]
-    (v1, train_h, test_h), (v2, ref_train_h, ref_test_h) = bench.retrain_estimate(figures)
+    (v1, train_h, test_h, _), (v2, ref_train_h, ref_test_h, _) = bench.retrain_estimate(figures)
     assert (v1, v2) == ("nascore+fused+graph", "reference")
     assert train_h == pytest.approx(600 * 520 * 48.3 / 3.6e6) and test_h == pytest.approx(600 * 10_000 / 25_600 / 3600)
     assert ref_train_h == pytest.approx(600 * 520 * 142.4 / 3.6e6) and math.isnan(ref_test_h)   # no figure: unknown
     assert bench.retrain_speed("nascore+fused_dense+graph+amp") == "fused_dense+graph+amp"
     # an epoch's overhead (a graph's warm-up and capture) is paid once per epoch, not per step
     figures[0].epoch_overhead_ms = 400.0
-    (_, with_overhead, _), _ = bench.retrain_estimate(figures)
+    (_, with_overhead, _, _), _ = bench.retrain_estimate(figures)
     assert with_overhead == pytest.approx(600 * (520 * 48.3 + 400.0) / 3.6e6)
 
 
@@ -208,6 +208,12 @@ def test_a_search_estimate_adds_what_the_run_pays_once_its_compile():
     assert once == pytest.approx((300.0 + 60.0) / 60)
     assert steps == pytest.approx(50 * 390 * 20.0 / 6e4) and valid == pytest.approx(50 * 25_000 * 0.010 / 512 / 60)
     assert once_plain == 0.0            # a warm-up quicker than its steady steps: noise, not paid once
+    # a retrain: its warm-up epochs and its test pass's warm-up
+    retrain = [bench.Figure("retrain", "nascore+compile", 96, 40.0, 96 / 0.040, warmup_s=200.2, warmup_steps=5),
+               bench.Figure("retrain_eval", "nascore+compile", 1024, 50.0, 1024 / 0.050, warmup_s=100.1,
+                            warmup_steps=2)]
+    (_, _, _, once_h), = bench.retrain_estimate(retrain)
+    assert once_h == pytest.approx((200.0 + 100.0) / 3600)
 
 
 def test_the_device_data_path_is_measured_and_added_to_the_estimates(tmp_path):
@@ -225,8 +231,8 @@ def test_the_device_data_path_is_measured_and_added_to_the_estimates(tmp_path):
     # a real run's step takes its batch(es) from this path: the estimates add them, where batches match
     step = bench.Figure("retrain", "nascore", size.retrain_batch, 40.0, 1.0)
     data = [bench.Figure(**f) for f in figures.values()]
-    (_, with_data, _), = bench.retrain_estimate([step, *data])
-    (_, without, _), = bench.retrain_estimate([step])
+    (_, with_data, _, _), = bench.retrain_estimate([step, *data])
+    (_, without, _, _), = bench.retrain_estimate([step])
     assert with_data == pytest.approx(without * (40.0 + retrain["ms_per_step"]) / 40.0)
     nb201, pc = bench.Figure("nb201", "eager", size.batch, 30.0, 1.0), bench.Figure("pc_darts", "eager", 256, 30.0, 1.0)
     (_, _, nb201_min, _, _), (_, _, pc_min, _, _) = bench.search_estimate([nb201, pc, *data])
