@@ -375,7 +375,11 @@ class Supernet(nn.Module):
             # One compile for the whole ramp: as a float, the probability is a constant that
             # AOTAutograd guards on, and each new value compiled the supernet again. At 0 it
             # stays a float, which draws no mask: the uncompiled search's random numbers.
-            self.drop_path_on_device(next(iter(self.alphas.values())).device)
+            device = next(iter(self.alphas.values())).device
+            self._drop_path_tensor = torch.tensor(p, dtype=torch.float32, device=device)
+        self._write_drop_path(p)
+
+    def _write_drop_path(self, p: float) -> None:
         tensor = self._drop_path_tensor
         if tensor is not None:
             tensor.fill_(p)
@@ -392,7 +396,7 @@ class Supernet(nn.Module):
         current = next((m.drop_prob for m in self.modules() if isinstance(m, MixedOp)), 0.0)
         value = float(current) if isinstance(current, torch.Tensor) else current
         self._drop_path_tensor = None if device is None else torch.tensor(value, dtype=torch.float32, device=device)
-        self.set_drop_path(value)
+        self._write_drop_path(value)
 
     def drop_prob_on_device(self) -> bool:
         """Whether the mixed ops read their drop-path probability from a device tensor."""

@@ -1765,6 +1765,8 @@ def test_a_compiled_search_with_drop_path_compiles_in_its_first_epochs_only():
     # nothing more
     assert seen == [2, 5, 5, 5]
     assert_same_search(plain, compiled, rtol=1e-4)
+    run.model.drop_path_on_device(None)           # asked for, a float again: not moved back
+    assert not run.model.drop_prob_on_device() and isinstance(run.model._drop_prob, float)
 
 
 @pytest.mark.parametrize("backend", ["fused", "fused_dense"])
