@@ -368,7 +368,8 @@ class Supernet(nn.Module):
 
     def set_drop_path(self, p: float) -> None:
         """Search-time drop-path probability of every mixed op (0 = off); written into the
-        device tensor in place while there is one (`drop_path_on_device`)."""
+        device tensor in place while there is one (`drop_path_on_device`). A compiled supernet
+        makes that tensor itself at its first p above 0 (below)."""
         if not 0.0 <= p < 1.0:
             raise ValueError(f"drop-path probability must be in [0, 1), got {p}")
         if p > 0 and self._drop_path_tensor is None and self.is_compiled():
@@ -477,8 +478,8 @@ class Supernet(nn.Module):
         drop-path on or off) runs eagerly the first time. That call fills the plan and index
         caches which the forward builds lazily, so the compiled code is traced once, with the
         caches full. Traced while they were still empty, dynamo would guard on their emptiness
-        and trace the whole network again on the next call: a second compile of minutes. A copy (`copy.deepcopy`) runs eagerly, as a copy of
-        an `nn.Module.compile`d module does.
+        and trace the whole network again on the next call: a second compile of minutes. A copy
+        (`copy.deepcopy`) runs eagerly, as a copy of an `nn.Module.compile`d module does.
         """
         if scope not in COMPILE_SCOPES:
             raise ValueError(f"compile scope {scope!r} is unknown; allowed: {', '.join(COMPILE_SCOPES)}")
