@@ -1749,7 +1749,8 @@ def test_a_compiled_search_with_drop_path_compiles_in_its_first_epochs_only():
 
     def backend(gm, example_inputs):
         traces.append(1)
-        return aot_eager(gm, example_inputs)
+        aot_eager(gm, example_inputs)       # its passes add their guards to the trace's
+        return gm.forward                   # run as traced: the plain search's numbers
     torch._dynamo.reset()
     space = get_space("nb201")
     cfg = tiny_search_config("darts", "nb201", backend="fused", epochs=4, drop_path=0.3)
@@ -1764,7 +1765,7 @@ def test_a_compiled_search_with_drop_path_compiles_in_its_first_epochs_only():
     # on, p a tensor (the first call of each runs eagerly: the trace sees full caches); then
     # nothing more
     assert seen == [2, 5, 5, 5]
-    assert_same_search(plain, compiled, rtol=1e-4)
+    assert_same_search(plain, compiled)
     run.model.drop_path_on_device(None)           # asked for, a float again: not moved back
     assert not run.model.drop_prob_on_device() and isinstance(run.model._drop_prob, float)
 
