@@ -45,6 +45,7 @@ import argparse
 import contextlib
 import dataclasses
 import gc
+import importlib
 import json
 import math
 import os
@@ -79,8 +80,10 @@ from nascore.graphs import cuda_graph  # noqa: E402
 from nascore.train import (GraphedTestPass, NonFiniteLossError, TrainConfig, _GraphedSteps,  # noqa: E402
                            cuda_graph_problems, evaluate, train)
 
-# the probe itself: on the CPU `main` turns nascore's check off for the bench's own runs
+# the probe itself (`main` turns off, on the CPU, the refusal it decides, not the probe)
 cpu_bf16_dilated_grads_ok = graphs.cpu_bf16_dilated_grads_ok
+# the loops that refuse a CPU bf16 channels_last run the probe fails (`graphs.bf16_layout_problem`)
+REFUSING_MODULES = tuple(importlib.import_module(name) for name in ("nascore.search", "nascore.train"))
 
 
 @dataclass(frozen=True)
@@ -998,11 +1001,12 @@ def ratio_table(figures: list[Figure]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    original = graphs.cpu_bf16_dilated_grads_ok
+    refusals = {module: module.bf16_layout_problem for module in REFUSING_MODULES}
     try:
         _main(argv)
     finally:
-        graphs.cpu_bf16_dilated_grads_ok = original    # in-process callers (the tests) get it back
+        for module, refusal in refusals.items():       # in-process callers (the tests) get them back
+            module.bf16_layout_problem = refusal
 
 
 def _main(argv: list[str] | None) -> None:
@@ -1048,8 +1052,11 @@ def _main(argv: list[str] | None) -> None:
     if device.type == "cpu":
         # the CPU counts ops and bytes: torch's wrong CPU bf16 channels_last dilated-conv weight
         # gradients, for which nascore refuses a real run (`graphs.bf16_layout_problem`), change
-        # no count, so the bench's own runs skip that check
-        graphs.cpu_bf16_dilated_grads_ok = lambda *args: True
+        # no count, so the bench's own runs skip that refusal. Not the probe: it also keeps
+        # inductor's layout choice off those convs in a compiled NCHW run (`graphs.inductor_options`;
+        # without it, the spec-size `nascore+fused_dense+amp+compile` retrain stopped on a NaN)
+        for module in REFUSING_MODULES:
+            module.bf16_layout_problem = lambda *args, **kwargs: None
     if args.threads:
         torch.set_num_threads(args.threads)
     cuda = device.type == "cuda"

@@ -1,5 +1,6 @@
 """The speed machinery the search loop and `train` share: CUDA graphs of a whole training step,
-the trace limit of torch.compile'd calls, and a check of the CPU's bf16 channels_last convs.
+the trace limit of torch.compile'd calls, and a check of the CPU's bf16 channels_last convs
+(refused where this torch gets them wrong; inductor kept from choosing them there).
 
 A step captured once and replayed removes the host's per-kernel launch cost, which bounds the
 small-kernel steps of NAS (bench/RESULTS.md: 1.8-4.1x over the fused step alone on an H100). Callers keep their own static
@@ -98,19 +99,47 @@ def cpu_bf16_dilated_grads_ok(memory_format: torch.memory_format = torch.channel
     return True
 
 
+def _trains_dilated_convs(model: nn.Module) -> bool:
+    """Whether `model` learns a dilated conv's weights (the DARTS space's `dil_conv` ops; random
+    features' frozen convs need no weight gradient)."""
+    return any(isinstance(m, nn.Conv2d) and max(m.dilation) > 1 and m.weight.requires_grad
+               for m in model.modules())
+
+
+def _cpu_bf16_dilated_grads_wrong(model: nn.Module, device: torch.device, amp: str,
+                                  grads_ok: Callable[[], bool] | None) -> bool:
+    """Whether `model` trained in `amp` on `device` would reach a channels_last bf16 dilated
+    conv's weight gradient that this torch gets wrong. Probes only where it matters: the probe
+    costs two convs at 32×32 px."""
+    if device.type != "cpu" or amp != "bf16" or not _trains_dilated_convs(model):
+        return False
+    return not (grads_ok or cpu_bf16_dilated_grads_ok)()
+
+
 def bf16_layout_problem(model: nn.Module, device: torch.device, amp: str, channels_last: bool,
                         grads_ok: Callable[[], bool] | None = None) -> str | None:
     """What is wrong with running `model` with `amp` and `channels_last` on `device`, or None: on
     a CPU whose bf16 channels_last dilated convs get their weight gradients wrong (`grads_ok`),
     a network that trains such a conv's weights (the DARTS space's `dil_conv` ops; random
     features' frozen convs need none) would learn from garbage, silently or with a NaN."""
-    if device.type != "cpu" or amp != "bf16" or not channels_last:
-        return None
-    if not any(isinstance(m, nn.Conv2d) and max(m.dilation) > 1 and m.weight.requires_grad for m in model.modules()):
-        return None
-    if (grads_ok or cpu_bf16_dilated_grads_ok)():
+    if not channels_last or not _cpu_bf16_dilated_grads_wrong(model, device, amp, grads_ok):
         return None
     return ("amp: bf16 with channels_last: true on the CPU: this torch "
             f"({torch.__version__}) computes the weight gradients of bf16 channels_last dilated "
             "convolutions (dil_conv ops) wrong on the CPU (checked at start-up); on the CPU set "
             "amp: none or channels_last: false (GPUs are not affected)")
+
+
+def inductor_options(model: nn.Module, device: torch.device, amp: str,
+                     grads_ok: Callable[[], bool] | None = None) -> dict[str, Any]:
+    """The inductor options (`torch.compile(..., options=)`) under which a compiled training
+    step of `model` computes right: none, except on a CPU whose bf16 channels_last dilated convs
+    get their weight gradients wrong (`bf16_layout_problem`). There inductor's layout
+    optimisation, which runs an NCHW network's convs channels_last where it judges that faster,
+    reaches those wrong gradients although the run asked for NCHW: a compiled bf16 retrain's
+    depthwise `dil_conv` weight gradients came out 1e26 off, and at the spec's size the run
+    stopped on a NaN at its first compiled step (bench/RESULTS.md, 2026-12-07). So it is off
+    there, which leaves every conv in the layout the run chose."""
+    if _cpu_bf16_dilated_grads_wrong(model, device, amp, grads_ok):
+        return {"layout_optimization": False}
+    return {}

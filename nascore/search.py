@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from .diagnostics import collapse_diagnostics, hessian_eigenvalue
 from .genotype import AnyGenotype
-from .graphs import StepGraph, bf16_layout_problem, cuda_graph, side_stream
+from .graphs import StepGraph, bf16_layout_problem, cuda_graph, inductor_options, side_stream
 from .io import CheckpointError, checkpoint_progress, load_checkpoint, save_checkpoint
 from .metrics import peak_memory, reset_peak_memory
 from .op_schedules import OP_SCHEDULES, ProgressiveConfig
@@ -250,7 +250,9 @@ class SearchRun:
             from .config import ConfigError
             raise ConfigError(f"params.yaml: search.{problem}")
         if cfg.compile:
-            self.model.compile(self.cfg.compile_scope)
+            # inductor's own layout choices must not reach convs this CPU's torch gets wrong
+            options = inductor_options(self.model, self.device, cfg.amp)
+            self.model.compile(self.cfg.compile_scope, **({"options": options} if options else {}))
         if self.capture_step is not None and cfg.drop_path > 0:
             self.model.drop_path_on_device(self.device)     # one capture serves the whole ramp
         # The weight lr as a device tensor of the weights' dtype, written before each epoch: a

@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from . import distributed as D
 from .fused import BACKENDS
-from .graphs import StepGraph, bf16_layout_problem, cuda_graph, more_traces, side_stream
+from .graphs import StepGraph, bf16_layout_problem, cuda_graph, inductor_options, more_traces, side_stream
 from .io import CheckpointError, checkpoint_progress, load_checkpoint, save_checkpoint
 from .metrics import peak_memory, reset_peak_memory
 
@@ -284,7 +284,10 @@ def train(model: nn.Module, train_loader: Loader, eval_loader: Loader | None, cf
     # emptiness, and the next call traces the whole network again (a second compile).
     compiled: dict[str, nn.Module] = {}
     if cfg.compile:
-        compiled = {"train": torch.compile(net, backend=compile_backend),
+        # inductor's own choices must not reach convs this CPU's torch gets wrong in training
+        options = inductor_options(model, device, cfg.amp) if compile_backend == "inductor" else {}
+        train_kwargs = {"options": options} if options else {}
+        compiled = {"train": torch.compile(net, backend=compile_backend, **train_kwargs),
                     "eval": torch.compile(model, backend=compile_backend)}
     warm: set[str] = set()
 

@@ -271,6 +271,32 @@ def test_a_failing_retrain_variant_costs_no_other_figure(tmp_path):
     assert all("needs a CUDA device" in f for f in saved["failures"])
 
 
+def test_on_the_cpu_the_bench_skips_the_bf16_refusal_but_keeps_the_probe(tmp_path, monkeypatch):
+    """Where the probe fails, the bench still counts a channels_last bf16 search step (nascore
+    refuses it in a real run: the counts are right, the gradients not), and leaves the probe
+    alone: it also keeps inductor's layout choice off those convs in a compiled NCHW bf16 run
+    (`graphs.inductor_options`), which the bench's compiled retrain needs to finish."""
+    import nascore.search
+    import nascore.train
+    from nascore import graphs
+    from nascore.supernet import Supernet
+    bench = load_bench()
+    monkeypatch.setattr(graphs, "cpu_bf16_dilated_grads_ok", lambda *args: False)
+    compiled_with = []           # the compile's options, not the compile (minutes for a supernet here)
+    monkeypatch.setattr(Supernet, "compile", lambda self, scope="cells", **kwargs: compiled_with.append(kwargs))
+    out = tmp_path / "figures.json"
+    bench.main(["--device", "cpu", "--size", "tiny", "--cases", "darts_first", "--variants",
+                "fused_dense+bf16,fused_dense+amp+compile", "--steps", "1", "--warmup", "0", "--no-count",
+                "--no-retrain", "--json", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved["failures"] == []
+    assert {f["variant"] for f in saved["figures"]} == {"fused_dense+bf16", "fused_dense+amp+compile"}
+    assert compiled_with and all(kw == {"options": {"layout_optimization": False}} for kw in compiled_with)
+    # the refusal is back for in-process callers
+    assert nascore.search.bf16_layout_problem is graphs.bf16_layout_problem
+    assert nascore.train.bf16_layout_problem is graphs.bf16_layout_problem
+
+
 def test_check_validates_a_run_without_measuring_it(capsys):
     bench = load_bench()
     with pytest.raises(SystemExit) as ok:

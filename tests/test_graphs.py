@@ -4,7 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from nascore.graphs import bf16_layout_problem, cpu_bf16_dilated_grads_ok, cuda_graph, side_stream
+from nascore.graphs import (bf16_layout_problem, cpu_bf16_dilated_grads_ok, cuda_graph, inductor_options,
+                            side_stream)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
@@ -115,6 +116,42 @@ def test_a_search_and_a_retrain_refuse_it_with_a_params_error(monkeypatch, tmp_p
         train(net, [(torch.randn(2, 3, 8, 8), torch.tensor([0, 1]))], None,
               TrainConfig(epochs=1, amp="bf16", channels_last=True, progress="none"),
               checkpoint_path=tmp_path / "ckpt.pt", device="cpu")
+
+
+@pytest.mark.parametrize("device,amp,frozen,dilated,turned_off", [
+    ("cpu", "bf16", False, True, True),
+    ("cpu", "bf16", True, True, False),             # random features: no weight gradient needed
+    ("cpu", "bf16", False, False, False),           # no dilated conv
+    ("cpu", "none", False, True, False),
+    ("cuda", "bf16", False, True, False),           # cuDNN: not affected
+])
+def test_inductor_keeps_its_layout_choice_off_the_convs_a_cpu_gets_wrong(device, amp, frozen, dilated, turned_off):
+    """An NCHW run (channels_last: false, which `bf16_layout_problem` lets through) compiled by
+    inductor: its layout optimisation would run the convs channels_last anyway, into the wrong
+    gradients. Off exactly where the run would reach them (tests/test_train.py: what a compiled
+    retrain learned there without it)."""
+    net = _dilated_network(frozen) if dilated else nn.Sequential(nn.Conv2d(3, 4, 3, padding=1))
+    probed = []
+    options = inductor_options(net, torch.device(device), amp, grads_ok=lambda: probed.append(1) or False)
+    assert options == ({"layout_optimization": False} if turned_off else {})
+    assert inductor_options(net, torch.device(device), amp, grads_ok=lambda: True) == {}
+    assert len(probed) == turned_off
+
+
+def test_a_compiled_search_compiles_with_those_options(monkeypatch):
+    """`search.compile` hands the supernet's compile inductor's options (compiling the supernet
+    with inductor itself takes minutes on the CPU: the retrain's test compiles a small network)."""
+    from nascore.search import SearchRun
+    from nascore.spaces import get_space
+    from nascore.supernet import Supernet
+    from tests.test_fused import tiny_data, tiny_search_config
+    seen = []
+    monkeypatch.setattr(Supernet, "compile", lambda self, scope="cells", **kwargs: seen.append((scope, kwargs)))
+    for grads_ok, expected in ((False, {"options": {"layout_optimization": False}}), (True, {})):
+        monkeypatch.setattr("nascore.graphs.cpu_bf16_dilated_grads_ok", lambda ok=grads_ok: ok)
+        cfg = tiny_search_config("darts", "darts", amp="bf16", compile=True, epochs=1)
+        SearchRun(get_space("darts"), cfg, tiny_data(dtype=torch.float32), log=lambda s: None)
+        assert seen.pop() == (cfg.compile_scope, expected)
 
 
 # --- the CPU stand-in for a CUDA graph the tests capture with (tests/_graph_tape.py) -------------

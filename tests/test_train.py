@@ -605,6 +605,50 @@ def test_a_compiled_and_graphed_retrain_captures_the_compiled_network(tmp_path: 
     assert len(inside) == 2 and all(n > 0 for n in inside), inside
 
 
+class DilatedNet(nn.Module):
+    """An eager `dil_conv` at the first stage's size: ReLU, a depthwise dilated 3×3 conv over 16
+    channels, a 1×1 conv and BN, on 32×32 px (where torch 2.14.1's CPU bf16 channels_last weight
+    gradients of such a conv are wrong: tests/test_graphs.py)."""
+
+    def __init__(self, classes: int = 4) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 1, bias=False)
+        self.dil_conv = nn.Sequential(nn.ReLU(), nn.Conv2d(16, 16, 3, padding=2, dilation=2, groups=16, bias=False),
+                                      nn.Conv2d(16, 16, 1, bias=False), nn.BatchNorm2d(16))
+        self.head = nn.Linear(16, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.dil_conv(self.stem(x)).mean((2, 3)))
+
+
+def test_a_compiled_bf16_retrain_on_the_cpu_learns_what_the_uncompiled_one_does(tmp_path: Path) -> None:
+    """`compile` with inductor, bf16, NCHW, on the CPU: the dilated conv learns what it learns
+    uncompiled. Inductor's layout optimisation ran the NCHW network's convs channels_last, and
+    on a torch whose CPU bf16 channels_last dilated-conv weight gradients are wrong (2.14.1) the
+    compiled retrain's came out 1e26 off (a spec-size run stopped on a NaN); the loop now turns
+    it off where the start-up probe finds them wrong (`graphs.inductor_options`)."""
+    def run(name: str, compiled: bool) -> tuple[nn.Module, list[dict[str, Any]]]:
+        torch.manual_seed(0)
+        model = DilatedNet()
+        x, y = blobs(64)
+        big = x.repeat_interleave(4, -1).repeat_interleave(4, -2)             # 8 → 32 px
+        result = train(model, EpochLoader(big, y, batch=16), None,
+                       cfg(epochs=1, drop_path=0.0, amp="bf16", compile=compiled),
+                       checkpoint_path=tmp_path / f"{name}.pt", device="cpu")
+        return model, result.history
+
+    torch.manual_seed(0)
+    start = DilatedNet().dil_conv[1].weight.detach().clone()
+    plain_model, plain = run("plain", compiled=False)
+    torch._dynamo.reset()
+    compiled_model, compiled = run("compiled", compiled=True)
+    assert compiled[0]["train_loss"] == pytest.approx(plain[0]["train_loss"], rel=0.05)
+    learned = plain_model.dil_conv[1].weight.detach() - start
+    compiled_learned = compiled_model.dil_conv[1].weight.detach() - start
+    assert torch.isfinite(compiled_learned).all()
+    assert float((compiled_learned - learned).norm() / learned.norm()) < 0.1
+
+
 @pytest.mark.parametrize("kw, message", [
     (dict(), "needs a CUDA device"), (dict(nonfinite="skip"), "needs nonfinite='stop'"),
 ])
