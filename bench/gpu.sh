@@ -12,7 +12,8 @@
 #   bash bench/gpu.sh profile         # GPU time per kernel of one step (reference, fused, fused_dense);
 #                                     # with the counts, so `live MB` (counted) stands beside `peak MB`
 #   bash bench/gpu.sh compile         # torch.compile'd steps: compile time (warm-up s) and ms/step,
-#                                     # cell by cell (+compile) and as one network (+compilenet);
+#                                     # cell by cell (+compile; +matmul: the node sums as one product,
+#                                     # which compiled runs leave out) and as one network (+compilenet);
 #                                     # then the retrain step compiled, in its CUDA graph
 #                                     (the first compiled variant of a case and scope pays the
 #                                     compile; the next of that scope finds it in inductor's cache)
@@ -122,7 +123,7 @@ profile)
 compile)
   # NB201 first: the smaller graph; a compile that outlives the limit still leaves NB201's figures
   timeout 380 python3 bench/search_step.py ${CHECK:+--check --device cuda} --cases nb201,darts_first --no-retrain \
-      --variants fused+graph,fused+compile,fused+graph+compile,fused+graph+compilenet \
+      --variants fused+graph,fused+compile,fused+graph+compile,fused+graph+compile+matmul,fused+graph+compilenet \
       --json "$OUT/compile.json" 2>&1 | tee "$OUT/compile.log"
   # the retrain step (retrain.train.compile, with the CUDA graph since 2026-12-05): its first
   # epoch pays the compile, the second is timed

@@ -163,8 +163,9 @@ MODIFIERS = {"graph": {"cuda_graph": True}, "bf16": {"amp": "bf16", "channels_la
              # fused_dense without one of its trades: convs of several kernel sizes apart; the
              # reduction cells' paired stride-2 convs grouped, not block-diagonal
              "unmerged": {"merge_kernel_sizes": False}, "grouped": {"block_diagonal": False},
-             # the fused backends without one matrix product per pass for the node sums (`fused.mix`)
-             "chained": {"matmul_mix": False},
+             # the fused backends without one matrix product per pass for the node sums (`fused.mix`),
+             # and with it where a compiled search leaves it out (`SearchConfig.mixes_by_matmul`)
+             "chained": {"matmul_mix": False}, "matmul": {"matmul_mix": True},
              # ... and one BN per op kind, not one per pass (`fused.batch_norm_pass`)
              "kindbn": {"merge_batch_norms": False},
              # not a speed switch: RobustDARTS' regularised search, drop-path on every op output
@@ -1107,8 +1108,8 @@ def _main(argv: list[str] | None) -> None:
                 raise ValueError(f"unknown retrain variant {v!r}: 'nascore', then a backend and modifiers "
                                  f"joined by '+'")
             if set(SEARCH_CELL_SWITCHES) & set(speed_options(retrain_speed(v))):
-                raise ValueError(f"retrain variant {v!r}: 'unmerged', 'grouped', 'chained', 'kindbn' and "
-                                 f"'dp' are search-cell switches; the retrain's evaluation cells have one op "
+                raise ValueError(f"retrain variant {v!r}: 'unmerged', 'grouped', 'chained', 'matmul', 'kindbn' "
+                                 f"and 'dp' are search-cell switches; the retrain's evaluation cells have one op "
                                  f"per edge and the recipe's drop-path")
         except ValueError as e:
             p.error(str(e))

@@ -106,12 +106,24 @@ class SearchConfig:
     # kernel sizes as one; a reduction cell's paired stride-2 convs ungrouped (block-diagonal)
     merge_kernel_sizes: bool = True
     block_diagonal: bool = True
-    # fused backends: a pass's node sums as one batched matrix product (`fused.mix`)
-    matmul_mix: bool = True
+    # fused backends: a pass's node sums as one batched matrix product (`fused.mix`), or as chained
+    # weighted adds; None (auto): the product, the adds when compiled (`mixes_by_matmul`)
+    matmul_mix: bool | None = None
     # with matmul_mix, in training: a pass's last BNs as one batch norm (`fused.batch_norm_pass`)
     merge_batch_norms: bool = True
     rf: RandomFeaturesConfig = field(default_factory=RandomFeaturesConfig)
     opp: ProgressiveConfig = field(default_factory=ProgressiveConfig)
+
+    def mixes_by_matmul(self) -> bool:
+        """`matmul_mix`, `auto` resolved. Uncompiled, a pass's node sums as one matrix product:
+        fewer kernels than a weighted add per op kind (808 against 1,039 per NB201 step, bf16,
+        the bench's small size). Compiled, the chained adds, which inductor fuses into the
+        kernels around them, where a product is a library call it cannot fuse: 652 kernels
+        against 957 per spec-size NB201 step (CPU counts, bench/RESULTS.md, 2026-12-07). With
+        drop-path always the product, whose entries its factors scale."""
+        if self.matmul_mix is not None:
+            return self.matmul_mix
+        return not self.compile or self.drop_path > 0
 
     def supernet_config(self, num_classes: int) -> SupernetConfig:
         return SupernetConfig(
@@ -131,7 +143,7 @@ def speed_option_problems(cfg: SearchConfig, device_type: str | None) -> list[st
     """What is wrong with the speed options (`device_type` None: the device is not known yet)."""
     problems = [f"search.{name}={getattr(cfg, name)!r}; allowed: {', '.join(allowed)}"
                 for name, allowed in SPEED_CHOICES.items() if getattr(cfg, name) not in allowed]
-    if cfg.backend != "eager" and cfg.drop_path > 0 and not cfg.matmul_mix:
+    if cfg.backend != "eager" and cfg.drop_path > 0 and not cfg.mixes_by_matmul():
         problems.append("search.drop_path > 0 on a fused backend needs search.matmul_mix: true (the "
                         "drop-path factors scale the pass's matrix product), or set search.backend: eager")
     if cfg.cuda_graph:
@@ -269,7 +281,7 @@ class SearchRun:
     def build_model(self) -> Supernet:
         model = self.space.build_supernet(self.cfg.supernet_config(self.data.num_classes))
         model.set_backend(self.cfg.backend, self.cfg.merge_kernel_sizes, self.cfg.block_diagonal,
-                          self.cfg.matmul_mix, self.cfg.merge_batch_norms)
+                          self.cfg.mixes_by_matmul(), self.cfg.merge_batch_norms)
         fmt = torch.channels_last if self.cfg.channels_last else torch.preserve_format
         return model.to(self.device, memory_format=fmt)
 

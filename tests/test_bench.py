@@ -151,12 +151,14 @@ def test_bench_variants_name_a_backend_and_modifiers():
     for bad in ("fused", "nascore+fused+amps"):
         with pytest.raises(SystemExit):
             bench.main(["--device", "cpu", "--size", "tiny", "--retrain-variants", f"nascore,{bad}"])
-    for switch in ("unmerged", "dp"):                   # search cells' switches, not the retrain's
+    for switch in ("unmerged", "dp", "matmul"):         # search cells' switches, not the retrain's
         with pytest.raises(SystemExit):
             bench.main(["--device", "cpu", "--size", "tiny", "--retrain-variants", f"nascore+fused_dense+{switch}"])
     assert bench.speed_options("fused_dense+grouped+unmerged+chained+kindbn") == {
         "backend": "fused_dense", "block_diagonal": False, "merge_kernel_sizes": False, "matmul_mix": False,
         "merge_batch_norms": False}
+    # a compiled search sums its nodes by chained adds (`SearchConfig.mixes_by_matmul`): `+matmul` keeps the product
+    assert bench.speed_options("fused+compile+matmul") == {"backend": "fused", "compile": True, "matmul_mix": True}
     assert bench.retrain_speed("nascore+graph") == "eager+graph"
     # 600 epochs: 520 steps of 96 and a test pass over 10,000 images each; a graphed variant's
     # test pass is its own (`train` runs the test passes through a graph too), not its

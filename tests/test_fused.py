@@ -1700,13 +1700,15 @@ def test_fused_dense_trades_are_search_params_that_change_no_number(float64):
     assert_same_search(*runs)
 
 
-@pytest.mark.parametrize("scope,layers,traces_per_kind,cells_per_call", [
-    ("network", 1, 1, 1),
+@pytest.mark.parametrize("scope,layers,traces_per_kind,cells_per_call,matmul_mix", [
+    ("network", 1, 1, 1, True),
     # 6 cells in 3 shapes: a trace per shape, shared by its 2 cells; 3 kinds × 3 shapes = 9
     # traces, more than dynamo's default limit of 8 (`graphs.RECOMPILE_LIMIT`)
-    ("cells", 2, 3, 6)])
+    ("cells", 2, 3, 6, True),
+    # the node sums as chained weighted adds: what a compiled search runs by default
+    ("cells", 2, 3, 6, False)])
 def test_a_compiled_search_traces_each_kind_of_call_once_and_follows_the_plain_search(
-        scope, layers, traces_per_kind, cells_per_call, float64):
+        scope, layers, traces_per_kind, cells_per_call, matmul_mix, float64):
     """`search.compile`: the supernet's first call of each kind (the α step's train forward, the
     weight step's with α constant, eval without grad) runs eagerly and fills the lazy plan and
     index caches, so dynamo traces each kind once (per cell shape with `compile_scope: cells`). A
@@ -1722,7 +1724,7 @@ def test_a_compiled_search_traces_each_kind_of_call_once_and_follows_the_plain_s
         return run
     torch._dynamo.reset()             # no trace left over from another test of this worker
     space = get_space("nb201")
-    cfg = tiny_search_config("darts", "nb201", backend="fused", epochs=2, layers=layers)
+    cfg = tiny_search_config("darts", "nb201", backend="fused", epochs=2, layers=layers, matmul_mix=matmul_mix)
     plain = search(space, cfg, tiny_data(n=8), log=lambda s: None)
     run = SearchRun(space, cfg, tiny_data(n=8), log=lambda s: None)
     run.model.compile(scope, backend=backend)

@@ -207,6 +207,19 @@ def test_regularised_search_ramps_drop_path_and_takes_cutout():
     assert fused_probs == [0.0, 0.2]
 
 
+@pytest.mark.parametrize("compiled,drop_path,matmul_mix,by_matmul", [
+    (False, 0.0, None, True),       # auto, uncompiled: one product per pass (fewer kernels)
+    (True, 0.0, None, False),       # auto, compiled: chained adds, which inductor fuses
+    (True, 0.4, None, True),        # drop-path's factors scale the product's entries
+    (True, 0.0, True, True), (False, 0.0, False, False)])       # what params.yaml says
+def test_a_compiled_search_sums_its_nodes_by_chained_adds_unless_told(compiled, drop_path, matmul_mix, by_matmul):
+    cfg = tiny_config(space="nb201", backend="fused_dense", compile=compiled, drop_path=drop_path,
+                      matmul_mix=matmul_mix)
+    assert cfg.mixes_by_matmul() is by_matmul
+    run = SearchRun(get_space("nb201"), cfg, tiny_data(), log=lambda s: None)    # compiles lazily
+    assert run.model.matmul_mix is by_matmul
+
+
 def test_merged_batches_concatenate_consecutive_batches_in_order():
     from nascore.search import merged_batches
     x, y = torch.arange(10.0).view(10, 1), torch.arange(10)
