@@ -478,8 +478,13 @@ class Supernet(nn.Module):
         drop-path on or off) runs eagerly the first time. That call fills the plan and index
         caches which the forward builds lazily, so the compiled code is traced once, with the
         caches full. Traced while they were still empty, dynamo would guard on their emptiness
-        and trace the whole network again on the next call: a second compile of minutes. A copy
-        (`copy.deepcopy`) runs eagerly, as a copy of an `nn.Module.compile`d module does.
+        and trace the whole network again on the next call: a second compile of minutes. With
+        "cells" that first call runs `fused_cell` cell by cell, as the compiled code does: the
+        plain forward gathers a DARTS cell's weights with its preprocessing's, other constants
+        than the compiled cell's own, which the traces then made and were guarded on (until
+        2026-12-07: each cell shape traced again as later shapes added theirs, 9 traces of 3
+        shapes where 6 do, and a compile in the third step). A copy (`copy.deepcopy`) runs
+        eagerly, as a copy of an `nn.Module.compile`d module does.
         """
         if scope not in COMPILE_SCOPES:
             raise ValueError(f"compile scope {scope!r} is unknown; allowed: {', '.join(COMPILE_SCOPES)}")
@@ -511,6 +516,9 @@ class Supernet(nn.Module):
             if call in self._warm_calls:
                 return compiled_call(network, x) if network is not None else self._forward(x, cell)
             self._warm_calls.add(call)
+            # the warm call runs the compiled code's own Python: cell by cell, `fused_cell` with
+            # its inputs preprocessed before it, so it makes the constants the traces will look up
+            return self._forward(x) if network is not None else self._forward(x, fused_cell)
         return self._forward(x)
 
     def forward_uncompiled(self, x: torch.Tensor) -> torch.Tensor:

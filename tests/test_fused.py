@@ -1700,19 +1700,25 @@ def test_fused_dense_trades_are_search_params_that_change_no_number(float64):
     assert_same_search(*runs)
 
 
-@pytest.mark.parametrize("scope,layers,traces_per_kind,cells_per_call,matmul_mix", [
-    ("network", 1, 1, 1, True),
+@pytest.mark.parametrize("space,scope,layers,traces_per_kind,cells_per_call,matmul_mix", [
+    ("nb201", "network", 1, 1, 1, True),
     # 6 cells in 3 shapes: a trace per shape, shared by its 2 cells; 3 kinds × 3 shapes = 9
     # traces, more than dynamo's default limit of 8 (`graphs.RECOMPILE_LIMIT`)
-    ("cells", 2, 3, 6, True),
+    ("nb201", "cells", 2, 3, 6, True),
     # the node sums as chained weighted adds: what a compiled search runs by default
-    ("cells", 2, 3, 6, False)])
+    ("nb201", "cells", 2, 3, 6, False),
+    # 3 cells in 3 shapes (a normal, a reduction, a reduction after one), whose preprocessing runs
+    # before the compiled cell
+    ("darts", "cells", 3, 3, 3, False)])
 def test_a_compiled_search_traces_each_kind_of_call_once_and_follows_the_plain_search(
-        scope, layers, traces_per_kind, cells_per_call, matmul_mix, float64):
+        space, scope, layers, traces_per_kind, cells_per_call, matmul_mix, float64):
     """`search.compile`: the supernet's first call of each kind (the α step's train forward, the
     weight step's with α constant, eval without grad) runs eagerly and fills the lazy plan and
     index caches, so dynamo traces each kind once (per cell shape with `compile_scope: cells`). A
-    trace with the caches still empty would be guarded on their emptiness and traced again."""
+    trace with the caches still empty would be guarded on their emptiness and traced again. With
+    `cells`, that first call runs the compiled code's Python cell by cell: the plain forward
+    gathers a DARTS cell's weights with its preprocessing's, so the traces made the compiled
+    cell's own constants and were guarded on them (DARTS: 12 traces here, not 9)."""
     traces, calls = [], []
 
     def backend(gm, example_inputs):          # dynamo's trace, run as traced (no inductor: fast)
@@ -1723,8 +1729,8 @@ def test_a_compiled_search_traces_each_kind_of_call_once_and_follows_the_plain_s
             return gm.forward(*args)
         return run
     torch._dynamo.reset()             # no trace left over from another test of this worker
-    space = get_space("nb201")
-    cfg = tiny_search_config("darts", "nb201", backend="fused", epochs=2, layers=layers, matmul_mix=matmul_mix)
+    cfg = tiny_search_config("darts", space, backend="fused", epochs=2, layers=layers, matmul_mix=matmul_mix)
+    space = get_space(space)
     plain = search(space, cfg, tiny_data(n=8), log=lambda s: None)
     run = SearchRun(space, cfg, tiny_data(n=8), log=lambda s: None)
     run.model.compile(scope, backend=backend)
