@@ -45,7 +45,6 @@ import argparse
 import contextlib
 import dataclasses
 import gc
-import importlib
 import json
 import math
 import os
@@ -69,6 +68,7 @@ import reference  # noqa: E402
 from opcount import CountKernels, CountOps, OpCount  # noqa: E402
 
 from nascore import graphs  # noqa: E402
+from nascore import search as nascore_search, train as nascore_train  # noqa: E402
 from nascore.genotype import DARTS_V2  # noqa: E402
 from nascore import config as C  # noqa: E402
 from nascore.methods import METHODS  # noqa: E402
@@ -83,7 +83,7 @@ from nascore.train import (GraphedTestPass, NonFiniteLossError, TrainConfig, _Gr
 # the probe itself (`main` turns off, on the CPU, the refusal it decides, not the probe)
 cpu_bf16_dilated_grads_ok = graphs.cpu_bf16_dilated_grads_ok
 # the loops that refuse a CPU bf16 channels_last run the probe fails (`graphs.bf16_layout_problem`)
-REFUSING_MODULES = tuple(importlib.import_module(name) for name in ("nascore.search", "nascore.train"))
+REFUSING_MODULES = (nascore_search, nascore_train)
 
 
 @dataclass(frozen=True)
