@@ -835,3 +835,21 @@ def test_a_cpu_bf16_channels_last_retrain_nan_is_blamed_on_the_cpus_dilated_conv
         assert bench.why_nonfinite(*other, net) == ""
     monkeypatch.setattr(bench, "cpu_bf16_dilated_grads_ok", lambda: True)
     assert bench.why_nonfinite(error, "nascore+fused_dense+bf16", cpu, net) == ""
+
+
+def test_the_tracing_bench_counts_each_kind_of_trace_and_where_dynamo_steps(tmp_path):
+    """bench/tracing.py: dynamo alone traces a compiled NB201 search, 3 kinds of call × 3 cell
+    shapes, and names the Python it stepped through."""
+    run = subprocess.run([sys.executable, str(BENCH.parent / "tracing.py"), "--size", "tiny", "--cases", "nb201",
+                          "--top", "4", "--json", str(tmp_path / "tracing.json")],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    (result,) = json.loads((tmp_path / "tracing.json").read_text())["results"]
+    assert result["traces"] == 9 and result["graph_nodes"] > 0 and result["dynamo_s"] > 0
+    steps = [t["bytecodes"] for t in result["top"]]
+    assert len(steps) == 4 and steps == sorted(steps, reverse=True) and result["bytecodes"] >= sum(steps)
+    assert result["by_file"]["fused.py"] > 0
+    assert "nb201" in run.stdout and "where the tracer stepped most" in run.stdout
+    refused = subprocess.run([sys.executable, str(BENCH.parent / "tracing.py"), "--cases", "nb201_valid"],
+                             capture_output=True, text=True, timeout=600)
+    assert refused.returncode == 2 and "unknown case(s) nb201_valid; the cases are darts_first" in refused.stderr
