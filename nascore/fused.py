@@ -190,6 +190,14 @@ def _same_padding(conv: nn.Conv2d) -> int | None:
     return dh
 
 
+def part(op: nn.Module, i: int) -> nn.Module:
+    """`op[i]` of a sequential op (`ReLUConvBN`, `DilConv`, `SepConv`, a pooling and its BN), read
+    from its children's dict. Under dynamo, `nn.Sequential.__getitem__` is traced as Python (an
+    islice over the children, ~110 bytecodes a call): it was 55% of the bytecodes dynamo stepped
+    through to trace a DARTS search cell (bench/RESULTS.md, 2026-12-07, twenty-fifth session)."""
+    return op._modules[str(i)]
+
+
 def _bn_key(bn: nn.BatchNorm2d) -> tuple:
     return bn.affine, bn.eps, bn.momentum
 
@@ -202,20 +210,20 @@ def _conv_merge_key(m: nn.Module) -> tuple | None:
     dense conv weight is composed (`_compose`)."""
     kind = classify(m)
     if kind == "relu_conv_bn":
-        conv, bn = m[1], m[2]
+        conv, bn = part(m, 1), part(m, 2)
         d = _same_padding(conv)
         return None if d is None else (kind, conv.in_channels, conv.out_channels, conv.stride, d,
                                        conv.bias is not None, *_bn_key(bn))
     if kind == "dil":
-        d = _same_padding(m[1])
-        return None if d is None else (kind, m[1].in_channels, m[2].out_channels, m[1].stride, d,
-                                       *_bn_key(m[3]))
+        d = _same_padding(part(m, 1))
+        return None if d is None else (kind, part(m, 1).in_channels, part(m, 2).out_channels, part(m, 1).stride, d,
+                                       *_bn_key(part(m, 3)))
     if kind == "sep":
-        a, b = m[0], m[1]
-        if (_same_padding(a[1]), _same_padding(b[1])) != (1, 1) or a[1].kernel_size != b[1].kernel_size:
+        a, b = part(m, 0), part(m, 1)
+        if (_same_padding(part(a, 1)), _same_padding(part(b, 1))) != (1, 1) or part(a, 1).kernel_size != part(b, 1).kernel_size:
             return None
-        return (kind, a[1].in_channels, a[2].out_channels, b[2].out_channels, a[1].stride, b[1].stride,
-                *_bn_key(a[3]), *_bn_key(b[3]))
+        return (kind, part(a, 1).in_channels, part(a, 2).out_channels, part(b, 2).out_channels, part(a, 1).stride, part(b, 1).stride,
+                *_bn_key(part(a, 3)), *_bn_key(part(b, 3)))
     return None
 
 
@@ -272,7 +280,7 @@ def build_cell_plan(op_module: Callable[[int, int], nn.Module], plan: ArchPlan,
             if BN_CHANNELS[kind](1):
                 # a pooling's affine BNs (random features) normalise a copy of its output each
                 # (`_bn_shared`): statistics per unit, not one set for all
-                affine_pools = kind == "pool_bn" and op_module(*g.units[0])[1].affine
+                affine_pools = kind == "pool_bn" and part(op_module(*g.units[0]), 1).affine
                 bn += len(g.units) if affine_pools else BN_CHANNELS[kind](len(g.units))
                 bn_unit = bn_unit or g.units[0]
             if kind == "noise":
@@ -296,15 +304,15 @@ def classify(m: nn.Module) -> str:
         return "identity"
     if isinstance(m, (nn.MaxPool2d, nn.AvgPool2d)):
         return "pool"
-    if (isinstance(m, nn.Sequential) and len(m) == 2 and isinstance(m[0], (nn.MaxPool2d, nn.AvgPool2d))
-            and _is_bn(m[1])):
+    if (isinstance(m, nn.Sequential) and len(m) == 2 and isinstance(part(m, 0), (nn.MaxPool2d, nn.AvgPool2d))
+            and _is_bn(part(m, 1))):
         return "pool_bn"
     if isinstance(m, SepConv) and len(m) == 2 and all(_is_dil_block(b) for b in m):
         return "sep"
     if isinstance(m, DilConv) and _is_dil_block(m):
         return "dil"
-    if (isinstance(m, ReLUConvBN) and isinstance(m[0], nn.ReLU) and _is_conv(m[1]) and m[1].groups == 1
-            and _is_bn(m[2])):
+    if (isinstance(m, ReLUConvBN) and isinstance(part(m, 0), nn.ReLU) and _is_conv(part(m, 1)) and part(m, 1).groups == 1
+            and _is_bn(part(m, 2))):
         return "relu_conv_bn"
     if (isinstance(m, FactorizedReduce) and all(_is_conv(c) and c.kernel_size == (1, 1) and c.stride == (2, 2)
                                                 and c.padding == (0, 0) and c.bias is None
@@ -323,10 +331,10 @@ def _is_conv(m: nn.Module) -> bool:
 
 def _is_dil_block(m: nn.Module) -> bool:
     """ReLU -> depthwise conv -> 1×1 conv (no bias) -> BN, as `DilConv` builds it."""
-    return (len(m) == 4 and isinstance(m[0], nn.ReLU) and _is_conv(m[1]) and m[1].bias is None
-            and m[1].groups == m[1].in_channels == m[1].out_channels and _is_conv(m[2])
-            and m[2].kernel_size == (1, 1) and m[2].groups == 1 and m[2].bias is None
-            and m[2].stride == (1, 1) and m[2].padding == (0, 0) and _is_bn(m[3]))
+    return (len(m) == 4 and isinstance(part(m, 0), nn.ReLU) and _is_conv(part(m, 1)) and part(m, 1).bias is None
+            and part(m, 1).groups == part(m, 1).in_channels == part(m, 1).out_channels and _is_conv(part(m, 2))
+            and part(m, 2).kernel_size == (1, 1) and part(m, 2).groups == 1 and part(m, 2).bias is None
+            and part(m, 2).stride == (1, 1) and part(m, 2).padding == (0, 0) and _is_bn(part(m, 3)))
 
 
 # --- op weights: one gather per cell ----------------------------------------------------------
@@ -1001,24 +1009,24 @@ def _pool_bn_requests(mods: list[nn.Module], dense: Dense, states: int) -> list[
     # 2026-12-06 a product with the bf16 activations applied them in training too, so they came
     # cast with the conv weights: float32, they had promoted that output and the pass's
     # concatenation, an activation cast each way per pooling.)
-    return _bn_requests([m[1] for m in mods])
+    return _bn_requests([part(m, 1) for m in mods])
 
 
 def _pool_bn(mods: list[nn.Module], src: _Source, units: Units, scale: tuple | None, ws: Iterator
              ) -> torch.Tensor | Deferred:
     """`scale`: None, or with affine BNs merged with the pass's (`batch_norm_pass`) their
     (γ, β), concatenated, which then are not in `ws`."""
-    bns = [m[1] for m in mods]
+    bns = [part(m, 1) for m in mods]
     if src.defer:
         if bns[0].affine:     # each edge's γ, β over its own copy (as `_bn_shared`), in the pass's BN
-            return Deferred(_repeat_units(mods[0][0](src.x), src.states, len(mods) // src.states), bns)
-        return Deferred(mods[0][0](src.x), bns, shared=True, states=src.states)
-    return _bn_shared(mods[0][0](src.x), bns, src.sink, ws, src.states, scale)
+            return Deferred(_repeat_units(part(mods[0], 0)(src.x), src.states, len(mods) // src.states), bns)
+        return Deferred(part(mods[0], 0)(src.x), bns, shared=True, states=src.states)
+    return _bn_shared(part(mods[0], 0)(src.x), bns, src.sink, ws, src.states, scale)
 
 
 def _dil_requests(blocks: Sequence[nn.Sequential], shared_input: bool, dense: Dense,
                   states: int = 1) -> list[Request]:
-    dw, pw = [b[1].weight for b in blocks], [b[2].weight for b in blocks]
+    dw, pw = [part(b, 1).weight for b in blocks], [part(b, 2).weight for b in blocks]
     per_state = f"/{states}" if states > 1 else ""
     if dense is not None:
         convs = [(dense, dw + pw)]
@@ -1026,7 +1034,7 @@ def _dil_requests(blocks: Sequence[nn.Sequential], shared_input: bool, dense: De
         convs = [("interleave" + per_state, dw), ("dense" + per_state, pw)]
     else:
         convs = [("cat", dw), ("cat", pw)]
-    return convs + _bn_requests([b[3] for b in blocks])
+    return convs + _bn_requests([part(b, 3) for b in blocks])
 
 
 def _dil_blocks(blocks: Sequence[nn.Sequential], r: torch.Tensor, sink: BatchNormSink,
@@ -1048,7 +1056,7 @@ def _dil_blocks(blocks: Sequence[nn.Sequential], r: torch.Tensor, sink: BatchNor
     block (`block_diagonal`). `defer`: the BN's input, to be normalised with the pass (`Deferred`).
     """
     # a merged group (`merge_conv_groups`, dense only): the largest kernel's padding
-    n, d0 = len(blocks), max((b[1] for b in blocks), key=lambda c: c.kernel_size[0])
+    n, d0 = len(blocks), max((part(b, 1) for b in blocks), key=lambda c: c.kernel_size[0])
     if dense:
         w, groups = next(ws), states if shared_input else n
         if shared_input and states > 1 and block_diagonal is not None and d0.stride != (1, 1):
@@ -1059,8 +1067,8 @@ def _dil_blocks(blocks: Sequence[nn.Sequential], r: torch.Tensor, sink: BatchNor
                      states * d0.in_channels if shared_input else n * d0.in_channels)
         y = F.conv2d(y, next(ws), None, 1, 0, 1, states if shared_input else n)
     if defer:
-        return Deferred(y, [b[3] for b in blocks])
-    return _bn_blocks(y, [b[3] for b in blocks], sink, ws, scale)
+        return Deferred(y, [part(b, 3) for b in blocks])
+    return _bn_blocks(y, [part(b, 3) for b in blocks], sink, ws, scale)
 
 
 def block_diagonal(w: torch.Tensor, states: int,
@@ -1088,35 +1096,35 @@ def _dil(mods: list[nn.Module], src: _Source, units: Units, scale: Scale, ws: It
 
 
 def _sep_requests(mods: list[nn.Module], dense: Dense, states: int) -> list[Request]:
-    return _dil_requests([m[0] for m in mods], True, dense, states) + \
-        _dil_requests([m[1] for m in mods], False, dense)
+    return _dil_requests([part(m, 0) for m in mods], True, dense, states) + \
+        _dil_requests([part(m, 1) for m in mods], False, dense)
 
 
 def _sep(mods: list[nn.Module], src: _Source, units: Units, scale: Scale, ws: Iterator
          ) -> torch.Tensor | Deferred:
-    y = _dil_blocks([m[0] for m in mods], src.relu(), src.sink, True, ws, dense=src.dense, states=src.states,
+    y = _dil_blocks([part(m, 0) for m in mods], src.relu(), src.sink, True, ws, dense=src.dense, states=src.states,
                     block_diagonal=src.block_diagonal)
-    y = _dil_blocks([m[1] for m in mods], F.relu(y), src.sink, False, ws, scale, src.dense, defer=src.defer)
+    y = _dil_blocks([part(m, 1) for m in mods], F.relu(y), src.sink, False, ws, scale, src.dense, defer=src.defer)
     return y if isinstance(y, Deferred) else src.per_state(y, len(mods))
 
 
 def _relu_conv_bn_requests(mods: list[nn.Module], dense: Dense, states: int) -> list[Request]:
-    convs = [m[1] for m in mods]
+    convs = [part(m, 1) for m in mods]
     bias = [("cat", [c.bias for c in convs])] if convs[0].bias is not None else []
     # kernels of several sizes: a merged group (`merge_conv_groups`)
     layout = "cat" if len({c.kernel_size for c in convs}) == 1 else "centred"
-    return [(layout, [c.weight for c in convs])] + bias + _bn_requests([m[2] for m in mods])
+    return [(layout, [c.weight for c in convs])] + bias + _bn_requests([part(m, 2) for m in mods])
 
 
 def _relu_conv_bn(mods: list[nn.Module], src: _Source, units: Units, scale: Scale, ws: Iterator
                   ) -> torch.Tensor | Deferred:
-    c0 = max((m[1] for m in mods), key=lambda c: c.kernel_size[0])    # a merged group: the largest kernel
+    c0 = max((part(m, 1) for m in mods), key=lambda c: c.kernel_size[0])    # a merged group: the largest kernel
     weight = next(ws)
     bias = next(ws) if c0.bias is not None else None
     y = F.conv2d(src.relu(), weight, bias, c0.stride, c0.padding, c0.dilation, src.states)
     if src.defer:
-        return Deferred(y, [m[2] for m in mods])
-    return src.per_state(_bn_blocks(y, [m[2] for m in mods], src.sink, ws, scale), len(mods))
+        return Deferred(y, [part(m, 2) for m in mods])
+    return src.per_state(_bn_blocks(y, [part(m, 2) for m in mods], src.sink, ws, scale), len(mods))
 
 
 def _factorized_reduce_requests(mods: list[nn.Module], dense: Dense, states: int) -> list[Request]:
@@ -1175,9 +1183,9 @@ BN_CHANNELS: dict[str, Callable[[int], int]] = {
 # the BNs of a group's modules, per BN block in the order the kind takes its statistics from the
 # sink (evaluation mode gathers their running statistics in that order)
 BN_CALLS: dict[str, Callable[[list[nn.Module]], list[list[nn.BatchNorm2d]]]] = {
-    "pool_bn": lambda mods: [[m[1] for m in mods]], "dil": lambda mods: [[m[3] for m in mods]],
-    "sep": lambda mods: [[m[0][3] for m in mods], [m[1][3] for m in mods]],
-    "relu_conv_bn": lambda mods: [[m[2] for m in mods]], "factorized_reduce": lambda mods: [[m.bn for m in mods]],
+    "pool_bn": lambda mods: [[part(m, 1) for m in mods]], "dil": lambda mods: [[part(m, 3) for m in mods]],
+    "sep": lambda mods: [[part(part(m, 0), 3) for m in mods], [part(part(m, 1), 3) for m in mods]],
+    "relu_conv_bn": lambda mods: [[part(m, 2) for m in mods]], "factorized_reduce": lambda mods: [[m.bn for m in mods]],
 }
 
 
@@ -1189,7 +1197,7 @@ def _grouped_bns(groups: Iterable[tuple[str, list[nn.Module]]]) -> list[nn.Batch
 SCALED = frozenset({"dil", "sep", "relu_conv_bn", "factorized_reduce"})
 # a SCALED kind's last BN (the one α is folded into), from one of its modules
 LAST_BN: dict[str, Callable[[nn.Module], nn.BatchNorm2d]] = {
-    "dil": lambda m: m[3], "sep": lambda m: m[1][3], "relu_conv_bn": lambda m: m[2],
+    "dil": lambda m: part(m, 3), "sep": lambda m: part(part(m, 1), 3), "relu_conv_bn": lambda m: part(m, 2),
     "factorized_reduce": lambda m: m.bn,
 }
 # the kinds whose last BN a pass can apply for them all at once (`Deferred`, `batch_norm_pass`)
@@ -1208,7 +1216,7 @@ def _pass_batch_norm_eps(kinds_p: Sequence[Sequence[str]], modules: Sequence[Seq
     through `fused`: +2% kernel-like ops, +6% bytes moved), a gain from k = 3 (a DARTS pass: 4-5)."""
     if not any(sum(kind in DEFERRABLE for kind in kinds) >= 3 for kinds in kinds_p):
         return None
-    bns = [m[1] if kind == "pool_bn" else LAST_BN[kind](m)
+    bns = [part(m, 1) if kind == "pool_bn" else LAST_BN[kind](m)
            for kinds, mods_s in zip(kinds_p, modules) for kind, mods in zip(kinds, mods_s)
            if kind in DEFERRABLE for m in mods]
     eps, affine = {bn.eps for bn in bns}, {bn.affine for bn in bns}
@@ -1298,7 +1306,7 @@ class FusedArch:
         gathered = source.index_select(0, self.constant(gather_key, gather_index))
         n_plain = (sum(len(i) for k, i, _ in layout if k == "plain") if mixes is None
                    else sum(len(m[0]) + m[1] * m[2] for m in mixes if m is not None))
-        n_scaled = (sum(len(b) for b in bn_scale) if defer
+        n_scaled = (sum(bn_scale) if defer
                     else sum(len(i) for k, i, _ in layout if k == "scaled") * channels)
         plain_w, scaled_w = gathered.split([n_plain, n_scaled]) if n_plain and n_scaled else (
             (gathered, None) if n_plain else (None, gathered))
@@ -1306,8 +1314,8 @@ class FusedArch:
             # the ops' outputs are in the autocast dtype; float32 weights would promote every sum
             plain_w = plain_w.to(self.autocast)
         if defer:
-            per_pass = iter(scaled_w.split([len(b) for b in bn_scale]) if scaled_w is not None else ())
-            self._bn[key] = [next(per_pass) if b else None for b in bn_scale]
+            per_pass = iter(scaled_w.split(bn_scale) if scaled_w is not None else ())
+            self._bn[key] = [next(per_pass) if n else None for n in bn_scale]
             slices: list[torch.Tensor] = []
             for p, scale, pass_entries in zip(passes, self._bn[key], _per_pass(layout, passes, cell)):
                 kinds = cell.kinds[p[0]]
@@ -1354,7 +1362,7 @@ class FusedArch:
     def _gather_spec(self, cell: CellPlan, channels: int, unit_columns: tuple[tuple[bool, ...], ...] | None,
                      defer: bool) -> tuple:
         """What `group_weights` gathers for these arguments: the passes, the groups' layout, the
-        mixing matrices' and the pass BN scales' positions, whether BNs are merged after all, and
+        mixing matrices' positions, the pass BN scales' lengths, whether BNs are merged after all, and
         the gather index's cache key and maker."""
         ap = cell.arch or self.plan
         units = iter(ap.op_index)
@@ -1368,13 +1376,19 @@ class FusedArch:
                                                                 len(self.weights), defer, self.bypass)
         defer = defer and mixes is not None
         # defer: per pass, the BN scale's positions (1 = after the α and the 0): a pooling's
-        # channels (per state, or per unit with affine BNs: `_pool_bn`), then the SCALED units'
-        bn_scale = [[len(self.weights) + 1] * channels * sum(_pool_bn_blocks(cell, len(p), len(index))
-                                                             for (_, index, _), kind in zip(entries, cell.kinds[p[0]])
-                                                             if kind == "pool_bn")
-                    + [i for gi, kind in enumerate(cell.kinds[p[0]]) if kind in SCALED
-                       for s in p for i in op_index[s][gi] for _ in range(channels)]
-                    for p, entries in zip(passes, _per_pass(layout, passes, cell))] if defer else []
+        # channels (per state, or per unit with affine BNs: `_pool_bn`), then the SCALED units'.
+        # Their lengths now, the positions only where the index is made: lists of an entry per
+        # channel, which a compiled cell's trace stepped through element by element (a sixth of
+        # the bytecodes of a spec-size DARTS trace)
+        pass_entries = list(zip(passes, _per_pass(layout, passes, cell))) if defer else []
+
+        def pools(p: tuple[int, ...], entries: list) -> int:
+            return sum(_pool_bn_blocks(cell, len(p), len(index))
+                       for (_, index, _), kind in zip(entries, cell.kinds[p[0]]) if kind == "pool_bn")
+
+        def scaled(p: tuple[int, ...]) -> list[int]:
+            return [i for gi, kind in enumerate(cell.kinds[p[0]]) if kind in SCALED for s in p for i in op_index[s][gi]]
+        bn_scale = [channels * (pools(p, entries) + len(scaled(p))) for p, entries in pass_entries]
 
         def gather_index() -> torch.Tensor:
             parts: dict[str, list[int]] = {"none": [], "plain": [], "scaled": []}
@@ -1386,7 +1400,9 @@ class FusedArch:
                 [i for m in mixes if m is not None for i in m[0]]
                 + [i for m in mixes if m is not None for i in _alpha_entries(*m[:3], m[4])])
             if defer:
-                return torch.tensor(plain + [i for b in bn_scale for i in b])
+                return torch.tensor(plain + [i for p, entries in pass_entries
+                                             for i in [len(self.weights) + 1] * channels * pools(p, entries)
+                                             + [i for i in scaled(p) for _ in range(channels)]])
             return torch.tensor(plain + [i for i in parts["scaled"] for _ in range(channels)])
         key = ("gather", ap, cell.kinds, cell.paired, channels, unit_columns, defer,
                self.bypass if mixes is not None else None)
@@ -2000,7 +2016,7 @@ def unit_columns(kind: str, mods: Sequence[nn.Module], training: bool) -> bool:
     if kind in ("identity", "pool"):
         return False
     if kind == "pool_bn":
-        return len(mods) > 1 and (not training or mods[0][1].affine)
+        return len(mods) > 1 and (not training or part(mods[0], 1).affine)
     return True
 
 
@@ -2113,8 +2129,8 @@ def _paired_preprocess(groups: Sequence[tuple[str, list[nn.Module]]], inputs: Se
     (_, [a]), (_, [b]) = groups
 
     def key(m: nn.Module) -> tuple:
-        c = m[1]
-        return (c.weight.shape, c.stride, c.padding, c.dilation, c.groups, c.bias is None, _bn_key(m[2]))
+        c = part(m, 1)
+        return (c.weight.shape, c.stride, c.padding, c.dilation, c.groups, c.bias is None, _bn_key(part(m, 2)))
     if key(a) != key(b) or inputs[0].shape != inputs[1].shape or inputs[0].dtype != inputs[1].dtype:
         return None
     return [("relu_conv_bn", [a, b])]
@@ -2384,7 +2400,7 @@ def _affine_by_group(kinds: Sequence[str], mods_s: Sequence[list[nn.Module]], ro
         return row
     order = [i for i, kind in enumerate(kinds) if kind == "pool_bn"] + \
         [i for i, kind in enumerate(kinds) if kind in SCALED]
-    sizes = [sum((m[1] if kinds[i] == "pool_bn" else LAST_BN[kinds[i]](m)).num_features for m in mods_s[i])
+    sizes = [sum((part(m, 1) if kinds[i] == "pool_bn" else LAST_BN[kinds[i]](m)).num_features for m in mods_s[i])
              for i in order]
     pairs = dict(zip(order, zip(*(t.split(sizes) for t in bn))))
     return [pairs.get(i, w) for i, w in enumerate(row)]

@@ -164,12 +164,16 @@ class SearchCell(nn.Module):
         strides = tuple(2 if reduction and j < num_inputs else 1 for j in range(num_inputs + num_nodes))
         self.edges = nn.ModuleList(make_edge(ops, C, strides[j], cfg, pool_bn)
                                    for ops, (_, j) in zip(edge_ops, self.edge_list))
+        # the op modules by (edge, column) in plain tuples: the fused forward looks each up, and
+        # under dynamo a `ModuleList` index is inlined Python (~3 ms of tracing apiece: a third
+        # of a compiled DARTS cell's trace time), a tuple index is not
+        self._op_table = tuple(tuple(edge.ops) for edge in self.edges)
         k = cfg.partial_channels
         self.fused_shape = fused.CellShape(strides, C // k, k, cfg.channel_shuffle and k > 1, output)
         self._fused_plans: dict[tuple[fused.ArchPlan, bool, bool], fused.CellPlan] = {}   # pure data: safe to deepcopy
 
     def op_module(self, edge: int, column: int) -> nn.Module:
-        return self.edges[edge].ops[column]
+        return self._op_table[edge][column]
 
     def forward(self, inputs: Sequence[torch.Tensor], weights: "torch.Tensor | fused.FusedArch",
                 columns: Sequence[int], edge_weights: torch.Tensor | None = None,

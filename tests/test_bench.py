@@ -839,7 +839,9 @@ def test_a_cpu_bf16_channels_last_retrain_nan_is_blamed_on_the_cpus_dilated_conv
 
 def test_the_tracing_bench_counts_each_kind_of_trace_and_where_dynamo_steps(tmp_path):
     """bench/tracing.py: dynamo alone traces a compiled NB201 search, 3 kinds of call × 3 cell
-    shapes, and names the Python it stepped through."""
+    shapes, and names the Python it stepped through. None of it in `torch.nn`'s containers: an
+    op's parts are read with `fused.part`, not `nn.Sequential.__getitem__`, which dynamo steps
+    through as Python (half a DARTS cell's trace with it)."""
     run = subprocess.run([sys.executable, str(BENCH.parent / "tracing.py"), "--size", "tiny", "--cases", "nb201",
                           "--top", "4", "--json", str(tmp_path / "tracing.json")],
                          capture_output=True, text=True, timeout=600)
@@ -848,7 +850,8 @@ def test_the_tracing_bench_counts_each_kind_of_trace_and_where_dynamo_steps(tmp_
     assert result["traces"] == 9 and result["graph_nodes"] > 0 and result["dynamo_s"] > 0
     steps = [t["bytecodes"] for t in result["top"]]
     assert len(steps) == 4 and steps == sorted(steps, reverse=True) and result["bytecodes"] >= sum(steps)
-    assert result["by_file"]["fused.py"] > 0
+    assert result["by_file"]["fused.py"] > result["bytecodes"] / 2
+    assert "container.py" not in result["by_file"], result["by_file"]
     assert "nb201" in run.stdout and "where the tracer stepped most" in run.stdout
     refused = subprocess.run([sys.executable, str(BENCH.parent / "tracing.py"), "--cases", "nb201_valid"],
                              capture_output=True, text=True, timeout=600)
