@@ -67,9 +67,10 @@ gradients, BN buffers and derived genotypes against the eager path in float64.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field, replace
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -1305,7 +1306,7 @@ class FusedArch:
         # the index is a device constant: made once, not per forward
         gathered = source.index_select(0, self.constant(gather_key, gather_index))
         n_plain = (sum(len(i) for k, i, _ in layout if k == "plain") if mixes is None
-                   else sum(len(m[0]) + m[1] * m[2] for m in mixes if m is not None))
+                   else sum(m.size + m.rows * m.n_alpha for m in mixes if m is not None))
         n_scaled = (sum(bn_scale) if defer
                     else sum(len(i) for k, i, _ in layout if k == "scaled") * channels)
         plain_w, scaled_w = gathered.split([n_plain, n_scaled]) if n_plain and n_scaled else (
@@ -1330,15 +1331,15 @@ class FusedArch:
             scaled_parts = iter(scaled_w.split([len(i) * channels for k, i, _ in layout if k == "scaled"])
                                 if scaled_w is not None else ())
         if mixes is not None:
-            sizes = [len(m[0]) for m in mixes if m is not None]
-            alpha_sizes = [m[1] * m[2] for m in mixes if m is not None]
+            sizes = [m.size for m in mixes if m is not None]
+            alpha_sizes = [m.rows * m.n_alpha for m in mixes if m is not None]
             if plain_w is not None:
                 whole, alpha = plain_w.split([sum(sizes), sum(alpha_sizes)])
                 # the whole matrices detached: their α entries get their gradient as `alpha`
                 matrices, alphas = iter(whole.detach().split(sizes)), iter(alpha.split(alpha_sizes))
-            self._mix[key] = [None if m is None else (next(matrices).view(m[1], -1), m[2], next(alphas).view(m[1], m[2]),
-                                                      m[4]) for m in mixes]
-            self._drops[key] = (gather_key, [None if m is None else m[3] for m in mixes])
+            self._mix[key] = [None if m is None else (next(matrices).view(m.rows, -1), m.n_alpha,
+                                                      next(alphas).view(m.rows, m.n_alpha), m.fold) for m in mixes]
+            self._drops[key] = (gather_key, [None if m is None else m.drops for m in mixes])
             plain_parts: Iterator[torch.Tensor] = iter(())
         else:
             # one split per part, not a slice per group: its backward is one cat
@@ -1397,8 +1398,9 @@ class FusedArch:
             # `mix`: every pass's whole matrix (a constant to autograd), then its α columns again
             # (the entries α's gradient goes to: `Mix` writes theirs only, no zero-padded rest)
             plain = parts["plain"] if mixes is None else (
-                [i for m in mixes if m is not None for i in m[0]]
-                + [i for m in mixes if m is not None for i in _alpha_entries(*m[:3], m[4])])
+                [i for m in mixes if m is not None for i in m.positions()]
+                + [i for m in mixes if m is not None
+                   for i in _alpha_entries(m.positions(), m.rows, m.n_alpha, m.fold)])
             if defer:
                 return torch.tensor(plain + [i for p, entries in pass_entries
                                              for i in [len(self.weights) + 1] * channels * pools(p, entries)
@@ -1444,7 +1446,7 @@ class FusedArch:
             if positions is None:
                 out.append(None)
                 continue
-            index = self.constant(("drop-path", *gather_key[1:], i), lambda e=positions: torch.tensor(e))
+            index = self.constant(("drop-path", *gather_key[1:], i), lambda e=positions: torch.tensor(e()))
             out.append(mask.index_select(1, index).view(mask.shape[0], *mixing[0].shape))
         return out
 
@@ -1474,13 +1476,28 @@ def _per_pass(layout: list, passes: Sequence[tuple[int, ...]], cell: CellPlan) -
     return [[next(entries) for _ in cell.kinds[p[0]]] for p in passes]
 
 
+class MixLayout(NamedTuple):
+    """One pass's mixing matrix (`_mix_layouts`): its shape and fold now; its positions and
+    drop-path positions made on demand, when their index tensors are made. Those lists hold an
+    entry per matrix element, which a compiled cell's trace would otherwise step through element
+    by element in every trace (with the BN scales' positions, a fifth of a spec-size DARTS
+    trace's bytecodes, 2026-12-07)."""
+
+    rows: int                                 # targets (× K with partial channels)
+    n_alpha: int                              # columns that hold α (`_alpha_columns`)
+    fold: int
+    size: int                                 # rows × columns
+    positions: Callable[[], list[int]]        # row-major, into (α weights, 0, 1)
+    drops: Callable[[], list[int]]            # row-major, into (α indices, the factor-1 position)
+
+
 def _mix_layouts(ap: ArchPlan, cell: CellPlan, passes: Sequence[tuple[int, ...]],
                  op_index: list[list[list[int]]], unit_columns: tuple[tuple[bool, ...], ...],
                  n_weights: int, defer: bool = False, bypass: tuple[int, int | None] | None = None
-                 ) -> list[tuple[list[int], int, int, list[int], int] | None]:
+                 ) -> list[MixLayout | None]:
     """Per pass, its mixing matrix as positions into (α weights, 0, 1), row-major, with its
     number of rows (targets) and of α columns, the matrix's drop-path positions and its `fold`
-    (below); None for a pass without outputs.
+    (below): a `MixLayout`; None for a pass without outputs.
 
     `fold` > 0: the pass reads a node that the previous pass's product completed, whose sums
     (`prev`: that node's row, then a row per target of this pass) are this product's first
@@ -1515,7 +1532,7 @@ def _mix_layouts(ap: ArchPlan, cell: CellPlan, passes: Sequence[tuple[int, ...]]
     zero, one = n_weights, n_weights + 1
     keep = n_weights                          # drop-path: the factor-1 position
     k, beta_at = bypass if bypass is not None else (1, None)
-    out: list[tuple[list[int], int, int, list[int], int] | None] = []
+    out: list[MixLayout | None] = []
     prev_rows = None                          # the previous pass's product's rows, if it made one
     for p, per_unit in zip(passes, unit_columns):
         targets = len(ap.sources[p[-1]].edges)
@@ -1561,10 +1578,12 @@ def _mix_layouts(ap: ArchPlan, cell: CellPlan, passes: Sequence[tuple[int, ...]]
         if not columns:
             out.append(None)
             continue
-        entries = [col.get(t if c == 0 else (t, c), (zero, keep)) for t in range(targets) for c in range(k)
-                   for col in columns]
-        out.append(([e for e, _ in entries], targets * k, len(weighted) + fold, [d for _, d in entries],
-                    targets if fold else 0))
+
+        def entries(at: int, columns: list[dict] = columns, targets: int = targets) -> list[int]:
+            return [col.get(t if c == 0 else (t, c), (zero, keep))[at] for t in range(targets) for c in range(k)
+                    for col in columns]
+        out.append(MixLayout(targets * k, len(weighted) + fold, targets if fold else 0, targets * k * len(columns),
+                             functools.partial(entries, 0), functools.partial(entries, 1)))
     return out
 
 
