@@ -195,8 +195,10 @@ def part(op: nn.Module, i: int) -> nn.Module:
     """`op[i]` of a sequential op (`ReLUConvBN`, `DilConv`, `SepConv`, a pooling and its BN), read
     from its children's dict. Under dynamo, `nn.Sequential.__getitem__` is traced as Python (an
     islice over the children, ~110 bytecodes a call): it was 55% of the bytecodes dynamo stepped
-    through to trace a DARTS search cell (bench/RESULTS.md, 2026-12-07, twenty-fifth session)."""
-    return op._modules[str(i)]
+    through to trace a DARTS search cell (bench/RESULTS.md, 2026-12-07, twenty-fifth session).
+    A sequential whose children have names of their own is indexed as usual."""
+    name = str(i)
+    return op._modules[name] if name in op._modules else op[i]
 
 
 def _bn_key(bn: nn.BatchNorm2d) -> tuple:
@@ -216,14 +218,16 @@ def _conv_merge_key(m: nn.Module) -> tuple | None:
         return None if d is None else (kind, conv.in_channels, conv.out_channels, conv.stride, d,
                                        conv.bias is not None, *_bn_key(bn))
     if kind == "dil":
-        d = _same_padding(part(m, 1))
-        return None if d is None else (kind, part(m, 1).in_channels, part(m, 2).out_channels, part(m, 1).stride, d,
+        depthwise = part(m, 1)
+        d = _same_padding(depthwise)
+        return None if d is None else (kind, depthwise.in_channels, part(m, 2).out_channels, depthwise.stride, d,
                                        *_bn_key(part(m, 3)))
     if kind == "sep":
         a, b = part(m, 0), part(m, 1)
-        if (_same_padding(part(a, 1)), _same_padding(part(b, 1))) != (1, 1) or part(a, 1).kernel_size != part(b, 1).kernel_size:
+        dw_a, dw_b = part(a, 1), part(b, 1)
+        if (_same_padding(dw_a), _same_padding(dw_b)) != (1, 1) or dw_a.kernel_size != dw_b.kernel_size:
             return None
-        return (kind, part(a, 1).in_channels, part(a, 2).out_channels, part(b, 2).out_channels, part(a, 1).stride, part(b, 1).stride,
+        return (kind, dw_a.in_channels, part(a, 2).out_channels, part(b, 2).out_channels, dw_a.stride, dw_b.stride,
                 *_bn_key(part(a, 3)), *_bn_key(part(b, 3)))
     return None
 
@@ -312,8 +316,8 @@ def classify(m: nn.Module) -> str:
         return "sep"
     if isinstance(m, DilConv) and _is_dil_block(m):
         return "dil"
-    if (isinstance(m, ReLUConvBN) and isinstance(part(m, 0), nn.ReLU) and _is_conv(part(m, 1)) and part(m, 1).groups == 1
-            and _is_bn(part(m, 2))):
+    if (isinstance(m, ReLUConvBN) and isinstance(part(m, 0), nn.ReLU) and _is_conv(part(m, 1))
+            and part(m, 1).groups == 1 and _is_bn(part(m, 2))):
         return "relu_conv_bn"
     if (isinstance(m, FactorizedReduce) and all(_is_conv(c) and c.kernel_size == (1, 1) and c.stride == (2, 2)
                                                 and c.padding == (0, 0) and c.bias is None

@@ -127,6 +127,18 @@ CHAINED = [("darts", {}), ("nb201", {}), ("s1", {"partial_channels": 2, "edge_no
            ("s4", {"random_features": True}), ("darts", {"random_features": True})]
 
 
+def test_part_reads_an_ops_children_as_indexing_does_named_ones_too():
+    """`fused.part` is `op[i]`, read where dynamo steps through no container code; a sequential
+    with names of its own (a user's pooling op) is still classified, not a KeyError."""
+    from nascore.ops import SepConv
+    sep = SepConv(4, 4, 3, 1, 1, affine=False)
+    assert all(fused.part(sep, i) is sep[i] for i in range(2))
+    assert all(fused.part(fused.part(sep, 1), i) is sep[1][i] for i in range(4))
+    named = nn.Sequential(collections.OrderedDict(pool=nn.MaxPool2d(3, 1, 1), bn=nn.BatchNorm2d(4, affine=False)))
+    assert fused.part(named, 1) is named.bn and fused.classify(named) == "pool_bn"
+    assert fused.classify(sep) == "sep"
+
+
 @pytest.mark.parametrize("space,switches", CHAINED, ids=[f"{s}-{'-'.join(k) or 'plain'}" for s, k in CHAINED])
 def test_the_chained_node_sums_equal_eager_too(space, switches):
     assert_same(build(space, **switches), "fused", matmul_mix=False)
