@@ -34,7 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))   # nascore from this checkout
-from search_step import SIZES, OneBatch, batches, case_of, search_settings  # noqa: E402
+from search_step import SIZES, OneBatch, batches, search_settings  # noqa: E402
 
 from nascore.search import EpochSteps, SearchData, SearchRun  # noqa: E402
 from nascore.spaces import get_space  # noqa: E402
@@ -74,10 +74,8 @@ def dynamo_seconds() -> list[float]:
 
 
 def trace_case(case: str, size: str, backend: str, top: int) -> dict[str, Any]:
-    """Trace `case`'s search at `size`'s channels and cells (see the module's docstring)."""
-    if case_of(case).validation:
-        raise ValueError(f"{case} is a validation case; the traced cases are {', '.join(TRACE_CASES)} "
-                         f"(each traces its validation forward too)")
+    """Trace `case` (one of `TRACE_CASES`: each traces its validation forward too) at `size`'s
+    channels and cells (see the module's docstring)."""
     space, cfg, _ = search_settings(case, SIZES[size], backend=backend)
     traces: list[int] = []
 

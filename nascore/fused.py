@@ -336,10 +336,13 @@ def _is_conv(m: nn.Module) -> bool:
 
 def _is_dil_block(m: nn.Module) -> bool:
     """ReLU -> depthwise conv -> 1×1 conv (no bias) -> BN, as `DilConv` builds it."""
-    return (len(m) == 4 and isinstance(part(m, 0), nn.ReLU) and _is_conv(part(m, 1)) and part(m, 1).bias is None
-            and part(m, 1).groups == part(m, 1).in_channels == part(m, 1).out_channels and _is_conv(part(m, 2))
-            and part(m, 2).kernel_size == (1, 1) and part(m, 2).groups == 1 and part(m, 2).bias is None
-            and part(m, 2).stride == (1, 1) and part(m, 2).padding == (0, 0) and _is_bn(part(m, 3)))
+    if len(m) != 4:
+        return False
+    relu, dw, pw, bn = (part(m, i) for i in range(4))
+    return (isinstance(relu, nn.ReLU) and _is_conv(dw) and dw.bias is None
+            and dw.groups == dw.in_channels == dw.out_channels and _is_conv(pw)
+            and pw.kernel_size == (1, 1) and pw.groups == 1 and pw.bias is None
+            and pw.stride == (1, 1) and pw.padding == (0, 0) and _is_bn(bn))
 
 
 # --- op weights: one gather per cell ----------------------------------------------------------

@@ -166,7 +166,8 @@ class SearchCell(nn.Module):
                                    for ops, (_, j) in zip(edge_ops, self.edge_list))
         # the op modules by (edge, column) in plain tuples: the fused forward looks each up, and
         # dynamo traces a `ModuleList` index as Python, a tuple index not (alone, 6% off the
-        # trace time of a compiled DARTS search in tests/test_fused.py: 117.9 s -> 110.3 s).
+        # trace time of a compiled DARTS search in tests/test_fused.py: 117.9 s -> 110.3 s, one
+        # run each).
         # Built once: nothing replaces an edge's ops after construction
         self._op_table = tuple(tuple(edge.ops) for edge in self.edges)
         k = cfg.partial_channels
