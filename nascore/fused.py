@@ -191,6 +191,16 @@ def _same_padding(conv: nn.Conv2d) -> int | None:
     return dh
 
 
+def _largest_kernel(convs: Iterable[nn.Module]) -> nn.Module:
+    """The conv of the largest kernel height among `convs`, the first on ties. A loop, not
+    `max(..., key=...)`: torch 2.11's dynamo (the GPU machines' torch) cannot trace that call."""
+    best = None
+    for c in convs:
+        if best is None or c.kernel_size[0] > best.kernel_size[0]:
+            best = c
+    return best
+
+
 def part(op: nn.Module, i: int) -> nn.Module:
     """`op[i]` of a sequential op (`ReLUConvBN`, `DilConv`, `SepConv`, a pooling and its BN), read
     from its children's dict. Under dynamo, `nn.Sequential.__getitem__` is traced as Python (an
@@ -265,7 +275,12 @@ def merge_conv_groups(plan: ArchPlan, op_module: Callable[[int, int], nn.Module]
     if tuple(sources) == plan.sources:
         return plan
     merged = ArchPlan(plan.num_inputs, plan.num_nodes, tuple(sources), tuple(op_index), plan.edge_index)
-    return merged if shared is None else shared.setdefault((plan, tuple(sources)), merged)
+    if shared is None:
+        return merged
+    # keyed by plain tuples, not by the new plans: a dict key hashed by value and made inside a
+    # trace is hashed before its fields are set when torch 2.11's dynamo replays the insertion
+    key = (plan, tuple((sp.state, tuple((g.op, g.units) for g in sp.groups)) for sp in sources))
+    return shared.setdefault(key, merged)
 
 
 def build_cell_plan(op_module: Callable[[int, int], nn.Module], plan: ArchPlan,
@@ -295,7 +310,7 @@ def build_cell_plan(op_module: Callable[[int, int], nn.Module], plan: ArchPlan,
     noise.sort(key=lambda u: (u[0], order[u[1]]))
     last_bns = [LAST_BN[kind](op_module(*g.units[0])) for sp, ks in zip(plan.sources, kinds)
                 for g, kind in zip(sp.groups, ks) if kind in SCALED]
-    return CellPlan(kinds, tuple(noise), bn, bn_unit, bool(last_bns) and all(b.affine for b in last_bns),
+    return CellPlan(kinds, tuple(noise), bn, bn_unit, len(last_bns) > 0 and all(b.affine for b in last_bns),
                     pair_inputs and pairable(plan, kinds), plan)
 
 
@@ -484,7 +499,10 @@ def _layout_shape(kind: str, ps: Sequence[torch.Tensor]) -> tuple[int, ...]:
     if kind == "factorized":
         return (rows, ps[0].shape[1], 2, 2)
     if kind.startswith("centred"):
-        return (rows, ps[0].shape[1], *max((p.shape[2:] for p in ps), key=lambda hw: hw[0]))
+        hw = ps[0].shape[2:]
+        for p in ps[1:]:                  # the tallest kernel, the first on ties (a loop: see `_largest_kernel`)
+            hw = p.shape[2:] if p.shape[2] > hw[0] else hw
+        return (rows, ps[0].shape[1], *hw)
     return (rows, *ps[0].shape[1:])
 
 
@@ -575,7 +593,7 @@ def _compose(requests: Sequence[Request], gathered: Callable[[list[Request]], li
 
 def _autocast_casts(request: Request) -> bool:
     """Whether autocast would cast these values for their op: conv weights and biases, not BN's."""
-    return bool(request[1]) and request[0] != "affine"
+    return len(request[1]) > 0 and request[0] != "affine"
 
 
 def gather_weights(requests: Sequence[Request],
@@ -1064,7 +1082,7 @@ def _dil_blocks(blocks: Sequence[nn.Sequential], r: torch.Tensor, sink: BatchNor
     block (`block_diagonal`). `defer`: the BN's input, to be normalised with the pass (`Deferred`).
     """
     # a merged group (`merge_conv_groups`, dense only): the largest kernel's padding
-    n, d0 = len(blocks), max((part(b, 1) for b in blocks), key=lambda c: c.kernel_size[0])
+    n, d0 = len(blocks), _largest_kernel(part(b, 1) for b in blocks)
     if dense:
         w, groups = next(ws), states if shared_input else n
         if shared_input and states > 1 and block_diagonal is not None and d0.stride != (1, 1):
@@ -1126,7 +1144,7 @@ def _relu_conv_bn_requests(mods: list[nn.Module], dense: Dense, states: int) -> 
 
 def _relu_conv_bn(mods: list[nn.Module], src: _Source, units: Units, scale: Scale, ws: Iterator
                   ) -> torch.Tensor | Deferred:
-    c0 = max((part(m, 1) for m in mods), key=lambda c: c.kernel_size[0])    # a merged group: the largest kernel
+    c0 = _largest_kernel(part(m, 1) for m in mods)    # a merged group: the largest kernel
     weight = next(ws)
     bias = next(ws) if c0.bias is not None else None
     y = F.conv2d(src.relu(), weight, bias, c0.stride, c0.padding, c0.dilation, src.states)
@@ -1233,7 +1251,10 @@ def _pass_batch_norm_eps(kinds_p: Sequence[Sequence[str]], modules: Sequence[Seq
 
 def autocast_dtype(device_type: str) -> torch.dtype | None:
     """The dtype autocast runs convs and matrix products in on `device_type` now, or None."""
-    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+    # cpu and cuda have autocast; asking torch would stop torch 2.11's dynamo (it cannot trace
+    # `torch._C._is_autocast_available`), and the fused cells are compiled on those two
+    available = device_type in ("cpu", "cuda") or torch.amp.is_autocast_available(device_type)
+    if available and torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
     return None
 
@@ -1898,8 +1919,10 @@ class Mix(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        m, m_alpha, *alpha_outs = ctx.saved_tensors
-        drop = alpha_outs.pop(0) if ctx.dropped else None
+        saved = ctx.saved_tensors        # indexed, not star-unpacked and popped: torch 2.11's dynamo
+        m, m_alpha = saved[0], saved[1]  # traces a star-unpacked rest as a tuple
+        drop = saved[2] if ctx.dropped else None
+        alpha_outs = list(saved[3 if ctx.dropped else 2:])
         needs_carry, needs_m = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
         if needs_m and ctx.k_alpha and torch.is_grad_enabled():
             # a backward that is differentiated in turn (`create_graph`: RobustDARTS' Hessian

@@ -65,7 +65,10 @@ def forward_backward(net, backend, x, channels_last=False, **options):
     return out, net
 
 
-def assert_same(net, backend="fused", **kw):
+def assert_same(net, backend="fused", grad_rtol=1e-8, **kw):
+    """The fused backend's output, gradients and BN buffers are eager's, in float64. `grad_rtol`:
+    deep networks whose reduction cells see 1×1 maps normalise 3 values per BN channel, where
+    rounding alone moves a gradient by more than 1e-8 (see the paired-cells test)."""
     x = torch.randn(3, 3, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     out_e, eager = forward_backward(net, "eager", x)
     out_f, fused = forward_backward(net, backend, x, **kw)
@@ -75,7 +78,7 @@ def assert_same(net, backend="fused", **kw):
         g = grads_f[name].grad
         assert (p.grad is None) == (g is None), name
         if p.grad is not None:
-            torch.testing.assert_close(g, p.grad, rtol=1e-8, atol=1e-12, msg=name)
+            torch.testing.assert_close(g, p.grad, rtol=grad_rtol, atol=1e-12, msg=name)
     buffers_f = dict(fused.named_buffers())
     for name, b in eager.named_buffers():                     # BN running statistics and counts
         torch.testing.assert_close(buffers_f[name], b, rtol=1e-9, atol=1e-12, msg=name)
@@ -1511,7 +1514,11 @@ def test_a_paired_cells_two_relu_conv_bns_run_as_one_whose_output_is_the_paired_
         for p in net.arch_parameters():
             p.normal_()
     net = scramble_bn_affine(net)
-    assert_same(net, channels_last=channels_last)
+    # 6 cells on 4×4 images: the second reduction's BNs normalise 3 values per channel, and
+    # rounding alone moves gradients by up to 1.5e-7 (eager NCHW against eager channels_last,
+    # float64, on an Intel Xeon); there the fused path is within 6.5e-8 of eager, which a 1e-8
+    # tolerance failed, while the AMD EPYC machines' rounding passed it
+    assert_same(net, channels_last=channels_last, grad_rtol=1e-6)
     net = copy.deepcopy(net).float()
     net.set_backend("fused")
     x = torch.randn(5, 3, 4, 4)
@@ -1673,10 +1680,10 @@ def tiny_data(n=4, batch=4, dtype=torch.float64):
                       score_fraction_batches=1)
 
 
-def assert_same_search(a, b, rtol=1e-7):
+def assert_same_search(a, b, rtol=1e-7, atol=1e-9):
     assert a.genotype == b.genotype
     for (k, va), vb in zip(a.model.state_dict().items(), b.model.state_dict().values()):
-        torch.testing.assert_close(vb, va, rtol=rtol, atol=1e-9, msg=k)
+        torch.testing.assert_close(vb, va, rtol=rtol, atol=atol, msg=k)
     for ra, rb in zip(a.history, b.history):
         assert rb["train_loss"] == pytest.approx(ra["train_loss"], rel=rtol)
         assert rb["genotype"] == ra["genotype"]
@@ -1785,7 +1792,8 @@ def test_a_compiled_search_with_drop_path_compiles_in_its_first_epochs_only():
     # on, p a tensor (the first call of each runs eagerly: the trace sees full caches); then
     # nothing more
     assert seen == [2, 5, 5, 5]
-    assert_same_search(plain, compiled)
+    # float32: torch 2.11's traces round BN running statistics by an ulp or two (the losses equal)
+    assert_same_search(plain, compiled, rtol=1e-6, atol=1e-7)
     run.model.drop_path_on_device(None)           # asked for, a float again: not moved back
     assert not run.model.drop_prob_on_device() and isinstance(run.model._drop_prob, float)
 

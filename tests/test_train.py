@@ -105,6 +105,14 @@ def without_timing(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{k: v for k, v in r.items() if k not in TIMING} for r in history]
 
 
+def assert_records_close(got: list[dict[str, Any]], want: list[dict[str, Any]], rel: float) -> None:
+    """The same records, their floats within `rel` of each other, everything else equal."""
+    assert [sorted(r) for r in got] == [sorted(r) for r in want]
+    for g, w in zip(got, want):
+        for k, v in w.items():
+            assert g[k] == (pytest.approx(v, rel=rel) if isinstance(v, float) else v), (g["epoch"], k)
+
+
 # --- learning and the recipe's numbers ----------------------------------------------------------
 
 def test_learns_a_learnable_problem(tmp_path: Path) -> None:
@@ -569,9 +577,11 @@ def test_a_compiled_retrain_traces_a_fixed_number_of_times_and_follows_the_plain
     # eager) and training at p > 0 (a device tensor); then nothing more. A graphed run keeps p
     # in a tensor from the start: one trace draws masks at every p, 0 included
     assert seen == ([1, 2, 2, 2, 2] if graphed else [1, 3, 3, 3, 3])
-    assert without_timing(compiled) == without_timing(plain)
+    # equal on torch 2.14; torch 2.11's traces round the fused BNs' running statistics by an ulp
+    # or two (float32), which moves a test loss by ~5e-8: within 1e-6, not bit for bit
+    assert_records_close(without_timing(compiled), without_timing(plain), rel=1e-6)
     for (k, a), b in zip(plain_model.state_dict().items(), compiled_model.state_dict().values()):
-        assert torch.equal(a, b), k
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7, msg=k)
 
 
 def test_a_compiled_and_graphed_retrain_captures_the_compiled_network(tmp_path: Path) -> None:
