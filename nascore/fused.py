@@ -1147,7 +1147,14 @@ def _relu_conv_bn(mods: list[nn.Module], src: _Source, units: Units, scale: Scal
     c0 = _largest_kernel(part(m, 1) for m in mods)    # a merged group: the largest kernel
     weight = next(ws)
     bias = next(ws) if c0.bias is not None else None
-    y = F.conv2d(src.relu(), weight, bias, c0.stride, c0.padding, c0.dilation, src.states)
+    if bias is not None and torch.compiler.is_compiling():
+        # the bias is a slice of the gathered weights, which torch 2.11's inductor cannot lower
+        # as a conv's bias ("NotImplementedError: SliceView"; a clone is optimised away):
+        # compiled, it is added after the conv, in the kernel that reads the conv's output
+        y = F.conv2d(src.relu(), weight, None, c0.stride, c0.padding, c0.dilation, src.states)
+        y = y + bias.view(1, -1, 1, 1)
+    else:
+        y = F.conv2d(src.relu(), weight, bias, c0.stride, c0.padding, c0.dilation, src.states)
     if src.defer:
         return Deferred(y, [part(m, 2) for m in mods])
     return src.per_state(_bn_blocks(y, [part(m, 2) for m in mods], src.sink, ws, scale), len(mods))

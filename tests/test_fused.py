@@ -1792,8 +1792,10 @@ def test_a_compiled_search_with_drop_path_compiles_in_its_first_epochs_only():
     # on, p a tensor (the first call of each runs eagerly: the trace sees full caches); then
     # nothing more
     assert seen == [2, 5, 5, 5]
-    # float32: torch 2.11's traces round BN running statistics by an ulp or two (the losses equal)
-    assert_same_search(plain, compiled, rtol=1e-6, atol=1e-7)
+    # float32 rounding apart: a compiled cell adds NB201's conv biases after the conv (see
+    # `_relu_conv_bn`), and torch 2.11's traces round BN running statistics by an ulp or two;
+    # over 4 epochs that moves a loss by 5e-7 and a weight by 2.3e-7 (other masks: another genotype)
+    assert_same_search(plain, compiled, rtol=1e-5, atol=1e-6)
     run.model.drop_path_on_device(None)           # asked for, a float again: not moved back
     assert not run.model.drop_prob_on_device() and isinstance(run.model._drop_prob, float)
 
