@@ -191,14 +191,19 @@ def _same_padding(conv: nn.Conv2d) -> int | None:
     return dh
 
 
-def _largest_kernel(convs: Iterable[nn.Module]) -> nn.Module:
-    """The conv of the largest kernel height among `convs`, the first on ties. A loop, not
-    `max(..., key=...)`: torch 2.11's dynamo (the GPU machines' torch) cannot trace that call."""
+def _first_max(items: Iterable, key: Callable) -> object:
+    """`max(items, key=key)`, the first on ties, as a loop: torch 2.11's dynamo (the GPU machines'
+    torch) cannot trace `max` with a key."""
     best = None
-    for c in convs:
-        if best is None or c.kernel_size[0] > best.kernel_size[0]:
-            best = c
+    for x in items:
+        if best is None or key(x) > key(best):
+            best = x
     return best
+
+
+def _largest_kernel(convs: Iterable[nn.Module]) -> nn.Module:
+    """The conv of the largest kernel height among `convs`, the first on ties."""
+    return _first_max(convs, lambda c: c.kernel_size[0])
 
 
 def part(op: nn.Module, i: int) -> nn.Module:
@@ -499,10 +504,7 @@ def _layout_shape(kind: str, ps: Sequence[torch.Tensor]) -> tuple[int, ...]:
     if kind == "factorized":
         return (rows, ps[0].shape[1], 2, 2)
     if kind.startswith("centred"):
-        hw = ps[0].shape[2:]
-        for p in ps[1:]:                  # the tallest kernel, the first on ties (a loop: see `_largest_kernel`)
-            hw = p.shape[2:] if p.shape[2] > hw[0] else hw
-        return (rows, ps[0].shape[1], *hw)
+        return (rows, ps[0].shape[1], *_first_max((p.shape[2:] for p in ps), lambda hw: hw[0]))
     return (rows, *ps[0].shape[1:])
 
 
