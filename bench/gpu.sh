@@ -11,7 +11,8 @@
 #   bash bench/gpu.sh bench           # bench/search_step.py at the spec's sizes -> $OUT/bench.json
 #   bash bench/gpu.sh profile         # GPU time per kernel of one step (reference, fused, fused_dense);
 #                                     # with the counts, so `live MB` (counted) stands beside `peak MB`
-#   bash bench/gpu.sh compile         # torch.compile'd steps: compile time (warm-up s) and ms/step,
+#   bash bench/gpu.sh compile         # torch.compile'd steps: compile time (warm-up s, split by
+#                                     # torch.compile's timers: dynamo, AOT, inductor) and ms/step,
 #                                     # cell by cell (+compile; +matmul: the node sums as one product,
 #                                     # which compiled runs leave out) and as one network (+compilenet);
 #                                     # then the retrain step compiled, in its CUDA graph

@@ -270,6 +270,10 @@ class Figure:
     # kernels launched in one step, and [(aten op or "inductor", calls), ...], most first
     kernels: int | None = None
     kernels_by_op: list | None = None
+    # a compiled variant: the seconds each of torch.compile's own timers (`dynamo_timed`: dynamo's
+    # trace, AOTAutograd, inductor's lowering, code generation and compilation) ran during the
+    # warm-up, where the compile falls (`compile_seconds`); nested timers, so not additive
+    compile_s: dict | None = None
 
 
 @dataclass
@@ -292,6 +296,34 @@ def machine(device: torch.device) -> Machine:
         pass
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
     return Machine(str(device), cpu, os.cpu_count() or 0, torch.get_num_threads(), torch.__version__, gpu)
+
+
+# torch.compile's timers (`torch._dynamo.utils.compilation_time_metrics`, which torch 2.11 and 2.14
+# both keep) printed for a compiled variant, by the names of `dynamo_timed` sections; the JSON
+# keeps every timer. Where a compile's time goes says what a GPU's compile will cost: dynamo's
+# trace and AOTAutograd are the same Python on any device, while inductor generates C++ for a
+# CPU (compiled by the C++ compiler) and Triton for a GPU (compiled in worker processes).
+COMPILE_TIMERS = (("dynamo trace", "bytecode_tracing"), ("AOT joint", "aot_trace_joint_graph"),
+                  ("inductor", "compile_fx_inner"), ("codegen", "Scheduler.codegen"),
+                  ("C++ compile", "compile_file"), ("Triton wait", "async_compile.wait"))
+
+
+def _compile_timers() -> dict[str, float]:
+    metrics = getattr(torch._dynamo.utils, "compilation_time_metrics", {})
+    return {name: sum(values) for name, values in metrics.items()}
+
+
+@contextlib.contextmanager
+def compile_seconds() -> Iterator[dict[str, float]]:
+    """Yields a dict that, on exit, holds the seconds each of torch.compile's timers ran inside
+    the block (those that ran at all)."""
+    before, spent = _compile_timers(), {}
+    try:
+        yield spent
+    finally:
+        after = _compile_timers()
+        spent.update({name: round(s - before.get(name, 0.0), 4) for name, s in after.items()
+                      if s - before.get(name, 0.0) > 0})
 
 
 # --- one step of each implementation -------------------------------------------------------------
@@ -522,10 +554,11 @@ def measure(case: str, variant: str, make: Callable[[], Step], device: torch.dev
     profiler (`CountKernels`), the one count a compiled variant has."""
     step, batch, host_scalars = make()
     t0 = time.perf_counter()
-    for i in range(warmup):
-        step(i)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    with compile_seconds() as compiling:
+        for i in range(warmup):
+            step(i)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
     warmup_s = time.perf_counter() - t0      # what a run pays before its first timed step
     if device.type == "cuda":
         # reserved after the reset = what is held from here on, the warm-up's blocks and the
@@ -548,7 +581,7 @@ def measure(case: str, variant: str, make: Callable[[], Step], device: torch.dev
             times.append(time.perf_counter() - t0)
         ms, peak, reserved = 1000 * statistics.median(times), None, None
     fig = Figure(case, variant, batch, ms, 1000 * batch / ms, peak, reserved, warmup_s=warmup_s,
-                 warmup_steps=warmup)
+                 warmup_steps=warmup, compile_s=compiling or None)
     if count:
         with CountOps(host_scalars(), device=device.type, sites=sites, batch=activation_batch or batch) as counter:
             step(warmup + steps)
@@ -742,7 +775,7 @@ def retrain_figures(size: Size, device: torch.device, warmup: int, steps: int, c
         short = max(warmup, 2) + (_GraphedSteps.WARMUP_STEPS + 1 if cfg.cuda_graph else 0)
         extra = steps * (5 if cfg.cuda_graph else 1)
         lead = 2 if cfg.compile and not cfg.cuda_graph else 1
-        with tempfile.TemporaryDirectory() as tmp:
+        with tempfile.TemporaryDirectory() as tmp, compile_seconds() as compiling:
             result = train(network(), Batches(*[short] * (lead + 1), short + extra), None,
                            dataclasses.replace(cfg, epochs=lead + 2),
                            checkpoint_path=Path(tmp) / "ckpt.pt", device=device)
@@ -756,8 +789,10 @@ def retrain_figures(size: Size, device: torch.device, warmup: int, steps: int, c
         reserved = run_peak_memory(result.history, "peak_reserved_mb")
         # the warm-up epochs' time: what the run pays once beyond its steps (`start_up_s`)
         warm_s = sum(size.retrain_batch * short / r["images_per_s"] for r in result.history[:lead])
+        # the compile falls in the warm-up epochs (and the first test pass's), all in this run
         fig = Figure("retrain", variant, size.retrain_batch, ms, 1000 * size.retrain_batch / ms, peak, reserved,
-                     epoch_overhead_ms=overhead, warmup_s=warm_s, warmup_steps=lead * short)
+                     epoch_overhead_ms=overhead, warmup_s=warm_s, warmup_steps=lead * short,
+                     compile_s=compiling or None)
         ops, kernels = count and countable(retrain_speed(variant), device.type), count_kernels
         counts: list[OpCount] = []
         if ops or kernels:
@@ -970,6 +1005,24 @@ def table(figures: list[Figure]) -> str:
                     f"{f(x.ops, '7d')} "
                     f"{f(x.writing_ops, '7d')} {f(x.kernels, '7d')} {f(x.mb_written, '10.1f')} {f(x.mb_read, '9.1f')} "
                     f"{f(x.gflop, '8.2f')} {f(x.syncs, '5d')} {f(x.warmup_s, '9.1f')} {f(x.off_layout, '10d')}")
+    return "\n".join(rows)
+
+
+def compile_table(figures: list[Figure]) -> str:
+    """Where each compiled variant's warm-up went, by torch.compile's own timers ('' if none
+    compiled)."""
+    compiled = [x for x in figures if x.compile_s]
+    if not compiled:
+        return ""
+    c = max([14] + [len(x.case) for x in compiled])
+    v = max([17] + [len(x.variant) for x in compiled])
+    head = f"{'case':<{c}} {'variant':<{v}} {'warm-up s':>9} " + " ".join(f"{label:>12}" for label, _ in COMPILE_TIMERS)
+    rows = ["compile: seconds of torch.compile's timers in the warm-up (nested: inductor holds codegen, "
+            "which holds the C++ compile; not additive)", head, "-" * len(head)]
+    for x in compiled:
+        cells = " ".join("-".rjust(12) if name not in x.compile_s else f"{x.compile_s[name]:12.1f}"
+                         for _, name in COMPILE_TIMERS)
+        rows.append(f"{x.case:<{c}} {x.variant:<{v}} {x.warmup_s or 0:9.1f} {cells}")
     return "\n".join(rows)
 
 
@@ -1190,6 +1243,9 @@ def _measure_all(args: argparse.Namespace, device: torch.device, size: Size, ste
             print(f"  {variant:<40} {train_h + test_h + once_h:7.2f} h = {train_h:.2f} h of training steps "
                   f"+ {test_h:.2f} h of test passes + {once_h:.2f} h once (compile, capture)"
                   + ("" if extra is None else f" (each epoch {extra:.0f} ms besides its steps: graph warm-up, capture)"))
+    compiled = compile_table(figures)
+    if compiled:
+        print(f"\n{compiled}")
     for x in figures:
         if x.profile:
             print(f"\nprofile {x.case} {x.variant}: {x.profile['total_ms']:.1f} ms "

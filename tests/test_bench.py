@@ -540,6 +540,43 @@ def test_a_compiled_variants_one_count_is_its_kernels():
     assert bench.kernels_countable("cpu") and not bench.kernels_countable("cuda")
 
 
+def test_a_compiled_variants_warm_up_is_split_by_torch_compiles_own_timers():
+    """`measure` keeps the seconds each of torch.compile's timers ran in the warm-up, where the
+    compile falls (`compile_seconds`), and the report prints them per compiled variant: what part
+    of a compile is dynamo's and AOTAutograd's trace (the same Python on any device) and what is
+    inductor's. A variant that compiles nothing has none, and a second compiled figure whose code
+    is already traced has none either: the timers are differenced, not read as totals."""
+    bench = load_bench()
+    x = torch.randn(2, 4, 8, 8, requires_grad=True)
+    w = torch.randn(4, 4, 3, 3, requires_grad=True)
+
+    def make(compiled: bool):
+        def make_step():
+            fn = torch.compile(_tiny_conv_step, backend="aot_eager") if compiled else _tiny_conv_step
+
+            def step(i):
+                x.grad = w.grad = None
+                fn(x, w).backward()
+            return step, 2, list
+        return make_step
+    torch._dynamo.reset()
+    plain = bench.measure("nb201", "fused", make(False), torch.device("cpu"), 1, 1, count=False)
+    first = bench.measure("nb201", "fused+compile", make(True), torch.device("cpu"), 1, 1, count=False)
+    again = bench.measure("nb201", "fused+compile", make(True), torch.device("cpu"), 1, 1, count=False)
+    assert plain.compile_s is None and again.compile_s is None       # traced by `first` already
+    assert first.compile_s["bytecode_tracing"] > 0 and first.compile_s["aot_trace_joint_graph"] > 0
+    assert "compile_fx_inner" not in first.compile_s                 # aot_eager: no inductor
+    assert all(0 < s <= first.warmup_s for s in first.compile_s.values())
+    report = bench.compile_table([plain, first]).splitlines()
+    assert report[0].startswith("compile: seconds of torch.compile's timers")
+    row = report[-1].split()
+    assert row[:2] == ["nb201", "fused+compile"] and len(report) == 4        # the compiled figure alone
+    # warm-up, dynamo trace, AOT joint, then inductor's three and the Triton wait: not run here
+    assert float(row[3]) == pytest.approx(first.compile_s["bytecode_tracing"], abs=0.06)
+    assert row[5:] == ["-"] * 4
+    assert bench.compile_table([plain]) == ""
+
+
 def test_the_op_counter_names_where_each_writing_op_comes_from():
     sys.path.insert(0, str(BENCH.parent))
     from opcount import CountOps
