@@ -6,6 +6,7 @@ means the network is wrong, never the number.
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
 import torch
@@ -487,6 +488,44 @@ def test_the_fused_training_forward_equals_the_eager_one(backend: str) -> None:
             torch.testing.assert_close(fused(x)[0], eager(x)[0], rtol=1e-10, atol=1e-12, msg=name)
     with pytest.raises(ValueError, match="allowed: eager, fused, fused_dense"):
         net.set_backend("triton")
+
+
+@pytest.mark.skipif(not os.environ.get("NASCORE_INDUCTOR_TESTS"),
+                    reason="lowers with inductor, minutes on a CPU: NASCORE_INDUCTOR_TESTS=1 runs it "
+                           "(.ci/torch-compat does)")
+def test_inductor_lowers_the_fused_retrain_network_to_its_uncompiled_numbers() -> None:
+    """`retrain.train.compile` with the real compiler (inductor: C++ on a CPU, Triton on a GPU):
+    a DARTS_V2 network through `fused_dense` (paired preprocessing, a reduction cell's fused
+    max-pools), compiled whole as `train` compiles it, gives the uncompiled network's logits,
+    gradients and BN buffers in a training step. The compile tests of tests/test_train.py stop
+    at AOTAutograd's graph and run it as traced."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch._dynamo.reset()
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]      # `reset` keeps the counters
+    torch.manual_seed(0)
+    net = scramble_bn_affine(NetworkCIFAR(PUBLISHED_GENOTYPES["DARTS_V2"], 4, 10, 3, auxiliary=False).double())
+    net = net.to(device).train()
+    net.set_backend("fused_dense")
+    x = torch.randn(3, 3, 16, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(1)).to(device)
+
+    def step(model, owner):
+        """One training forward and backward of `model` (`owner`'s parameters): its logits."""
+        owner.zero_grad(set_to_none=True)
+        logits, _ = model(x)
+        weights = torch.linspace(-1, 1, logits.numel(), dtype=logits.dtype, device=device).view_as(logits)
+        (logits * weights).sum().backward()
+        return logits.detach()
+    reference = copy.deepcopy(net)
+    step(reference, reference)
+    expected = step(reference, reference)
+    compiled = torch.compile(net)
+    step(net, net)                         # `train` runs its first call eagerly: it fills the lazy caches
+    torch.testing.assert_close(step(compiled, net), expected)
+    for (name, p), q in zip(net.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, msg=name)
+    for (name, b), c in zip(net.named_buffers(), reference.buffers()):
+        torch.testing.assert_close(b, c, msg=name)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs == 1    # compiled, in one piece
 
 
 class _Bernoullis(TorchDispatchMode):
