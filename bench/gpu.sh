@@ -122,12 +122,14 @@ profile)
       --json "$OUT/profile.json" 2>&1 | tee "$OUT/profile.log"
   ;;
 compile)
+  # 80 + 310 + 170 s: within the device's 10-minute command limit
+  gpu_info 2>&1 | tee "$OUT/compile.log"
   # first, that inductor's Triton code computes the uncompiled cells' numbers (NB201's fused_dense
   # cells in float64; a test skipped in CI, where a CPU's C++ compile takes minutes)
   [ -n "${CHECK:-}" ] || NASCORE_INDUCTOR_TESTS=1 timeout 80 python3 -m pytest -q -o addopts= -p no:cacheprovider \
-      tests/test_fused.py -k "inductor_lowers and nb201" 2>&1 | tail -n 5 | tee "$OUT/compile.log"
+      tests/test_fused.py -k "inductor_lowers and nb201" 2>&1 | tail -n 5 | tee -a "$OUT/compile.log"
   # NB201 first: the smaller graph; a compile that outlives the limit still leaves NB201's figures
-  timeout 320 python3 bench/search_step.py ${CHECK:+--check --device cuda} --cases nb201,darts_first --no-retrain \
+  timeout 310 python3 bench/search_step.py ${CHECK:+--check --device cuda} --cases nb201,darts_first --no-retrain \
       --variants fused+graph,fused+compile,fused+graph+compile,fused+graph+compile+matmul,fused+graph+compilenet \
       --json "$OUT/compile.json" 2>&1 | tee -a "$OUT/compile.log"
   # the retrain step (retrain.train.compile, with the CUDA graph since 2026-12-05): its first
