@@ -322,7 +322,7 @@ def compile_seconds() -> Iterator[dict[str, float]]:
         yield spent
     finally:
         after = _compile_timers()
-        spent.update({name: round(s - before.get(name, 0.0), 4) for name, s in after.items()
+        spent.update({name: s - before.get(name, 0.0) for name, s in after.items()
                       if s - before.get(name, 0.0) > 0})
 
 
