@@ -1017,8 +1017,8 @@ def compile_table(figures: list[Figure]) -> str:
     c = max([14] + [len(x.case) for x in compiled])
     v = max([17] + [len(x.variant) for x in compiled])
     head = f"{'case':<{c}} {'variant':<{v}} {'warm-up s':>9} " + " ".join(f"{label:>12}" for label, _ in COMPILE_TIMERS)
-    rows = ["compile: seconds of torch.compile's timers in the warm-up (nested: inductor holds codegen, "
-            "which holds the C++ compile; not additive)", head, "-" * len(head)]
+    rows = ["compile: seconds of torch.compile's timers in the warm-up (nested: inductor holds codegen "
+            "and the C++ compile; not additive)", head, "-" * len(head)]
     for x in compiled:
         cells = " ".join("-".rjust(12) if name not in x.compile_s else f"{x.compile_s[name]:12.1f}"
                          for _, name in COMPILE_TIMERS)
