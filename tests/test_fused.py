@@ -9,7 +9,6 @@
 """
 import collections
 import copy
-import os
 
 import pytest
 import torch
@@ -29,7 +28,7 @@ from nascore.spaces import SPACES, get_space
 from nascore.supernet import SearchCell, SupernetConfig
 from tests._graph_tape import TapeGraph
 from tests._tiny import (CountOps, TensorLoader, assert_paired_runs_as_one, assert_searches_identical, in_layout,
-                         learnable_images, scramble_bn_affine, scramble_bn_statistics)
+                         learnable_images, lowers_with_inductor, scramble_bn_affine, scramble_bn_statistics)
 
 
 @pytest.fixture
@@ -1604,17 +1603,15 @@ def test_fused_forward_traces_under_torch_compile(space, switches, backend):
     assert (True in merged) == (backend == "fused_dense")
 
 
-@pytest.mark.skipif(not os.environ.get("NASCORE_INDUCTOR_TESTS"),
-                    reason="lowers with inductor, minutes on a CPU: NASCORE_INDUCTOR_TESTS=1 runs it "
-                           "(.ci/torch-compat does, and bench/gpu.sh's compile call on a GPU)")
+@lowers_with_inductor
 @pytest.mark.parametrize("space,columns", [("nb201", None), ("darts", [1, 3, 4, 5])])
 def test_inductor_lowers_the_fused_cells_to_their_uncompiled_numbers(space, columns):
     """`search.compile` with the real compiler (inductor: C++ on a CPU, Triton on a GPU), cell by
     cell, through `fused_dense` (merged kernel sizes, block-diagonal reduction convs, NB201's conv
     biases): the α step's training forward and backward give the uncompiled cells' output,
-    gradients and BN buffers. The other compile tests stop at dynamo's or AOTAutograd's graph, which run as
-    traced; torch 2.11's inductor could not lower a conv bias sliced from the gathered weights,
-    and no test reached that far."""
+    gradients and BN buffers. The other compile tests stop at dynamo's or AOTAutograd's graph,
+    which run as traced; torch 2.11's inductor could not lower a conv bias sliced from the
+    gathered weights, and no test reached that far."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch._dynamo.reset()
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]      # `reset` keeps the counters

@@ -6,7 +6,6 @@ means the network is wrong, never the number.
 from __future__ import annotations
 
 import copy
-import os
 
 import pytest
 import torch
@@ -20,7 +19,8 @@ from nascore.networks import (
     build_eval_network, drop_path,
 )
 from nascore.ops import GlobalAvgPool, Identity
-from tests._tiny import CountOps, assert_paired_runs_as_one, in_layout, scramble_bn_affine, scramble_bn_statistics
+from tests._tiny import (CountOps, assert_paired_runs_as_one, in_layout, lowers_with_inductor, scramble_bn_affine,
+                         scramble_bn_statistics)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -490,9 +490,7 @@ def test_the_fused_training_forward_equals_the_eager_one(backend: str) -> None:
         net.set_backend("triton")
 
 
-@pytest.mark.skipif(not os.environ.get("NASCORE_INDUCTOR_TESTS"),
-                    reason="lowers with inductor, minutes on a CPU: NASCORE_INDUCTOR_TESTS=1 runs it "
-                           "(.ci/torch-compat does)")
+@lowers_with_inductor
 def test_inductor_lowers_the_fused_retrain_network_to_its_uncompiled_numbers() -> None:
     """`retrain.train.compile` with the real compiler (inductor: C++ on a CPU, Triton on a GPU):
     a DARTS_V2 network through `fused_dense` (paired preprocessing, a reduction cell's fused
