@@ -308,20 +308,22 @@ COMPILE_TIMERS = (("dynamo trace", "bytecode_tracing"), ("AOT joint", "aot_trace
                   ("C++ compile", "compile_file"), ("Triton wait", "async_compile.wait"))
 
 
-def _compile_timers() -> dict[str, float]:
-    metrics = getattr(torch._dynamo.utils, "compilation_time_metrics", {})
-    return {name: sum(values) for name, values in metrics.items()}
+def compile_timers() -> dict[str, list[float]]:
+    """torch.compile's timers so far: each `dynamo_timed` section's seconds, one per time it ran."""
+    return dict(getattr(torch._dynamo.utils, "compilation_time_metrics", {}))
 
 
 @contextlib.contextmanager
 def compile_seconds() -> Iterator[dict[str, float]]:
     """Yields a dict that, on exit, holds the seconds each of torch.compile's timers ran inside
     the block (those that ran at all)."""
-    before, spent = _compile_timers(), {}
+    def totals() -> dict[str, float]:
+        return {name: sum(values) for name, values in compile_timers().items()}
+    before, spent = totals(), {}
     try:
         yield spent
     finally:
-        after = _compile_timers()
+        after = totals()
         spent.update({name: s - before.get(name, 0.0) for name, s in after.items()
                       if s - before.get(name, 0.0) > 0})
 

@@ -34,7 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))   # nascore from this checkout
-from search_step import SIZES, OneBatch, batches, search_settings  # noqa: E402
+from search_step import SIZES, OneBatch, batches, compile_timers, search_settings  # noqa: E402
 
 from nascore.search import EpochSteps, SearchData, SearchRun  # noqa: E402
 from nascore.spaces import get_space  # noqa: E402
@@ -68,9 +68,8 @@ def counting_steps(counts: collections.Counter) -> Iterator[bool]:
 
 
 def dynamo_seconds() -> list[float]:
-    """The seconds of each dynamo compile so far (`torch._dynamo.utils`' own record)."""
-    metrics = getattr(torch._dynamo.utils, "compilation_time_metrics", {})
-    return list(metrics.get("_compile.compile_inner", []))
+    """The seconds of each dynamo compile so far (torch.compile's own timer, `compile_timers`)."""
+    return list(compile_timers().get("_compile.compile_inner", []))
 
 
 def trace_case(case: str, size: str, backend: str, top: int) -> dict[str, Any]:
