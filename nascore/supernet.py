@@ -372,6 +372,11 @@ class Supernet(nn.Module):
         arch = {id(p) for p in self.arch_parameters()}
         return [p for p in self.parameters() if p.requires_grad and id(p) not in arch]
 
+    @property
+    def drop_path_probability(self) -> float:
+        """What `set_drop_path` last set (read from the device when it lives there: a host sync)."""
+        return float(self._drop_prob)
+
     def set_drop_path(self, p: float) -> None:
         """Search-time drop-path probability of every mixed op (0 = off); written into the
         device tensor in place while there is one (`drop_path_on_device`). A compiled supernet

@@ -1,4 +1,6 @@
 """OPP-DARTS' progressive op schedule (methods.md §2.5)."""
+import copy
+
 import pytest
 import torch
 
@@ -78,12 +80,20 @@ def test_entering_op_resets_optimisers_and_restarts_the_cosine_from_the_current_
 
 def test_mean_train_loss_leaves_bn_statistics_of_the_searched_model_alone():
     net = get_space("nb201").build_supernet(SupernetConfig(init_channels=4, layers=1))
+    net.eval()                                   # as after a validation pass
+    net.set_drop_path(0.3)
     before = {k: v.clone() for k, v in net.state_dict().items()}
     x, y = learnable_images(8, 4, 8)
+    probe = copy.deepcopy(net).train()           # what the score must be: train-mode BN, no drop-path
+    probe.set_drop_path(0.0)
+    with torch.no_grad():
+        expected = torch.nn.functional.cross_entropy(probe(x), y).item()
     loss = mean_train_loss(net, [(x, y)])
-    assert loss > 0
+    assert loss == pytest.approx(expected, rel=1e-6)
     for k, v in net.state_dict().items():
-        assert torch.equal(v, before[k])
+        assert torch.equal(v, before[k]), k
+    assert not any(m.training for m in net.modules())
+    assert net.drop_path_probability == pytest.approx(0.3)
 
 
 def test_progressive_needs_a_shared_op_list():
@@ -138,3 +148,34 @@ def test_the_search_goes_on_with_the_scored_winner_itself(monkeypatch):
     assert state.keys() == scored["dil_conv_3x3"].keys()
     for k, v in scored["dil_conv_3x3"].items():
         assert torch.equal(state[k], v), k
+
+
+def test_each_candidate_is_the_model_as_it_stands_plus_its_own_op(monkeypatch):
+    # Candidates are scored one after another on the searched model itself: each must see the
+    # model as it was before scoring began, with only its own op column switched on and drawn fresh.
+    net = get_space("darts").build_supernet(SupernetConfig(init_channels=4, layers=3))
+    ops = net.space.uniform_ops
+    net.set_active_columns([ops.index("sep_conv_3x3"), ops.index("max_pool_3x3")])
+    base = {k: v.clone() for k, v in net.state_dict().items()}
+    seen = {}
+
+    def score(model, batches):
+        newest = model.active_columns()[-1]
+        seen[ops[newest]] = (model.active_columns(), {k: v.clone() for k, v in model.state_dict().items()})
+        return 1.0
+    monkeypatch.setattr(op_schedules, "mean_train_loss", score)
+    schedule = op_schedules.ProgressiveOps(ProgressiveConfig(), epochs=50)
+    schedule.remaining = ["sep_conv_5x5", "dil_conv_3x3", "avg_pool_3x3"]
+    schedule.on_epoch_start(Host(net), 2)
+    assert list(seen) == ["sep_conv_5x5", "dil_conv_3x3", "avg_pool_3x3"]
+    for name, (columns, state) in seen.items():
+        col = ops.index(name)
+        assert columns == [ops.index("sep_conv_3x3"), ops.index("max_pool_3x3"), col]
+        changed = {k for k in base if not torch.equal(base[k], state[k])}
+        own = {k for k in changed if f".ops.{col}." in k}
+        assert changed - own == {"op_rank", "alphas.normal", "alphas.reduce"}, name
+        if name != "avg_pool_3x3":                 # a pooling column has no weights to draw
+            assert any(k.endswith("weight") for k in own), name
+        for ct in ("normal", "reduce"):
+            others = [c for c in range(len(ops)) if c != col]
+            assert torch.equal(state[f"alphas.{ct}"][:, others], base[f"alphas.{ct}"][:, others])
