@@ -85,7 +85,9 @@ def mean_train_loss(model: Supernet, batches: Iterable[tuple[torch.Tensor, torch
     Scored on `model` itself, which comes back as it was: its BN running statistics (⚠ the
     reference code scores in eval mode after a validation pass, an artefact; methods.md §2.5),
     its modules' train/eval modes and its drop-path probability. Not on a copy: a deepcopy walks
-    every module of the supernet and took 0.55 s a candidate at the tests' tiny size.
+    every module of the supernet and took 0.55 s a candidate at the tests' tiny size. Through the
+    uncompiled forward, as a copy ran: a compiled supernet would trace and compile every
+    candidate's op set for these few no-grad passes.
     """
     with _left_as_it_was(model):
         model.train()
@@ -93,7 +95,7 @@ def mean_train_loss(model: Supernet, batches: Iterable[tuple[torch.Tensor, torch
         total, count = None, 0
         with torch.no_grad():
             for x, y in batches:
-                loss = F.cross_entropy(model(x), y, reduction="sum")
+                loss = F.cross_entropy(model.forward_uncompiled(x), y, reduction="sum")
                 total = loss if total is None else total + loss
                 count += y.numel()
     if not count:

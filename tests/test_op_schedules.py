@@ -179,3 +179,25 @@ def test_each_candidate_is_the_model_as_it_stands_plus_its_own_op(monkeypatch):
         for ct in ("normal", "reduce"):
             others = [c for c in range(len(ops)) if c != col]
             assert torch.equal(state[f"alphas.{ct}"][:, others], base[f"alphas.{ct}"][:, others])
+
+
+def test_a_compiled_supernet_scores_its_candidates_without_tracing():
+    # Each candidate is a new op set, which a compiled supernet would trace (and compile) again for
+    # a few no-grad passes: scoring runs the uncompiled forward, as the copies it replaced did.
+    net = get_space("nb201").build_supernet(SupernetConfig(init_channels=4, layers=1))
+    net.set_backend("fused")
+    traces = []
+
+    def counting_backend(gm, example_inputs):
+        traces.append(gm)
+        return gm.forward
+    torch._dynamo.reset()
+    net.compile("cells", backend=counting_backend)
+    x, y = learnable_images(8, 4, 8)
+    eager = copy.deepcopy(net)
+    loss = mean_train_loss(net, [(x[:4], y[:4]), (x[4:], y[4:]), (x[:4], y[:4])])
+    assert traces == []
+    assert loss == pytest.approx(mean_train_loss(eager, [(x[:4], y[:4]), (x[4:], y[4:]), (x[:4], y[:4])]))
+    with torch.no_grad():
+        net(x[:4]), net(x[:4])                     # the compiled code is in use: warm call, then a trace
+    assert traces
